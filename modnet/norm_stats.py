@@ -35,6 +35,9 @@ class TaskNormStats(nn.Module):
         super().__init__()
         self.layer_names = tuple(layer_stats)
         self.trunk_names = tuple(trunk_stats)
+        # Attribute names are computed once: layer() runs for every block of every forward.
+        self._layer_attrs = tuple((n, "layers__" + mangle(n)) for n in self.layer_names)
+        self._trunk_attrs = tuple((n, "trunk__" + mangle(n)) for n in self.trunk_names)
         for name, value in layer_stats.items():
             stacked = value.detach().unsqueeze(0).repeat(depth, *([1] * value.ndim)).clone()
             self.register_buffer("layers__" + mangle(name), stacked)
@@ -43,7 +46,7 @@ class TaskNormStats(nn.Module):
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         """Views of layer ``index``'s statistics: BatchNorm updates them in place."""
-        return {n: getattr(self, "layers__" + mangle(n))[index] for n in self.layer_names}
+        return {n: getattr(self, attr)[index] for n, attr in self._layer_attrs}
 
     def trunk(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, "trunk__" + mangle(n)) for n in self.trunk_names}
+        return {n: getattr(self, attr) for n, attr in self._trunk_attrs}

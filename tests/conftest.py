@@ -7,6 +7,7 @@ import timm
 import torch
 
 import modnet
+from modnet.train import TrainConfig
 
 TINY_CONV = dict(width=8, exp_ratio=2.0, img_size=8, num_templates=3, depth=4)
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2, num_templates=3, depth=4)
@@ -43,3 +44,17 @@ def moved_off_init(model: modnet.ModularNet, scale: float = 0.2) -> modnet.Modul
         for p in model.pool.parameters():
             p.add_(scale * torch.randn(p.shape, generator=generator))
     return model
+
+
+def tiny_train_config(model_kwargs: dict, **overrides) -> TrainConfig:
+    """A training config that runs in seconds: small data, quiet, fast learning rates."""
+    values = dict(
+        model="modnet_conv_tiny",
+        model_kwargs=model_kwargs,
+        batch_size=32,
+        lr=1e-2,
+        route_lr=5e-2,
+        progress=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)

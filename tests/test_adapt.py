@@ -18,6 +18,7 @@ from modnet.adapt import AdaptationError, adapt, add_target_task
 from modnet.cli import main
 from modnet.data import DataError
 from modnet.train import RunDirError, TrainConfig, train
+from tests.conftest import tiny_train_config
 
 SOURCES = ["synth_size", "synth_size-bg"]
 TARGET = "synth_size-color"
@@ -28,19 +29,8 @@ MARGIN = 0.05
 
 
 def config(**overrides) -> TrainConfig:
-    values = dict(
-        model="modnet_conv_tiny",
-        model_kwargs=MODEL,
-        train_limit=600,
-        test_limit=300,
-        epochs=6,
-        batch_size=32,
-        lr=1e-2,
-        route_lr=5e-2,
-        progress=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    values = dict(train_limit=600, test_limit=300, epochs=6)
+    return tiny_train_config(MODEL, **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")

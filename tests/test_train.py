@@ -8,26 +8,14 @@ import torch
 from modnet import io
 from modnet.data import DataError
 from modnet.train import RunDirError, TrainConfig, train, transfer
-from tests.conftest import images
+from tests.conftest import images, tiny_train_config
 
 TINY = dict(depth=4, width=12, exp_ratio=2.0, img_size=16, num_templates=3)
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = dict(
-        model="modnet_conv_tiny",
-        model_kwargs=TINY,
-        tasks=["synth_color", "synth_size"],
-        train_limit=480,
-        test_limit=120,
-        epochs=3,
-        batch_size=32,
-        lr=1e-2,
-        route_lr=5e-2,
-        progress=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    values = dict(tasks=["synth_color", "synth_size"], train_limit=480, test_limit=120, epochs=3)
+    return tiny_train_config(TINY, **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")

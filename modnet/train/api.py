@@ -16,7 +16,7 @@ from ..data import SYNTHETIC_DEFAULT_TASKS, TaskData, load_task
 from ..model import ModularNet
 from ..viz import save_route_figures
 from .config import TrainConfig
-from .distributed import DistContext, broadcast_state, init_distributed
+from .distributed import broadcast_state, init_distributed
 from .loop import Trainer
 from .parts import ALL_PARTS, configure_trainable, parse_parts
 
@@ -64,7 +64,7 @@ def _task_info(spec: str, task: TaskData) -> dict[str, Any]:
     return {"dataset": spec, "transform": task.transform}
 
 
-def _check_run_dir(run_dir: Path, phase: str, overwrite: bool, ctx: DistContext):
+def _check_run_dir(run_dir: Path, phase: str, overwrite: bool):
     """Returns (latest checkpoint, trainer state) when ``phase`` should resume there."""
     latest = io.latest_checkpoint(run_dir) if run_dir.exists() else None
     if latest is None:
@@ -94,7 +94,7 @@ def train(
     config = config or TrainConfig()
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
-    latest, state = _check_run_dir(run_dir, "train", overwrite, ctx)
+    latest, state = _check_run_dir(run_dir, "train", overwrite)
     if latest is not None and state is None:
         raise RunDirError(
             f"{run_dir} already holds a finished run: choose another --out, or pass --overwrite "
