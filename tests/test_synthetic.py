@@ -49,7 +49,7 @@ def test_default_tasks_load_with_sizes_dtypes_and_balanced_labels():
 
 def test_default_size_and_channels_and_image_size():
     task = load_task("synth_color")
-    assert (len(task.train_y), len(task.test_y)) == (4000, 1000)
+    assert (len(task.train_y), len(task.test_y)) == (2400, 1000)
     gray = load_task("synth_color", in_chans=1, img_size=48, train_limit=16, test_limit=8)
     assert gray.train_x.shape == (16, 1, 48, 48)
     assert gray.transform["channel_conversion"] == "luminance"
