@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.common import (  # noqa: E402
     base_config,
     cell,
+    command_line,
     markdown_table,
     parser,
     seeds,
@@ -274,7 +275,7 @@ def report(args, argv, names, shots_list, few_acc, addition, individual, pretrai
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
         + "."
     )
-    command = "python experiments/atlas.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     sections = [
         f"## Few-shot learning of {target} (test accuracy, %)",
         few_table,

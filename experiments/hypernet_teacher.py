@@ -48,7 +48,15 @@ from torch.func import vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import cell, markdown_table, parser, seeds, timed, write_results  # noqa: E402
+from experiments.common import (  # noqa: E402
+    cell,
+    command_line,
+    markdown_table,
+    parser,
+    seeds,
+    timed,
+    write_results,
+)
 from modnet import HyperNetwork, TemplatePool  # noqa: E402
 
 IN, HIDDEN, OUT = 16, 32, 8
@@ -335,9 +343,7 @@ def main(argv=None) -> dict:
         f"{options['tasks_per_step']} of {options['train_tasks']} training tasks; test: "
         f"{options['eval_tasks']} new tasks per split. Total wall time {elapsed:.0f} s."
     )
-    command = "python experiments/hypernet_teacher.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = command_line(__file__, argv)
     sections = ["## Compositional generalisation, teacher-student", table, note]
     data = dict(results=results, seeds=seeds(args), options=options, seconds=elapsed)
     write_results(Path(args.out), "Modular hypernetwork teacher-student", sections, data, command)

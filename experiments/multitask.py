@@ -22,6 +22,7 @@ from experiments.common import (  # noqa: E402
     QUICK_MODEL,
     base_config,
     cell,
+    command_line,
     markdown_table,
     parser,
     seeds,
@@ -120,9 +121,7 @@ def main(argv=None) -> dict:
         "![routes](routes.png)",
         analysis_markdown(analyses[0]),
     ]
-    command = "python experiments/multitask.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = command_line(__file__, argv)
     data = dict(accuracy=accuracy, params=params, routes=analyses, seeds=seeds(args), tasks=tasks)
     write_results(out, "Multi-task learning with a shared template pool", sections, data, command)
     print(table)

@@ -22,6 +22,7 @@ from experiments.common import (  # noqa: E402
     QUICK_MODEL,
     base_config,
     cell,
+    command_line,
     markdown_table,
     parser,
     seeds,
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
         "MACs are those of the task's baked-in network (what inference runs); a soft route "
         "adds one (L x K) @ (K x P) weight mix per forward, shared by the whole batch.",
     ]
-    command = "python experiments/reuse.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     data = dict(accuracy=accuracy, params=params, macs=macs, seeds=seeds(args), task=task)
     write_results(out, "Block reuse without more parameters", sections, data, command)
     print(table)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.common import (  # noqa: E402
     base_config,
     cell,
+    command_line,
     markdown_table,
     parser,
     seeds,
@@ -298,9 +299,7 @@ def main(argv=None) -> dict:
         f"Specialised: {removed}'s module weighted twice the others. Wall time of the last "
         "seed: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."
     )
-    command = "python experiments/second_order.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = command_line(__file__, argv)
     sections = [
         "## Composition: individual modules and their average",
         composition,

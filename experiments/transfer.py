@@ -22,6 +22,7 @@ from experiments.common import (  # noqa: E402
     QUICK_MODEL,
     base_config,
     cell,
+    command_line,
     markdown_table,
     parser,
     seeds,
@@ -89,9 +90,7 @@ def main(argv=None) -> dict:
         "head; 'route only' keeps that head at its random initialisation. Full fine-tuning "
         "also trains all templates and the trunk (it would change every other task).",
     ]
-    command = "python experiments/transfer.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = command_line(__file__, argv)
     data = dict(
         accuracy=accuracy,
         trained_parameters=trained,
