@@ -1,0 +1,28 @@
+"""The project's own errors: problems with the user's input that the user can fix.
+
+Every error modnet raises for bad input derives from ``ModnetError``; the ``modnet``
+command prints those as one line and exits with code 2, while any other exception
+(a genuine bug, a torch failure) keeps its traceback. Each subclass also derives
+from the built-in exception a Python caller would expect (``ValueError`` for bad
+values, ``KeyError`` for unknown names), so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+
+class ModnetError(Exception):
+    """Base of every error modnet raises for input the user can fix.
+
+    The message names the problem and the fix in one line.
+    """
+
+
+class ConfigError(ModnetError, ValueError):
+    """An option or argument is out of range, of the wrong type, or inconsistent."""
+
+
+class UnknownTaskError(ModnetError, KeyError):
+    """A task name that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; print it plainly
+        return str(self.args[0]) if self.args else ""
