@@ -203,7 +203,11 @@ def adapt(
         trace = trainer.loss_trace
     else:
         accuracy = evaluate(
-            model, {**source_data, name: target_data}, config.eval_batch_size, ctx.device
+            model,
+            {**source_data, name: target_data},
+            config.eval_batch_size,
+            ctx.device,
+            micro_batch=config.eval_micro_batch,
         )
         if ctx.is_main:
             io.save_checkpoint(
@@ -427,8 +431,9 @@ def _start(
     else:
         rule = init
     add_target_task(model, name, target.num_classes, sources, init, head_init)
-    source_only = evaluate(model, {s: target for s in sources}, batch, device)
-    start_accuracy = evaluate(model, {name: target}, batch, device)[name]
+    micro = config.eval_micro_batch
+    source_only = evaluate(model, {s: target for s in sources}, batch, device, micro_batch=micro)
+    start_accuracy = evaluate(model, {name: target}, batch, device, micro_batch=micro)[name]
     gaps: list[float] = []
     if "norm" in parts:
         gaps = reestimate_norm_stats(

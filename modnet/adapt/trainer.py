@@ -31,6 +31,7 @@ from ..data import TaskData
 from ..model import ModularNet
 from ..train.config import TrainConfig
 from ..train.distributed import DistContext
+from ..train.evaluate import default_micro_batch
 from ..train.loop import Trainer
 from ..train.schedule import MultiTaskSchedule
 from .objectives import AdaptationObjective
@@ -214,7 +215,9 @@ class AdaptationTrainer(Trainer):
             model.eval()
             chunks = [
                 self.pooled_features(task.normalize(x).to(self.ctx.device), name).float()
-                for x in task.train_x.split(self.config.eval_batch_size)
+                for x in task.train_x.split(
+                    self.config.eval_micro_batch or default_micro_batch(model)
+                )
             ]
             model.train(was_training)
             self._source_cache[name] = torch.cat(chunks)

@@ -37,6 +37,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default=DEFAULTS.device)
     group.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    group.add_argument(
+        "--augment",
+        action="store_true",
+        help="pad-and-crop (and flips for natural images) on training images",
+    )
     group.add_argument("--train-limit", type=int, help="at most this many training images per task")
     group.add_argument("--test-limit", type=int, help="at most this many test images per task")
     group.add_argument(
@@ -69,6 +74,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
         compile=args.compile,
         device=args.device,
         seed=args.seed,
+        augment=args.augment,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
         progress=not args.no_progress,

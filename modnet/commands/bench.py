@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import csv
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -137,9 +135,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"modnet bench: {model_name}: {error}", file=sys.stderr)
             return 1
         rows.append(row)
-        print(summary_line(row), flush=True)
+        print(bm.summary_line(row), flush=True)
     if args.results_file is not None:
-        write_results(rows, args.results_file)
+        bm.write_results(rows, args.results_file)
         print(f"wrote {len(rows)} rows to {args.results_file}", file=sys.stderr)
     return 0
 
@@ -299,53 +297,12 @@ def side_fields(
     utilization = timer.ratio(name, "matmul", work=flops).median
     return {
         f"{prefix}param_count_m": round(bm.parameter_count(model) / 1e6, 3),
-        f"{prefix}gmacs": significant(flops[name] / 2 / batch_size / 1e9),
+        f"{prefix}gmacs": bm.significant(flops[name] / 2 / batch_size / 1e9),
         f"{prefix}samples_per_sec": round(batch_size / step, 2),
         f"{prefix}step_time_ms": round(step * 1e3, 3),
-        f"{prefix}gflops_per_sec": significant(flops[name] / step / 1e9),
+        f"{prefix}gflops_per_sec": bm.significant(flops[name] / step / 1e9),
         f"{prefix}flops_utilization": round(utilization, 4),
     }
-
-
-# ------------------------------------------------------------------------- output
-
-
-def summary_line(row: dict[str, Any]) -> str:
-    line = (
-        f"{row['model']} {row['bench']} batch {row['batch_size']}: "
-        f"{row['samples_per_sec']:.1f} samples/s, {row['gmacs']:.3f} GMACs/sample, "
-        f"{row['flops_utilization']:.1%} of matmul peak"
-    )
-    if "peak_memory_mb" in row:
-        line += f", peak {row['peak_memory_mb']:.1f} MB"
-    if "ratio" in row:
-        line += (
-            f"\n  modnet/{row['baseline']} throughput ratio {row['ratio']:.3f} "
-            f"(IQR {row['ratio_low']:.3f}-{row['ratio_high']:.3f}); "
-            f"{row['baseline']}: {row['baseline_samples_per_sec']:.1f} samples/s"
-        )
-        if "memory_ratio" in row:
-            line += f"; peak memory ratio {row['memory_ratio']:.3f}"
-    return line
-
-
-def write_results(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(list(rows), indent=2) + "\n")
-        return
-    fields: list[str] = []
-    for row in rows:
-        fields += [key for key in row if key not in fields]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def significant(value: float, digits: int = 4) -> float:
-    """``value`` rounded to ``digits`` significant digits (tiny models stay non-zero)."""
-    return float(f"{value:.{digits}g}")
 
 
 def parse_kwargs(pairs: Sequence[str]) -> dict[str, Any]:

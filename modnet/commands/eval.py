@@ -19,7 +19,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data-root", help="folder with the datasets (default: $MODNET_DATA_ROOT)")
     parser.add_argument("--test-limit", type=int, help="at most this many test images per task")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="images read and normalised at a time"
+    )
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="images per forward pass (default: the model family's, measured to fit the caches)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="loader processes for test images on disk"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 
@@ -33,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(data_root=args.data_root, test_limit=args.test_limit, train_limit=1)
     specs = [manifest["tasks"][name]["dataset"] for name in model.task_names]
     data = load_data(specs, model, config)
-    accuracy = evaluate(model, data, batch_size=args.batch_size)
+    accuracy = evaluate(
+        model, data, batch_size=args.batch_size, micro_batch=args.micro_batch, workers=args.workers
+    )
     if args.json:
         print(json.dumps(accuracy, indent=2))
     else:

@@ -10,8 +10,11 @@ and channels, int64 labels, and a JSON record of the preprocessing that
 
 from . import corruptions  # noqa: F401  (registers mnist-shot_noise, mnist-shear, ...)
 from .arrays import load_folder, load_npz
+from .augment import build_augmentation, policy_for
 from .build import task_from_arrays
 from .errors import DataError
+from .files import ImageFiles
+from .loader import TrainBatches, eval_batches
 from .options import LoadOptions
 from .registry import (
     data_root,
@@ -34,19 +37,24 @@ __all__ = [
     "HELD_OUT_PAIRS",
     "SYNTHETIC_DEFAULT_TASKS",
     "DataError",
+    "ImageFiles",
     "LoadOptions",
     "TaskData",
+    "TrainBatches",
     "apply_transform",
     "balanced_indices",
+    "build_augmentation",
     "channel_stats",
     "convert_images",
     "data_root",
+    "eval_batches",
     "list_datasets",
     "load_folder",
     "load_npz",
     "load_task",
     "make_synthetic",
     "parse_synthetic_spec",
+    "policy_for",
     "register_dataset",
     "task_from_arrays",
     "unregister_dataset",

@@ -9,6 +9,7 @@ torchvision's ``ImageFolder`` expects; classes are the sorted folder names.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ import torch
 
 from .build import STATS_SAMPLE, STATS_SEED, build_task, check_labels, task_from_arrays
 from .errors import DataError
+from .files import ImageFiles, decode
 from .options import LoadOptions
 from .subset import balanced_indices, derive_seed
 from .task_data import TaskData, valid_task_name
-from .transform import image_to_tensor
 
 NPZ_KEYS = ("train_x", "train_y", "test_x", "test_y")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -85,32 +86,27 @@ def _class_folders(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor]:
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, cls in enumerate(classes):
+def _image_files(split_dir: Path, classes: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Every image under each class folder (recursively, sorted) and its class index.
+
+    Paths stay strings (``os.walk``), not ``Path`` objects: a folder of a
+    million images is listed without a million objects.
+    """
+    files: list[str] = []
+    counts: list[int] = []
+    for cls in classes:
         folder = split_dir / cls
-        if not folder.is_dir():
-            continue
-        found = sorted(
-            p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
+        found: list[str] = []
+        for parent, dirs, names in os.walk(folder):
+            dirs.sort()
+            found += [
+                os.path.join(parent, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)
+            ]
+        found.sort()
         files += found
-        labels += [label] * len(found)
-    return files, torch.tensor(labels, dtype=torch.int64)
-
-
-def _decode(path: Path) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image_to_tensor(image)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DataError(
-            f"cannot read the image {path} ({error}): delete or replace the file"
-        ) from None
+        counts.append(len(found))
+    labels = torch.repeat_interleave(torch.arange(len(classes)), torch.tensor(counts))
+    return files, labels
 
 
 def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = None) -> TaskData:
@@ -118,6 +114,9 @@ def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = No
 
     Only the images of the (seeded, class-balanced) subsets and of the
     statistics sample are decoded, so a limited run on a large folder is quick.
+    When the chosen images would take more than ``options.in_memory_mb`` at the
+    model's size, both splits stay on disk as ``ImageFiles``, decoded on demand
+    (the statistics still come from a fixed sample of the training images).
     """
     root = Path(path)
     layout = (
@@ -152,21 +151,32 @@ def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = No
             )
     check_labels(name, train_y, test_y, len(classes))
 
-    decoded: dict[Path, torch.Tensor] = {}
-
-    def images(files: list[Path], index: torch.Tensor | None) -> list[torch.Tensor]:
-        chosen = files if index is None else [files[i] for i in index.tolist()]
-        for f in chosen:
-            if f not in decoded:
-                decoded[f] = _decode(f)
-        return [decoded[f] for f in chosen]
-
     picked = {}
     for split, files, labels in (("train", train_files, train_y), ("test", test_files, test_y)):
         limit = getattr(options, f"{split}_limit")
         index = balanced_indices(labels, limit, derive_seed(options.seed, split))
-        picked[split] = (images(files, index), labels if index is None else labels[index])
-    stats_x = images(train_files, balanced_indices(train_y, STATS_SAMPLE, STATS_SEED))
+        picked[split] = ImageFiles(files, options.img_size, options.in_chans, options.resize)
+        if index is not None:
+            picked[split], labels = picked[split].subset(index), labels[index]
+        picked[split] = (picked[split], labels)
+    image_bytes = options.in_chans * options.img_size**2
+    total_mb = sum(len(x) for x, _ in picked.values()) * image_bytes / 2**20
+    on_disk = options.in_memory_mb is not None and total_mb > options.in_memory_mb
+    decoded: dict[str, torch.Tensor] = {}
+
+    def raw(files: ImageFiles) -> list[torch.Tensor]:
+        paths = [str(files.path(i)) for i in range(len(files))]
+        for p in paths:
+            if p not in decoded:
+                decoded[p] = decode(p)
+        return [decoded[p] for p in paths]
+
+    everything = ImageFiles(train_files, options.img_size, options.in_chans, options.resize)
+    del train_files, test_files
+    stats_index = balanced_indices(train_y, STATS_SAMPLE, STATS_SEED)
+    stats_x = raw(everything if stats_index is None else everything.subset(stats_index))
+    if not on_disk:
+        picked = {split: (raw(x), y) for split, (x, y) in picked.items()}
     shapes = {tuple(t.shape) for t in decoded.values()}
     sizes = {s[1:] for s in shapes}
     return build_task(
@@ -180,4 +190,5 @@ def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = No
         num_classes=len(classes),
         classes=classes,
         stats_x=stats_x,
+        extra_record={"storage": "files" if on_disk else "memory"},
     )

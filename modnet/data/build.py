@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .files import ImageFiles
 from .options import LoadOptions
 from .subset import balanced_indices, derive_seed
 from .task_data import TaskData
@@ -164,10 +165,17 @@ def build_task(
     """Converts already validated and subset raw splits and records how.
 
     ``stats_x`` (raw images, default: the training split) gives the mean and std.
+    Splits given as ``ImageFiles`` stay on disk (they convert when read); they
+    need ``stats_x``.
     """
     size, chans = options.img_size, options.in_chans
-    train = convert_images(train_x, size, chans, options.resize)
-    test = convert_images(test_x, size, chans, options.resize)
+
+    def convert(images: Any) -> torch.Tensor | ImageFiles:
+        if isinstance(images, ImageFiles):  # converted when read
+            return images
+        return convert_images(images, size, chans, options.resize)
+
+    train, test = convert(train_x), convert(test_x)
     stats_images = (
         train if stats_x is None else convert_images(stats_x, size, chans, options.resize)
     )

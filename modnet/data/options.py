@@ -9,6 +9,7 @@ from .errors import DataError
 
 RESIZE_MODES = ("bilinear", "bicubic", "area", "nearest")
 CHANNELS = (1, 3)
+IN_MEMORY_MB = 1024.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class LoadOptions:
         test_limit: Keep at most this many test images.
         seed: Seed of the subsets and of synthetic data.
         resize: ``torch.nn.functional.interpolate`` mode used when sizes differ.
+        in_memory_mb: Image folders whose converted images (train and test
+            splits, uint8 at the model's size) take at most this many MiB are
+            decoded once and held in memory; larger ones stay on disk and are
+            decoded on demand (``modnet.data.ImageFiles``). None: always in memory.
     """
 
     img_size: int = 32
@@ -37,6 +42,7 @@ class LoadOptions:
     test_limit: int | None = None
     seed: int = 0
     resize: str = "bilinear"
+    in_memory_mb: float | None = IN_MEMORY_MB
 
     def __post_init__(self) -> None:
         if not isinstance(self.img_size, int) or self.img_size < 1:
@@ -52,5 +58,9 @@ class LoadOptions:
                 raise DataError(
                     f"{key} must be a positive integer or None (no limit), got {value!r}"
                 )
+        if self.in_memory_mb is not None and not self.in_memory_mb >= 0:
+            raise DataError(
+                f"in_memory_mb must be a size in MiB (>= 0) or None, got {self.in_memory_mb!r}"
+            )
         if self.resize not in RESIZE_MODES:
             raise DataError(f"unknown resize mode {self.resize!r}: choose one of {RESIZE_MODES}")

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .arrays import load_folder, load_npz
+from .augment import augment_record, set_policy
 from .errors import DataError
-from .options import LoadOptions
+from .options import IN_MEMORY_MB, LoadOptions
 from .synthetic import ATTRIBUTES, is_synthetic, load_synthetic
 from .task_data import TASK_NAME, TaskData
 from .torchvision_sets import ROOT_DATASETS, load_root_dataset
@@ -60,7 +61,9 @@ def list_datasets() -> list[str]:
     return sorted(_LOADERS) + [f"synth_{a}" for a in ATTRIBUTES]
 
 
-def register_dataset(name: str, loader: Loader, *, replace: bool = False) -> None:
+def register_dataset(
+    name: str, loader: Loader, *, replace: bool = False, augment: str | None = None
+) -> None:
     """Makes ``load_task(name)`` call ``loader(name, options)``.
 
     The extension point for datasets modnet does not know. The loader gets the
@@ -73,6 +76,9 @@ def register_dataset(name: str, loader: Loader, *, replace: bool = False) -> Non
         name: The spec (and usual task name): letters, digits, ``_`` and ``-``.
         loader: ``loader(spec: str, options: LoadOptions) -> TaskData``.
         replace: Allow replacing a registered loader (including built-ins).
+        augment: Training augmentation policy (``modnet.data.augment``):
+            ``"crop_flip"`` for natural images, ``"crop"`` (the default for
+            unknown data) where a mirror image changes the label, or ``"none"``.
     """
     if not isinstance(name, str) or not TASK_NAME.match(name):
         raise DataError(
@@ -89,6 +95,8 @@ def register_dataset(name: str, loader: Loader, *, replace: bool = False) -> Non
         raise DataError(
             f"dataset {name!r} is already registered: pass replace=True to replace its loader"
         )
+    if augment is not None:
+        set_policy(name, augment)
     _LOADERS[name] = loader
 
 
@@ -112,6 +120,8 @@ def load_task(
     resize: str = "bilinear",
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    augment: bool = False,
+    in_memory_mb: float | None = IN_MEMORY_MB,
 ) -> TaskData:
     """Loads a task's data at the model's size and channels (see the module docstring).
 
@@ -129,6 +139,11 @@ def load_task(
         mean: Per-channel mean to normalise with instead of the data's own
             (e.g. a trained task's, to evaluate it on new data unchanged).
         std: Per-channel std, with ``mean``.
+        augment: Record the dataset's training augmentation policy in the
+            task's transform record (``record["augment"]``, see
+            ``modnet.data.augment``); the training loop applies it.
+        in_memory_mb: Image folders larger than this (MiB at the model's size)
+            stay on disk and are decoded on demand; None: always in memory.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"a dataset spec must be a non-empty string, got {spec!r}")
@@ -143,6 +158,7 @@ def load_task(
         test_limit=test_limit,
         seed=seed,
         resize=resize,
+        in_memory_mb=in_memory_mb,
     )
     spec = spec.strip()
     task = _dispatch(spec, options)
@@ -159,6 +175,8 @@ def load_task(
         )
     if mean is not None:
         task = task.with_normalization(list(mean), list(std))
+    if augment:
+        task.transform["augment"] = augment_record(task.transform)
     return task
 
 

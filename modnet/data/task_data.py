@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
+from .files import ImageFiles
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -28,14 +29,16 @@ class TaskData:
     """A task's train and test splits as uint8 tensors at the model's size.
 
     Images stay uint8 (4x smaller than float, and indexing a batch is a copy of
-    bytes); ``normalize`` turns a batch into model input when it is used.
+    bytes); ``normalize`` turns a batch into model input when it is used. A
+    split too large for memory is an ``ImageFiles`` instead of a tensor: it
+    indexes the same way, decoding the files it is asked for.
 
     Attributes:
         name: Task name (letters, digits, ``_`` and ``-``): the model's task.
         num_classes: Size of the classifier; labels are 0..num_classes-1.
-        train_x: uint8 [N, C, H, W] training images.
+        train_x: uint8 [N, C, H, W] training images (a tensor or ``ImageFiles``).
         train_y: int64 [N] training labels.
-        test_x: uint8 [M, C, H, W] test images.
+        test_x: uint8 [M, C, H, W] test images (a tensor or ``ImageFiles``).
         test_y: int64 [M] test labels.
         transform: JSON-serialisable record of the preprocessing (see
             ``modnet.data.transform``): source, sizes, channel conversion,
@@ -69,6 +72,11 @@ class TaskData:
     @property
     def std(self) -> list[float]:
         return list(self.transform["std"])
+
+    @property
+    def in_memory(self) -> bool:
+        """Both splits are tensors in memory (not ``ImageFiles`` read from disk)."""
+        return torch.is_tensor(self.train_x) and torch.is_tensor(self.test_x)
 
     @property
     def classes(self) -> list[str]:
@@ -120,10 +128,11 @@ class TaskData:
         shape = None
         for split in ("train", "test"):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
-            if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.ndim != 4:
+            images = torch.is_tensor(x) or isinstance(x, ImageFiles)
+            if not images or x.dtype != torch.uint8 or x.ndim != 4:
                 raise DataError(
-                    f"task {self.name!r}: {split}_x must be a uint8 [N, C, H, W] tensor, got "
-                    f"{_describe(x)}"
+                    f"task {self.name!r}: {split}_x must be a uint8 [N, C, H, W] tensor (or "
+                    f"ImageFiles), got {_describe(x)}"
                 )
             if not torch.is_tensor(y) or y.dtype != torch.int64 or y.ndim != 1:
                 raise DataError(

@@ -53,6 +53,8 @@ def load_data(specs: list[str], model: ModularNet, config: TrainConfig) -> dict[
             train_limit=config.train_limit,
             test_limit=config.test_limit,
             seed=config.seed,
+            augment=config.augment,
+            in_memory_mb=config.in_memory_mb,
         )
         if task.name in data:
             raise ValueError(f"task {task.name!r} is listed twice: each task needs its own name")

@@ -1,35 +1,124 @@
-"""Accuracy of a model on tasks' test splits."""
+"""Inference and accuracy, in micro-batches that fit the CPU caches.
+
+A forward pass over a large batch is memory-bound on a CPU: the expanded
+activations of 256 images (240 channels at 16x16 for ``modnet_conv_tiny``)
+do not fit in the caches, and every layer streams them from main memory.
+``predict`` therefore runs any batch as consecutive micro-batches; the logits
+are the same (eval mode has no batch statistics) and only the speed changes.
+
+Default micro-batch per family, measured with one thread on 256 images
+(``modnet_conv_tiny`` at 32x32 and ``modnet_vit_tiny``): the conv family
+runs 4.5x faster in micro-batches of 32 than as one batch of 256 (64: 2.2x,
+16: 3.7x, 8: 3.8x in NCHW; channels_last input adds up to 1.1x at 32); the ViT
+family gains little (1.15x at 32, within noise from 16 to 256) and takes 32
+too. ``bench/test_micro_batch.py`` holds the ratio against the plain reference.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
+from torch import nn
 
-from ..data import TaskData
-from ..model import ModularNet
+from ..data import TaskData, eval_batches
+
+MICRO_BATCH = {"conv": 32, "vit": 32}
+DEFAULT_MICRO_BATCH = 32
+
+
+def default_micro_batch(model: nn.Module) -> int:
+    """The measured micro-batch of the model's family (32 for unmeasured ones)."""
+    config = getattr(model, "config", None)
+    family = config.get("family") if isinstance(config, Mapping) else None
+    return MICRO_BATCH.get(family, DEFAULT_MICRO_BATCH)
+
+
+def input_format(model: nn.Module) -> torch.memory_format:
+    """The layout the model's convolution weights are in: its inputs should match.
+
+    ``torch.channels_last`` when the first spatial (k > 1) 4-D weight is NHWC
+    (the model was moved with ``memory_format=torch.channels_last``), else
+    ``torch.contiguous_format``.
+    """
+    for parameter in model.parameters():
+        if parameter.dim() == 4 and parameter.shape[-1] > 1:
+            if parameter.is_contiguous():
+                return torch.contiguous_format
+            if parameter.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+            break
+    return torch.contiguous_format
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    task: Any = None,
+    micro_batch: int | None = None,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Logits of a batch, computed ``micro_batch`` images at a time in eval mode.
+
+    Args:
+        model: The network (its training mode is restored afterwards).
+        x: Model input, float [B, C, H, W], on the model's device.
+        task: Passed as ``model(x, task=task)`` when given.
+        micro_batch: Images per forward pass; default ``default_micro_batch(model)``.
+        precision: ``"fp32"``, or ``"bf16"`` for bfloat16 autocast.
+
+    Returns:
+        Logits [B, num_classes]; equal to ``model(x, task=task)`` in eval mode
+        up to float summation order.
+
+    Raises:
+        ValueError: ``micro_batch`` is not a positive integer.
+    """
+    size = default_micro_batch(model) if micro_batch is None else micro_batch
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
+    was_training = model.training
+    model.eval()
+    layout = input_format(model)
+    outputs = []
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bf16"):
+        for chunk in x.split(size):
+            chunk = chunk.contiguous(memory_format=layout)
+            outputs.append(model(chunk) if task is None else model(chunk, task=task))
+    model.train(was_training)
+    return torch.cat(outputs)
 
 
 @torch.inference_mode()
 def evaluate(
-    model: ModularNet,
+    model: nn.Module,
     data: Mapping[str, TaskData],
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    micro_batch: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 accuracy on each task's test split, in eval mode (the mode is restored)."""
-    was_training = model.training
-    model.eval()
+    """Top-1 accuracy on each task's test split, in eval mode (the mode is restored).
+
+    Args:
+        model: A modnet model holding every task in ``data``.
+        data: Task name to its data; test splits on disk are read by a
+            DataLoader with ``workers`` processes.
+        batch_size: Images read and normalised at a time.
+        device: Where the model is.
+        precision: ``"fp32"`` or ``"bf16"``.
+        micro_batch: Images per forward pass (see ``predict``).
+        workers: Loader processes for test splits on disk.
+    """
     accuracy = {}
     for name, task in data.items():
         correct = 0
-        for start in range(0, len(task.test_y), batch_size):
-            x = task.normalize(task.test_x[start : start + batch_size]).to(device)
-            y = task.test_y[start : start + batch_size].to(device)
-            with torch.autocast(torch.device(device).type, torch.bfloat16, precision == "bf16"):
-                logits = model(x, task=name)
-            correct += int((logits.argmax(-1) == y).sum())
+        for images, labels in eval_batches(task, batch_size, workers, device):
+            x = task.normalize(images.to(device))
+            logits = predict(model, x, name, micro_batch, precision)
+            correct += int((logits.argmax(-1) == labels.to(device)).sum())
         accuracy[name] = correct / max(1, len(task.test_y))
-    model.train(was_training)
     return accuracy

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import io
-from ..data import TaskData
+from ..data import TaskData, TrainBatches
 from ..model import ModularNet
 from .config import TrainConfig
 from .distributed import DistContext, all_reduce_gradients, average_buffers, barrier
@@ -162,14 +162,18 @@ class Trainer:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's share of step ``step``: images, labels and model task ids."""
-        xs, ys, ids = [], [], []
-        for task_index, indices in self.schedule.batch(step, self.ctx.rank, self.ctx.world_size):
-            task = self.data[self.names[task_index]]
-            xs.append(task.normalize(task.train_x[indices]))
-            ys.append(task.train_y[indices])
-            ids.append(torch.full((len(indices),), self.task_ids[task_index], dtype=torch.long))
-        device = self.ctx.device
-        return torch.cat(xs).to(device), torch.cat(ys).to(device), torch.cat(ids).to(device)
+        if getattr(self, "_batches", None) is None:  # from memory, or a DataLoader for files
+            self._batches = TrainBatches(
+                self.data,
+                self.schedule,
+                self.ctx.rank,
+                self.ctx.world_size,
+                seed=self.config.seed,
+                workers=self.config.data_workers,
+                device=self.ctx.device,
+            )
+        x, y, tasks = self._batches(step)
+        return x, y, torch.tensor(self.task_ids, device=tasks.device)[tasks]
 
     def training_loss(self, step: int) -> tuple[torch.Tensor, int]:
         """The loss to minimise at ``step`` and the number of samples it saw.

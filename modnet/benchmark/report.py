@@ -1,0 +1,63 @@
+"""Printing and writing measurements: progress on stderr, summary lines, CSV/JSON rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def progress_printer(label: str, stream=None) -> Callable[[int, int], None]:
+    """A one-line progress counter on stderr for long measurements."""
+    stream = stream or sys.stderr
+    live = hasattr(stream, "isatty") and stream.isatty()
+
+    def report(done: int, total: int) -> None:
+        if live:
+            end = "\n" if done == total else ""
+            print(f"\r{label}: round {done}/{total}", end=end, file=stream, flush=True)
+        elif done == total:
+            print(f"{label}: {total} rounds done", file=stream, flush=True)
+
+    return report
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    line = (
+        f"{row['model']} {row['bench']} batch {row['batch_size']}: "
+        f"{row['samples_per_sec']:.1f} samples/s, {row['gmacs']:.3f} GMACs/sample, "
+        f"{row['flops_utilization']:.1%} of matmul peak"
+    )
+    if "peak_memory_mb" in row:
+        line += f", peak {row['peak_memory_mb']:.1f} MB"
+    if "ratio" in row:
+        line += (
+            f"\n  modnet/{row['baseline']} throughput ratio {row['ratio']:.3f} "
+            f"(IQR {row['ratio_low']:.3f}-{row['ratio_high']:.3f}); "
+            f"{row['baseline']}: {row['baseline_samples_per_sec']:.1f} samples/s"
+        )
+        if "memory_ratio" in row:
+            line += f"; peak memory ratio {row['memory_ratio']:.3f}"
+    return line
+
+
+def write_results(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(list(rows), indent=2) + "\n")
+        return
+    fields: list[str] = []
+    for row in rows:
+        fields += [key for key in row if key not in fields]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits (tiny models stay non-zero)."""
+    return float(f"{value:.{digits}g}")

@@ -1,0 +1,235 @@
+"""What is measured: devices, precisions, workloads (inference, training, matmul), inputs.
+
+Conventions follow timm's ``benchmark.py``: inference under
+``torch.inference_mode`` in eval mode, training as one SGD step (forward,
+cross-entropy, backward, update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..export import ExportedNet
+from ..model import ModularNet
+
+PRECISIONS = ("float32", "float16", "bfloat16", "amp_float16", "amp_bfloat16")
+
+
+# ------------------------------------------------------------------ devices, dtypes
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The device to measure on, refusing one that this machine cannot provide."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "the cuda device was requested but CUDA is not available "
+            "(torch.cuda.is_available() is False): measure on --device cpu, or use a machine "
+            "with an NVIDIA GPU and a CUDA build of torch"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}: use 'cpu' or 'cuda'")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued kernels, so that a timer sees the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model runs: the dtype of its weights and inputs, and autocast if any."""
+
+    name: str
+    dtype: torch.dtype
+    autocast: torch.dtype | None
+
+    @classmethod
+    def parse(cls, name: str) -> Precision:
+        if name not in PRECISIONS:
+            raise ValueError(f"unknown precision {name!r}: choose one of {PRECISIONS}")
+        if name.startswith("amp_"):
+            return cls(name, torch.float32, getattr(torch, name[4:]))
+        return cls(name, getattr(torch, name), None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls run in: what the machine's peak is measured in."""
+        return self.autocast or self.dtype
+
+    def context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+# ----------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    """One side of a measurement: a step to time and the state it keeps alive.
+
+    Attributes:
+        step: Runs one batch (an inference forward or a training step).
+        batch_size: Samples per step.
+        device: Where the step runs.
+        state: Tensors alive between steps (weights, optimizer state, inputs): the
+            resident part of peak memory.
+    """
+
+    step: Callable[[], Any]
+    batch_size: int
+    device: torch.device
+    state: Callable[[], Iterable[torch.Tensor]] = field(default=lambda: ())
+
+
+def _caller(model: nn.Module, task: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    return model if task is None else partial(model, task=task)
+
+
+def inference_workload(
+    model: nn.Module,
+    x: torch.Tensor,
+    task: Any = None,
+    precision: Precision | None = None,
+) -> Workload:
+    """Forward passes in eval mode under ``torch.inference_mode``.
+
+    Args:
+        model: The network; put in eval mode. May be a ``torch.compile`` wrapper.
+        x: The input batch.
+        task: Passed as ``model(x, task=task)`` when given (modnet models).
+        precision: Autocast, if any; weights and ``x`` must already have its dtype.
+    """
+    model.eval()
+    call = _caller(model, task)
+    amp = (precision or Precision.parse("float32")).context(x.device)
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode(), amp:
+            return call(x)
+
+    return Workload(step, x.shape[0], x.device, lambda: [*_module_tensors(model), x])
+
+
+def training_workload(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: Any = None,
+    precision: Precision | None = None,
+    lr: float = 1e-4,
+) -> Workload:
+    """One SGD step (momentum 0.9) on cross-entropy, as timm's training benchmark.
+
+    Gradients are freed after every step (``zero_grad(set_to_none=True)``), so the
+    peak memory of a step includes them.
+    """
+    model.train()
+    call = _caller(model, task)
+    amp = (precision or Precision.parse("float32")).context(x.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+    def step() -> None:
+        with amp:
+            loss = F.cross_entropy(call(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def state() -> list[torch.Tensor]:
+        moments = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return [*_module_tensors(model), *moments, x, y]
+
+    return Workload(step, x.shape[0], x.device, state)
+
+
+def matmul_workload(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None
+) -> tuple[Workload, int]:
+    """A dense ``size x size`` matmul: the machine's own FLOP/s limit, and its FLOPs."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device, dtype)
+    b = torch.randn(size, size, generator=generator).to(device, dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    return Workload(lambda: torch.mm(a, b, out=out), 1, device, lambda: (a, b, out)), 2 * size**3
+
+
+def _module_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+# ------------------------------------------------------------------- input batches
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(channels, height, width)`` the model expects."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        return (patch_embed.proj.in_channels, *patch_embed.img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if "input_size" not in cfg:
+        raise ValueError(f"cannot tell the input size of a {type(model).__name__}: pass one")
+    return tuple(cfg["input_size"])
+
+
+def make_batch(
+    model: nn.Module,
+    batch_size: int,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images of the model's input size and random labels."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, *input_size(model), generator=generator)
+    y = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    x = x.to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device)
+
+
+def place(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool = False
+) -> nn.Module:
+    """Moves ``model`` to ``device`` and ``dtype``, 4-D weights to NHWC if asked.
+
+    ``nn.Module.to(memory_format=...)`` refuses the 5-D stacked templates of a
+    pool, so only 4-D tensors are converted (a mixed conv weight follows its input).
+    """
+    model = model.to(device=device, dtype=dtype)
+    if channels_last:
+        model._apply(
+            lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+        )
+    return model
+
+
+def uses_convolutions(model: nn.Module) -> bool:
+    """True when the model's pool or trunk convolves over more than patches.
+
+    Such models are the ones channels_last speeds up; a ViT's only conv is its
+    patch embedding.
+    """
+    if isinstance(model, ModularNet):
+        return model.config.get("family") == "conv"
+    if isinstance(model, ExportedNet):
+        return any(isinstance(m, nn.Conv2d) for m in model.blocks.modules())
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return len(convs) > 1

@@ -1,0 +1,213 @@
+"""Batches for training and evaluation, from memory or through a DataLoader.
+
+Training batches are a pure function of the step: a schedule (anything with
+``batch(step, rank, world_size) -> [(task index, sample indices), ...]``, such
+as ``modnet.train.MultiTaskSchedule``) says which samples of which task form
+each rank's share of a step, and ``TrainBatches`` turns them into model input.
+
+- Tasks held in memory (uint8 tensors) are indexed directly: a copy of bytes.
+- When some task's images stay on disk (``ImageFiles``), the schedule becomes
+  the batch sampler of a ``torch.utils.data.DataLoader`` whose workers decode,
+  resize and augment the images, with pinned memory on CUDA; the images a
+  worker has not been asked for are never read, so memory does not grow with
+  the dataset.
+
+Both paths give the same batch for the same step, augmentation included
+(``modnet.data.augment``: one seed per sample from run seed, step, rank and
+position), so a resumed run is bit-identical and ranks never share samples.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .augment import augment_images, build_augmentation, sample_seed
+from .task_data import TaskData
+
+Key = tuple[int, int, int, int]  # (step, task index, sample index, position in the batch)
+
+
+class Schedule(Protocol):
+    def batch(
+        self, step: int, rank: int = 0, world_size: int = 1
+    ) -> list[tuple[int, torch.Tensor]]: ...
+
+
+def default_workers() -> int:
+    """Loader worker processes when none are asked for: the cores but one, at most 4."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+class StepSampler(Sampler[list[Key]]):
+    """A schedule as a DataLoader batch sampler: step ``start`` onwards, without end.
+
+    Each yielded batch is the list of ``(step, task, index, position)`` keys of
+    this rank's share of one step, in the schedule's order.
+    """
+
+    def __init__(self, schedule: Schedule, start: int, rank: int = 0, world_size: int = 1):
+        self.schedule, self.start, self.rank, self.world_size = schedule, start, rank, world_size
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        step = self.start
+        while True:
+            yield step_keys(self.schedule, step, self.rank, self.world_size)
+            step += 1
+
+
+def step_keys(schedule: Schedule, step: int, rank: int = 0, world_size: int = 1) -> list[Key]:
+    """The ``(step, task, index, position)`` keys of this rank's share of ``step``."""
+    keys: list[Key] = []
+    for task, indices in schedule.batch(step, rank, world_size):
+        keys += [(step, task, int(i), len(keys) + n) for n, i in enumerate(indices.tolist())]
+    return keys
+
+
+class StepSamples(Dataset):
+    """One training sample per key: the image (decoded, augmented), its label and task."""
+
+    def __init__(self, tasks: Sequence[TaskData], seed: int, rank: int):
+        self.tasks = list(tasks)
+        self.transforms = [build_augmentation(task.transform) for task in self.tasks]
+        self.seed, self.rank = seed, rank
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, int, int, int]:
+        step, task_index, index, position = key
+        task = self.tasks[task_index]
+        image = task.train_x[index]
+        transform = self.transforms[task_index]
+        if transform is not None:
+            seed = sample_seed(self.seed, step, self.rank, position)
+            image = augment_images(image[None], transform, [seed])[0]
+        return image, int(task.train_y[index]), task_index, step
+
+    def __len__(self) -> int:
+        return sum(len(task.train_y) for task in self.tasks)
+
+
+class TrainBatches:
+    """The training batch of any step: normalised images, labels and task indices.
+
+    Args:
+        data: The tasks, in the schedule's task order.
+        schedule: Which samples form each step (see the module docstring).
+        rank: This process's data-parallel rank.
+        world_size: Number of ranks.
+        seed: Run seed: with step, rank and position it seeds each sample's augmentation.
+        workers: DataLoader worker processes when some task is on disk (default
+            ``default_workers()``; 0 reads in this process).
+        device: Where batches go; on CUDA the loader pins memory.
+
+    Calling it with a step returns ``(x, y, task)``: float32 [B, C, H, W] input
+    normalised per task, int64 [B] labels, int64 [B] indices into ``data``,
+    samples grouped by task in increasing task order. Tasks whose transform
+    record has an ``augment`` entry are augmented (training only).
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, TaskData] | Sequence[TaskData],
+        schedule: Schedule,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        seed: int = 0,
+        workers: int | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.tasks = list(data.values()) if isinstance(data, Mapping) else list(data)
+        self.schedule, self.rank, self.world_size, self.seed = schedule, rank, world_size, seed
+        self.device = torch.device(device)
+        self.workers = default_workers() if workers is None else workers
+        self.samples = StepSamples(self.tasks, seed, rank)
+        self.in_memory = all(task.in_memory for task in self.tasks)
+        self._iterator: Iterator[Any] | None = None
+        self._next_step = -1
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.in_memory:
+            return self._from_memory(step)
+        return self._from_loader(step)
+
+    def _from_memory(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs, ys, ids, position = [], [], [], 0
+        for task_index, indices in self.schedule.batch(step, self.rank, self.world_size):
+            task = self.tasks[task_index]
+            x = task.train_x[indices]
+            transform = self.samples.transforms[task_index]
+            if transform is not None:
+                seeds = [
+                    sample_seed(self.seed, step, self.rank, position + n)
+                    for n in range(len(indices))
+                ]
+                x = augment_images(x, transform, seeds)
+            position += len(indices)
+            xs.append(task.normalize(x))
+            ys.append(task.train_y[indices])
+            ids.append(torch.full((len(indices),), task_index, dtype=torch.long))
+        device = self.device
+        return torch.cat(xs).to(device), torch.cat(ys).to(device), torch.cat(ids).to(device)
+
+    def _from_loader(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._iterator is None or step != self._next_step:
+            self.close()
+            self._iterator = iter(self._loader(step))
+        x, y, ids, steps = next(self._iterator)
+        self._next_step = step + 1
+        if not bool((steps == step).all()):  # the sampler and the caller disagree: a bug
+            raise RuntimeError(f"the loader returned step {int(steps[0])} for step {step}")
+        blocking = not (self.device.type == "cuda")
+        x = x.to(self.device, non_blocking=not blocking)
+        y = y.to(self.device, non_blocking=not blocking)
+        ids = ids.to(self.device, non_blocking=not blocking)
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        for task_index in ids.unique().tolist():
+            rows = ids == task_index
+            out[rows] = self.tasks[task_index].normalize(x[rows])
+        return out, y, ids
+
+    def _loader(self, start: int) -> DataLoader:
+        return DataLoader(
+            self.samples,
+            batch_sampler=StepSampler(self.schedule, start, self.rank, self.world_size),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if self.workers else None,
+        )
+
+    def close(self) -> None:
+        """Stops the loader's workers (they start again at the next call)."""
+        self._iterator = None
+
+
+def eval_batches(
+    task: TaskData,
+    batch_size: int,
+    workers: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The test split in order, as uint8 [b, C, H, W] images and int64 [b] labels.
+
+    In-memory splits are sliced; a split on disk is decoded by a DataLoader
+    with ``workers`` processes (default ``default_workers()``), pinned on CUDA.
+    """
+    if torch.is_tensor(task.test_x):
+        for start in range(0, len(task.test_y), batch_size):
+            yield task.test_x[start : start + batch_size], task.test_y[start : start + batch_size]
+        return
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(
+        task.test_x,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    start = 0
+    for x in loader:
+        yield x, task.test_y[start : start + len(x)]
+        start += len(x)

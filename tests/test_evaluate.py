@@ -1,0 +1,71 @@
+"""Inference in micro-batches: same logits and accuracy as one batch, chosen per family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modnet.data import load_task
+from modnet.train import evaluate
+from modnet.train.evaluate import (
+    DEFAULT_MICRO_BATCH,
+    MICRO_BATCH,
+    default_micro_batch,
+    input_format,
+    predict,
+)
+from tests.conftest import images, tiny_conv, tiny_vit
+
+
+@pytest.mark.parametrize("build", [tiny_conv, tiny_vit], ids=["conv", "vit"])
+@pytest.mark.parametrize("micro_batch", [1, 3, 64])
+def test_predict_in_micro_batches_equals_one_forward(build, micro_batch):
+    model = build(tasks={"a": 5}).eval()
+    x = images(model, batch=10)
+    with torch.no_grad():
+        expected = model(x, task="a")
+    out = predict(model, x, "a", micro_batch=micro_batch)
+    assert out.shape == (10, 5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_predict_restores_the_training_mode_and_rejects_bad_sizes():
+    model = tiny_conv(tasks={"a": 3}).train()
+    predict(model, images(model), "a")
+    assert model.training
+    with pytest.raises(ValueError, match="micro_batch must be a positive integer, got 0"):
+        predict(model, images(model), "a", micro_batch=0)
+
+
+def test_default_micro_batch_is_the_familys():
+    assert default_micro_batch(tiny_conv()) == MICRO_BATCH["conv"] == 32
+    assert default_micro_batch(tiny_vit()) == MICRO_BATCH["vit"]
+    assert default_micro_batch(torch.nn.Linear(2, 2)) == DEFAULT_MICRO_BATCH
+
+
+def test_inputs_follow_the_layout_of_the_convolution_weights():
+    model = tiny_conv(tasks={"a": 3})
+    assert input_format(model) == torch.contiguous_format
+    model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    assert input_format(model) == torch.channels_last
+    x = images(model, batch=6)
+    with torch.no_grad():
+        expected = model.eval()(x, task="a")
+    torch.testing.assert_close(predict(model, x, "a", micro_batch=4), expected, atol=1e-5, rtol=0)
+
+
+def test_evaluate_accuracy_does_not_depend_on_batch_or_micro_batch():
+    model = tiny_conv(tasks={"synth_color": 6})
+    data = {"synth_color": load_task("synth_color", img_size=8, train_limit=8, test_limit=50)}
+    x = data["synth_color"].normalize(data["synth_color"].test_x)
+    with torch.no_grad():  # a head centred on these images, so that predictions differ
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape))
+        head = model.heads["synth_color"]
+        head.bias.sub_(model.eval()(x, task="synth_color").mean(0))
+        predicted = model(x, task="synth_color").argmax(-1)
+    assert len(predicted.unique()) > 1  # a model that tells images apart
+    reference = int((predicted == data["synth_color"].test_y).sum()) / 50
+    for batch_size, micro_batch in ((256, 256), (256, None), (7, 3), (50, 1)):
+        accuracy = evaluate(model, data, batch_size=batch_size, micro_batch=micro_batch)
+        assert accuracy == {"synth_color": reference}
