@@ -327,3 +327,33 @@ def test_model_kwargs_parse_python_literals():
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_kwargs(["depth"])
+
+
+def test_micro_batched_inference_runs_every_sample_once_in_chunks():
+    model = tiny_conv(tasks={"a": 3})
+    x = images(model, batch=10)
+    calls = []
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(len(args[0])), with_kwargs=True
+    )
+    whole = bm.inference_workload(model, x, task="a")
+    chunked = bm.inference_workload(model, x, task="a", micro_batch=4)
+    plain = bm.count_flops(bm.inference_workload(model.export("a"), x))
+    mixing = bm.count_flops(whole) - plain  # mixing the templates: once per forward pass
+    assert mixing > 0 and bm.count_flops(chunked) == plain + 3 * mixing
+    calls.clear()
+    outputs = chunked.step()
+    assert calls == [4, 4, 2]
+    torch.testing.assert_close(torch.cat(outputs), whole.step()[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bench_inference_uses_the_family_micro_batch_unless_told(tmp_path):
+    out = tmp_path / "rows.json"
+    args = ["bench", "--model", "modnet_conv_tiny", *CONV_KWARGS, "--no-memory"]
+    assert main([*args, *TINY_CLI, "--batch-size", "40", "--results-file", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["micro_batch"] == 16  # modnet.train.evaluate.MICRO_BATCH["conv"]
+    assert main([*args, *TINY_CLI, "--micro-batch", "0", "--results-file", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["micro_batch"] is None
+    assert main([*args, "--micro-batch", "-1"]) == 2

@@ -103,6 +103,7 @@ def inference_workload(
     x: torch.Tensor,
     task: Any = None,
     precision: Precision | None = None,
+    micro_batch: int | None = None,
 ) -> Workload:
     """Forward passes in eval mode under ``torch.inference_mode``.
 
@@ -111,14 +112,17 @@ def inference_workload(
         x: The input batch.
         task: Passed as ``model(x, task=task)`` when given (modnet models).
         precision: Autocast, if any; weights and ``x`` must already have its dtype.
+        micro_batch: Run the batch as consecutive forward passes of this many
+            samples (as ``modnet.train.evaluate.predict`` does); None: one pass.
     """
     model.eval()
     call = _caller(model, task)
     amp = (precision or Precision.parse("float32")).context(x.device)
+    chunks = x.split(micro_batch) if micro_batch else (x,)
 
-    def step() -> torch.Tensor:
+    def step() -> list[torch.Tensor]:
         with torch.inference_mode(), amp:
-            return call(x)
+            return [call(chunk) for chunk in chunks]
 
     return Workload(step, x.shape[0], x.device, lambda: [*_module_tensors(model), x])
 

@@ -36,6 +36,8 @@ DESCRIPTION = """\
 Samples/s after warm-up (inference under inference_mode, training as one SGD
 step), parameter count, GMACs per sample, peak memory and the share of the
 machine's own dense-matmul FLOP/s, one row per model, mode and batch size.
+Inference runs each batch in micro-batches of the family's default size (as
+evaluation does), on both sides; --micro-batch 0 runs it in one pass.
 With --compare, a baseline runs in the same alternating rounds and every row
 carries the median per-round throughput ratio modnet/baseline."""
 EXAMPLES = """\
@@ -76,6 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="NHWC layout (default: on for convolutional models, where it is faster)",
     )
     layout.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="inference: run each batch as forward passes of this many samples, both sides "
+        "(default: the modnet family's, as evaluation does; 0: one pass per batch)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -121,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
             )
     except ValueError as error:
         print(f"modnet bench: {error}", file=sys.stderr)
+        return 2
+    if args.micro_batch is not None and args.micro_batch < 0:
+        print("modnet bench: --micro-batch must be >= 0 (0: one pass per batch)", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -236,10 +248,17 @@ def measure(
     layout = torch.channels_last if sides.baseline_channels_last else torch.contiguous_format
     x_baseline = x.contiguous(memory_format=layout)
 
+    micro = args.micro_batch
+    if micro is None:
+        from ..train.evaluate import default_micro_batch
+
+        micro = default_micro_batch(sides.eager_modnet)
+    micro = micro if bench == "inference" and 0 < micro < batch_size else None
+
     def workload(model: nn.Module, task: str | None, x: torch.Tensor = x) -> bm.Workload:
         if bench == "train":
             return bm.training_workload(model, x, y, task, precision)
-        return bm.inference_workload(model, x, task, precision)
+        return bm.inference_workload(model, x, task, precision, micro)
 
     matmul, matmul_flops = bm.matmul_workload(device, precision.compute_dtype, args.matmul_size)
     workloads = {"modnet": workload(sides.modnet, TASK), "matmul": matmul}
@@ -261,6 +280,7 @@ def measure(
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         precision=precision.name,
         batch_size=batch_size,
+        micro_batch=micro,
         img_size=bm.input_size(sides.eager_modnet)[-1],
         channels_last=sides.channels_last,
         compile=args.compile or args.compare == "eager",
