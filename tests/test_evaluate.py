@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -69,3 +71,25 @@ def test_evaluate_accuracy_does_not_depend_on_batch_or_micro_batch():
     for batch_size, micro_batch in ((256, 256), (256, None), (7, 3), (50, 1)):
         accuracy = evaluate(model, data, batch_size=batch_size, micro_batch=micro_batch)
         assert accuracy == {"synth_color": reference}
+
+
+def test_modnet_eval_takes_a_micro_batch_and_gives_the_same_accuracy(tmp_path, capsys):
+    from modnet import io
+    from modnet.cli import main
+
+    model = tiny_conv(tasks={"synth_color": 6, "synth_size": 3})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape))
+    io.save_checkpoint(
+        tmp_path,
+        "m",
+        model,
+        task_info={name: {"dataset": name} for name in model.task_names},
+    )
+    results = []
+    for extra in ([], ["--micro-batch", "3"], ["--micro-batch", "1000", "--batch-size", "7"]):
+        assert main(["eval", str(tmp_path), "--json", "--test-limit", "40", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert set(results[0]) == {"synth_color", "synth_size"}
+    assert results[0] == results[1] == results[2]

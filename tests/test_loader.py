@@ -173,6 +173,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
             check=True,
         )
         peaks[count] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"peak RSS in KiB (own process, largest loader worker): {peaks}")
     for side in ("own", "workers"):
         small, large = peaks[2_000][side], peaks[20_000][side]
         assert large <= 1.1 * small, (side, peaks)
