@@ -23,7 +23,7 @@ from .. import io
 from ..data import DataError, TaskData
 from ..model import ModularNet
 from ..train import RunDirError, TrainConfig, configure_trainable, evaluate, load_data, parse_parts
-from ..train.api import RESULTS_FILE, train
+from ..train.api import check_resume_options, train
 from ..train.distributed import broadcast_state, init_distributed
 from ..viz import route_matrix, save_route_figures
 from .errors import AdaptationError
@@ -135,19 +135,43 @@ def adapt(
     wanted = _check_parts(parse_parts(parts), objective_cls.uses_gradients, objective)
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
-    latest = _latest_or_train(run_dir, sources, train_sources, config)
+    _latest_or_train(run_dir, sources, train_sources, config)
+    with io.open_run(run_dir, "modnet adapt", enabled=ctx.is_main):
+        return _adapt(
+            run_dir, target, sources, objective, wanted, init, head_init, config,
+            objective_options, source_weight, overwrite, preloaded, ctx,
+        )  # fmt: skip
+
+
+def _adapt(
+    run_dir, target, sources, objective, wanted, init, head_init, config, objective_options,
+    source_weight, overwrite, preloaded, ctx,
+) -> AdaptResult:  # fmt: skip
+    objective_cls = objective_class(objective)
+    latest, state = io.run_state(run_dir)
+    if io.unfinished_phase(state) is not None and "adapt" not in state:
+        io.refuse_other_phase(run_dir, state, "adapt")
     model, manifest = io.load_model(latest)
-    state = io.load_trainer_state(latest)
     plan = _resumable_plan(state, target)
     resuming = plan is not None
     if resuming:  # an interrupted adaptation of this target continues as it was started
-        config = TrainConfig.from_dict(json.loads(state["config"]))
-        objective = plan["objective"]
-        objective_cls = objective_class(objective)
+        asked = dict(
+            objective=objective,
+            objective_options=dict(objective_options or {}),
+            parts=sorted(wanted),
+            init_rule=init,
+            source_weight=source_weight,
+        )
+        if sources is not None:
+            asked["sources"] = _as_list(sources)
+        check_resume_options(
+            run_dir, f"adapt of {target}", json.loads(state["config"]), config, plan, asked
+        )
     loader = _Loader(model, config, preloaded)
     target_data = _load_target(target, loader)
     name = target_data.name
     phase = f"adapt-{name}"
+    io.refuse_other_phase(run_dir, state, phase)
     source_names = _pick_sources(model, sources, target_data, plan)
     if plan is None and name in model.task_names:
         if "adapted_from" not in manifest["tasks"][name]:
@@ -272,7 +296,7 @@ def _latest_or_train(
     train_sources: bool | TrainConfig,
     config: TrainConfig,
 ) -> Path:
-    latest = io.latest_checkpoint(run_dir) if run_dir.exists() else None
+    latest = io.latest_checkpoint(run_dir) if io.is_run_dir(run_dir) else None
     if latest is not None:
         return latest
     if train_sources is False:
@@ -461,30 +485,31 @@ def _count_statistics(model: ModularNet, task: str) -> int:
 
 
 def _record(run_dir: Path, phase: str, result: AdaptResult, plan: Mapping[str, Any]) -> None:
-    path = run_dir / RESULTS_FILE
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[phase] = dict(
-        target=plan["target_spec"],
-        sources=result.sources,
-        objective=result.objective,
-        objective_options=plan["objective_options"],
-        parts=result.parts,
-        init=plan["init"],
-        init_rule=plan.get("init_rule", plan["init"]),
-        source_distances=plan.get("source_distances"),
-        head_init=plan["head_init"],
-        source_only=result.source_only,
-        best_source_only=result.best_source_only,
-        start_accuracy=result.start_accuracy,
-        adapted_accuracy=result.accuracy,
-        source_accuracy=result.source_accuracy,
-        trained_parameters=result.trained_parameters,
-        auxiliary_parameters=result.auxiliary_parameters,
-        adapted_statistics=result.adapted_statistics,
-        first_loss=result.loss_trace[0] if result.loss_trace else None,
-        last_loss=result.loss_trace[-1] if result.loss_trace else None,
-        route_relation=result.relation,
-        checkpoint=result.checkpoint.name if result.checkpoint else None,
-        figure=result.figure.name if result.figure else None,
+    io.record_results(
+        run_dir,
+        phase,
+        dict(
+            target=plan["target_spec"],
+            sources=result.sources,
+            objective=result.objective,
+            objective_options=plan["objective_options"],
+            parts=result.parts,
+            init=plan["init"],
+            init_rule=plan.get("init_rule", plan["init"]),
+            source_distances=plan.get("source_distances"),
+            head_init=plan["head_init"],
+            source_only=result.source_only,
+            best_source_only=result.best_source_only,
+            start_accuracy=result.start_accuracy,
+            adapted_accuracy=result.accuracy,
+            source_accuracy=result.source_accuracy,
+            trained_parameters=result.trained_parameters,
+            auxiliary_parameters=result.auxiliary_parameters,
+            adapted_statistics=result.adapted_statistics,
+            first_loss=result.loss_trace[0] if result.loss_trace else None,
+            last_loss=result.loss_trace[-1] if result.loss_trace else None,
+            route_relation=result.relation,
+            checkpoint=result.checkpoint.name if result.checkpoint else None,
+            figure=result.figure.name if result.figure else None,
+        ),
     )
-    io.atomic_write_text(path, json.dumps(results, indent=2) + "\n")
