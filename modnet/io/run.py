@@ -126,6 +126,7 @@ def open_run(
             tidy(path)
             if overwrite:
                 clear_run(path)
+            read_results(path)  # a damaged results.json is named before any work
             yield path
     except BaseException:
         # A command that failed before writing anything leaves no folder behind.
