@@ -42,3 +42,6 @@ class DivergenceError(ModnetError, FloatingPointError):
 
 class DiskFullError(ModnetError, OSError):
     """A write failed because the device is full; the message names the path."""
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 28]" once errno is set
+        return str(self.args[0]) if self.args else ""

@@ -153,31 +153,44 @@ def save_model(
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}{TMP_MARK}{os.getpid()}")
     with disk_full_names(directory):
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / TASK_DIR).mkdir(parents=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        shared = {k: v for k, v in state.items() if _is_shared_key(k)}
-        fingerprint = pool_fingerprint(shared)
-        save_file(shared, tmp / SHARED_FILE, metadata={"pool_fingerprint": fingerprint})
-        manifest = {"format": FORMAT, **describe(model), "pool_fingerprint": fingerprint}
-        manifest.update(dict(extra or {}))
-        for name in model.task_names:
-            tensors = {k: v for k, v in state.items() if _is_task_key(k, name)}
-            entry = manifest["tasks"][name]
-            metadata = {
-                "task": name,
-                "num_classes": str(entry["num_classes"]),
-                "route": json.dumps(entry["route"]),
-                "pool_fingerprint": fingerprint,
-            }
-            save_file(tensors, tmp / TASK_DIR / f"{name}.safetensors", metadata=metadata)
-            entry["file"] = f"{TASK_DIR}/{name}.safetensors"
-            entry.update((task_info or {}).get(name, {}))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        fsync_tree(tmp)
-        _replace_dir(tmp, directory)
+        try:
+            _write_model_dir(tmp, model, task_info, extra)
+            _replace_dir(tmp, directory)
+        finally:
+            if tmp.exists():  # a failed write leaves nothing behind
+                shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _write_model_dir(
+    tmp: Path,
+    model: ModularNet,
+    task_info: Mapping[str, Mapping[str, Any]] | None,
+    extra: Mapping[str, Any] | None,
+) -> None:
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / TASK_DIR).mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    shared = {k: v for k, v in state.items() if _is_shared_key(k)}
+    fingerprint = pool_fingerprint(shared)
+    save_file(shared, tmp / SHARED_FILE, metadata={"pool_fingerprint": fingerprint})
+    manifest = {"format": FORMAT, **describe(model), "pool_fingerprint": fingerprint}
+    manifest.update(dict(extra or {}))
+    for name in model.task_names:
+        tensors = {k: v for k, v in state.items() if _is_task_key(k, name)}
+        entry = manifest["tasks"][name]
+        metadata = {
+            "task": name,
+            "num_classes": str(entry["num_classes"]),
+            "route": json.dumps(entry["route"]),
+            "pool_fingerprint": fingerprint,
+        }
+        save_file(tensors, tmp / TASK_DIR / f"{name}.safetensors", metadata=metadata)
+        entry["file"] = f"{TASK_DIR}/{name}.safetensors"
+        entry.update((task_info or {}).get(name, {}))
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    fsync_tree(tmp)
 
 
 def _replace_dir(tmp: Path, directory: Path) -> None:

@@ -60,7 +60,7 @@ class DivergenceGuard:
 
     def _fail(self, step: int, what: str) -> None:
         raise DivergenceError(
-            f"training diverged in phase {self.phase!r} at step {step + 1}: {what}. Nothing "
+            f"training diverged in phase {self.phase!r} at step {step}: {what}. Nothing "
             f"was saved from this step on (LATEST names the last good checkpoint). Try "
             f"{suggestion(self.config)}"
         )
