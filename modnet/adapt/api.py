@@ -148,7 +148,7 @@ def _adapt(
     source_weight, overwrite, preloaded, ctx,
 ) -> AdaptResult:  # fmt: skip
     objective_cls = objective_class(objective)
-    latest, state = io.run_state(run_dir)
+    latest, state = io.run_state(run_dir, repair=ctx.is_main)
     if io.unfinished_phase(state) is not None and "adapt" not in state:
         io.refuse_other_phase(run_dir, state, "adapt")
     model, manifest = io.load_model(latest)

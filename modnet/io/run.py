@@ -331,9 +331,9 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------- phases
-def run_state(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The latest checkpoint (``LATEST`` repaired if needed) and its trainer state."""
-    latest = latest_checkpoint(run_dir, repair=True) if Path(run_dir).is_dir() else None
+def run_state(run_dir: Path, repair: bool = True) -> tuple[Path | None, dict[str, Any] | None]:
+    """The latest checkpoint (``LATEST`` repaired if needed and ``repair``) and its state."""
+    latest = latest_checkpoint(run_dir, repair=repair) if Path(run_dir).is_dir() else None
     return latest, load_trainer_state(latest) if latest is not None else None
 
 

@@ -132,7 +132,7 @@ def train(
 
 
 def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
-    latest, state = io.run_state(run_dir)
+    latest, state = io.run_state(run_dir, repair=ctx.is_main)
     io.refuse_other_phase(run_dir, state, "train")
     if latest is not None:
         stored = json.loads(state["config"]) if state and "config" in state else None
@@ -258,7 +258,7 @@ def transfer(
 
 
 def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) -> TrainResult:
-    latest, state = io.run_state(run_dir)
+    latest, state = io.run_state(run_dir, repair=ctx.is_main)
     if latest is None:
         raise RunDirError(
             f"{run_dir} holds no trained run: run `modnet train --out {run_dir}` first"
