@@ -217,6 +217,17 @@ def test_resuming_a_transfer_with_other_parts_is_refused(
     assert "parts: ['heads', 'norm', 'routes'] -> ['norm', 'routes']" in capsys.readouterr().err
 
 
+def test_resuming_an_adaptation_with_another_objective_is_refused(
+    run_copy, capsys, interrupt_after_first_checkpoint
+):
+    adapt = ["adapt", str(run_copy), "--target", "synth_size-bg", "--sources", "synth_size"]
+    with pytest.raises(Interrupt):
+        main([*adapt, *FAST, "--checkpoint-every", "1"])
+    assert main([*adapt, *FAST, "--objective", "entropy"]) == 2
+    assert "objective: 'moments' -> 'entropy'" in capsys.readouterr().err
+    assert main([*adapt, *FAST, "--log-every", "1"]) == 0  # same options: resumes
+
+
 # -------------------------------------------------------------------------- 6. phases
 def test_an_unfinished_phase_blocks_the_others_and_discard_keeps_finished_tasks(
     run_copy, capsys, interrupt_after_first_checkpoint

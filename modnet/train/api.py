@@ -78,7 +78,7 @@ def check_resume_options(
     Raises:
         RunDirError: Listing every changed option, old and new value.
     """
-    changed = io.changed_options(stored, config.to_dict(), ignore=RESULT_NEUTRAL)
+    changed = changed_training_options(stored, config)
     if stored_plan is not None and plan is not None:
         changed += io.changed_options(
             {k: stored_plan.get(k) for k in plan if k in stored_plan},
@@ -90,6 +90,13 @@ def check_resume_options(
             f"({'; '.join(changed)}): run it again with its own options to resume, or discard "
             f"it (`modnet discard {run_dir}`) or start afresh elsewhere"
         )
+
+
+def changed_training_options(stored: Mapping[str, Any] | None, config: TrainConfig) -> list[str]:
+    """Options of ``config`` that differ from ``stored`` and can change results."""
+    # An option the stored config lacks (added to modnet since) ran at its default.
+    stored = {**TrainConfig().to_dict(), **dict(stored or {})}
+    return io.changed_options(stored, config.to_dict(), ignore=RESULT_NEUTRAL)
 
 
 def _outputs_missing(run_dir: Path, phase: str, latest: Path, figures: bool) -> bool:
@@ -143,7 +150,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
         elif not (
             finished_train
             and _outputs_missing(run_dir, "train", latest, figures=True)
-            and not io.changed_options(stored, config.to_dict(), ignore=RESULT_NEUTRAL)
+            and not changed_training_options(stored, config)
         ):
             raise RunDirError(
                 f"{run_dir} already holds a finished run: choose another --out, or pass "
@@ -288,7 +295,7 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
         state is not None
         and state.get("phase") == phase
         and _outputs_missing(run_dir, phase, latest, figures=False)
-        and not io.changed_options(json.loads(state["config"]), config.to_dict(), RESULT_NEUTRAL)
+        and not changed_training_options(json.loads(state.get("config", "{}")), config)
     ):
         stored_plan = json.loads(state["transfer"])
         return _complete_outputs(
