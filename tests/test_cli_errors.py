@@ -161,3 +161,13 @@ def test_safe_export_round_trips_the_logits(finished, tmp_path, capsys):  # noqa
     x = images(model, batch=5)
     with torch.no_grad():
         assert torch.equal(net(x), model(x))
+
+
+def test_eval_refuses_a_diverged_checkpoint(tmp_path, capsys):
+    model = tiny_conv(tasks={"a": 3})
+    buffer = next(n for n, _ in model.named_buffers() if n.endswith("running_var"))
+    model.get_buffer(buffer).fill_(math.inf)
+    io.save_model(model, tmp_path / "model")
+    assert main(["eval", str(tmp_path / "model")]) == 2
+    line = one_line_error(capsys, "eval")
+    assert f"holds non-finite values ({buffer}): its training diverged" in line

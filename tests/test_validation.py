@@ -122,3 +122,11 @@ def test_every_project_error_derives_from_modnet_error():
     for error in (ConfigError, DataError, AdaptationError, CheckpointError, RunDirError):
         assert issubclass(error, ModnetError) and issubclass(error, ValueError)
     assert issubclass(DivergenceError, ModnetError)
+
+
+@pytest.mark.parametrize("weight", [math.nan, -1.0, "1"])
+def test_adapt_source_weight_is_validated_first(tmp_path, weight):
+    from modnet.adapt import adapt
+
+    with pytest.raises(ConfigError, match="--source-weight must be a finite number >= 0"):
+        adapt(tmp_path / "none", "synth_size-bg", ["synth_size"], source_weight=weight)

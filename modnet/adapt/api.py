@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from .. import io
 from ..data import DataError, TaskData
+from ..errors import ConfigError
 from ..model import ModularNet
 from ..train import RunDirError, TrainConfig, configure_trainable, evaluate, load_data, parse_parts
 from ..train.api import check_resume_options, train
@@ -131,6 +133,12 @@ def adapt(
             domains: some datasets take seconds to parse).
     """
     config = config or TrainConfig()
+    if (
+        isinstance(source_weight, bool)
+        or not isinstance(source_weight, (int, float))
+        or not (math.isfinite(source_weight) and source_weight >= 0)
+    ):
+        raise ConfigError(f"--source-weight must be a finite number >= 0, got {source_weight!r}")
     objective_cls = objective_class(objective)
     wanted = _check_parts(parse_parts(parts), objective_cls.uses_gradients, objective)
     run_dir = Path(run_dir)
