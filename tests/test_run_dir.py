@@ -386,3 +386,28 @@ def test_run_dir_error_is_a_project_error():
     from modnet.errors import ModnetError
 
     assert issubclass(RunDirError, ModnetError) and issubclass(CheckpointError, ModnetError)
+
+
+def test_an_adaptation_killed_before_its_results_completes_them(run_copy, monkeypatch, capsys):
+    from modnet.adapt import api as adapt_api
+
+    def killed(*args, **kwargs):
+        raise Interrupt
+
+    args = ["adapt", str(run_copy), "--target", "synth_size-bg", "--sources", "synth_size", *FAST]
+    monkeypatch.setattr(adapt_api, "_record", killed)
+    with pytest.raises(Interrupt):
+        main(args)
+    monkeypatch.undo()
+    state = io.load_trainer_state(io.latest_checkpoint(run_copy))
+    assert state["done"] and "adapt-synth_size-bg" not in io.read_results(run_copy)
+    assert main(args) == 0
+    assert "wrote its missing results" in capsys.readouterr().err
+    entry = io.read_results(run_copy)["adapt-synth_size-bg"]
+    assert (
+        entry["adapted_accuracy"] == json.loads(state["history"])[-1]["accuracy"]["synth_size-bg"]
+    )
+    assert entry["checkpoint"] == io.latest_checkpoint(run_copy).name
+    assert (run_copy / "adapt-synth_size-bg-routes.png").is_file()
+    assert main(args) == 2
+    assert "already has a task 'synth_size-bg'" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from ..data import DataError, TaskData
 from ..errors import ConfigError
 from ..model import ModularNet
 from ..train import RunDirError, TrainConfig, configure_trainable, evaluate, load_data, parse_parts
-from ..train.api import check_resume_options, train
+from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
 from ..viz import route_matrix, save_route_figures
 from .errors import AdaptationError
@@ -180,6 +180,8 @@ def _adapt(
     name = target_data.name
     phase = f"adapt-{name}"
     io.refuse_other_phase(run_dir, state, phase)
+    if _finished_without_results(run_dir, state, phase, latest, target, config):
+        return _complete_outputs(run_dir, phase, model, name, state, ctx)
     source_names = _pick_sources(model, sources, target_data, plan)
     if plan is None and name in model.task_names:
         if "adapted_from" not in manifest["tasks"][name]:
@@ -201,7 +203,6 @@ def _adapt(
             model, name, target, source_data, unlabelled, objective, objective_options,
             wanted, init, head_init, source_weight, config, ctx,
         )  # fmt: skip
-    start = torch.tensor(plan["start"])
     parts_set = frozenset(plan["parts"])
     info = _task_info(manifest, model, source_names, target, target_data, objective, parts_set)
     adapted_statistics = _count_statistics(model, name) if "norm" in parts_set else 0
@@ -246,6 +247,18 @@ def _adapt(
                 extra={k: v for k, v in manifest.items() if k == "model_name"},
             )
         trained, auxiliary, trace = 0, 0, list(plan["norm_gaps"])
+    return _finish(
+        run_dir, phase, model, name, source_names, plan, accuracy, trained, auxiliary,
+        adapted_statistics, trace, ctx,
+    )  # fmt: skip
+
+
+def _finish(
+    run_dir, phase, model, name, source_names, plan, accuracy, trained, auxiliary,
+    adapted_statistics, trace, ctx,
+) -> AdaptResult:  # fmt: skip
+    """The result of a finished adaptation, with its figures and results entry written."""
+    start = torch.tensor(plan["start"])
     model.requires_grad_(False)
     model.freeze_norm_stats(False)
     model.eval()
@@ -254,8 +267,8 @@ def _adapt(
         model=model,
         target=name,
         sources=source_names,
-        objective=objective,
-        parts=sorted(parts_set),
+        objective=plan["objective"],
+        parts=sorted(plan["parts"]),
         source_only=plan["source_only"],
         start_accuracy=plan["start_accuracy"],
         accuracy=accuracy[name],
@@ -277,6 +290,31 @@ def _adapt(
         )
         save_route_figures(model, run_dir)
         _record(run_dir, phase, result, plan)
+    return result
+
+
+def _complete_outputs(run_dir, phase, model, name, state, ctx) -> AdaptResult:
+    """Results and figures of an adaptation that was stopped after its last checkpoint.
+
+    The per-step loss trace is not kept in checkpoints: the results entry of a
+    completed adaptation has no first and last loss.
+    """
+    plan = json.loads(state["adapt"])
+    history = json.loads(state.get("history", "[]"))
+    parts = frozenset(plan["parts"])
+    configure_trainable(model, parts, [name])
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    module = make_objective(
+        plan["objective"], model.num_features, len(plan["sources"]), **plan["objective_options"]
+    )
+    auxiliary = sum(p.numel() for p in module.parameters())
+    statistics = _count_statistics(model, name) if "norm" in parts else 0
+    result = _finish(
+        run_dir, phase, model, name, list(plan["sources"]), plan, history[-1]["accuracy"],
+        trained, auxiliary, statistics, [], ctx,
+    )  # fmt: skip
+    if ctx.is_main:
+        io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 
 
@@ -318,6 +356,20 @@ def _latest_or_train(
     base = train_sources if isinstance(train_sources, TrainConfig) else config
     train(dataclasses.replace(base, tasks=specs), run_dir)
     return io.latest_checkpoint(run_dir)
+
+
+def _finished_without_results(run_dir, state, phase, latest, target, config) -> bool:
+    if (
+        state is None
+        or state.get("phase") != phase
+        or not state.get("done")
+        or "adapt" not in state
+    ):
+        return False
+    if json.loads(state["adapt"]).get("target_spec") != target:
+        return False
+    stored = json.loads(state.get("config", "{}"))
+    return outputs_missing(run_dir, phase, latest) and not changed_training_options(stored, config)
 
 
 def _resumable_plan(state: Mapping[str, Any] | None, target: str) -> dict[str, Any] | None:

@@ -99,7 +99,8 @@ def changed_training_options(stored: Mapping[str, Any] | None, config: TrainConf
     return io.changed_options(stored, config.to_dict(), ignore=RESULT_NEUTRAL)
 
 
-def _outputs_missing(run_dir: Path, phase: str, latest: Path, figures: bool) -> bool:
+def outputs_missing(run_dir: Path, phase: str, latest: Path, figures: bool = False) -> bool:
+    """Whether ``phase``'s results (and figures) are not written for its last checkpoint."""
     recorded = io.read_results(run_dir).get(phase, {})
     if not isinstance(recorded, dict) or recorded.get("checkpoint") != latest.name:
         return True
@@ -149,7 +150,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
             check_resume_options(run_dir, "train", stored, config)
         elif not (
             finished_train
-            and _outputs_missing(run_dir, "train", latest, figures=True)
+            and outputs_missing(run_dir, "train", latest, figures=True)
             and not changed_training_options(stored, config)
         ):
             raise RunDirError(
@@ -294,7 +295,7 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
     elif (
         state is not None
         and state.get("phase") == phase
-        and _outputs_missing(run_dir, phase, latest, figures=False)
+        and outputs_missing(run_dir, phase, latest, figures=False)
         and not changed_training_options(json.loads(state.get("config", "{}")), config)
     ):
         stored_plan = json.loads(state["transfer"])
