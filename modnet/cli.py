@@ -18,8 +18,15 @@ from . import __version__, commands
 from .errors import ModnetError
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="modnet",
         description="Modular networks: train template pools and routes, transfer, adapt, bench.",
     )

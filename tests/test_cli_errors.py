@@ -171,3 +171,12 @@ def test_eval_refuses_a_diverged_checkpoint(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "model")]) == 2
     line = one_line_error(capsys, "eval")
     assert f"holds non-finite values ({buffer}): its training diverged" in line
+
+
+def test_argument_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--lr", "fast"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "modnet train: error: argument --lr: invalid float value: 'fast' (see modnet train --help)"
+    ]
