@@ -58,8 +58,21 @@ LATEST = "LATEST"
 TRAINER_STATE = "trainer_state.pt"
 RESULTS_FILE = "results.json"
 # The files modnet writes at the top of a run directory: all that --overwrite removes.
-OUTPUTS = (LATEST, RESULTS_FILE, "metrics.jsonl", "routes.png", "routes.txt", "export")
-PHASE_FIGURE = re.compile(r"^(transfer|adapt)-[A-Za-z0-9_\-]+-routes\.png$")
+OUTPUTS = (
+    LATEST,
+    RESULTS_FILE,
+    "metrics.jsonl",
+    "routes.png",
+    "routes.txt",
+    "curves.png",
+    "config.yaml",
+    "tensorboard",
+    "export",
+)
+# Per-phase outputs: adapt's relation figure, a phase's saved options.
+PHASE_OUTPUT = re.compile(
+    r"^((transfer|adapt)-[A-Za-z0-9_\-]+-routes\.png|config-[A-Za-z0-9_\-]+\.yaml)$"
+)
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*-step\d{7}$")
 
 
@@ -153,7 +166,7 @@ def clear_run(path: Path) -> None:
         elif target.exists() or target.is_symlink():
             target.unlink()
     for entry in path.iterdir():
-        if PHASE_FIGURE.match(entry.name) and entry.is_file():
+        if PHASE_OUTPUT.match(entry.name) and entry.is_file():
             entry.unlink()
     checkpoints = path / CHECKPOINTS
     if checkpoints.is_dir():

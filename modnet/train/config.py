@@ -19,6 +19,7 @@ RESULT_NEUTRAL = frozenset(
     {
         "progress",
         "log_every",
+        "log",
         "checkpoint_every",
         "eval_batch_size",
         "device",
