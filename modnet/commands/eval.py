@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise ConfigError(f"--micro-batch must be at least 1, got {args.micro_batch}")
     model, manifest = io.load_model(args.run_dir, tasks=args.task)
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not bool(value.isfinite().all()):

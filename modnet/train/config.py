@@ -25,6 +25,9 @@ RESULT_NEUTRAL = frozenset(
         "device",
         "data_root",
         "download",
+        "eval_micro_batch",
+        "data_workers",
+        "in_memory_mb",
     }
 )
 
@@ -78,6 +81,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every", "eval_batch_size"):
             _integer(name, getattr(self, name), minimum=1)
         _integer("checkpoint_every", self.checkpoint_every, minimum=0)
+        if self.eval_micro_batch is not None:
+            _integer("eval_micro_batch", self.eval_micro_batch, minimum=1)
+        if self.data_workers is not None:
+            _integer("data_workers", self.data_workers, minimum=0)
+        if self.in_memory_mb is not None:
+            _number("in_memory_mb", self.in_memory_mb, low=0.0)
         _integer("seed", self.seed, minimum=None)
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None:
