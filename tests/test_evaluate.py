@@ -40,7 +40,7 @@ def test_predict_restores_the_training_mode_and_rejects_bad_sizes():
 
 
 def test_default_micro_batch_is_the_familys():
-    assert default_micro_batch(tiny_conv()) == MICRO_BATCH["conv"] == 32
+    assert default_micro_batch(tiny_conv()) == MICRO_BATCH["conv"] == 16
     assert default_micro_batch(tiny_vit()) == MICRO_BATCH["vit"]
     assert default_micro_batch(torch.nn.Linear(2, 2)) == DEFAULT_MICRO_BATCH
 
