@@ -74,11 +74,28 @@ def test_the_loader_gives_the_in_memory_batches_in_any_step_order(folder, augmen
     from_disk.close()
 
 
+def test_shares_of_steps_interleaved_as_micro_batches_read_like_memory(folder):
+    memory = {"f": load(folder, on_disk=False, augment=True)}
+    disk = {"f": load(folder, on_disk=True, augment=True)}
+    schedule = MultiTaskSchedule([60], batch_size=16, seed=3)
+    from_memory = TrainBatches(memory, schedule, seed=5)
+    from_disk = TrainBatches(disk, schedule, seed=5, workers=1)
+    for step in range(3):
+        for shard in range(3):  # 16 samples in 3 shares: 6, 5, 5
+            a, b = from_memory(step, shard, 3), from_disk(step, shard, 3)
+            assert len(a[1]) == (6 if shard == 0 else 5)
+            for left, right in zip(a, b, strict=True):
+                assert torch.equal(left, right)
+    x, y, ids = TrainBatches(memory, MultiTaskSchedule([60], batch_size=2), workers=0)(0, 2, 3)
+    assert x.shape[0] == y.shape[0] == ids.shape[0] == 0  # an empty share
+    from_disk.close()
+
+
 def test_ranks_share_a_step_without_overlap_and_together_cover_it(folder):
     data = {"f": load(folder, on_disk=True)}
     schedule = MultiTaskSchedule([60], batch_size=16, seed=3)
-    whole = {key[1:3] for key in step_keys(schedule, 2)}
-    shares = [{key[1:3] for key in step_keys(schedule, 2, rank, 2)} for rank in (0, 1)]
+    whole = {key[2:4] for key in step_keys(schedule, 2)}
+    shares = [{key[2:4] for key in step_keys(schedule, 2, rank, 2)} for rank in (0, 1)]
     assert not shares[0] & shares[1]
     assert shares[0] | shares[1] == whole and len(whole) == 16
     together = torch.cat([TrainBatches(data, schedule, r, 2, workers=0)(2)[1] for r in (0, 1)])

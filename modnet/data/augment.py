@@ -15,8 +15,8 @@ Two policies, the standard ones for small images:
 record (``record["augment"]``), so a run's manifest says how its training
 images were augmented. Evaluation and ``apply_transform`` never augment.
 
-Every sample's random draw is seeded by (run seed, step, rank, position in the
-batch): a resumed run sees exactly the augmented images it would have seen.
+Every sample's random draw is seeded by (run seed, step, share of the step,
+position in it): a resumed run sees exactly the augmented images it would have seen.
 """
 
 from __future__ import annotations
@@ -85,9 +85,13 @@ def build_augmentation(record: Mapping[str, Any]) -> v2.Compose | None:
     return v2.Compose(steps)
 
 
-def sample_seed(seed: int, step: int, rank: int, position: int) -> int:
-    """The seed of one sample's augmentation: a pure function of where it is used."""
-    return derive_seed(seed, "augment", str(step), str(rank), str(position))
+def sample_seed(seed: int, step: int, shard: int, position: int) -> int:
+    """The seed of one sample's augmentation: a pure function of where it is used.
+
+    ``shard`` is the share of the step (the rank, or a micro-batch of a rank)
+    and ``position`` the sample's place in that share.
+    """
+    return derive_seed(seed, "augment", str(step), str(shard), str(position))
 
 
 def augment_images(

@@ -13,8 +13,9 @@ each rank's share of a step, and ``TrainBatches`` turns them into model input.
   the dataset.
 
 Both paths give the same batch for the same step, augmentation included
-(``modnet.data.augment``: one seed per sample from run seed, step, rank and
-position), so a resumed run is bit-identical and ranks never share samples.
+(``modnet.data.augment``: one seed per sample from run seed, step, share of
+the step (rank, or micro-batch of a rank) and position), so a resumed run is
+bit-identical and ranks never share samples.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .augment import augment_images, build_augmentation, sample_seed
 from .task_data import TaskData
 
-Key = tuple[int, int, int, int]  # (step, task index, sample index, position in the batch)
+Key = tuple[int, int, int, int, int]  # (step, shard, task index, sample index, position)
 
 
 class Schedule(Protocol):
@@ -46,43 +47,47 @@ def default_workers() -> int:
 class StepSampler(Sampler[list[Key]]):
     """A schedule as a DataLoader batch sampler: step ``start`` onwards, without end.
 
-    Each yielded batch is the list of ``(step, task, index, position)`` keys of
-    this rank's share of one step, in the schedule's order.
+    Each yielded batch is the list of ``(step, shard, task, index, position)`` keys of
+    one share of a step (``shard`` of ``shards``, e.g. a rank's), in the
+    schedule's order; steps where the share is empty are skipped.
     """
 
-    def __init__(self, schedule: Schedule, start: int, rank: int = 0, world_size: int = 1):
-        self.schedule, self.start, self.rank, self.world_size = schedule, start, rank, world_size
+    def __init__(self, schedule: Schedule, start: int, shard: int = 0, shards: int = 1):
+        self.schedule, self.start, self.shard, self.shards = schedule, start, shard, shards
 
     def __iter__(self) -> Iterator[list[Key]]:
         step = self.start
         while True:
-            yield step_keys(self.schedule, step, self.rank, self.world_size)
+            keys = step_keys(self.schedule, step, self.shard, self.shards)
+            if keys:
+                yield keys
             step += 1
 
 
-def step_keys(schedule: Schedule, step: int, rank: int = 0, world_size: int = 1) -> list[Key]:
-    """The ``(step, task, index, position)`` keys of this rank's share of ``step``."""
+def step_keys(schedule: Schedule, step: int, shard: int = 0, shards: int = 1) -> list[Key]:
+    """The ``(step, shard, task, index, position)`` keys of one share of ``step``."""
     keys: list[Key] = []
-    for task, indices in schedule.batch(step, rank, world_size):
-        keys += [(step, task, int(i), len(keys) + n) for n, i in enumerate(indices.tolist())]
+    for task, indices in schedule.batch(step, shard, shards):
+        start = len(keys)
+        keys += [(step, shard, task, int(i), start + n) for n, i in enumerate(indices.tolist())]
     return keys
 
 
 class StepSamples(Dataset):
     """One training sample per key: the image (decoded, augmented), its label and task."""
 
-    def __init__(self, tasks: Sequence[TaskData], seed: int, rank: int):
+    def __init__(self, tasks: Sequence[TaskData], seed: int):
         self.tasks = list(tasks)
         self.transforms = [build_augmentation(task.transform) for task in self.tasks]
-        self.seed, self.rank = seed, rank
+        self.seed = seed
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, int, int, int]:
-        step, task_index, index, position = key
+        step, shard, task_index, index, position = key
         task = self.tasks[task_index]
         image = task.train_x[index]
         transform = self.transforms[task_index]
         if transform is not None:
-            seed = sample_seed(self.seed, step, self.rank, position)
+            seed = sample_seed(self.seed, step, shard, position)
             image = augment_images(image[None], transform, [seed])[0]
         return image, int(task.train_y[index]), task_index, step
 
@@ -98,7 +103,7 @@ class TrainBatches:
         schedule: Which samples form each step (see the module docstring).
         rank: This process's data-parallel rank.
         world_size: Number of ranks.
-        seed: Run seed: with step, rank and position it seeds each sample's augmentation.
+        seed: Run seed: with step, share and position it seeds each sample's augmentation.
         workers: DataLoader worker processes when some task is on disk (default
             ``default_workers()``; 0 reads in this process).
         device: Where batches go; on CUDA the loader pins memory.
@@ -124,26 +129,40 @@ class TrainBatches:
         self.schedule, self.rank, self.world_size, self.seed = schedule, rank, world_size, seed
         self.device = torch.device(device)
         self.workers = default_workers() if workers is None else workers
-        self.samples = StepSamples(self.tasks, seed, rank)
+        self.samples = StepSamples(self.tasks, seed)
         self.in_memory = all(task.in_memory for task in self.tasks)
-        self._iterator: Iterator[Any] | None = None
-        self._next_step = -1
+        self._iterators: dict[tuple[int, int], Iterator[Any]] = {}
+        self._next_step: dict[tuple[int, int], int] = {}
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, step: int, shard: int | None = None, shards: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of ``step``: this rank's share, or share ``shard`` of ``shards``.
+
+        A share is what ``schedule.batch(step, shard, shards)`` picks (e.g. one
+        micro-batch of one rank); an empty share gives empty tensors.
+        """
+        shard = self.rank if shard is None else shard
+        shards = self.world_size if shards is None else shards
+        pairs = self.schedule.batch(step, shard, shards)
+        if not sum(len(indices) for _, indices in pairs):
+            empty = torch.empty(0, dtype=torch.long, device=self.device)
+            return torch.empty(0, device=self.device), empty, empty
         if self.in_memory:
-            return self._from_memory(step)
-        return self._from_loader(step)
+            return self._from_memory(step, shard, pairs)
+        return self._from_loader(step, shard, shards)
 
-    def _from_memory(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _from_memory(
+        self, step: int, shard: int, pairs: list[tuple[int, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xs, ys, ids, position = [], [], [], 0
-        for task_index, indices in self.schedule.batch(step, self.rank, self.world_size):
+        for task_index, indices in pairs:
             task = self.tasks[task_index]
             x = task.train_x[indices]
             transform = self.samples.transforms[task_index]
             if transform is not None:
                 seeds = [
-                    sample_seed(self.seed, step, self.rank, position + n)
-                    for n in range(len(indices))
+                    sample_seed(self.seed, step, shard, position + n) for n in range(len(indices))
                 ]
                 x = augment_images(x, transform, seeds)
             position += len(indices)
@@ -153,36 +172,38 @@ class TrainBatches:
         device = self.device
         return torch.cat(xs).to(device), torch.cat(ys).to(device), torch.cat(ids).to(device)
 
-    def _from_loader(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._iterator is None or step != self._next_step:
-            self.close()
-            self._iterator = iter(self._loader(step))
-        x, y, ids, steps = next(self._iterator)
-        self._next_step = step + 1
+    def _from_loader(
+        self, step: int, shard: int, shards: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (shard, shards)
+        if key not in self._iterators or step != self._next_step.get(key):
+            self._iterators[key] = iter(self._loader(step, shard, shards))
+        x, y, ids, steps = next(self._iterators[key])
+        self._next_step[key] = step + 1
         if not bool((steps == step).all()):  # the sampler and the caller disagree: a bug
             raise RuntimeError(f"the loader returned step {int(steps[0])} for step {step}")
-        blocking = not (self.device.type == "cuda")
-        x = x.to(self.device, non_blocking=not blocking)
-        y = y.to(self.device, non_blocking=not blocking)
-        ids = ids.to(self.device, non_blocking=not blocking)
+        pinned = self.device.type == "cuda"
+        x = x.to(self.device, non_blocking=pinned)
+        y = y.to(self.device, non_blocking=pinned)
+        ids = ids.to(self.device, non_blocking=pinned)
         out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
         for task_index in ids.unique().tolist():
             rows = ids == task_index
             out[rows] = self.tasks[task_index].normalize(x[rows])
         return out, y, ids
 
-    def _loader(self, start: int) -> DataLoader:
+    def _loader(self, start: int, shard: int, shards: int) -> DataLoader:
         return DataLoader(
             self.samples,
-            batch_sampler=StepSampler(self.schedule, start, self.rank, self.world_size),
+            batch_sampler=StepSampler(self.schedule, start, shard, shards),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if self.workers else None,
         )
 
     def close(self) -> None:
-        """Stops the loader's workers (they start again at the next call)."""
-        self._iterator = None
+        """Stops the loaders' workers (they start again at the next call)."""
+        self._iterators.clear()
 
 
 def eval_batches(
