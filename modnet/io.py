@@ -130,9 +130,11 @@ def save_model(
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / TASK_DIR).mkdir(parents=True)
+    _record_normalization(model, task_info or {})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file({k: v for k, v in state.items() if _is_shared_key(k)}, tmp / SHARED_FILE)
     manifest = {"format": FORMAT, **describe(model), **dict(extra or {})}
+    manifest["pretrained_cfg"] = json.loads(json.dumps(model.pretrained_cfg, default=str))
     for name in model.task_names:
         tensors = {k: v for k, v in state.items() if _is_task_key(k, name)}
         save_file(tensors, tmp / TASK_DIR / f"{name}.safetensors")
@@ -195,7 +197,16 @@ def load_model(
     for name in selected:
         state.update(_load_tensors(directory / manifest["tasks"][name]["file"]))
     load_state_into(model, state, source=str(directory))
+    _record_normalization(model, manifest["tasks"])
     return model.eval(), manifest
+
+
+def _record_normalization(model: ModularNet, info: Mapping[str, Mapping[str, Any]]) -> None:
+    """Gives the model each task's input mean/std from its transform record, if any."""
+    for name in model.task_names:
+        transform = (info.get(name) or {}).get("transform") or {}
+        if transform.get("mean") is not None and transform.get("std") is not None:
+            model.set_normalization(name, transform["mean"], transform["std"])
 
 
 def load_state_into(model: ModularNet, state: Mapping[str, torch.Tensor], source: str) -> None:
