@@ -12,19 +12,28 @@ from modnet import io
 from modnet.errors import ConfigError
 
 
+def trained_looking(model):
+    """Moves every parameter off its initialisation (timm zero-initialises some heads)."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
 def small_vit(**kw):
     args = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)
-    return VisionTransformer(**{**args, **kw}).eval()
+    return trained_looking(VisionTransformer(**{**args, **kw})).eval()
 
 
 def small_mixer(**kw):
     args = dict(num_classes=5, img_size=32, patch_size=8, num_blocks=3, embed_dim=32)
-    return MlpMixer(**{**args, **kw}).eval()
+    return trained_looking(MlpMixer(**{**args, **kw})).eval()
 
 
 def small_convmixer(**kw):
     args = dict(dim=16, depth=3, kernel_size=3, patch_size=4, num_classes=6)
-    model = ConvMixer(**{**args, **kw})
+    model = trained_looking(ConvMixer(**{**args, **kw}))
     # Trained-looking BatchNorm statistics, different in every block.
     with torch.no_grad():
         for module in model.modules():
@@ -41,14 +50,16 @@ MODELS = {
     "vit-layerscale-registers": lambda: small_vit(
         init_values=1e-2, reg_tokens=2, no_embed_class=True
     ),
-    "deit3": lambda: timm.create_model(
-        "deit3_small_patch16_224",
-        img_size=32,
-        patch_size=8,
-        embed_dim=48,
-        depth=3,
-        num_heads=3,
-        num_classes=7,
+    "deit3": lambda: trained_looking(
+        timm.create_model(
+            "deit3_small_patch16_224",
+            img_size=32,
+            patch_size=8,
+            embed_dim=48,
+            depth=3,
+            num_heads=3,
+            num_classes=7,
+        )
     ).eval(),
     "mixer": lambda: small_mixer(),
     "resmlp": lambda: small_mixer(block_layer=ResBlock, norm_layer=Affine, mlp_ratio=4),
