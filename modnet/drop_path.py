@@ -10,7 +10,8 @@ a layer computes, and consumes the random stream, exactly as timm's block does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from timm.layers import DropPath
@@ -96,6 +97,18 @@ def install(skeleton: nn.Module, rates: Sequence[float]) -> list[DropPath]:
     return modules
 
 
-def set_rate(modules: Sequence[DropPath], rate: float) -> None:
-    for module in modules:
-        module.drop_prob = rate
+def at_rate(
+    run: Callable[..., Any], modules: Sequence[DropPath], rate: float
+) -> Callable[..., Any]:
+    """``run`` with the skeleton's drop-path modules at ``rate`` while it runs.
+
+    Set on every call, so a checkpointed layer recomputed in the backward pass
+    drops paths at its own rate again.
+    """
+
+    def run_at_rate(*args: Any) -> Any:
+        for module in modules:
+            module.drop_prob = rate
+        return run(*args)
+
+    return run_at_rate

@@ -111,7 +111,9 @@ class ModularNet(nn.Module):
         self.routes = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.norm_stats = nn.ModuleDict()
-        self._family_normalization = {"mean": tuple(family.mean), "std": tuple(family.std)}
+        self._family_normalization = {
+            key: _per_channel(getattr(family, key), self.trunk.in_chans) for key in ("mean", "std")
+        }
         self.task_normalization: dict[str, dict[str, tuple[float, ...]]] = {}
         self._pretrained_cfg: dict[str, Any] = dict(
             interpolation="bilinear", crop_pct=1.0, num_classes=0
@@ -741,12 +743,13 @@ class ModularNet(nn.Module):
         stats: TaskNormStats,
     ) -> torch.Tensor:
         """Layer position ``layer``: its drop-path rate, checkpointing, its statistics."""
+        run = self.pool.run
         if self._drop_paths:
-            _drop_path.set_rate(self._drop_paths, self.drop_path_rates[layer])
+            run = _drop_path.at_rate(run, self._drop_paths, self.drop_path_rates[layer])
         layer_stats = stats.layer(layer)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return _features.checkpointed(self.pool.run, x, weights, layer_stats)
-        return self.pool.run(x, weights, layer_stats)
+            return _features.checkpointed(run, x, weights, layer_stats)
+        return run(x, weights, layer_stats)
 
     def _set_global_pool(self, global_pool: str, task: str) -> None:
         width = self.trunk.pool_width(global_pool)
@@ -776,3 +779,11 @@ class ModularNet(nn.Module):
 
 def _head_classes(head: nn.Module) -> int:
     return head.out_features if isinstance(head, nn.Linear) else 0
+
+
+def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """One value per input channel (a constant default repeats to any channel count)."""
+    values = tuple(float(v) for v in values)
+    if len(values) != channels and len(set(values)) == 1:
+        return values[:1] * channels
+    return values

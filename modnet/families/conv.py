@@ -63,6 +63,15 @@ class ConvTrunk(Trunk):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x)
 
+    def feature_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        conv = self.stem[0]
+        return tuple(
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, p, d, k, st in zip(
+                size, conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
+            )
+        )
+
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_norm(x)
 
