@@ -98,6 +98,8 @@ def _create(
         )
     if kwargs.get("tasks") is not None and kwargs.get("num_classes") is not None:
         raise ConfigError("pass either tasks={name: classes} or num_classes, not both")
+    if kwargs.get("features_only") and kwargs.get("tasks") is None:
+        kwargs.setdefault("num_classes", 0)  # a feature extractor needs a task's route
     # timm fills num_classes from the default cfg; only a caller's own value makes a task.
     kwargs_filter = () if kwargs.get("num_classes") is not None else ("num_classes",)
     model = build_model_with_cfg(

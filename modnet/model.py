@@ -771,7 +771,11 @@ class ModularNet(nn.Module):
         cfg["input_size"] = (self.trunk.in_chans, *(size or (224, 224)))
         cfg["fixed_input_size"] = size is not None
         first = self.task_names[0] if len(self.heads) else None
-        cfg.update(self.task_normalization.get(first, self._family_normalization))
+        channels = self.trunk.in_chans
+        if first in self.task_normalization:
+            cfg.update(self.task_normalization[first])
+        elif len(cfg.get("mean") or ()) != channels or len(cfg.get("std") or ()) != channels:
+            cfg.update(self._family_normalization)
         cfg["pool_size"] = self.trunk.feature_size(cfg["input_size"][1:])
         cfg["first_conv"] = "trunk." + self.trunk.first_conv
         cfg["classifier"] = f"heads.{first or 'default'}"

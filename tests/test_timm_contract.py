@@ -245,6 +245,18 @@ def test_reset_classifier_zero_then_save_and_load(tmp_path):
     assert torch.equal(loaded(x), model(x))
 
 
+def test_features_only_without_classes_extracts_with_a_headless_task():
+    net = create("modnet_vit_tiny", features_only=True)
+    maps = net(batch(net))
+    assert [m.shape[1] for m in maps] == net.feature_info.channels()
+    assert net.model.task_classes == {"default": 0}
+
+
+def test_pretrained_cfg_overlay_is_kept():
+    model = create("modnet_conv_tiny", pretrained_cfg_overlay=dict(mean=(0.1, 0.2, 0.3)))
+    assert resolve_data_config(model=model)["mean"] == (0.1, 0.2, 0.3)
+
+
 def test_no_num_classes_means_no_task_yet():
     model = create("modnet_conv_tiny")
     assert model.task_names == []
