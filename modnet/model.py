@@ -125,6 +125,7 @@ class ModularNet(nn.Module):
     # ------------------------------------------------------------------ tasks
     @property
     def task_names(self) -> list[str]:
+        """Task names in the order they were added (per-sample task ids index this list)."""
         return list(self.heads.keys())
 
     @property
@@ -216,6 +217,15 @@ class ModularNet(nn.Module):
         Existing routes keep seeing only the templates they were made with, so every
         existing task's output stays bit-for-bit the same. Tasks added afterwards see
         all templates; ``task`` widens that one task's route to the new templates.
+
+        Args:
+            count: Templates to add.
+            task: A task whose route widens to the new templates.
+            init: ``"random"``, ``"mean"`` or the index of a template to copy.
+
+        Raises:
+            KeyError: ``task`` is unknown.
+            ValueError: ``count < 1`` or an unknown ``init``.
         """
         new = self.pool.grow(count, init=init)
         if task is not None:
@@ -224,13 +234,23 @@ class ModularNet(nn.Module):
         return new
 
     def export(self, task: str) -> nn.Module:
-        """The task's network with its route baked in: plain blocks, no pool."""
+        """The task's network with its route baked in: plain blocks, no pool.
+
+        Raises:
+            KeyError: ``task`` is unknown.
+        """
         from .export import ExportedNet
 
         return ExportedNet.from_modular(self, task)
 
     # ------------------------------------------------------------ timm interface
     def get_classifier(self, task: str | None = None) -> nn.Module:
+        """The task's head: ``nn.Linear(head_hidden_size, classes)``, or ``nn.Identity``.
+
+        Raises:
+            KeyError: ``task`` is unknown.
+            ValueError: Several tasks and no ``task``.
+        """
         return self.heads[self._single_task(task)]
 
     def reset_classifier(
@@ -282,7 +302,14 @@ class ModularNet(nn.Module):
     def forward_head(
         self, x: torch.Tensor, task: TaskSpec = None, pre_logits: bool = False
     ) -> torch.Tensor:
-        """Pooling and the task's classifier, applied to ``forward_features`` output."""
+        """Pooling and the task's classifier, applied to ``forward_features`` output.
+
+        Args:
+            x: ``forward_features`` output of the same task.
+            task: As in ``forward``.
+            pre_logits: Return the pooled features ``[B, head_hidden_size]`` instead
+                of the logits ``[B, num_classes]``.
+        """
         return self._dispatch(x, task, lambda h, t: self._head(h, t, pre_logits), pad=True)
 
     def forward(self, x: torch.Tensor, task: TaskSpec = None, route: Any = None) -> torch.Tensor:

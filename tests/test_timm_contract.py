@@ -133,7 +133,9 @@ def test_model_forward_intermediates(name):
     output, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
     assert len(intermediates) == len(feature_info.channels()) == small(name)["depth"]
     size = x.shape[-2:]
-    for c, r, o in zip(feature_info.channels(), feature_info.reduction(), intermediates):
+    for c, r, o in zip(
+        feature_info.channels(), feature_info.reduction(), intermediates, strict=True
+    ):
         check_map(o, c, r, size, model.pretrained_cfg["pool_size"])
     assert torch.equal(output, model.forward_features(x))
     # The last layer's output, normed, is what forward_features returns.
