@@ -84,7 +84,7 @@ def _create(
     defaults: Mapping[str, Any],
     pretrained: bool,
     kwargs: dict[str, Any],
-) -> ModularNet | ModnetFeatures:
+) -> nn.Module:
     """Builds through timm's ``build_model_with_cfg`` (default cfg, ``features_only``).
 
     ``num_classes`` makes one task named ``"default"`` (0: no head, the forward
@@ -110,7 +110,7 @@ def _create(
         kwargs_filter=kwargs_filter,
         **kwargs,
     )
-    if isinstance(model, ModnetFeatures):
+    if isinstance(getattr(model, "model", None), ModularNet):  # a features_only wrapper
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(
             model.model.pretrained_cfg
         )

@@ -276,3 +276,26 @@ def test_pretrained_cfg_follows_the_training_normalisation_through_a_checkpoint(
     assert config["mean"] == (0.1307,) and config["std"] == (0.3081,)
     assert config["input_size"] == (1, 8, 8)
     assert manifest["pretrained_cfg"]["mean"] == [0.1307]
+
+
+def test_a_trained_run_checkpoint_carries_its_normalisation(tmp_path):
+    from modnet.train import train
+    from tests.conftest import tiny_train_config
+
+    kwargs = dict(depth=2, width=8, exp_ratio=2.0, img_size=16, num_templates=2)
+    config = tiny_train_config(
+        kwargs, tasks=["synth_color"], train_limit=64, test_limit=32, epochs=1
+    )
+    train(config, tmp_path / "run")
+    model, manifest = io.load_model(tmp_path / "run")
+    transform = manifest["tasks"]["synth_color"]["transform"]
+    data_config = resolve_data_config(model=model)
+    assert data_config["mean"] == pytest.approx(transform["mean"])
+    assert data_config["std"] == pytest.approx(transform["std"])
+    assert data_config["mean"] != (0.5, 0.5, 0.5)
+
+
+def test_timm_getter_feature_class_works_too():
+    net = create("modnet_conv_tiny", features_only=True, feature_cls="getter", num_classes=3)
+    maps = net(batch(net))
+    assert [m.shape[1] for m in maps] == net.feature_info.channels()
