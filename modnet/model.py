@@ -742,6 +742,7 @@ class ModularNet(nn.Module):
                 "sample) together with route="
             )
         if isinstance(route, Route):
+            self._coerce_route(route, single)  # validates; the caller's route itself runs
             return single, route.plan(self.hypernet)
         if torch.is_tensor(route) and route.dtype.is_floating_point:
             shape = tuple(route.shape)

@@ -1,7 +1,7 @@
 """Routes own their state: what a caller hands in is copied, and tasks never share a route.
 
-A property-based test drives random sequences of ``add_task``, ``set_route``,
-``grow``, ``delete_task`` and a save/load round trip over every route kind, and
+A property-based test drives random sequences of ``add_task``, ``set_route``, a
+per-call route, ``grow``, ``delete_task`` and a save/load round trip over every route kind, and
 checks after every step that no other task's output changed, that changing what the
 caller handed in changes nothing, and that a saved checkpoint still loads the
 outputs it was saved with.
@@ -62,7 +62,8 @@ def test_routes_own_their_state_under_any_sequence_of_changes(data, route_kind, 
     counter = 1
     for step in range(data.draw(st.integers(1, 5), label="steps")):
         before = outputs(model, x)
-        op = data.draw(st.sampled_from(["add", "set", "grow", "delete", "save"]), label="op")
+        ops = ["add", "set", "try", "grow", "delete", "save"]
+        op = data.draw(st.sampled_from(ops), label="op")
         touched = None
         if op == "add":
             touched = f"t{counter}"
@@ -84,6 +85,12 @@ def test_routes_own_their_state_under_any_sequence_of_changes(data, route_kind, 
             mine = outputs(model, x)[touched]
             scribble()
             assert torch.equal(outputs(model, x)[touched], mine), "the caller's route leaked in"
+        elif op == "try" and model.task_names:
+            task = data.draw(st.sampled_from(model.task_names), label="task")
+            kind = data.draw(st.sampled_from(GIVEN[1:]), label="given")
+            route, _ = given_route(kind, model, data.draw)
+            with torch.no_grad():
+                model(x, task=task, route=route)  # a per-call route changes no state
         elif op == "grow":
             touched = data.draw(st.sampled_from([None, *model.task_names]), label="widen")
             model.grow(1, task=touched, init=data.draw(st.sampled_from(["random", 0, "mean"])))
@@ -181,3 +188,5 @@ def test_route_override_is_refused_with_per_sample_tasks_and_bad_shapes():
         model(x, task="a", route=torch.ones(2, 3))
     with pytest.raises(ValueError, match="out of range"):
         model(x, task="a", route=[0, 7])
+    with pytest.raises(ValueError, match="has 2 layers but the model has depth 4"):
+        model(x, task="a", route=SoftRoute(2, 3))
