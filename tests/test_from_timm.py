@@ -238,3 +238,13 @@ def test_blocks_that_differ_are_refused():
     vit.blocks[1].mlp.act = torch.nn.ReLU()
     with pytest.raises(ConfigError, match="block 1 .* differs from block 0"):
         modnet.from_timm(vit)
+
+
+def test_registered_convmixer_saves_and_loads_with_identical_logits(tmp_path):
+    net = modnet.from_timm("convmixer_768_32", num_classes=3).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        before = net(x)
+        io.save_model(net, tmp_path / "m")
+        loaded, _ = io.load_model(tmp_path / "m")
+        assert torch.equal(loaded(x), before)
