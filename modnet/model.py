@@ -328,7 +328,8 @@ class ModularNet(nn.Module):
                 x-transformers' execution order as a forward argument): a list of
                 template indices, a coefficient tensor ``[L, K]``/``[L, K, G]``
                 (gradients flow into it) or a ``Route``. Needs a single task, whose
-                head and norm statistics are used.
+                head and norm statistics are used (in training mode BatchNorm still
+                updates that task's running statistics, as any training forward does).
 
         Returns:
             Logits ``[B, num_classes]`` (float, the model's dtype); pooled features
