@@ -139,6 +139,8 @@ def build_model(config: Mapping[str, Any]) -> ModularNet:
                 "modnet.from_timm('<timm model name>', **kwargs) to make it loadable"
             )
         family = timm_family_by_name(options["architecture"], options["timm_kwargs"])
+        if options.get("global_pool") is not None:  # set by reset_classifier after conversion
+            family.trunk.set_global_pool(options["global_pool"])
     elif family_name in FAMILIES:
         family = FAMILIES[family_name](**options)
     else:

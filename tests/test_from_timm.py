@@ -248,3 +248,12 @@ def test_registered_convmixer_saves_and_loads_with_identical_logits(tmp_path):
         io.save_model(net, tmp_path / "m")
         loaded, _ = io.load_model(tmp_path / "m")
         assert torch.equal(loaded(x), before)
+
+
+def test_converted_model_with_a_new_pooling_saves_and_loads(tmp_path):
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=4)
+    net = modnet.from_timm("vit_tiny_patch16_224", **kwargs)
+    net.reset_classifier(0, "avg")
+    before, after, loaded = _roundtrip(net, tmp_path)
+    assert torch.equal(before, after)
+    assert loaded.trunk.model.global_pool == "avg"
