@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 if TYPE_CHECKING:
@@ -57,6 +58,10 @@ class ExportedNet(nn.Module):
         blocks = nn.Sequential(
             *[pool.build_block(weights, stats.layer(i)) for i, weights in enumerate(per_layer)]
         )
+        for block, rate in zip(blocks, model.drop_path_rates, strict=False):
+            for module in block.modules():
+                if isinstance(module, DropPath):
+                    module.drop_prob = rate  # each exported layer keeps its position's rate
         trunk = copy.deepcopy(model.trunk)
         for name, value in stats.trunk().items():
             trunk.get_buffer(name).copy_(value)

@@ -63,7 +63,7 @@ def test_eval_and_export_errors_are_one_line(finished, tmp_path, capsys):  # noq
     (model_dir / "manifest.json").write_text(json.dumps(manifest))
     assert main(["eval", str(model_dir)]) == 2
     line = one_line_error(capsys, "eval")
-    assert "manifest.json is damaged: tasks['a']['num_classes'] should be a positive" in line
+    assert "manifest.json is damaged: tasks['a']['num_classes'] should be a non-negative" in line
     manifest["pool_chunks"] = "3"
     (model_dir / "manifest.json").write_text(json.dumps(manifest))
     assert main(["export", str(model_dir), "--task", "a"]) == 2

@@ -171,12 +171,14 @@ def _write_model_dir(
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / TASK_DIR).mkdir(parents=True)
+    _record_normalization(model, task_info or {})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     shared = {k: v for k, v in state.items() if _is_shared_key(k)}
     fingerprint = pool_fingerprint(shared)
     save_file(shared, tmp / SHARED_FILE, metadata={"pool_fingerprint": fingerprint})
     manifest = {"format": FORMAT, **describe(model), "pool_fingerprint": fingerprint}
     manifest.update(dict(extra or {}))
+    manifest["pretrained_cfg"] = json.loads(json.dumps(model.pretrained_cfg, default=str))
     for name in model.task_names:
         tensors = {k: v for k, v in state.items() if _is_task_key(k, name)}
         entry = manifest["tasks"][name]
@@ -254,8 +256,9 @@ def _check_manifest(manifest: Mapping[str, Any], path: Path) -> None:
         if not isinstance(entry, dict):
             fail(f"tasks[{name!r}]", "an object", entry)
         classes = entry.get("num_classes")
-        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
-            fail(f"tasks[{name!r}]['num_classes']", "a positive integer", classes)
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+            # 0: a headless task (timm's num_classes=0), which gives pooled features
+            fail(f"tasks[{name!r}]['num_classes']", "a non-negative integer", classes)
         route = entry.get("route")
         if not isinstance(route, dict) or not isinstance(route.get("kind"), str):
             fail(f"tasks[{name!r}]['route']", "an object with a 'kind'", route)
@@ -300,7 +303,16 @@ def load_model(
     for name in selected:
         state.update(_load_tensors(directory / manifest["tasks"][name]["file"]))
     load_state_into(model, state, source=str(directory))
+    _record_normalization(model, manifest["tasks"])
     return model.eval(), manifest
+
+
+def _record_normalization(model: ModularNet, info: Mapping[str, Mapping[str, Any]]) -> None:
+    """Gives the model each task's input mean/std from its transform record, if any."""
+    for name in model.task_names:
+        transform = (info.get(name) or {}).get("transform") or {}
+        if transform.get("mean") is not None and transform.get("std") is not None:
+            model.set_normalization(name, transform["mean"], transform["std"])
 
 
 def load_state_into(model: ModularNet, state: Mapping[str, torch.Tensor], source: str) -> None:
