@@ -144,7 +144,7 @@ class Trainer:
         config, ctx = self.config, self.ctx
         factor = learning_rate_factor(step, self.total_steps, self.warmup)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
         with torch.autocast(ctx.device.type, torch.bfloat16, enabled=config.precision == "bf16"):
             loss, samples = self.training_loss(step)
         self.optimizer.zero_grad(set_to_none=True)
