@@ -22,7 +22,7 @@ import torch
 from .. import io
 from ..data import DataError, TaskData
 from ..model import ModularNet
-from ..train import RunDirError, TrainConfig, configure_trainable, evaluate, load_data, parse_parts
+from ..train import RunDirError, TrainConfig, evaluate, load_data, parse_parts
 from ..train.api import RESULTS_FILE, train
 from ..train.distributed import broadcast_state, init_distributed
 from ..viz import route_matrix, save_route_figures
@@ -174,7 +174,7 @@ def adapt(
     info = _task_info(manifest, model, source_names, target, target_data, objective, parts_set)
     adapted_statistics = _count_statistics(model, name) if "norm" in parts_set else 0
     if objective_cls.uses_gradients:
-        configure_trainable(model, parts_set, [name])
+        model.set_trainable(name, sorted(parts_set))
         broadcast_state(model, ctx)
         torch.manual_seed(config.seed)
         module = make_objective(

@@ -18,7 +18,7 @@ from ..viz import save_route_figures
 from .config import TrainConfig
 from .distributed import broadcast_state, init_distributed
 from .loop import Trainer
-from .parts import ALL_PARTS, configure_trainable, parse_parts
+from .parts import ALL_PARTS, parse_parts
 
 RESULTS_FILE = "results.json"
 
@@ -114,7 +114,7 @@ def train(
     if state is None:
         for name, task in data.items():
             model.add_task(name, task.num_classes)
-    configure_trainable(model, ALL_PARTS, list(data))
+    model.set_trainable(list(data), ALL_PARTS)
     broadcast_state(model, ctx)
     trainer = Trainer(
         model,
@@ -197,7 +197,7 @@ def transfer(
             model.grow(grow, task=name)
             wanted = wanted | {"new_templates"}
         plan = dict(parts=sorted(wanted), first_new_chunk=first_new, grow=grow)
-    configure_trainable(model, frozenset(plan["parts"]), [name], plan["first_new_chunk"])
+    model.set_trainable(name, plan["parts"], plan["first_new_chunk"])
     broadcast_state(model, ctx)
     info = {
         n: {

@@ -22,6 +22,10 @@ class TrainConfig:
     test_limit: int | None = None
     epochs: int = 2
     batch_size: int = 64
+    # Samples per forward/backward; 0 = the whole batch. Gradients accumulate over the
+    # micro-batches of a step; BatchNorm normalises each micro-batch by its own
+    # statistics and running statistics move once per step by their mean (as ranks do).
+    micro_batch_size: int = 0
     mixing: str = "mixed"
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -50,6 +54,11 @@ class TrainConfig:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        self.micro_batch_size = self.micro_batch_size or 0  # None: off
+        if self.micro_batch_size < 0:
+            raise ValueError(
+                f"micro_batch_size must be 0 (off) or more, got {self.micro_batch_size}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
