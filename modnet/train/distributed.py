@@ -5,10 +5,9 @@ Training steps run through ``torch.nn.parallel.DistributedDataParallel``
 alternating tasks leave parameters unused on some ranks, so it runs with
 ``find_unused_parameters``: a parameter that no rank used keeps ``grad=None``,
 and the optimizer leaves it alone exactly as a single process does (no weight
-decay, no momentum). BatchNorm running statistics are not synchronised at each
-step; each rank updates them from its own share, and ``average_statistics``
-averages those of the tasks that trained before evaluating or saving (an update
-is linear in the batch statistics, so this equals averaging every step).
+decay, no momentum). After each step, ``average_statistics`` averages the
+BatchNorm running statistics of the tasks that trained (and only those) over
+the ranks: a small all-reduce that keeps every rank's statistics the same.
 """
 
 from __future__ import annotations
@@ -99,12 +98,18 @@ def all_reduce_gradients(params: list[nn.Parameter], ctx: DistContext) -> None:
         param.grad = grad if anywhere else None
 
 
-def average_statistics(buffers: list[torch.Tensor], ctx: DistContext) -> None:
-    """Averages running statistics over ranks in place; integer counters take the maximum.
+def average_statistics(
+    buffers: list[torch.Tensor], ctx: DistContext, counted: list[torch.Tensor] | None = None
+) -> None:
+    """Averages running statistics over ranks in place; integer counters add up.
 
     Args:
         buffers: The statistics that trained (only these: averaging values that
             did not change could still move them by rounding).
+        counted: The integer counters (``num_batches_tracked``) among ``buffers``
+            as they were at the last synchronisation; each rank's increase since
+            then is summed, so a counter counts the batch shares every rank saw.
+            Updated in place. Without it, counters take their maximum.
     """
     if not ctx.enabled or not buffers:
         return
@@ -116,8 +121,19 @@ def average_statistics(buffers: list[torch.Tensor], ctx: DistContext) -> None:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             for buffer, value in zip(floats, _unflatten_dense_tensors(flat, floats), strict=True):
                 buffer.copy_(value / ctx.world_size)
-        for counter in counters:
-            dist.all_reduce(counter, op=dist.ReduceOp.MAX)
+        if not counters:
+            return
+        if counted is None:
+            flat = _flatten_dense_tensors(counters)
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+        else:
+            flat = _flatten_dense_tensors(counters) - _flatten_dense_tensors(counted)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat += _flatten_dense_tensors(counted)
+        for counter, value in zip(counters, _unflatten_dense_tensors(flat, counters), strict=True):
+            counter.copy_(value)
+        for base, counter in zip(counted or [], counters, strict=True):
+            base.copy_(counter)
 
 
 def barrier(ctx: DistContext) -> None:

@@ -17,7 +17,7 @@ from .. import io
 from ..data import TaskData
 from ..model import ModularNet
 from .config import TrainConfig
-from .distributed import DistContext, average_statistics, barrier
+from .distributed import DistContext, barrier
 from .evaluate import evaluate
 from .parts import optimizer_groups
 from .schedule import MultiTaskSchedule
@@ -245,7 +245,6 @@ class Trainer:
 
     # ------------------------------------------------------------------- outputs
     def _evaluate(self) -> dict[str, float]:
-        average_statistics(self.trained_statistics(), self.ctx)
         return evaluate(
             self.model,
             self.data,
@@ -292,7 +291,6 @@ class Trainer:
 
     def checkpoint(self, done: bool) -> None:
         """Saves a complete checkpoint on rank 0; every rank waits for it."""
-        average_statistics(self.trained_statistics(), self.ctx)
         if self.ctx.is_main:
             io.save_checkpoint(
                 self.run_dir,

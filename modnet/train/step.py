@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import DistContext, data_parallel
+from .distributed import DistContext, average_statistics, data_parallel
 from .schedule import cosine_schedule
 
 # loss(step, share) -> (loss, samples); None as the loss: this share has no samples
@@ -40,10 +40,11 @@ class StepRunner:
 
     Gradients of the shares accumulate (DDP communicates once, after the last);
     a parameter no share of any rank used keeps ``grad=None``, so the optimizer
-    leaves it untouched. With several micro-batches, BatchNorm normalises each by
-    its own statistics, and the running statistics move once per step by the mean
-    of the micro-batches' updates: what data-parallel ranks do, so one process
-    with ``M`` micro-batches computes what ``M`` ranks compute.
+    leaves it untouched. BatchNorm normalises each share (micro-batch or rank) by
+    its own statistics; the running statistics that train move once per step, by
+    the mean of the shares' updates, on every rank alike (``num_batches_tracked``
+    counts every share). So one process with ``M`` micro-batches computes what
+    ``M`` ranks compute, and ranks always hold the same statistics.
 
     Args:
         modules: What trains (the model, an objective's discriminator); under
@@ -93,12 +94,16 @@ class StepRunner:
         self.micro_batches = micro_batches
         self.statistics = statistics
         self.engine = data_parallel(_Shares(modules, loss), self.ctx)
+        self._counted: list[torch.Tensor] | None = None  # counters as all shares last agreed
 
     def run(self, step: int) -> tuple[float, int]:
         """One step: returns this rank's summed loss value and its number of samples."""
         self.lr_schedule.step_update(step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        buffers = self.statistics() if self.micro_batches > 1 else []
+        statistics = self.statistics()
+        if self._counted is None:
+            self._counted = [b.clone() for b in statistics if not b.is_floating_point()]
+        buffers = [b for b in statistics if b.is_floating_point() and self.micro_batches > 1]
         start = [b.detach().clone() for b in buffers]
         updates: list[list[torch.Tensor]] = []
         total, samples = 0.0, 0
@@ -121,7 +126,8 @@ class StepRunner:
         with torch.no_grad():
             for index, buffer in enumerate(buffers):
                 values = torch.stack([u[index] for u in updates])
-                buffer.copy_(values.mean(0) if buffer.is_floating_point() else values.amax(0))
+                buffer.copy_(values.mean(0))
+        average_statistics(statistics, self.ctx, self._counted)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
