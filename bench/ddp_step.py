@@ -3,7 +3,8 @@
 Run under ``torchrun --nproc_per_node=2``. Both sides train their own copy of the
 same model on the same mixed-task batch (32 per rank) with AdamW and clipping:
 ``ddp`` through ``modnet.train.step.StepRunner`` (DistributedDataParallel,
-bucketed all-reduce overlapped with backward), ``manual`` by backward, then
+bucketed all-reduce overlapped with backward, then the all-reduce of the trained
+tasks' BatchNorm statistics that the trainer does each step), ``manual`` by backward, then
 ``all_reduce_gradients`` (one flat all-reduce after backward), clip and step.
 Rounds alternate the order; rank 0 writes the per-round seconds per step as JSON.
 """
@@ -49,6 +50,7 @@ def main(out: str, rounds: int, steps: int) -> None:
         total_steps=10**6,
         grad_clip=1.0,
         ctx=ctx,
+        statistics=lambda: list(ddp_model.norm_stats.buffers()),
     )
     params = [p for p in manual_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(optimizer_groups(manual_model, 1e-3, 1e-2, 1e-3, 0.05))

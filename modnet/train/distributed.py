@@ -116,23 +116,23 @@ def average_statistics(
     with torch.no_grad():
         floats = [b for b in buffers if b.is_floating_point()]
         counters = [b for b in buffers if not b.is_floating_point()]
-        if floats:
-            flat = _flatten_dense_tensors(floats)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            for buffer, value in zip(floats, _unflatten_dense_tensors(flat, floats), strict=True):
-                buffer.copy_(value / ctx.world_size)
-        if not counters:
-            return
         if counted is None:
-            flat = _flatten_dense_tensors(counters)
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
-        else:
-            flat = _flatten_dense_tensors(counters) - _flatten_dense_tensors(counted)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat += _flatten_dense_tensors(counted)
-        for counter, value in zip(counters, _unflatten_dense_tensors(flat, counters), strict=True):
-            counter.copy_(value)
-        for base, counter in zip(counted or [], counters, strict=True):
+            for counter in counters:
+                dist.all_reduce(counter, op=dist.ReduceOp.MAX)
+            counters = []
+        # One all-reduce: the statistics, then each counter's increase (small, exact in fp32).
+        counted = counted if counters else []
+        increases = [c - base for c, base in zip(counters, counted, strict=True)]
+        parts = [t.reshape(-1).float() for t in [*floats, *increases]]
+        if not parts:
+            return
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        values = flat.split([p.numel() for p in parts])
+        for buffer, value in zip(floats, values, strict=False):
+            buffer.copy_(value.view_as(buffer) / ctx.world_size)
+        for counter, base, value in zip(counters, counted, values[len(floats) :], strict=True):
+            counter.copy_(base + value.view_as(counter).round().to(counter.dtype))
             base.copy_(counter)
 
 
