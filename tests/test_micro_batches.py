@@ -63,6 +63,6 @@ def test_running_statistics_move_by_the_mean_of_the_micro_batches(tmp_path):
 
 
 def test_micro_batch_size_is_checked():
-    with pytest.raises(ValueError, match="micro_batch_size must be 0"):
+    with pytest.raises(ValueError, match="micro-batch-size must be at least 0"):
         TrainConfig(micro_batch_size=-1)
     assert TrainConfig(micro_batch_size=None).micro_batch_size == 0

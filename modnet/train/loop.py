@@ -15,9 +15,11 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..data import TaskData
+from ..errors import ConfigError
 from ..model import ModularNet
 from .config import TrainConfig
 from .distributed import DistContext, barrier
+from .divergence import DivergenceGuard
 from .evaluate import evaluate
 from .parts import optimizer_groups
 from .schedule import MultiTaskSchedule
@@ -83,7 +85,7 @@ class Trainer:
         self.shares = ctx.world_size * self.micro_batches
         smallest = self.schedule.smallest_batch
         if smallest < ctx.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"a batch of {smallest} samples cannot be shared by {ctx.world_size} ranks: "
                 "raise --batch-size or use fewer processes"
             )
@@ -107,6 +109,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if resume_state is not None:
             self.load_trainer_state(resume_state)
+        self.divergence = DivergenceGuard(config, phase)
 
     # ------------------------------------------------------------------ hooks
     def make_schedule(self) -> MultiTaskSchedule:
@@ -194,10 +197,7 @@ class Trainer:
         config = self.config
         loss, samples = self.runner.run(step)
         value = loss * config.batch_size / max(1, samples)
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"loss became {value} at step {step}: lower --lr or enable --grad-clip"
-            )
+        self.divergence.check_loss(value, step)
         return value, samples
 
     def _share_loss(self, step: int, micro: int) -> tuple[torch.Tensor | None, int]:
@@ -291,6 +291,7 @@ class Trainer:
 
     def checkpoint(self, done: bool) -> None:
         """Saves a complete checkpoint on rank 0; every rank waits for it."""
+        self.divergence.check_model(self.model, self.step)
         if self.ctx.is_main:
             io.save_checkpoint(
                 self.run_dir,

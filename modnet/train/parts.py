@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..model import ModularNet
 
 PARTS = ModularNet.TRAINABLE_PARTS
@@ -25,9 +26,11 @@ def parse_parts(text: str | Iterable[str]) -> frozenset[str]:
         elif item in PARTS:
             parts.add(item)
         else:
-            raise ValueError(f"unknown part {item!r} to train: choose from {', '.join(PARTS)}, all")
+            raise ConfigError(
+                f"unknown part {item!r} to train: choose from {', '.join(PARTS)}, all"
+            )
     if not parts:
-        raise ValueError("nothing to train: name at least one part, e.g. route,head")
+        raise ConfigError("nothing to train: name at least one part, e.g. route,head")
     return frozenset(parts)
 
 
