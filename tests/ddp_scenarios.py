@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TINY_CONV, TINY_VIT  # noqa: E402
 
+from modnet import io  # noqa: E402
 from modnet.data import load_task  # noqa: E402
 from modnet.train import TrainConfig, Trainer  # noqa: E402
 from modnet.train.distributed import broadcast_state, init_distributed  # noqa: E402
@@ -53,8 +54,9 @@ def scenario(family: str, mixing: str, micro: int, out: Path, ctx) -> None:
         eval_batch_size=64,
     )
     run = out / f"{family}-{mixing}"
-    trainer = Trainer(model, data, config, run, "train", ctx, {t: {} for t in data})
-    trainer.fit()
+    with io.open_run(run, "scenario", enabled=ctx.is_main):
+        trainer = Trainer(model, data, config, run, "train", ctx, {t: {} for t in data})
+        trainer.fit()
     if ctx.is_main:
         torch.save(dict(start=start, final=model.state_dict()), f"{run}.pt")
 
