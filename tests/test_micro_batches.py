@@ -66,3 +66,15 @@ def test_micro_batch_size_is_checked():
     with pytest.raises(ValueError, match="micro-batch-size must be at least 0"):
         TrainConfig(micro_batch_size=-1)
     assert TrainConfig(micro_batch_size=None).micro_batch_size == 0
+
+
+def test_the_command_line_sets_the_micro_batch_size():
+    import argparse
+
+    from modnet.commands._options import add_training_options, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_training_options(parser)
+    assert config_from_args(parser.parse_args([])).micro_batch_size == 0
+    args = parser.parse_args(["--batch-size", "64", "--micro-batch-size", "16"])
+    assert config_from_args(args).micro_batch_size == 16
