@@ -310,6 +310,7 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
                     f"{run_dir} already has a task {name!r}: pass --overwrite to retrain it"
                 )
             model = _without_task(latest, name)
+        torch.manual_seed(config.seed)  # the new head, route and templates follow --seed alone
         model.add_task(name, data[name].num_classes, init_from=init_from)
         if init_from and "heads" not in wanted:
             _copy_frozen_head(model, source=init_from, target=name)
