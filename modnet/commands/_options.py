@@ -20,6 +20,12 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     group.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     group.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=DEFAULTS.micro_batch_size,
+        help="samples per forward/backward, gradients accumulated over a batch (0: whole batch)",
+    )
+    group.add_argument(
         "--mixing",
         choices=MIXING_MODES,
         default=DEFAULTS.mixing,
@@ -63,6 +69,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
         test_limit=args.test_limit,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
         mixing=args.mixing,
         optimizer=args.optimizer,
         lr=args.lr,

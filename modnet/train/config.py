@@ -45,6 +45,10 @@ class TrainConfig:
     test_limit: int | None = None
     epochs: int = 2
     batch_size: int = 64
+    # Samples per forward/backward; 0 = the whole batch. Gradients accumulate over the
+    # micro-batches of a step; BatchNorm normalises each micro-batch by its own
+    # statistics and running statistics move once per step by their mean (as ranks do).
+    micro_batch_size: int = 0
     mixing: str = "mixed"
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -87,6 +91,9 @@ class TrainConfig:
             _integer("data_workers", self.data_workers, minimum=0)
         if self.in_memory_mb is not None:
             _number("in_memory_mb", self.in_memory_mb, low=0.0)
+        if self.micro_batch_size is None:
+            self.micro_batch_size = 0
+        _integer("micro_batch_size", self.micro_batch_size, minimum=0)
         _integer("seed", self.seed, minimum=None)
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None:
