@@ -30,6 +30,17 @@ class TemplateChunk(nn.Module):
     def tensor(self, name: str) -> torch.Tensor:
         return getattr(self, mangle(name))
 
+    def _apply(self, fn, recurse=True):
+        # ``module.to(memory_format=torch.channels_last)`` converts 4-D tensors only: a
+        # stacked conv weight [K, O, I, kh, kw] is converted as K*O filters, so that
+        # every template's 4-D view gets the layout a plain conv weight would.
+        def per_template(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() != 5:
+                return fn(t)
+            return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+        return super()._apply(per_template, recurse)
+
 
 class TemplatePool(nn.Module):
     """K templates of one block: every parameter tensor stored as ``[K, *shape]``.
@@ -168,11 +179,15 @@ class TemplatePool(nn.Module):
         """
         layers, count = coefficients.shape[:2]
         mixed = {}
-        for g, name in enumerate(self.tensor_names):
-            templates = self.stacked(name, count)
-            c = coefficients if coefficients.ndim == 2 else coefficients[:, :, g]
-            flat = c.to(templates.dtype) @ templates.reshape(count, -1)
-            mixed[name] = flat.view(layers, *self.tensor_shapes[name])
+        # The mix runs in the templates' dtype, outside autocast: mixed norm parameters
+        # must keep the dtype of the running statistics they are used with, and
+        # autocast casts conv and linear weights itself where it lowers precision.
+        with torch.autocast(coefficients.device.type, enabled=False):
+            for g, name in enumerate(self.tensor_names):
+                templates = self.stacked(name, count)
+                c = coefficients if coefficients.ndim == 2 else coefficients[:, :, g]
+                flat = c.to(templates.dtype) @ templates.reshape(count, -1)
+                mixed[name] = flat.view(layers, *self.tensor_shapes[name])
         return mixed
 
     # -------------------------------------------------------------------- running
