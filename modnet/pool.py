@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .binding import TensorBinder, is_batchnorm_buffer, mangle
+from .grouped import GroupedRunner
 
 BlockFactory = Callable[[], nn.Module]
 
@@ -76,12 +77,26 @@ class TemplatePool(nn.Module):
         # Held outside the module tree: its tensors are placeholders, replaced on every call.
         self._binder = TensorBinder(skeleton, (*self.tensor_names, *buffer_names))
         self.chunks = nn.ModuleList([TemplateChunk(self._stack(blocks))])
+        # Built here, not on first use: building inside a compiled forward breaks the graph.
+        self.__dict__["_grouped"] = GroupedRunner.build(self._binder.module, per_task=True)
 
     def train(self, mode: bool = True) -> TemplatePool:
-        # The skeleton is outside the module tree, so nn.Module.train cannot reach it.
+        # The skeletons are outside the module tree, so nn.Module.train cannot reach them.
         super().train(mode)
-        self._binder.module.train(mode)
+        for skeleton in self.skeletons():
+            skeleton.train(mode)
         return self
+
+    def skeletons(self) -> list[nn.Module]:
+        """The tensor-less copies of the block that run it: plain and grouped."""
+        grouped = self.__dict__.get("_grouped")
+        return [self._binder.module] + ([grouped.module] if grouped is not None else [])
+
+    @property
+    def grouped(self) -> GroupedRunner | None:
+        """Runs the block for a mixed-task batch (see ``modnet.grouped``); ``None`` when
+        the block has a layer with parameters that has no per-sample version."""
+        return self.__dict__["_grouped"]
 
     # ----------------------------------------------------------------- structure
     @property
@@ -203,6 +218,31 @@ class TemplatePool(nn.Module):
         for name in self.shared_buffer_names:
             tensors[name] = getattr(self, mangle(name))
         return self._binder(tensors, x)
+
+    def run_grouped(
+        self,
+        x: torch.Tensor,
+        weights: Mapping[str, torch.Tensor],
+        stats: Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
+        sample_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs the block once for a batch mixing tasks.
+
+        Args:
+            x: Input batch ``[B, ...]``.
+            weights: Every tensor of the block stacked per task, ``[T, *shape]``.
+            stats: BatchNorm running statistics per task, ``[T, ...]``; updated in
+                place in training mode for the tasks in the batch.
+            ids: Task of every sample, ``[B]`` integers in ``[0, T)``.
+            sample_weight: ``[B]``, 1 for samples whose route runs this layer, else 0
+                (their statistics are left out; the caller keeps their input).
+        """
+        tensors = dict(weights)
+        tensors.update(stats)
+        for name in self.shared_buffer_names:
+            tensors[name] = getattr(self, mangle(name))
+        return self.grouped(tensors, ids, sample_weight, x)
 
     def build_block(self, weights: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor]):
         """A real, standalone block holding copies of ``weights`` and ``stats``."""
