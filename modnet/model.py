@@ -14,7 +14,7 @@ from torch import nn
 
 from .binding import TensorBinder, is_batchnorm_buffer
 from .families.base import Family
-from .grouped import GroupedRunner
+from .grouped import GroupedBatchNorm, GroupedRunner
 from .norm_stats import TaskNormStats
 from .routing import HardRoute, HyperNetwork, HyperRoute, Route, RoutePlan, SoftRoute
 
@@ -33,6 +33,9 @@ class TaskGroups:
 
 def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_sample.view(-1, *([1] * (like.dim() - 1)))
+
+
+MIXED_BATCHES = ("auto", "grouped", "split")
 
 
 class ModularNet(nn.Module):
@@ -56,7 +59,16 @@ class ModularNet(nn.Module):
         hyper_dim: Task-embedding size for ``route="hyper"``.
         hyper_hidden: Hidden width of the hypernetwork (0 for a linear map).
         hyper_normalize: ``"linear"`` or ``"softmax"`` for hypernetwork coefficients.
+
+    Attributes:
+        mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default), ``"grouped"``
+            (every layer once for the whole batch, per-sample weights; fixed shapes)
+            or ``"split"`` (task by task). See ``_use_grouped``.
+        default_precision: ``"fp32"`` or ``"bf16"``: the faster on CPU for this family,
+            measured by ``bench/test_precision.py``; what ``precision="auto"`` trains in.
     """
+
+    mixed_batches: str = "auto"
 
     def __init__(
         self,
@@ -82,6 +94,7 @@ class ModularNet(nn.Module):
         self.anisotropic = anisotropic
         self.route_init = route_init
         self.num_features = self.head_hidden_size = self.trunk.num_features
+        self.default_precision = family.default_precision
         self.config: dict[str, Any] = dict(
             family.config,
             depth=depth,
@@ -235,7 +248,7 @@ class ModularNet(nn.Module):
             x,
             task,
             lambda h, t: self._head(h, t, pre_logits),
-            pad=True,
+            pad=not pre_logits,
             grouped=lambda h, g: self._head_grouped(h, g, pre_logits),
         )
 
@@ -246,8 +259,9 @@ class ModularNet(nn.Module):
         each sample's weights taken from its task's route (shapes never depend on
         the mix of tasks, so ``torch.compile`` does not recompile when it changes);
         BatchNorm normalises each task's samples with that task's statistics. The
-        result equals running each task's samples alone. Tasks with fewer classes
-        than others in the batch get ``-inf`` in the extra columns.
+        result equals running each task's samples alone. Logits are as wide as the
+        model's task with the most classes (whichever tasks the batch holds); tasks
+        with fewer classes get ``-inf`` in the extra columns.
         """
         self._check_input(x)
         return self._dispatch(
@@ -276,7 +290,7 @@ class ModularNet(nn.Module):
         if mode and getattr(self, "norm_stats_frozen", False):
             skeletons = [*self.pool.skeletons()] + ([grouped_trunk.module] if grouped_trunk else [])
             for module in [*self.trunk.modules(), *(m for s in skeletons for m in s.modules())]:
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if isinstance(module, (nn.modules.batchnorm._BatchNorm, GroupedBatchNorm)):
                     module.eval()
         return self
 
@@ -355,7 +369,7 @@ class ModularNet(nn.Module):
         if pre_logits:
             return x
         heads = [self.heads[name] for name in groups.names]
-        width = max(head.out_features for head in heads)
+        width = max(self.task_classes.values())
         weight = torch.stack([F.pad(h.weight, (0, 0, 0, width - h.out_features)) for h in heads])
         bias = torch.stack(
             [F.pad(h.bias, (0, width - h.out_features), value=float("-inf")) for h in heads]
@@ -379,6 +393,19 @@ class ModularNet(nn.Module):
         if any(bn.training for bn in runner.batch_norms):
             self._store_stats(groups.names, stats, "trunk")
         return out
+
+    def _use_grouped(self) -> bool:
+        """Whether this mixed-task batch runs with fixed shapes or task by task.
+
+        ``mixed_batches``: ``"auto"`` (fixed shapes under ``torch.compile``, where
+        splitting by task would break the graph and recompile for every new mix;
+        task by task in eager mode, measured faster on CPU by
+        ``bench/test_mixed_batches.py``), ``"grouped"`` or ``"split"``.
+        """
+        mode = self.mixed_batches
+        if mode == "split" or (mode == "auto" and not torch.compiler.is_compiling()):
+            return False
+        return self._runs_grouped()
 
     def _runs_grouped(self) -> bool:
         """Whether mixed-task batches can run with fixed shapes (see ``modnet.grouped``)."""
@@ -448,7 +475,7 @@ class ModularNet(nn.Module):
         if single is not None:
             return fn(x, single)
         ids = self._task_ids(task, x.shape[0], x.device)
-        if grouped is not None and self._runs_grouped():
+        if grouped is not None and self._use_grouped():
             return grouped(x, self._task_groups(ids))
         names = self.task_names
         counts = torch.bincount(ids, minlength=len(names)).tolist()
@@ -459,7 +486,7 @@ class ModularNet(nn.Module):
             fn(chunk, name) for chunk, name in zip(x[order].split(sizes), present, strict=True)
         ]
         if pad:
-            width = max(o.shape[-1] for o in outputs)
+            width = max(self.task_classes.values())
             outputs = [
                 torch.nn.functional.pad(o, (0, width - o.shape[-1]), value=float("-inf"))
                 for o in outputs

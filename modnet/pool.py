@@ -201,7 +201,9 @@ class TemplatePool(nn.Module):
             for g, name in enumerate(self.tensor_names):
                 templates = self.stacked(name, count)
                 c = coefficients if coefficients.ndim == 2 else coefficients[:, :, g]
-                flat = c.to(templates.dtype) @ templates.reshape(count, -1)
+                # As a linear layer over the templates' transpose: for the few rows of
+                # c and K of 4-16 this is an order of magnitude faster than ``c @ T``.
+                flat = nn.functional.linear(c.to(templates.dtype), templates.reshape(count, -1).t())
                 mixed[name] = flat.view(layers, *self.tensor_shapes[name])
         return mixed
 

@@ -46,3 +46,26 @@ def test_compiled_training_step_matches_eager_gradients():
     torch.testing.assert_close(
         model.routes["t"].logits.grad, reference.routes["t"].logits.grad, rtol=1e-4, atol=1e-6
     )
+
+
+def test_mixed_task_training_compiles_to_one_graph_without_recompiles():
+    torch._dynamo.reset()
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 5, "c": 2})).train()
+    reference = tiny_conv(tasks={"a": 3, "b": 5, "c": 2})
+    reference.load_state_dict(model.state_dict())
+    x, y = images(model, batch=6), torch.tensor([0, 1, 1, 0, 1, 0])
+    explained = torch._dynamo.explain(model)(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    model.load_state_dict(reference.state_dict())  # explain ran a training forward
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    torch.nn.functional.cross_entropy(compiled(x, torch.tensor([0, 1, 2, 0, 1, 2])), y).backward()
+    reference.train()(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for ids in ([0, 0, 0, 0, 0, 0], [1, 1, 2, 2, 1, 1], [2, 0, 2, 0, 2, 0]):
+            ids = torch.tensor(ids)
+            out = compiled(x, ids)
+            torch.testing.assert_close(out, reference(x, ids), rtol=1e-4, atol=1e-5)
+            torch.nn.functional.cross_entropy(out, y).backward()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5)

@@ -56,3 +56,5 @@ class Family:
     config: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # The faster precision on CPU for this family (bench/test_precision.py).
+    default_precision: str = "fp32"
