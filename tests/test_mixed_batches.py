@@ -72,7 +72,7 @@ def test_grouped_batch_gradients_equal_the_sum_over_tasks(family):
     x, y = images(model, batch=7), torch.tensor([0, 1, 1, 0, 2, 1, 0])
     ids = torch.tensor([1, 0, 1, 1, 1, 0, 1])  # task c absent
     F.cross_entropy(model(x, ids), y, reduction="sum").backward()
-    for name, (rows, logits) in per_task(reference, x, ids).items():
+    for _name, (rows, logits) in per_task(reference, x, ids).items():
         F.cross_entropy(logits, y[rows], reduction="sum").backward()
     for (key, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         if q.grad is None:
@@ -112,5 +112,5 @@ def test_many_tasks_in_one_batch():
     reference = copy.deepcopy(model)
     x, ids = images(model, batch=16), torch.arange(16).flip(0)
     mixed = model(x, ids)
-    for name, (rows, alone) in per_task(reference, x, ids).items():
+    for _name, (rows, alone) in per_task(reference, x, ids).items():
         torch.testing.assert_close(mixed[rows, : alone.shape[1]], alone, rtol=0, atol=1e-5)

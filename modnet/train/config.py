@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -32,7 +32,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     label_smoothing: float = 0.0
     grad_clip: float | None = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"  # "auto": the model's default_precision (the faster on CPU)
     compile: bool = False
     device: str = "auto"
     seed: int = 0
@@ -50,6 +50,12 @@ class TrainConfig:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def resolved_precision(self, model: Any) -> str:
+        """``precision``, with ``"auto"`` resolved to ``model.default_precision``."""
+        if self.precision != "auto":
+            return self.precision
+        return getattr(model, "default_precision", "fp32")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -145,7 +145,8 @@ class Trainer:
         factor = learning_rate_factor(step, self.total_steps, self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        with torch.autocast(ctx.device.type, torch.bfloat16, enabled=config.precision == "bf16"):
+        bf16 = config.resolved_precision(self.model) == "bf16"
+        with torch.autocast(ctx.device.type, torch.bfloat16, enabled=bf16):
             loss, samples = self.training_loss(step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -201,7 +202,7 @@ class Trainer:
             self.data,
             self.config.eval_batch_size,
             self.ctx.device,
-            self.config.precision,
+            self.config.resolved_precision(self.model),
         )
 
     def _log(self, record: dict[str, Any]) -> None:
