@@ -24,7 +24,7 @@ def build(family: str, route: str, anisotropic: bool) -> modnet.ModularNet:
             "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=3
         )
         model = modnet.from_timm(vit, task="a", route=route)  # "a" keeps its hard route
-        model.reset_classifier(3, "a")
+        model.reset_classifier(3, task="a")
         model.add_task("b", 3)
         return moved_off_init(model)
     make = tiny_conv if family == "conv" else tiny_vit

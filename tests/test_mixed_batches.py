@@ -19,7 +19,7 @@ def tiny_timm_vit() -> modnet.ModularNet:
         "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=3
     )
     model = modnet.from_timm(vit, task="a", route="softmax")
-    model.reset_classifier(3, "a")
+    model.reset_classifier(3, task="a")
     model.add_task("b", 5)
     model.add_task("c", 2)
     return model

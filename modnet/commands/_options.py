@@ -6,6 +6,7 @@ import argparse
 import ast
 from typing import Any
 
+from ..errors import ConfigError
 from ..train.config import OPTIMIZERS, PRECISIONS, TrainConfig
 from ..train.schedule import MIXING_MODES
 
@@ -64,7 +65,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
         head_lr=args.head_lr,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
-        grad_clip=args.grad_clip or None,
+        grad_clip=args.grad_clip,
         precision=args.precision,
         compile=args.compile,
         device=args.device,
@@ -83,7 +84,7 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--model-arg expects KEY=VALUE, got {item!r}")
         try:
             parsed[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

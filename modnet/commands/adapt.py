@@ -6,6 +6,7 @@ import argparse
 import ast
 from typing import Any
 
+from ..errors import ConfigError
 from ._options import add_training_options, config_from_args
 
 BUILT_IN_OBJECTIVES = "moments, entropy, adversarial, norm_stats"
@@ -97,7 +98,7 @@ def parse_objective_args(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--objective-arg expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--objective-arg expects KEY=VALUE, got {item!r}")
         try:
             parsed[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

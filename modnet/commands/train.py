@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from ._options import accuracy_table, add_training_options, config_from_args, parse_model_args
 
 
@@ -23,7 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model option, e.g. num_templates=8 or route=hyper (repeatable)",
     )
     parser.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the modnet run in --out (only what modnet wrote there is removed)",
+    )
     add_training_options(parser)
     parser.set_defaults(func=run)
 
@@ -31,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import train
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    tasks = [] if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
+    if args.tasks is not None and not all(tasks):
+        raise ConfigError(
+            f"--tasks {args.tasks!r} has an empty entry: list dataset specs separated by commas "
+            "(e.g. synth_color,synth_size), or leave --tasks out for the synthetic suite"
+        )
     config = config_from_args(
         args, model=args.model, model_kwargs=parse_model_args(args.model_arg), tasks=tasks
     )
