@@ -548,6 +548,8 @@ class ModularNet(nn.Module):
         ``bench/test_mixed_batches.py``), ``"grouped"`` or ``"split"``.
         """
         mode = self.mixed_batches
+        if mode not in MIXED_BATCHES:
+            raise ValueError(f"unknown mixed_batches {mode!r}: choose one of {MIXED_BATCHES}")
         if mode == "split" or (mode == "auto" and not torch.compiler.is_compiling()):
             return False
         return self._runs_grouped()

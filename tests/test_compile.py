@@ -1,9 +1,10 @@
 """torch.compile runs soft and hard routes, matches eager, and a new route is no recompile."""
 
+import pytest
 import torch
 import torch._dynamo
 
-from tests.conftest import images, moved_off_init, tiny_conv
+from tests.conftest import images, moved_off_init, tiny_conv, tiny_vit
 
 
 def test_compiled_model_matches_eager_for_soft_and_hard_routes():
@@ -69,3 +70,14 @@ def test_mixed_task_training_compiles_to_one_graph_without_recompiles():
             torch.nn.functional.cross_entropy(out, y).backward()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["hard", "linear", "hyper"])
+@pytest.mark.parametrize("build", [tiny_conv, tiny_vit])
+def test_mixed_task_forward_has_no_graph_break_for_any_route_kind(build, route):
+    torch._dynamo.reset()
+    model = moved_off_init(build(tasks={"a": 3, "b": 5, "c": 2}, route=route)).train()
+    if route == "hard":
+        model.set_route("c", [1, 1, 0])  # a shorter route: a skipped layer
+    explained = torch._dynamo.explain(model)(images(model, 6), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert explained.graph_break_count == 0, explained.break_reasons
