@@ -14,7 +14,7 @@ import torch
 from .. import io
 from ..data import SYNTHETIC_DEFAULT_TASKS, TaskData, load_task
 from ..model import ModularNet
-from ..viz import save_route_figures
+from ..plot import save_run_figures
 from .config import TrainConfig
 from .distributed import broadcast_state, init_distributed
 from .loop import Trainer
@@ -133,7 +133,7 @@ def train(
     )
     if ctx.is_main:
         _record_results(run_dir, "train", result, data)
-        save_route_figures(model, run_dir)
+        save_run_figures(model, run_dir)
     return result
 
 

@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch
     log_every: int = 25
+    log: str = "jsonl"  # metrics.jsonl; "tensorboard" adds TensorBoard event files
     eval_batch_size: int = 256
     progress: bool = True
 

@@ -21,6 +21,7 @@ from .distributed import DistContext, all_reduce_gradients, average_buffers, bar
 from .evaluate import evaluate
 from .parts import optimizer_groups
 from .schedule import MultiTaskSchedule, learning_rate_factor
+from .tracking import make_logger
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -96,6 +97,7 @@ class Trainer:
             self.history = list(json.loads(resume_state.get("history", "[]")))
             torch.set_rng_state(resume_state["rng"])
         self.forward = torch.compile(model) if config.compile else model
+        self.logger = make_logger(config.log, self.run_dir, phase) if ctx.is_main else None
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict[str, float]:
@@ -207,10 +209,7 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.ctx.is_main:
             return
-        record = dict(phase=self.phase, **record)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.logger.log(dict(phase=self.phase, **record), self.model)
 
     def trainer_state(self, done: bool) -> dict[str, Any]:
         return dict(
