@@ -6,7 +6,8 @@ across tasks. Learning curves read a run's ``metrics.jsonl``: training loss, tes
 accuracy per task and learning rate against the training step.
 
 Figures are drawn with matplotlib's object-oriented API (``Figure`` with the Agg
-canvas), so plotting never touches pyplot's global state or needs a display.
+canvas), so plotting never touches pyplot's global state or needs a display;
+matplotlib itself is imported on the first figure.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.figure import Figure
 
 from .model import ModularNet
 from .routing import HardRoute
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the CLI
+    from matplotlib.figure import Figure
 
 ROUTES_PNG = "routes.png"
 ROUTES_TXT = "routes.txt"
@@ -117,7 +120,7 @@ def route_figure(
     panel_width = max(1.4, 0.32 * templates + 0.5)
     width = 1.2 + panel_width * len(matrices)
     height = 1.5 + 0.26 * layers
-    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    figure = _new_figure(figsize=(width, height), dpi=110, layout="constrained")
     axes = figure.subplots(1, len(matrices), sharey=True, squeeze=False)[0]
     image = None
     for ax, (name, matrix) in zip(axes, matrices.items(), strict=True):
@@ -230,7 +233,7 @@ def curves_figure(records: Sequence[Mapping[str, Any]], title: str | None = None
         offsets[phase] = start
         start += max(r["step"] for r in records if r.get("phase") == phase)
 
-    figure = Figure(figsize=(12, 3.6), dpi=110, layout="constrained")
+    figure = _new_figure(figsize=(12, 3.6), dpi=110, layout="constrained")
     loss_ax, accuracy_ax, lr_ax = figure.subplots(1, 3, sharex=True)
     for phase in phases:
         for ax, key in ((loss_ax, "loss"), (lr_ax, "lr")):
@@ -312,6 +315,12 @@ def save_run_figures(
     if (run_dir / METRICS_FILE).is_file():
         written.append(save_learning_curves(run_dir, out / CURVES_PNG))
     return written
+
+
+def _new_figure(**options) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
