@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """

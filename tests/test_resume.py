@@ -7,9 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from modnet import io
+
+pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
