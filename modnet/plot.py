@@ -30,6 +30,7 @@ ROUTES_TXT = "routes.txt"
 CURVES_PNG = "curves.png"
 METRICS_FILE = "metrics.jsonl"
 COLORMAP = "Blues"
+MAX_COLUMNS = 6  # route panels per row
 
 
 @torch.no_grad()
@@ -96,7 +97,7 @@ def route_figure(
     kinds: Mapping[str, str] | str | None = None,
     title: str | None = None,
 ) -> Figure:
-    """One heatmap per task side by side, sharing one colour bar.
+    """One heatmap per task side by side (in rows of up to 6), sharing one colour bar.
 
     Args:
         matrices: ``[layers, templates]`` shares per panel (see ``route_matrix``);
@@ -117,13 +118,19 @@ def route_figure(
     shared_kind = common.pop() if len(common) == 1 and len(kinds) == len(matrices) else None
     layers = max(m.shape[0] for m in matrices.values())
     templates = max(m.shape[1] for m in matrices.values())
+    count = len(matrices)
+    rows = -(-count // MAX_COLUMNS)
+    columns = -(-count // rows)
     panel_width = max(1.4, 0.32 * templates + 0.5)
-    width = 1.2 + panel_width * len(matrices)
-    height = 1.5 + 0.26 * layers
+    width = 1.2 + panel_width * columns
+    height = 0.6 + rows * (0.9 + 0.26 * layers)
     figure = _new_figure(figsize=(width, height), dpi=110, layout="constrained")
-    axes = figure.subplots(1, len(matrices), sharey=True, squeeze=False)[0]
+    grid = figure.subplots(rows, columns, sharey=True, squeeze=False).ravel()
+    for unused in grid[count:]:
+        unused.remove()
+    axes = grid[:count]
     image = None
-    for ax, (name, matrix) in zip(axes, matrices.items(), strict=True):
+    for index, (ax, (name, matrix)) in enumerate(zip(axes, matrices.items(), strict=True)):
         image = ax.imshow(
             matrix.float().numpy(),
             cmap=COLORMAP,
@@ -135,15 +142,17 @@ def route_figure(
         label = name if shared_kind or not kinds.get(name) else f"{name}\n({kinds[name]})"
         ax.set_title(label, fontsize=9)
         ax.set_xticks(range(matrix.shape[1]))
-        ax.set_xlabel("template")
         ax.tick_params(labelsize=7)
-    axes[0].set_ylabel("layer")
-    axes[0].set_yticks(range(layers))
+        if index + columns >= count:  # nothing below it
+            ax.set_xlabel("template")
+        if index % columns == 0:
+            ax.set_ylabel("layer")
+            ax.set_yticks(range(layers))
     title = title or "Routes: template share per layer"
     if shared_kind:
         title += f" ({shared_kind} route)"
     figure.suptitle(title, fontsize=10)
-    bar = figure.colorbar(image, ax=list(axes), shrink=0.9, pad=0.02)
+    bar = figure.colorbar(image, ax=list(axes), shrink=0.9 if rows == 1 else 0.6, pad=0.02)
     bar.set_label("share of the layer's weight", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return figure
