@@ -11,13 +11,22 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
 
 from . import __version__, commands
+from .errors import ModnetError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="modnet",
         description="Modular networks: train template pools and routes, transfer, adapt, bench.",
     )
@@ -32,9 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs a subcommand. Problems with the user's input end as one line on stderr, exit 2.
+    """Runs a subcommand.
 
-    Set ``MODNET_DEBUG=1`` to see the traceback instead.
+    Problems with the user's input (``ModnetError``, argument errors) and a full disk
+    end as one line on stderr with exit code 2; anything else is a bug or a failure
+    of a library and keeps its traceback. Set ``MODNET_DEBUG=1`` to see the
+    traceback of a user error too.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,13 +54,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
-        if os.environ.get("MODNET_DEBUG"):
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
+    except (ModnetError, OSError) as error:
+        if os.environ.get("MODNET_DEBUG") or not _is_user_error(error):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"modnet {args.command}: error: {message}", file=sys.stderr)
+        print(f"modnet {args.command}: error: {_message(error)}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(error: BaseException) -> bool:
+    from .io.fs import disk_full
+
+    return isinstance(error, ModnetError) or disk_full(error)
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, ModnetError):
+        return str(error)
+    where = f" while writing {error.filename}" if getattr(error, "filename", None) else ""
+    return f"no space left on device{where}: free some space or write elsewhere"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"modnet: warning: {message}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,22 @@ class UnknownTaskError(ModnetError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; print it plainly
         return str(self.args[0]) if self.args else ""
+
+
+class RunDirError(ModnetError, ValueError):
+    """A run directory cannot be used for what was asked (not a run, locked, unfinished)."""
+
+
+class CheckpointError(ModnetError, ValueError):
+    """A checkpoint is missing, corrupted, or does not match what it is loaded into."""
+
+
+class DivergenceError(ModnetError, FloatingPointError):
+    """Training diverged: a non-finite or exploding loss, or non-finite weights or statistics."""
+
+
+class DiskFullError(ModnetError, OSError):
+    """A write failed because the device is full; the message names the path."""
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 28]" once errno is set
+        return str(self.args[0]) if self.args else ""

@@ -1,12 +1,25 @@
-"""A task's network with its route baked in: a plain stack of real blocks."""
+"""A task's network with its route baked in: a plain stack of real blocks.
+
+Two file formats:
+
+- ``save_exported``: a ``torch.export`` program (``.pt2``). Loading one with
+  ``torch.export.load`` unpickles parts of the file, which can run code from it:
+  load only ``.pt2`` files you trust.
+- ``save_safe``: the network's weights as a safetensors state dict plus a JSON
+  config (``model.safetensors``, ``config.json``). Nothing in the files is run;
+  ``load_safe`` rebuilds the network from the config with the family's blocks
+  (timm's ``InvertedResidual`` or ViT ``Block``) and loads the tensors.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 if TYPE_CHECKING:
@@ -45,6 +58,10 @@ class ExportedNet(nn.Module):
         blocks = nn.Sequential(
             *[pool.build_block(weights, stats.layer(i)) for i, weights in enumerate(per_layer)]
         )
+        for block, rate in zip(blocks, model.drop_path_rates, strict=False):
+            for module in block.modules():
+                if isinstance(module, DropPath):
+                    module.drop_prob = rate  # each exported layer keeps its position's rate
         trunk = copy.deepcopy(model.trunk)
         for name, value in stats.trunk().items():
             trunk.get_buffer(name).copy_(value)
@@ -65,7 +82,9 @@ class ExportedNet(nn.Module):
 def save_exported(net: ExportedNet, path: str | Path, batch_size: int = 1) -> Path:
     """Saves ``net`` with ``torch.export`` (dynamic batch size), atomically.
 
-    The file loads with PyTorch alone: ``torch.export.load(path).module()``.
+    The file loads with PyTorch alone: ``torch.export.load(path).module()``. Loading
+    a ``.pt2`` file can execute code stored in it: share it only with people who
+    trust its source, or use ``save_safe``.
     """
     from .io import atomic_write
 
@@ -75,3 +94,76 @@ def save_exported(net: ExportedNet, path: str | Path, batch_size: int = 1) -> Pa
     program = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: batch},))
     atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp))
     return Path(path)
+
+
+SAFE_FORMAT = "modnet-exported/1"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_CONFIG = "config.json"
+
+
+def save_safe(net: ExportedNet, model_config: dict[str, Any], directory: str | Path) -> Path:
+    """Saves ``net`` as ``model.safetensors`` (its state dict) and ``config.json``.
+
+    Neither file contains code: ``load_safe`` rebuilds the network from the config
+    and only reads tensors, so the files are safe to load from any source.
+
+    Args:
+        net: The baked network (``ModularNet.export(task)``).
+        model_config: ``model.config`` of the model it came from (family and sizes).
+        directory: Output folder (created; both files are written atomically).
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save_file
+
+    from .io import atomic_write, write_json
+
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    atomic_write(directory / SAFE_WEIGHTS, lambda tmp: save_file(state, tmp))
+    config = dict(
+        format=SAFE_FORMAT,
+        model_config=dict(model_config),
+        task=net.task,
+        num_classes=int(net.head.out_features),
+        num_blocks=len(net.blocks),
+        input_size=list(net.input_size),
+    )
+    write_json(directory / SAFE_CONFIG, config)
+    return directory
+
+
+def load_safe(directory: str | Path) -> ExportedNet:
+    """Rebuilds a network saved by ``save_safe`` (in eval mode), reading only tensors.
+
+    Raises:
+        CheckpointError: The folder is not such an export, or its files are damaged.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .errors import CheckpointError
+    from .factory import build_model
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / SAFE_CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{directory / SAFE_CONFIG} cannot be read: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != SAFE_FORMAT:
+        raise CheckpointError(f"{directory / SAFE_CONFIG} is not a {SAFE_FORMAT} config")
+    try:
+        state = load_file(directory / SAFE_WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{directory / SAFE_WEIGHTS} cannot be read: {error}") from None
+    skeleton = build_model(config["model_config"])
+    skeleton.add_task(config["task"], config["num_classes"], route=[0] * config["num_blocks"])
+    net = ExportedNet.from_modular(skeleton, config["task"])
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{directory / SAFE_WEIGHTS} does not match its config: {error}"
+        ) from None
+    return net.eval()

@@ -1,20 +1,23 @@
-"""timm registration of modnet models, and ``from_timm`` conversion."""
+"""timm registration of modnet models (default cfgs, features), and ``from_timm`` conversion."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
+import timm
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
-from .families import conv_family, timm_family, vit_family
+from .errors import ConfigError
+from .families import conv_family, timm_family, timm_family_by_name, vit_family
+from .families.base import Family
+from .features import ModnetFeatures
 from .model import ModularNet
 from .routing import HardRoute
-
-# Options that timm's create_model passes to every entrypoint; modnet has no hub weights.
-_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only")
 
 _MODEL_OPTIONS = (
     "route",
@@ -23,17 +26,42 @@ _MODEL_OPTIONS = (
     "hyper_dim",
     "hyper_hidden",
     "hyper_normalize",
+    "drop_path_rate",
+)
+
+# Layer positions a features_only model returns by default: the last four.
+DEFAULT_FEATURE_LAYERS = 4
+
+
+def _cfg(size: int, stride: int, first_conv: str, **overrides: Any) -> dict[str, Any]:
+    return dict(
+        input_size=(3, size, size),
+        pool_size=(size // stride, size // stride),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        interpolation="bilinear",
+        crop_pct=1.0,
+        num_classes=0,  # no pretrained head: a task's classes are chosen when it is added
+        first_conv=first_conv,
+        classifier="heads.default",
+        license="apache-2.0",
+        **overrides,
+    )
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "modnet_conv_tiny": _cfg(32, 2, "trunk.stem.0"),
+        "modnet_conv_small": _cfg(64, 4, "trunk.stem.0"),
+        "modnet_vit_tiny": _cfg(32, 4, "trunk.model.patch_embed.proj"),
+        "modnet_vit_small": _cfg(64, 8, "trunk.model.patch_embed.proj"),
+    }
 )
 
 
-def _build(family_fn, defaults: Mapping[str, Any], pretrained: bool, kwargs: dict) -> ModularNet:
-    if pretrained:
-        raise ValueError(
-            "modnet models have no pretrained weights to download: create with "
-            "pretrained=False and load a checkpoint, or convert one with modnet.from_timm"
-        )
-    for key in _TIMM_ONLY:
-        kwargs.pop(key, None)
+def _construct(
+    family_fn: Callable[..., Family], defaults: Mapping[str, Any], **kwargs: Any
+) -> ModularNet:
     device = kwargs.pop("device", None)
     dtype = kwargs.pop("dtype", None)
     options = {**defaults, **kwargs}
@@ -41,9 +69,7 @@ def _build(family_fn, defaults: Mapping[str, Any], pretrained: bool, kwargs: dic
     tasks = options.pop("tasks", None)
     num_classes = options.pop("num_classes", None)
     if tasks is None:
-        tasks = {"default": num_classes} if num_classes else {}
-    elif num_classes is not None:
-        raise ValueError("pass either tasks={name: classes} or num_classes, not both")
+        tasks = {"default": num_classes} if num_classes is not None else {}
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
     family = family_fn(**options)
     model = ModularNet(family, depth=depth, tasks=tasks, **model_options)
@@ -52,35 +78,91 @@ def _build(family_fn, defaults: Mapping[str, Any], pretrained: bool, kwargs: dic
     return model
 
 
+def _create(
+    variant: str,
+    family_fn: Callable[..., Family],
+    defaults: Mapping[str, Any],
+    pretrained: bool,
+    kwargs: dict[str, Any],
+) -> nn.Module:
+    """Builds through timm's ``build_model_with_cfg`` (default cfg, ``features_only``).
+
+    ``num_classes`` makes one task named ``"default"`` (0: no head, the forward
+    returns pooled features); ``tasks={name: classes}`` makes several; neither
+    makes a model without tasks, to which ``add_task`` adds them.
+    """
+    if pretrained:
+        raise ConfigError(
+            "modnet models have no pretrained weights to download: create with "
+            "pretrained=False and load a checkpoint, or convert one with modnet.from_timm"
+        )
+    if kwargs.get("tasks") is not None and kwargs.get("num_classes") is not None:
+        raise ConfigError("pass either tasks={name: classes} or num_classes, not both")
+    if kwargs.get("features_only") and kwargs.get("tasks") is None:
+        kwargs.setdefault("num_classes", 0)  # a feature extractor needs a task's route
+    # timm fills num_classes from the default cfg; only a caller's own value makes a task.
+    kwargs_filter = () if kwargs.get("num_classes") is not None else ("num_classes",)
+    model = build_model_with_cfg(
+        partial(_construct, family_fn, defaults),
+        variant,
+        pretrained=False,
+        feature_cfg=dict(out_indices=DEFAULT_FEATURE_LAYERS, feature_cls=ModnetFeatures),
+        kwargs_filter=kwargs_filter,
+        **kwargs,
+    )
+    if isinstance(getattr(model, "model", None), ModularNet):  # a features_only wrapper
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(
+            model.model.pretrained_cfg
+        )
+    return model
+
+
 FAMILIES = {"conv": conv_family, "vit": vit_family}
 
 
 def build_model(config: Mapping[str, Any]) -> ModularNet:
-    """Rebuilds a model (without tasks) from ``model.config``: how checkpoints load."""
+    """Rebuilds a model (without tasks) from ``model.config``: how checkpoints load.
+
+    Raises:
+        ConfigError: An unknown family, or a converted timm model whose architecture
+            cannot be recreated from a registered name.
+    """
     options = dict(config)
     family_name = options.pop("family", None)
-    if family_name not in FAMILIES:
-        raise ValueError(
-            f"cannot rebuild a model of family {family_name!r}: saved models can be rebuilt "
-            f"for the families {sorted(FAMILIES)}"
-        )
     depth = options.pop("depth")
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
-    return ModularNet(FAMILIES[family_name](**options), depth=depth, **model_options)
+    if family_name == "timm":
+        if options.get("timm_kwargs") is None:
+            raise ConfigError(
+                f"cannot rebuild this model: it was converted from a {options['architecture']} "
+                "that timm.create_model cannot recreate by name; convert it with "
+                "modnet.from_timm('<timm model name>', **kwargs) to make it loadable"
+            )
+        family = timm_family_by_name(options["architecture"], options["timm_kwargs"])
+        if options.get("global_pool") is not None:  # set by reset_classifier after conversion
+            family.trunk.set_global_pool(options["global_pool"])
+    elif family_name in FAMILIES:
+        family = FAMILIES[family_name](**options)
+    else:
+        raise ConfigError(
+            f"cannot rebuild a model of family {family_name!r}: saved models can be rebuilt "
+            f"for the families {sorted([*FAMILIES, 'timm'])}"
+        )
+    return ModularNet(family, depth=depth, **model_options)
 
 
 @register_model
 def modnet_conv_tiny(pretrained: bool = False, **kwargs: Any) -> ModularNet:
     """Inverted residuals, 32x32 input, 16 layers at 16x16x40 from 4 templates."""
     defaults = dict(depth=16, num_templates=4, width=40, exp_ratio=6.0, img_size=32)
-    return _build(conv_family, defaults, pretrained, kwargs)
+    return _create("modnet_conv_tiny", conv_family, defaults, pretrained, kwargs)
 
 
 @register_model
 def modnet_conv_small(pretrained: bool = False, **kwargs: Any) -> ModularNet:
     """Inverted residuals, 64x64 input, 16 layers at 16x16x64 from 8 templates."""
     defaults = dict(depth=16, num_templates=8, width=64, exp_ratio=6.0, img_size=64, stem_stride=4)
-    return _build(conv_family, defaults, pretrained, kwargs)
+    return _create("modnet_conv_small", conv_family, defaults, pretrained, kwargs)
 
 
 @register_model
@@ -89,7 +171,7 @@ def modnet_vit_tiny(pretrained: bool = False, **kwargs: Any) -> ModularNet:
     defaults = dict(
         depth=12, num_templates=4, img_size=32, patch_size=4, embed_dim=192, num_heads=3
     )
-    return _build(vit_family, defaults, pretrained, kwargs)
+    return _create("modnet_vit_tiny", vit_family, defaults, pretrained, kwargs)
 
 
 @register_model
@@ -98,33 +180,81 @@ def modnet_vit_small(pretrained: bool = False, **kwargs: Any) -> ModularNet:
     defaults = dict(
         depth=12, num_templates=6, img_size=64, patch_size=8, embed_dim=384, num_heads=6
     )
-    return _build(vit_family, defaults, pretrained, kwargs)
+    return _create("modnet_vit_small", vit_family, defaults, pretrained, kwargs)
 
 
-def from_timm(model: nn.Module, task: str = "default", route: str = "hard") -> ModularNet:
+def _recreates(model: nn.Module, architecture: str, timm_kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``timm.create_model(architecture, **timm_kwargs)`` has ``model``'s architecture."""
+    try:
+        rebuilt = timm.create_model(architecture, pretrained=False, **timm_kwargs)
+    except Exception:  # an unknown name or arguments: not rebuildable, said at load time
+        return False
+    return type(rebuilt) is type(model) and repr(rebuilt) == repr(model)
+
+
+def from_timm(
+    model: nn.Module | str, task: str = "default", route: str = "hard", **timm_kwargs: Any
+) -> ModularNet:
     """Converts a timm model with identical blocks into a ``ModularNet``.
 
     Every block becomes one template and the task gets the identity route, so the
-    result computes exactly what the timm model computes (same logits). The timm
-    model is not modified.
+    result computes exactly what the timm model computes: the same logits in eval
+    mode, and in training mode the same outputs under the same seed (each block's
+    drop-path rate stays with its layer position; dropout and BatchNorm run as in
+    timm, BatchNorm statistics are taken over per layer). The timm model is not
+    modified.
+
+    Supported: timm's ``VisionTransformer`` (``vit_*``, ``deit3_*``, ...),
+    ``MlpMixer`` (``mixer_*``, ``resmlp_*``, ``gmlp_*``) and ``ConvMixer``
+    (``convmixer_*``), exactly those classes.
 
     Args:
-        model: A timm ``VisionTransformer`` (or variant) or MLP-Mixer-style model.
+        model: A timm model, or a timm model name created with ``timm_kwargs``.
         task: Name of the task that the model's classifier becomes.
         route: Kind of route for tasks added later (see ``ModularNet``); the
             converted task itself always gets the identity hard route.
+        **timm_kwargs: Arguments of ``timm.create_model``: with a name, used to
+            create it; with a model, how it was created (checked). Together with
+            the name they are stored in ``config``, so saved models load again.
+
+    Returns:
+        The converted model, on the timm model's device and dtype.
+
+    Raises:
+        ConfigError: An unsupported class, blocks that differ in anything but their
+            drop-path rate, or other parts that cannot be converted faithfully.
     """
-    family, head = timm_family(model)
-    depth = family.pool.num_templates
-    net = ModularNet(family, depth=depth, route=route)
-    num_classes = head.out_features if isinstance(head, nn.Linear) else 0
-    identity = HardRoute(range(depth), depth)
-    if num_classes:
-        net.add_task(task, num_classes, route=identity)
-        with torch.no_grad():
-            net.heads[task].load_state_dict(head.state_dict())
+    if isinstance(model, str):
+        architecture = model
+        model = timm.create_model(architecture, **timm_kwargs)
+        recreatable = True
     else:
-        net.add_task(task, 1, route=identity)
-        net.reset_classifier(0, task)
+        architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        recreatable = architecture is not None and _recreates(model, architecture, timm_kwargs)
+    family, head = timm_family(model)
+    rates = family.drop_path_rates
+    net = ModularNet(
+        family,
+        depth=family.pool.num_templates,
+        route=route,
+        drop_path_rate=rates if any(rates) else 0.0,
+    )
+    net.config.update(
+        architecture=architecture or type(model).__name__,
+        timm_kwargs={k: v for k, v in timm_kwargs.items() if k != "pretrained"}
+        if recreatable
+        else None,
+    )
+    num_classes = head.out_features if isinstance(head, nn.Linear) else 0
+    net.add_task(task, num_classes, route=HardRoute(range(net.depth), net.depth))
+    with torch.no_grad():
+        if num_classes:
+            net.heads[task].load_state_dict(head.state_dict())
+        stats = net.norm_stats[task]
+        for layer, values in enumerate(family.layer_stats):
+            for name, value in stats.layer(layer).items():
+                value.copy_(values[name])
+        for name, value in stats.trunk().items():
+            value.copy_(net.trunk.get_buffer(name))
     reference = next(model.parameters())
-    return net.to(device=reference.device, dtype=reference.dtype)
+    return net.to(device=reference.device, dtype=reference.dtype).train(model.training)

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import drop_path as _drop_path
+from . import features as _features
 from .binding import TensorBinder, is_batchnorm_buffer
+from .errors import ConfigError
 from .families.base import Family
 from .norm_stats import TaskNormStats
 from .routing import HardRoute, HyperNetwork, HyperRoute, Route, RoutePlan, SoftRoute
@@ -41,6 +44,15 @@ class ModularNet(nn.Module):
         hyper_dim: Task-embedding size for ``route="hyper"``.
         hyper_hidden: Hidden width of the hypernetwork (0 for a linear map).
         hyper_normalize: ``"linear"`` or ``"softmax"`` for hypernetwork coefficients.
+        drop_path_rate: Stochastic depth (Huang et al. 2016, "Deep Networks with
+            Stochastic Depth"): a float gives layer position ``l`` the rate
+            ``drop_path_rate * l / (depth - 1)`` (timm's linear rule); a sequence
+            gives one rate per layer position. The rate belongs to the position, not
+            to the template, since a template can sit at several depths.
+
+    Raises:
+        ValueError: An unknown route kind, a depth below 1, or drop-path rates that do
+            not fit the depth or the block (``ConfigError``).
     """
 
     def __init__(
@@ -54,6 +66,7 @@ class ModularNet(nn.Module):
         hyper_dim: int = 8,
         hyper_hidden: int = 0,
         hyper_normalize: str = "linear",
+        drop_path_rate: float | Sequence[float] = 0.0,
     ):
         super().__init__()
         if route not in ROUTE_KINDS:
@@ -66,7 +79,11 @@ class ModularNet(nn.Module):
         self.route_kind = route
         self.anisotropic = anisotropic
         self.route_init = route_init
-        self.num_features = self.head_hidden_size = self.trunk.num_features
+        self.num_features = self.trunk.num_features
+        self.head_hidden_size = self.trunk.head_hidden_size
+        self.grad_checkpointing = False
+        self.drop_path_rates = _drop_path.layer_rates(drop_path_rate, depth)
+        self._drop_paths = _drop_path.install(self.pool._binder.module, self.drop_path_rates)
         self.config: dict[str, Any] = dict(
             family.config,
             depth=depth,
@@ -77,6 +94,10 @@ class ModularNet(nn.Module):
             hyper_hidden=hyper_hidden,
             hyper_normalize=hyper_normalize,
         )
+        if any(self.drop_path_rates):
+            self.config["drop_path_rate"] = (
+                drop_path_rate if isinstance(drop_path_rate, float) else list(drop_path_rate)
+            )
         groups = self.pool.num_tensors if anisotropic else 1
         self.hypernet = None
         if route == "hyper":
@@ -90,32 +111,36 @@ class ModularNet(nn.Module):
         self.routes = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.norm_stats = nn.ModuleDict()
-        size = self.trunk.img_size
-        self.pretrained_cfg = self.default_cfg = dict(
-            input_size=(self.trunk.in_chans, *(size or (224, 224))),
-            mean=family.mean,
-            std=family.std,
-            interpolation="bilinear",
-            crop_pct=1.0,
-            num_classes=0,
-            classifier="heads",
+        self._family_normalization = {
+            key: _per_channel(getattr(family, key), self.trunk.in_chans) for key in ("mean", "std")
+        }
+        self.task_normalization: dict[str, dict[str, tuple[float, ...]]] = {}
+        self._pretrained_cfg: dict[str, Any] = dict(
+            interpolation="bilinear", crop_pct=1.0, num_classes=0
         )
+        self._refresh_pretrained_cfg()
         for name, num_classes in (tasks or {}).items():
             self.add_task(name, num_classes)
 
     # ------------------------------------------------------------------ tasks
     @property
     def task_names(self) -> list[str]:
+        """Task names in the order they were added (per-sample task ids index this list)."""
         return list(self.heads.keys())
 
     @property
     def num_classes(self) -> int:
-        """Classes of the first task (timm's single-head convention)."""
-        return self.heads[self.task_names[0]].out_features if self.heads else 0
+        """Classes of the first task (timm's single-head convention).
+
+        0 when the model has no task or the first task's head was removed with
+        ``reset_classifier(0)`` (its forward then returns pooled features).
+        """
+        return _head_classes(self.heads[self.task_names[0]]) if self.heads else 0
 
     @property
     def task_classes(self) -> dict[str, int]:
-        return {name: head.out_features for name, head in self.heads.items()}
+        """Classes per task; 0 for a task whose forward returns pooled features."""
+        return {name: _head_classes(head) for name, head in self.heads.items()}
 
     def add_task(
         self,
@@ -128,14 +153,21 @@ class ModularNet(nn.Module):
 
         Args:
             name: Task name (letters, digits, ``_`` and ``-``).
-            num_classes: Size of the task's classifier.
+            num_classes: Size of the task's classifier; 0 for no classifier (the
+                task's forward returns pooled features ``[B, head_hidden_size]``).
             route: A route, a list of template indices, or a coefficient tensor;
-                default: a new route of the model's ``route`` kind.
+                default: a new route of the model's ``route`` kind. The model keeps
+                its own copy: later changes to ``route`` do not reach the task.
             init_from: Copy the route and norm statistics of this existing task.
+
+        Raises:
+            ValueError: An invalid or taken name, ``num_classes < 0``, or a route that
+                does not fit the pool or the depth.
+            KeyError: ``init_from`` names no task.
         """
         self._check_new_task_name(name)
-        if num_classes < 1:
-            raise ValueError(f"task {name!r} needs num_classes >= 1, got {num_classes}")
+        if num_classes < 0:
+            raise ValueError(f"task {name!r} needs num_classes >= 0, got {num_classes}")
         if init_from is not None:
             self._task(init_from)
         if route is not None:
@@ -148,11 +180,12 @@ class ModularNet(nn.Module):
             stats = copy.deepcopy(self.norm_stats[init_from])
         else:
             stats = TaskNormStats(self.depth, self.pool.initial_stats, self._initial_trunk_stats())
-        head = nn.Linear(self.num_features, num_classes)
+        head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
         reference = self._reference_tensor()
         self.routes[name] = new_route.to(reference.device)
         self.norm_stats[name] = stats.to(reference.device, reference.dtype)
         self.heads[name] = head.to(reference.device, reference.dtype)
+        self._refresh_pretrained_cfg()
 
     def set_route(self, task: str, route: Route | Sequence[int] | torch.Tensor) -> None:
         """Replaces a task's route.
@@ -162,7 +195,12 @@ class ModularNet(nn.Module):
                 ``depth``, repeats allowed), a coefficient tensor ``[L, K]`` or
                 ``[L, K, G]`` (a linear soft route starting there), or a ``Route``.
                 A hard route of the same length as the current one is updated in
-                place, so a compiled model runs it without recompiling.
+                place, so a compiled model runs it without recompiling. The model
+                keeps its own copy: later changes to ``route`` do not reach the task.
+
+        Raises:
+            KeyError: ``task`` is unknown.
+            ValueError: The route does not fit the pool or the depth.
         """
         self._task(task)
         new = self._coerce_route(route, task)
@@ -179,6 +217,15 @@ class ModularNet(nn.Module):
         Existing routes keep seeing only the templates they were made with, so every
         existing task's output stays bit-for-bit the same. Tasks added afterwards see
         all templates; ``task`` widens that one task's route to the new templates.
+
+        Args:
+            count: Templates to add.
+            task: A task whose route widens to the new templates.
+            init: ``"random"``, ``"mean"`` or the index of a template to copy.
+
+        Raises:
+            KeyError: ``task`` is unknown.
+            ValueError: ``count < 1`` or an unknown ``init``.
         """
         new = self.pool.grow(count, init=init)
         if task is not None:
@@ -187,41 +234,117 @@ class ModularNet(nn.Module):
         return new
 
     def export(self, task: str) -> nn.Module:
-        """The task's network with its route baked in: plain blocks, no pool."""
+        """The task's network with its route baked in: plain blocks, no pool.
+
+        Raises:
+            KeyError: ``task`` is unknown.
+        """
         from .export import ExportedNet
 
         return ExportedNet.from_modular(self, task)
 
     # ------------------------------------------------------------ timm interface
     def get_classifier(self, task: str | None = None) -> nn.Module:
+        """The task's head: ``nn.Linear(head_hidden_size, classes)``, or ``nn.Identity``.
+
+        Raises:
+            KeyError: ``task`` is unknown.
+            ValueError: Several tasks and no ``task``.
+        """
         return self.heads[self._single_task(task)]
 
-    def reset_classifier(self, num_classes: int, task: str | None = None, **_: Any) -> None:
-        """Replaces a task's head with a fresh one of ``num_classes`` outputs."""
-        name = self._single_task(task)
-        reference = self._reference_tensor()
-        head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        self.heads[name] = head.to(reference.device, reference.dtype)
+    def reset_classifier(
+        self, num_classes: int, global_pool: str | None = None, task: str | None = None
+    ) -> None:
+        """Replaces a task's head with a fresh one of ``num_classes`` outputs (timm API).
 
-    def forward_features(self, x: torch.Tensor, task: TaskSpec = None) -> torch.Tensor:
-        """Features after the final norm, before pooling (timm's convention)."""
+        Args:
+            num_classes: Outputs of the new head; 0 removes the head, so the task's
+                forward returns pooled features ``[B, head_hidden_size]`` and
+                ``num_classes`` reads 0.
+            global_pool: A new pooling of the trunk, shared by all tasks (e.g.
+                ``"avg"``, ``"max"``, ``""`` for none); ``None`` keeps it. A pooling
+                that changes the head's input width is refused while other tasks
+                keep heads of the old width.
+            task: The task (optional when the model has one task).
+
+        Raises:
+            KeyError: ``task`` is unknown.
+            ValueError: Several tasks and no ``task``, or an unsupported pooling.
+        """
+        name = self._single_task(task)
+        if global_pool is not None:
+            self._set_global_pool(global_pool, name)
+        reference = self._reference_tensor()
+        head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
+        self.heads[name] = head.to(reference.device, reference.dtype).train(self.training)
+        self._refresh_pretrained_cfg()
+
+    def forward_features(
+        self, x: torch.Tensor, task: TaskSpec = None, route: Any = None
+    ) -> torch.Tensor:
+        """Features after the final norm, before pooling (timm's convention).
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            task: As in ``forward``.
+            route: As in ``forward``.
+
+        Returns:
+            ``[B, C, H', W']`` for conv trunks, ``[B, N, C]`` tokens for ViT-style ones.
+        """
         self._check_input(x)
+        if route is not None:
+            name, plan = self._override(task, route)
+            return self._features(x, name, plan)
         return self._dispatch(x, task, self._features, pad=False)
 
     def forward_head(
         self, x: torch.Tensor, task: TaskSpec = None, pre_logits: bool = False
     ) -> torch.Tensor:
-        """Pooling and the task's classifier, applied to ``forward_features`` output."""
+        """Pooling and the task's classifier, applied to ``forward_features`` output.
+
+        Args:
+            x: ``forward_features`` output of the same task.
+            task: As in ``forward``.
+            pre_logits: Return the pooled features ``[B, head_hidden_size]`` instead
+                of the logits ``[B, num_classes]``.
+        """
         return self._dispatch(x, task, lambda h, t: self._head(h, t, pre_logits), pad=True)
 
-    def forward(self, x: torch.Tensor, task: TaskSpec = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: TaskSpec = None, route: Any = None) -> torch.Tensor:
         """Logits for ``task``: a name, an index, or one task per sample.
 
         With one task per sample the batch is grouped by task, every group runs
         with its own route, and the original order is restored. Tasks with fewer
         classes than others in the batch get ``-inf`` in the extra columns.
+
+        Args:
+            x: Images ``[B, C, H, W]`` in the model's dtype.
+            task: A task name or index (optional with one task), or per-sample task
+                ids (a 1-D integer tensor or a list of names/indices, length ``B``).
+            route: Runs this call with another route instead of the task's own, and
+                changes no state (for trying block orders, in the spirit of
+                x-transformers' execution order as a forward argument): a list of
+                template indices, a coefficient tensor ``[L, K]``/``[L, K, G]``
+                (gradients flow into it) or a ``Route``. Needs a single task, whose
+                head and norm statistics are used (in training mode BatchNorm still
+                updates that task's running statistics, as any training forward does).
+
+        Returns:
+            Logits ``[B, num_classes]`` (float, the model's dtype); pooled features
+            ``[B, head_hidden_size]`` for a task without a head.
+
+        Raises:
+            ValueError: A wrong input shape, an unknown task index, or a route that
+                does not fit the model; ``ConfigError`` for a route with per-sample
+                tasks.
+            KeyError: An unknown task name.
         """
         self._check_input(x)
+        if route is not None:
+            name, plan = self._override(task, route)
+            return self._head(self._features(x, name, plan), name, False)
         return self._dispatch(
             x, task, lambda h, t: self._head(self._features(h, t), t, False), pad=True
         )
@@ -261,13 +384,22 @@ class ModularNet(nn.Module):
         return list(self.routes[task].parameters()) + list(self.heads[task].parameters())
 
     # ----------------------------------------------------------------- internals
-    def _features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+    def _features(
+        self,
+        x: torch.Tensor,
+        task: str,
+        plan: RoutePlan | None = None,
+        keep: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         stats = self.norm_stats[task]
         x = self._trunk_stage("embed", x, stats)
-        plan: RoutePlan = self.routes[task].plan(self.hypernet)
+        if plan is None:
+            plan = self.routes[task].plan(self.hypernet)
         if plan.indices is not None:
             for layer, weights in enumerate(self.pool.select_many(plan.indices)):
-                x = self.pool.run(x, weights, stats.layer(layer))
+                x = self._run_layer(x, layer, weights, stats)
+                if keep is not None:
+                    keep.append(x)
         else:
             if plan.coefficients is not None:
                 weights = self.pool.mix(plan.coefficients)
@@ -277,7 +409,9 @@ class ModularNet(nn.Module):
             layers = {name: w.unbind(0) for name, w in weights.items()}
             for layer in range(plan.depth):
                 layer_weights = {name: w[layer] for name, w in layers.items()}
-                x = self.pool.run(x, layer_weights, stats.layer(layer))
+                x = self._run_layer(x, layer, layer_weights, stats)
+                if keep is not None:
+                    keep.append(x)
         return self._trunk_stage("norm", x, stats)
 
     def _head(self, x: torch.Tensor, task: str, pre_logits: bool) -> torch.Tensor:
@@ -416,9 +550,10 @@ class ModularNet(nn.Module):
         return SoftRoute(self.depth, count, groups, self.route_kind, self.route_init)
 
     def _coerce_route(self, route: Any, task: str) -> Route:
+        """A route of the model's own: every input is copied, never shared."""
         count = self.pool.num_templates
         if isinstance(route, Route):
-            new = route
+            new = copy.deepcopy(route)
         elif torch.is_tensor(route) and route.dtype.is_floating_point:
             new = SoftRoute.from_coefficients(route.detach())
         else:
@@ -492,3 +627,196 @@ class ModularNet(nn.Module):
 
     def _reference_tensor(self) -> torch.Tensor:
         return self.pool.chunks[0].tensor(self.pool.tensor_names[0])
+
+    # ------------------------------------------------- timm contract and task lifecycle
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's data config of the model: input size, mean/std, interpolation, names.
+
+        ``mean``/``std`` are what the first task was trained with when known (a
+        checkpoint records each task's normalisation, see ``set_normalization``),
+        else the family's defaults; ``timm.data.resolve_data_config(model=model)``
+        reads them. ``default_cfg`` is the same dict (timm's older name).
+        """
+        return self._pretrained_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: Mapping[str, Any]) -> None:
+        self._pretrained_cfg = dict(cfg)
+        self._refresh_pretrained_cfg()
+
+    default_cfg = pretrained_cfg
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """One entry per layer position: ``num_chs``, ``reduction`` and ``module`` (timm)."""
+        return _features.feature_info(self)
+
+    def set_normalization(self, task: str, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Records the per-channel mean/std that ``task``'s inputs are normalised with.
+
+        Checkpoints carry it (``io.save_model`` reads it from each task's transform);
+        ``pretrained_cfg`` follows the first task.
+
+        Raises:
+            KeyError: ``task`` is unknown.
+            ValueError: ``mean``/``std`` do not have one value per input channel.
+        """
+        self._task(task)
+        channels = self.trunk.in_chans
+        if len(mean) != channels or len(std) != channels:
+            raise ConfigError(
+                f"mean and std need {channels} values (one per input channel), got "
+                f"{len(mean)} and {len(std)}"
+            )
+        self.task_normalization[task] = {
+            "mean": tuple(float(m) for m in mean),
+            "std": tuple(float(s) for s in std),
+        }
+        self._refresh_pretrained_cfg()
+
+    def delete_task(self, name: str) -> None:
+        """Removes a task's route, head, norm statistics and normalisation: ``add_task``'s inverse.
+
+        Every other task's parameters, buffers and outputs stay bit-identical; shared
+        templates, trunk and hypernetwork are untouched.
+
+        Raises:
+            KeyError: ``name`` is unknown.
+        """
+        self._task(name)
+        del self.routes[name], self.heads[name], self.norm_stats[name]
+        self.task_normalization.pop(name, None)
+        self._refresh_pretrained_cfg()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recomputes each layer's activations in the backward pass instead of storing them.
+
+        Outputs and gradients are the same as without it (BatchNorm running
+        statistics are updated once, dropout and drop-path draw the same numbers);
+        peak memory of training drops. Method: Chen et al. 2016, "Training Deep Nets
+        with Sublinear Memory Cost", via ``torch.utils.checkpoint`` (non-reentrant).
+        """
+        self.grad_checkpointing = bool(enable)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        task: str | int | None = None,
+        route: Any = None,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-layer outputs of one task's route (timm's ``forward_intermediates``).
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            indices: Layer positions to return: ``None`` all, an int ``n`` the last
+                ``n``, a sequence of positions (negative from the end).
+            norm: Apply the final norm to every returned output.
+            stop_early: Accepted for timm compatibility; all layers run.
+            output_fmt: ``"NCHW"`` (maps ``[B, C, H', W']``; tokens without prefix
+                tokens, reshaped to the patch grid) or ``"NLC"`` (``[B, N, C]``).
+            intermediates_only: Return only the list.
+            task: One task (name or index; optional with one task).
+            route: A route override, as in ``forward``.
+
+        Returns:
+            ``(forward_features(x), intermediates)`` or only ``intermediates``.
+
+        Raises:
+            ValueError: Per-sample tasks, an unknown format, or indices out of range.
+        """
+        return _features.forward_intermediates(
+            self, x, indices, norm, output_fmt, intermediates_only, task, route
+        )
+
+    def _override(self, task: TaskSpec, route: Any) -> tuple[str, RoutePlan]:
+        """The single task and the plan of a per-call route (no state changes)."""
+        single = self._resolve_single(task)
+        if single is None:
+            raise ConfigError(
+                "a route override applies to one task: pass task=<name> (not one task per "
+                "sample) together with route="
+            )
+        if isinstance(route, Route):
+            self._coerce_route(route, single)  # validates; the caller's route itself runs
+            return single, route.plan(self.hypernet)
+        if torch.is_tensor(route) and route.dtype.is_floating_point:
+            shape = tuple(route.shape)
+            count = self.pool.num_templates
+            tensors = (1, self.pool.num_tensors)
+            if (
+                route.ndim not in (2, 3)
+                or shape[0] != self.depth
+                or not 1 <= shape[1] <= count
+                or (route.ndim == 3 and shape[2] not in tensors)
+            ):
+                raise ConfigError(
+                    f"route coefficients must be [{self.depth}, K] or [{self.depth}, K, "
+                    f"{self.pool.num_tensors}] with K <= {count} templates, got {shape}"
+                )
+            return single, RoutePlan(coefficients=route)
+        hard = HardRoute(route, self.pool.num_templates)
+        self._check_hard_route(hard, single)
+        return single, hard.plan(self.hypernet)
+
+    def _run_layer(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        weights: Mapping[str, torch.Tensor],
+        stats: TaskNormStats,
+    ) -> torch.Tensor:
+        """Layer position ``layer``: its drop-path rate, checkpointing, its statistics."""
+        run = self.pool.run
+        if self._drop_paths:
+            run = _drop_path.at_rate(run, self._drop_paths, self.drop_path_rates[layer])
+        layer_stats = stats.layer(layer)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return _features.checkpointed(run, x, weights, layer_stats)
+        return run(x, weights, layer_stats)
+
+    def _set_global_pool(self, global_pool: str, task: str) -> None:
+        width = self.trunk.pool_width(global_pool)
+        others = [n for n, h in self.heads.items() if n != task and isinstance(h, nn.Linear)]
+        if width != self.head_hidden_size and others:
+            raise ConfigError(
+                f"global_pool={global_pool!r} changes the head input from "
+                f"{self.head_hidden_size} to {width} features, but tasks {others} keep heads "
+                "of the old width: reset their classifiers too, or pick a pooling of the "
+                "same width"
+            )
+        self.trunk.set_global_pool(global_pool)
+        self.head_hidden_size = width
+        self.config["global_pool"] = global_pool
+
+    def _refresh_pretrained_cfg(self) -> None:
+        cfg = self._pretrained_cfg
+        size = self.trunk.img_size
+        cfg["input_size"] = (self.trunk.in_chans, *(size or (224, 224)))
+        cfg["fixed_input_size"] = size is not None
+        first = self.task_names[0] if len(self.heads) else None
+        channels = self.trunk.in_chans
+        if first in self.task_normalization:
+            cfg.update(self.task_normalization[first])
+        elif len(cfg.get("mean") or ()) != channels or len(cfg.get("std") or ()) != channels:
+            cfg.update(self._family_normalization)
+        cfg["pool_size"] = self.trunk.feature_size(cfg["input_size"][1:])
+        cfg["first_conv"] = "trunk." + self.trunk.first_conv
+        cfg["classifier"] = f"heads.{first or 'default'}"
+
+
+def _head_classes(head: nn.Module) -> int:
+    return head.out_features if isinstance(head, nn.Linear) else 0
+
+
+def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """One value per input channel (a constant default repeats to any channel count)."""
+    values = tuple(float(v) for v in values)
+    if len(values) != channels and len(set(values)) == 1:
+        return values[:1] * channels
+    return values

@@ -64,8 +64,9 @@ class HardRoute(Route):
 
     def __init__(self, indices: Sequence[int] | torch.Tensor, num_templates: int):
         super().__init__()
+        # A copy, never a view of the caller's tensor: routes own their state.
         values = torch.as_tensor(list(indices) if not torch.is_tensor(indices) else indices)
-        values = values.to(torch.long).flatten()
+        values = values.detach().to(device="cpu", dtype=torch.long).flatten().clone()
         self.num_templates = num_templates
         self.register_buffer("indices", values)
         self._indices = tuple(values.tolist())

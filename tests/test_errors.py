@@ -87,8 +87,8 @@ def test_invalid_or_duplicate_task_names(model):
         model.add_task("a.b", 3)
     with pytest.raises(ValueError, match="reserved"):
         model.add_task("keys", 3)
-    with pytest.raises(ValueError, match="num_classes >= 1"):
-        model.add_task("empty", 0)
+    with pytest.raises(ValueError, match="num_classes >= 0"):
+        model.add_task("negative", -1)
 
 
 def test_unknown_options():

@@ -1,36 +1,141 @@
-"""from_timm: a converted timm model computes exactly what timm computes."""
+"""from_timm: a converted timm model computes exactly what timm computes, or is refused."""
 
 import pytest
 import timm
 import torch
-from timm.models.mlp_mixer import MlpMixer
+from timm.models.convmixer import ConvMixer
+from timm.models.mlp_mixer import Affine, GatedMlp, MlpMixer, ResBlock, SpatialGatingBlock
 from timm.models.vision_transformer import VisionTransformer
 
 import modnet
+from modnet import io
+from modnet.errors import ConfigError
+
+
+def trained_looking(model):
+    """Moves every parameter off its initialisation (timm zero-initialises some heads)."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
 
 
 def small_vit(**kw):
     args = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)
-    return VisionTransformer(**{**args, **kw}).eval()
+    return trained_looking(VisionTransformer(**{**args, **kw})).eval()
 
 
-@pytest.mark.parametrize(
-    "timm_model",
-    [
-        small_vit(),
-        small_vit(global_pool="avg", class_token=False, fc_norm=True),
-        small_vit(init_values=1e-2, reg_tokens=2, no_embed_class=True),
-        MlpMixer(num_classes=5, img_size=32, patch_size=8, num_blocks=3, embed_dim=32).eval(),
-    ],
-    ids=["vit", "vit-avgpool", "vit-layerscale-registers", "mixer"],
-)
-def test_converted_model_gives_timm_logits(timm_model):
+def small_mixer(**kw):
+    args = dict(num_classes=5, img_size=32, patch_size=8, num_blocks=3, embed_dim=32)
+    return trained_looking(MlpMixer(**{**args, **kw})).eval()
+
+
+def small_convmixer(**kw):
+    args = dict(dim=16, depth=3, kernel_size=3, patch_size=4, num_classes=6)
+    model = trained_looking(ConvMixer(**{**args, **kw}))
+    # Trained-looking BatchNorm statistics, different in every block.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+MODELS = {
+    "vit": lambda: small_vit(),
+    "vit-avgpool": lambda: small_vit(global_pool="avg", class_token=False, fc_norm=True),
+    "vit-layerscale-registers": lambda: small_vit(
+        init_values=1e-2, reg_tokens=2, no_embed_class=True
+    ),
+    "deit3": lambda: trained_looking(
+        timm.create_model(
+            "deit3_small_patch16_224",
+            img_size=32,
+            patch_size=8,
+            embed_dim=48,
+            depth=3,
+            num_heads=3,
+            num_classes=7,
+        )
+    ).eval(),
+    "mixer": lambda: small_mixer(),
+    "resmlp": lambda: small_mixer(block_layer=ResBlock, norm_layer=Affine, mlp_ratio=4),
+    "gmlp": lambda: small_mixer(block_layer=SpatialGatingBlock, mlp_layer=GatedMlp, mlp_ratio=6),
+    "convmixer": lambda: small_convmixer(),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_converted_model_gives_timm_logits(name):
+    timm_model = MODELS[name]()
     net = modnet.from_timm(timm_model).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        expected = timm_model(x)
-        got = net(x)
+        torch.testing.assert_close(net(x), timm_model(x), rtol=0, atol=1e-6)
+
+
+TRAIN_MODELS = {
+    "vit": lambda: small_vit(
+        drop_path_rate=0.5,
+        drop_rate=0.3,
+        proj_drop_rate=0.1,
+        attn_drop_rate=0.1,
+        pos_drop_rate=0.1,
+    ),
+    "deit3": lambda: small_vit(drop_path_rate=0.4, init_values=1e-2, no_embed_class=True),
+    "resmlp": lambda: small_mixer(
+        block_layer=ResBlock, norm_layer=Affine, mlp_ratio=4, drop_path_rate=0.3, drop_rate=0.2
+    ),
+    "convmixer": lambda: small_convmixer(drop_rate=0.2),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_MODELS))
+def test_training_mode_outputs_and_gradients_match_under_the_same_seed(name):
+    timm_model = TRAIN_MODELS[name]().train()
+    net = modnet.from_timm(timm_model).train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(11)
+    expected = timm_model(x)
+    expected.square().mean().backward()
+    torch.manual_seed(11)
+    got = net(x)
+    got.square().mean().backward()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # The head's gradient sees every layer's drop-path mask: equal only if the rates match.
+    torch.testing.assert_close(
+        net.heads["default"].weight.grad,
+        timm_model.get_classifier().weight.grad,
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_drop_path_rate_is_kept_per_layer_position():
+    vit = small_vit(drop_path_rate=0.5, depth=4)
+    net = modnet.from_timm(vit)
+    expected = [float(r) for r in torch.linspace(0, 0.5, 4)]
+    assert net.drop_path_rates == pytest.approx(expected)
+    assert net.drop_path_rates[0] == 0.0 and net.drop_path_rates[3] == pytest.approx(0.5)
+
+
+def test_convmixer_batchnorm_statistics_follow_each_layer_in_training():
+    timm_model = small_convmixer().train()
+    net = modnet.from_timm(timm_model).train()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        timm_model(x)
+        net(x)
+    stats = net.norm_stats["default"]
+    for layer, block in enumerate(timm_model.blocks):
+        mine = stats.layer(layer)
+        for name, value in block.named_buffers():
+            torch.testing.assert_close(mine[name], value, rtol=0, atol=1e-6)
+    stem = stats.trunk()["model.stem.2.running_mean"]
+    torch.testing.assert_close(stem, timm_model.stem[2].running_mean, rtol=0, atol=1e-6)
 
 
 def test_vit_tiny_from_timm_registry_matches():
@@ -41,6 +146,45 @@ def test_vit_tiny_from_timm_registry_matches():
         torch.testing.assert_close(net(x, task="imagenet"), vit(x), rtol=0, atol=1e-5)
     assert net.pool.num_templates == net.depth == 12
     assert net.routes["imagenet"].extra_repr() == f"indices={list(range(12))}"
+
+
+def _roundtrip(net, tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net.eval()(x)
+        io.save_model(net, tmp_path / "m")
+        loaded, _ = io.load_model(tmp_path / "m")
+        return before, loaded(x), loaded
+
+
+def test_converted_by_name_saves_and_loads_with_identical_logits(tmp_path):
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)
+    net = modnet.from_timm("deit3_small_patch16_224", drop_path_rate=0.2, **kwargs)
+    before, after, loaded = _roundtrip(net, tmp_path)
+    assert torch.equal(before, after)
+    assert loaded.config["architecture"] == "deit3_small_patch16_224"
+    assert loaded.drop_path_rates == net.drop_path_rates
+
+
+def test_converted_module_with_its_arguments_saves_and_loads(tmp_path):
+    kwargs = dict(img_size=32, patch_size=8, num_classes=3)
+    vit = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    net = modnet.from_timm(vit, **kwargs)
+    before, after, _ = _roundtrip(net, tmp_path)
+    assert torch.equal(before, after)
+
+
+def test_model_that_timm_cannot_recreate_by_name_is_refused_at_load(tmp_path):
+    net = modnet.from_timm(small_convmixer())
+    io.save_model(net, tmp_path / "m")
+    with pytest.raises(io.CheckpointError, match="cannot recreate by name"):
+        io.load_model(tmp_path / "m")
+
+
+def test_wrong_arguments_for_a_module_are_not_trusted(tmp_path):
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    net = modnet.from_timm(vit, img_size=32, patch_size=16)  # not how it was made
+    assert net.config["timm_kwargs"] is None
 
 
 def test_conversion_leaves_the_timm_model_untouched():
@@ -58,6 +202,7 @@ def test_conversion_leaves_the_timm_model_untouched():
 def test_headless_timm_model_converts_to_features():
     vit = small_vit(num_classes=0)
     net = modnet.from_timm(vit).eval()
+    assert net.num_classes == 0
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), vit(x), rtol=0, atol=1e-6)
@@ -76,7 +221,39 @@ def test_new_task_on_converted_model_can_reorder_pretrained_blocks():
         torch.testing.assert_close(net(x, task="reversed"), expected, rtol=0, atol=1e-6)
 
 
-def test_unsupported_model_is_refused_clearly():
-    resnet = timm.create_model("resnet10t")
-    with pytest.raises(TypeError, match="identical `blocks`"):
-        modnet.from_timm(resnet)
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("resnet10t", "cannot convert a ResNet faithfully"),
+        ("deit_tiny_distilled_patch16_224", "VisionTransformerDistilled"),
+    ],
+)
+def test_unsupported_models_are_refused_clearly(name, match):
+    with pytest.raises(ConfigError, match=match):
+        modnet.from_timm(timm.create_model(name, num_classes=3))
+
+
+def test_blocks_that_differ_are_refused():
+    vit = small_vit()
+    vit.blocks[1].mlp.act = torch.nn.ReLU()
+    with pytest.raises(ConfigError, match="block 1 .* differs from block 0"):
+        modnet.from_timm(vit)
+
+
+def test_registered_convmixer_saves_and_loads_with_identical_logits(tmp_path):
+    net = modnet.from_timm("convmixer_768_32", num_classes=3).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        before = net(x)
+        io.save_model(net, tmp_path / "m")
+        loaded, _ = io.load_model(tmp_path / "m")
+        assert torch.equal(loaded(x), before)
+
+
+def test_converted_model_with_a_new_pooling_saves_and_loads(tmp_path):
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=4)
+    net = modnet.from_timm("vit_tiny_patch16_224", **kwargs)
+    net.reset_classifier(0, "avg")
+    before, after, loaded = _roundtrip(net, tmp_path)
+    assert torch.equal(before, after)
+    assert loaded.trunk.model.global_pool == "avg"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,11 @@ import torch
 
 from .. import io
 from ..data import DataError, TaskData
+from ..errors import ConfigError
 from ..model import ModularNet
 from ..plot import route_matrix, save_run_figures
 from ..train import RunDirError, TrainConfig, configure_trainable, evaluate, load_data, parse_parts
-from ..train.api import RESULTS_FILE, train
+from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
@@ -131,23 +133,55 @@ def adapt(
             domains: some datasets take seconds to parse).
     """
     config = config or TrainConfig()
+    if (
+        isinstance(source_weight, bool)
+        or not isinstance(source_weight, (int, float))
+        or not (math.isfinite(source_weight) and source_weight >= 0)
+    ):
+        raise ConfigError(f"--source-weight must be a finite number >= 0, got {source_weight!r}")
     objective_cls = objective_class(objective)
     wanted = _check_parts(parse_parts(parts), objective_cls.uses_gradients, objective)
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
-    latest = _latest_or_train(run_dir, sources, train_sources, config)
+    _latest_or_train(run_dir, sources, train_sources, config)
+    with io.open_run(run_dir, "modnet adapt", enabled=ctx.is_main):
+        return _adapt(
+            run_dir, target, sources, objective, wanted, init, head_init, config,
+            objective_options, source_weight, overwrite, preloaded, ctx,
+        )  # fmt: skip
+
+
+def _adapt(
+    run_dir, target, sources, objective, wanted, init, head_init, config, objective_options,
+    source_weight, overwrite, preloaded, ctx,
+) -> AdaptResult:  # fmt: skip
+    objective_cls = objective_class(objective)
+    latest, state = io.run_state(run_dir, repair=ctx.is_main)
+    if io.unfinished_phase(state) is not None and "adapt" not in state:
+        io.refuse_other_phase(run_dir, state, "adapt")
     model, manifest = io.load_model(latest)
-    state = io.load_trainer_state(latest)
     plan = _resumable_plan(state, target)
     resuming = plan is not None
     if resuming:  # an interrupted adaptation of this target continues as it was started
-        config = TrainConfig.from_dict(json.loads(state["config"]))
-        objective = plan["objective"]
-        objective_cls = objective_class(objective)
+        asked = dict(
+            objective=objective,
+            objective_options=dict(objective_options or {}),
+            parts=sorted(wanted),
+            init_rule=init,
+            source_weight=source_weight,
+        )
+        if sources is not None:
+            asked["sources"] = _as_list(sources)
+        check_resume_options(
+            run_dir, f"adapt of {target}", json.loads(state["config"]), config, plan, asked
+        )
     loader = _Loader(model, config, preloaded)
     target_data = _load_target(target, loader)
     name = target_data.name
     phase = f"adapt-{name}"
+    io.refuse_other_phase(run_dir, state, phase)
+    if _finished_without_results(run_dir, state, phase, latest, target, config):
+        return _complete_outputs(run_dir, phase, model, name, state, ctx)
     source_names = _pick_sources(model, sources, target_data, plan)
     if plan is None and name in model.task_names:
         if "adapted_from" not in manifest["tasks"][name]:
@@ -169,7 +203,6 @@ def adapt(
             model, name, target, source_data, unlabelled, objective, objective_options,
             wanted, init, head_init, source_weight, config, ctx,
         )  # fmt: skip
-    start = torch.tensor(plan["start"])
     parts_set = frozenset(plan["parts"])
     info = _task_info(manifest, model, source_names, target, target_data, objective, parts_set)
     adapted_statistics = _count_statistics(model, name) if "norm" in parts_set else 0
@@ -214,6 +247,18 @@ def adapt(
                 extra={k: v for k, v in manifest.items() if k == "model_name"},
             )
         trained, auxiliary, trace = 0, 0, list(plan["norm_gaps"])
+    return _finish(
+        run_dir, phase, model, name, source_names, plan, accuracy, trained, auxiliary,
+        adapted_statistics, trace, ctx,
+    )  # fmt: skip
+
+
+def _finish(
+    run_dir, phase, model, name, source_names, plan, accuracy, trained, auxiliary,
+    adapted_statistics, trace, ctx,
+) -> AdaptResult:  # fmt: skip
+    """The result of a finished adaptation, with its figures and results entry written."""
+    start = torch.tensor(plan["start"])
     model.requires_grad_(False)
     model.freeze_norm_stats(False)
     model.eval()
@@ -222,8 +267,8 @@ def adapt(
         model=model,
         target=name,
         sources=source_names,
-        objective=objective,
-        parts=sorted(parts_set),
+        objective=plan["objective"],
+        parts=sorted(plan["parts"]),
         source_only=plan["source_only"],
         start_accuracy=plan["start_accuracy"],
         accuracy=accuracy[name],
@@ -245,6 +290,31 @@ def adapt(
         )
         save_run_figures(model, run_dir)
         _record(run_dir, phase, result, plan)
+    return result
+
+
+def _complete_outputs(run_dir, phase, model, name, state, ctx) -> AdaptResult:
+    """Results and figures of an adaptation that was stopped after its last checkpoint.
+
+    The per-step loss trace is not kept in checkpoints: the results entry of a
+    completed adaptation has no first and last loss.
+    """
+    plan = json.loads(state["adapt"])
+    history = json.loads(state.get("history", "[]"))
+    parts = frozenset(plan["parts"])
+    configure_trainable(model, parts, [name])
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    module = make_objective(
+        plan["objective"], model.num_features, len(plan["sources"]), **plan["objective_options"]
+    )
+    auxiliary = sum(p.numel() for p in module.parameters())
+    statistics = _count_statistics(model, name) if "norm" in parts else 0
+    result = _finish(
+        run_dir, phase, model, name, list(plan["sources"]), plan, history[-1]["accuracy"],
+        trained, auxiliary, statistics, [], ctx,
+    )  # fmt: skip
+    if ctx.is_main:
+        io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 
 
@@ -272,7 +342,7 @@ def _latest_or_train(
     train_sources: bool | TrainConfig,
     config: TrainConfig,
 ) -> Path:
-    latest = io.latest_checkpoint(run_dir) if run_dir.exists() else None
+    latest = io.latest_checkpoint(run_dir) if io.is_run_dir(run_dir) else None
     if latest is not None:
         return latest
     if train_sources is False:
@@ -286,6 +356,20 @@ def _latest_or_train(
     base = train_sources if isinstance(train_sources, TrainConfig) else config
     train(dataclasses.replace(base, tasks=specs), run_dir)
     return io.latest_checkpoint(run_dir)
+
+
+def _finished_without_results(run_dir, state, phase, latest, target, config) -> bool:
+    if (
+        state is None
+        or state.get("phase") != phase
+        or not state.get("done")
+        or "adapt" not in state
+    ):
+        return False
+    if json.loads(state["adapt"]).get("target_spec") != target:
+        return False
+    stored = json.loads(state.get("config", "{}"))
+    return outputs_missing(run_dir, phase, latest) and not changed_training_options(stored, config)
 
 
 def _resumable_plan(state: Mapping[str, Any] | None, target: str) -> dict[str, Any] | None:
@@ -461,30 +545,31 @@ def _count_statistics(model: ModularNet, task: str) -> int:
 
 
 def _record(run_dir: Path, phase: str, result: AdaptResult, plan: Mapping[str, Any]) -> None:
-    path = run_dir / RESULTS_FILE
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[phase] = dict(
-        target=plan["target_spec"],
-        sources=result.sources,
-        objective=result.objective,
-        objective_options=plan["objective_options"],
-        parts=result.parts,
-        init=plan["init"],
-        init_rule=plan.get("init_rule", plan["init"]),
-        source_distances=plan.get("source_distances"),
-        head_init=plan["head_init"],
-        source_only=result.source_only,
-        best_source_only=result.best_source_only,
-        start_accuracy=result.start_accuracy,
-        adapted_accuracy=result.accuracy,
-        source_accuracy=result.source_accuracy,
-        trained_parameters=result.trained_parameters,
-        auxiliary_parameters=result.auxiliary_parameters,
-        adapted_statistics=result.adapted_statistics,
-        first_loss=result.loss_trace[0] if result.loss_trace else None,
-        last_loss=result.loss_trace[-1] if result.loss_trace else None,
-        route_relation=result.relation,
-        checkpoint=result.checkpoint.name if result.checkpoint else None,
-        figure=result.figure.name if result.figure else None,
+    io.record_results(
+        run_dir,
+        phase,
+        dict(
+            target=plan["target_spec"],
+            sources=result.sources,
+            objective=result.objective,
+            objective_options=plan["objective_options"],
+            parts=result.parts,
+            init=plan["init"],
+            init_rule=plan.get("init_rule", plan["init"]),
+            source_distances=plan.get("source_distances"),
+            head_init=plan["head_init"],
+            source_only=result.source_only,
+            best_source_only=result.best_source_only,
+            start_accuracy=result.start_accuracy,
+            adapted_accuracy=result.accuracy,
+            source_accuracy=result.source_accuracy,
+            trained_parameters=result.trained_parameters,
+            auxiliary_parameters=result.auxiliary_parameters,
+            adapted_statistics=result.adapted_statistics,
+            first_loss=result.loss_trace[0] if result.loss_trace else None,
+            last_loss=result.loss_trace[-1] if result.loss_trace else None,
+            route_relation=result.relation,
+            checkpoint=result.checkpoint.name if result.checkpoint else None,
+            figure=result.figure.name if result.figure else None,
+        ),
     )
-    io.atomic_write_text(path, json.dumps(results, indent=2) + "\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import ModnetError
 
-class AdaptationError(ValueError):
+
+class AdaptationError(ModnetError, ValueError):
     """Adaptation cannot run as asked: the message names the problem and the fix."""

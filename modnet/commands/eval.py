@@ -26,10 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import io
+    from ..errors import ConfigError
     from ..train import TrainConfig, evaluate, load_data
     from ._options import accuracy_table
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, manifest = io.load_model(args.run_dir, tasks=args.task)
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise io.CheckpointError(
+                f"{args.run_dir} holds non-finite values ({name}): its training diverged, so "
+                "its accuracy means nothing; train it again with a lower --lr"
+            )
     config = TrainConfig(data_root=args.data_root, test_limit=args.test_limit, train_limit=1)
     specs = [manifest["tasks"][name]["dataset"] for name in model.task_names]
     data = load_data(specs, model, config)

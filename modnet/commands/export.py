@@ -5,28 +5,58 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+TRUST = (
+    "Loading a .pt2 file with torch.export.load can execute code stored in the file: "
+    "load .pt2 files only from sources you trust. --format safetensors writes the weights "
+    "and a JSON config instead, which load without running anything from the files "
+    "(modnet.export.load_safe)."
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="a task's network as a plain model file",
-        description="Bake a task's route into a plain stack of blocks and save it with "
-        "torch.export (.pt2): it loads with torch alone, `torch.export.load(path).module()`.",
+        description="Bake a task's route into a plain stack of blocks. --format pt2 (default) "
+        "saves it with torch.export: it loads with torch alone, "
+        "`torch.export.load(path).module()`. --format safetensors saves its state dict "
+        "(model.safetensors) and config.json, rebuilt by modnet.export.load_safe. " + TRUST,
     )
     parser.add_argument("run_dir", help="run or model directory")
     parser.add_argument("--task", required=True, help="the task to export")
-    parser.add_argument("--out", help="output file (default: RUN_DIR/export/<task>.pt2)")
+    parser.add_argument(
+        "--format",
+        choices=("pt2", "safetensors"),
+        default="pt2",
+        help="pt2: a torch.export program (trusted sources only); safetensors: weights and "
+        "a JSON config, safe to load from anywhere",
+    )
+    parser.add_argument(
+        "--out",
+        help="output file for pt2, folder for safetensors (default: RUN_DIR/export/<task>.pt2 "
+        "or RUN_DIR/export/<task>/)",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="example batch for tracing")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import save_exported
+    from ..errors import ConfigError
+    from ..export import save_exported, save_safe
     from ..io import load_model
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, _ = load_model(args.run_dir, tasks=[args.task])
+    net = model.export(args.task).eval()
+    if args.format == "safetensors":
+        out = Path(args.out) if args.out else Path(args.run_dir) / "export" / args.task
+        path = save_safe(net, model.config, out)
+        print(f"exported task {args.task!r} to {path}")
+        print(f"load it with: modnet.export.load_safe({str(path)!r})")
+        return 0
     out = Path(args.out) if args.out else Path(args.run_dir) / "export" / f"{args.task}.pt2"
-    path = save_exported(model.export(args.task).eval(), out, batch_size=args.batch_size)
+    path = save_exported(net, out, batch_size=args.batch_size)
     print(f"exported task {args.task!r} to {path}")
-    print(f"load it with: torch.export.load({str(path)!r}).module()")
+    print(f"load it with: torch.export.load({str(path)!r}).module()  (trusted files only)")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import ConfigError
 from ._options import (
     TRAIN_FIELDS,
     accuracy_table,
@@ -30,7 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help=f"a modnet_* model name (default: {DEFAULT_MODEL})")
     add_model_arg_option(parser)
     parser.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the modnet run in --out (only what modnet wrote there is removed)",
+    )
     add_training_options(parser)
     add_config_option(parser, TRAIN_FIELDS)
     parser.set_defaults(func=run)
@@ -42,7 +47,14 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
     tasks = args.tasks
     if isinstance(tasks, str):
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        tasks = [t.strip() for t in tasks.split(",")]
+    elif tasks is not None:  # a list from --config
+        tasks = [str(t).strip() for t in tasks]
+    if tasks is not None and not all(tasks):
+        raise ConfigError(
+            f"--tasks {args.tasks!r} has an empty entry: list dataset specs separated by commas "
+            "(e.g. synth_color,synth_size), or leave --tasks out for the synthetic suite"
+        )
     return dict(
         model=args.model or DEFAULT_MODEL,
         model_kwargs=parse_model_args(args.model_arg),

@@ -47,6 +47,31 @@ def as_labels(labels: Any, what: str) -> torch.Tensor:
     return labels.to(torch.int64)
 
 
+def check_label_outliers(name: str, labels: torch.Tensor) -> None:
+    """Refuses labels that look like a mistake: one value far above all the others.
+
+    The number of classes is inferred as the largest label + 1, so a single stray
+    label (e.g. 255 for "unknown" among 0..9) would silently create a huge head of
+    mostly empty classes. Refused when the largest label is more than twice the
+    next largest distinct label + 1 and most classes would then have no sample.
+
+    Raises:
+        DataError: Naming the value, how many samples carry it and the next label.
+    """
+    values, counts = torch.unique(labels, return_counts=True)
+    if len(values) < 2:
+        return
+    top, second = int(values[-1]), int(values[-2])
+    classes = top + 1
+    empty = classes - len(values)
+    if top > 2 * (second + 1) and empty > classes // 2:
+        raise DataError(
+            f"{name}: label {top} (carried by {int(counts[-1])} samples) lies far above every "
+            f"other label (the next is {second}), so {empty} of the {classes} classes it implies "
+            "would have no sample: fix or drop those samples, or pass num_classes explicitly"
+        )
+
+
 def check_labels(
     name: str, train_y: torch.Tensor, test_y: torch.Tensor, num_classes: int | None
 ) -> int:
@@ -60,6 +85,7 @@ def check_labels(
     high = int(max(train_y.max(), test_y.max()))
     if num_classes is None:
         num_classes = high + 1
+        check_label_outliers(name, torch.cat([train_y, test_y]))
     if low < 0 or high >= num_classes:
         raise DataError(
             f"{name}: labels span {low}..{high}, outside 0..{num_classes - 1}: labels must be "

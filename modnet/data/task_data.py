@@ -12,6 +12,9 @@ import torch
 from .errors import DataError
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+# Task names become file and folder names (tasks/<name>.safetensors, checkpoint folders
+# named after a transfer's task plus a temporary suffix); file names are limited to 255.
+MAX_TASK_NAME = 100
 
 
 def valid_task_name(text: str) -> str:
@@ -114,6 +117,12 @@ class TaskData:
             raise DataError(
                 f"invalid task name {self.name!r}: use letters, digits, '_' and '-', "
                 "starting with a letter or digit"
+            )
+        if len(self.name) > MAX_TASK_NAME:
+            raise DataError(
+                f"task name {self.name[:40]}... is {len(self.name)} characters long: at most "
+                f"{MAX_TASK_NAME} fit in checkpoint file names; rename the dataset's file or "
+                "folder (task names are derived from it), or pass a shorter name"
             )
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise DataError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")

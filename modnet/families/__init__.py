@@ -8,6 +8,14 @@ bound to any stage.
 
 from .base import Family, Trunk
 from .conv import conv_family
-from .timm_trunk import TimmTrunk, timm_family, vit_family
+from .timm_trunk import TimmTrunk, timm_family, timm_family_by_name, vit_family
 
-__all__ = ["Family", "Trunk", "TimmTrunk", "conv_family", "timm_family", "vit_family"]
+__all__ = [
+    "Family",
+    "Trunk",
+    "TimmTrunk",
+    "conv_family",
+    "timm_family",
+    "timm_family_by_name",
+    "vit_family",
+]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import BatchNormAct2d, SelectAdaptivePool2d, create_conv2d, get_act_layer
+from timm.layers import BatchNormAct2d, create_conv2d, get_act_layer
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._efficientnet_builder import _init_weight_goog
 from torch import nn
@@ -34,28 +34,49 @@ def make_inverted_residual(width: int, exp_ratio: float, act: str) -> InvertedRe
 class ConvTrunk(Trunk):
     """Strided conv stem, final BatchNorm + activation, global average pooling."""
 
-    def __init__(self, in_chans: int, width: int, img_size: int, stem_stride: int, act: str):
+    def __init__(
+        self,
+        in_chans: int,
+        width: int,
+        img_size: int,
+        stem_stride: int,
+        act: str,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         act_layer = get_act_layer(act)
         self.in_chans = in_chans
         self.img_size = (img_size, img_size)
         self.num_features = width
+        self.reduction = stem_stride
+        self.first_conv = "stem.0"
         self.stem = nn.Sequential(
             create_conv2d(in_chans, width, 3, stride=stem_stride),
             BatchNormAct2d(width, act_layer=act_layer),
         )
         self.final_norm = BatchNormAct2d(width, act_layer=act_layer)
-        self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
+        self.set_global_pool(global_pool)
+        self.head_drop = nn.Dropout(drop_rate)
         self.apply(_init_weight_goog)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x)
 
+    def feature_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        conv = self.stem[0]
+        return tuple(
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, p, d, k, st in zip(
+                size, conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
+            )
+        )
+
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_norm(x)
 
     def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.global_pool(x)
+        return self.head_drop(self.global_pool(x))
 
     def stem_parameters(self) -> list[nn.Parameter]:
         return list(self.stem.parameters())
@@ -69,13 +90,19 @@ def conv_family(
     in_chans: int = 3,
     stem_stride: int = 2,
     act: str = "relu6",
+    global_pool: str = "avg",
+    drop_rate: float = 0.0,
 ) -> Family:
-    """Builds the conv trunk and a pool of ``num_templates`` inverted residuals."""
+    """Builds the conv trunk and a pool of ``num_templates`` inverted residuals.
+
+    ``global_pool`` is timm's pooling name; ``drop_rate`` is dropout on the pooled
+    features before a head (timm's ``drop_rate``).
+    """
     if img_size % stem_stride:
         raise ValueError(f"img_size {img_size} must be divisible by stem_stride {stem_stride}")
     factory = partial(make_inverted_residual, width, exp_ratio, act)
     pool = TemplatePool([factory() for _ in range(num_templates)], block_factory=factory)
-    trunk = ConvTrunk(in_chans, width, img_size, stem_stride, act)
+    trunk = ConvTrunk(in_chans, width, img_size, stem_stride, act, global_pool, drop_rate)
     config = dict(
         family="conv",
         num_templates=num_templates,
@@ -86,4 +113,8 @@ def conv_family(
         stem_stride=stem_stride,
         act=act,
     )
+    if global_pool != "avg":
+        config["global_pool"] = global_pool
+    if drop_rate:
+        config["drop_rate"] = drop_rate
     return Family(trunk=trunk, pool=pool, config=config)

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from .. import io
 from ..data import SYNTHETIC_DEFAULT_TASKS, TaskData, load_task
+from ..errors import ConfigError, RunDirError
 from ..model import ModularNet
+from ..options import check_model_options, create_model
 from ..plot import save_run_figures
-from .config import TrainConfig
-from .distributed import broadcast_state, init_distributed
+from .config import RESULT_NEUTRAL, TrainConfig
+from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
 from .parts import ALL_PARTS, configure_trainable, parse_parts
 
-RESULTS_FILE = "results.json"
-
-
-class RunDirError(ValueError):
-    """A run directory cannot be used for what was asked."""
+RESULTS_FILE = io.RESULTS_FILE
 
 
 @dataclass
@@ -55,7 +52,7 @@ def load_data(specs: list[str], model: ModularNet, config: TrainConfig) -> dict[
             seed=config.seed,
         )
         if task.name in data:
-            raise ValueError(f"task {task.name!r} is listed twice: each task needs its own name")
+            raise ConfigError(f"task {task.name!r} is listed twice: each task needs its own name")
         data[task.name] = task
     return data
 
@@ -64,17 +61,50 @@ def _task_info(spec: str, task: TaskData) -> dict[str, Any]:
     return {"dataset": spec, "transform": task.transform}
 
 
-def _check_run_dir(run_dir: Path, phase: str, overwrite: bool):
-    """Returns (latest checkpoint, trainer state) when ``phase`` should resume there."""
-    latest = io.latest_checkpoint(run_dir) if run_dir.exists() else None
-    if latest is None:
-        return None, None
-    state = io.load_trainer_state(latest)
-    if overwrite:
-        return None, None
-    if state is not None and state["phase"] == phase and not state["done"]:
-        return latest, state
-    return latest, None
+def check_resume_options(
+    run_dir: Path,
+    phase: str,
+    stored: Mapping[str, Any],
+    config: TrainConfig,
+    stored_plan: Mapping[str, Any] | None = None,
+    plan: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuses to resume ``phase`` with options that would change what it computes.
+
+    Options in ``RESULT_NEUTRAL`` (progress bar, log frequency, checkpoint frequency,
+    evaluation batch size, device, data root) may differ; ``plan`` entries are
+    compared where the stored plan has them.
+
+    Raises:
+        RunDirError: Listing every changed option, old and new value.
+    """
+    changed = changed_training_options(stored, config)
+    if stored_plan is not None and plan is not None:
+        changed += io.changed_options(
+            {k: stored_plan.get(k) for k in plan if k in stored_plan},
+            {k: v for k, v in plan.items() if k in stored_plan},
+        )
+    if changed:
+        raise RunDirError(
+            f"{run_dir} holds an unfinished {phase!r} started with other options "
+            f"({'; '.join(changed)}): run it again with its own options to resume, or discard "
+            f"it (`modnet discard {run_dir}`) or start afresh elsewhere"
+        )
+
+
+def changed_training_options(stored: Mapping[str, Any] | None, config: TrainConfig) -> list[str]:
+    """Options of ``config`` that differ from ``stored`` and can change results."""
+    # An option the stored config lacks (added to modnet since) ran at its default.
+    stored = {**TrainConfig().to_dict(), **dict(stored or {})}
+    return io.changed_options(stored, config.to_dict(), ignore=RESULT_NEUTRAL)
+
+
+def outputs_missing(run_dir: Path, phase: str, latest: Path, figures: bool = False) -> bool:
+    """Whether ``phase``'s results (and figures) are not written for its last checkpoint."""
+    recorded = io.read_results(run_dir).get(phase, {})
+    if not isinstance(recorded, dict) or recorded.get("checkpoint") != latest.name:
+        return True
+    return figures and not (run_dir / "routes.png").is_file()
 
 
 def train(
@@ -82,33 +112,59 @@ def train(
 ) -> TrainResult:
     """Trains a template pool with one route and head per task.
 
-    An interrupted run in ``run_dir`` resumes from its last checkpoint with the
-    options it was started with.
+    An interrupted run in ``run_dir`` resumes from its last checkpoint, if it is
+    run with the same options (``RESULT_NEUTRAL`` ones may differ); a run whose
+    training finished but whose results or figures were not written yet gets them.
 
     Args:
         config: Options; the default trains ``modnet_conv_tiny`` on the built-in
             synthetic suite.
         run_dir: Output directory (checkpoints, metrics.jsonl, results.json, routes).
-        overwrite: Start afresh even if ``run_dir`` holds a run.
+        overwrite: Start afresh even if ``run_dir`` holds a run: removes what modnet
+            wrote there (only that), without reading it, so a damaged run can be replaced.
+
+    Raises:
+        ConfigError: A bad option (before anything is written).
+        RunDirError: ``run_dir`` is not a run directory, is being written by another
+            process, holds a finished run or an unfinished phase of another kind, or
+            an unfinished run with other options.
+        DivergenceError: The loss or the weights diverged (nothing non-finite is saved).
     """
     config = config or TrainConfig()
+    check_model_options(config.model, config.model_kwargs)
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
-    latest, state = _check_run_dir(run_dir, "train", overwrite)
-    if latest is not None and state is None:
-        raise RunDirError(
-            f"{run_dir} already holds a finished run: choose another --out, or pass --overwrite "
-            "to replace it"
-        )
-    if overwrite and run_dir.exists() and ctx.is_main:
-        shutil.rmtree(run_dir)
-    if state is not None:
-        config = TrainConfig.from_dict(json.loads(state["config"]))
+    with io.open_run(run_dir, "modnet train", overwrite=overwrite, enabled=ctx.is_main):
+        barrier(ctx)
+        return _train(config, run_dir, ctx)
+
+
+def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
+    latest, state = io.run_state(run_dir, repair=ctx.is_main)
+    io.refuse_other_phase(run_dir, state, "train")
+    if latest is not None:
+        stored = json.loads(state["config"]) if state and "config" in state else None
+        resume = io.unfinished_phase(state) == "train"
+        finished_train = state is not None and state.get("phase") == "train" and not resume
+        if resume:
+            check_resume_options(run_dir, "train", stored, config)
+        elif not (
+            finished_train
+            and outputs_missing(run_dir, "train", latest, figures=True)
+            and not changed_training_options(stored, config)
+        ):
+            raise RunDirError(
+                f"{run_dir} already holds a finished run: choose another --out, or pass "
+                "--overwrite to replace it"
+            )
         model, manifest = io.load_model(latest)
         specs = [manifest["tasks"][n]["dataset"] for n in model.task_names]
+        if not resume:
+            return _complete_outputs(run_dir, "train", model, state, latest, ctx, ALL_PARTS)
     else:
+        state = None
         torch.manual_seed(config.seed)
-        model = timm.create_model(config.model, **config.model_kwargs)
+        model = create_model(config.model, config.model_kwargs)
         specs = list(config.tasks or SYNTHETIC_DEFAULT_TASKS)
     data = load_data(specs, model, config)
     if state is None:
@@ -132,8 +188,36 @@ def train(
         model, accuracy, run_dir, io.latest_checkpoint(run_dir), len_trained(trainer), ctx.is_main
     )
     if ctx.is_main:
-        _record_results(run_dir, "train", result, data)
+        _record_results(run_dir, "train", result, model)
         save_run_figures(model, run_dir)
+    return result
+
+
+def _complete_outputs(
+    run_dir: Path,
+    phase: str,
+    model: ModularNet,
+    state: Mapping[str, Any],
+    latest: Path,
+    ctx,
+    parts: frozenset[str],
+    tasks: list[str] | None = None,
+    plan: Mapping[str, Any] | None = None,
+    first_new_chunk: int | None = None,
+) -> TrainResult:
+    """Writes the results (and figures) of a phase that finished its last checkpoint."""
+    history = json.loads(state.get("history", "[]"))
+    accuracy = history[-1]["accuracy"] if history else {}
+    trained = tasks or model.task_names
+    configure_trainable(model, frozenset(parts), trained, first_new_chunk)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.requires_grad_(False)
+    result = TrainResult(model.eval(), accuracy, run_dir, latest, count, ctx.is_main)
+    if ctx.is_main:
+        _record_results(run_dir, phase, result, model, extra=plan)
+        if phase == "train":
+            save_run_figures(model, run_dir)
+        io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 
 
@@ -160,24 +244,65 @@ def transfer(
         config: Training options (epochs, lr, data root, ...).
         init_from: Start the route and norm statistics from this existing task.
         overwrite: Replace the task if the run already has it.
+
+    Raises:
+        ConfigError: A bad option.
+        RunDirError: No trained run, another writer, an unfinished other phase, an
+            unfinished transfer of this task with other options, or the task exists.
     """
     config = config or TrainConfig()
+    if isinstance(grow, bool) or not isinstance(grow, int) or grow < 0:
+        raise ConfigError(f"--grow must be an integer >= 0, got {grow!r}")
+    wanted = parse_parts(parts)
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
-    latest = io.latest_checkpoint(run_dir) if run_dir.exists() else None
+    if not io.is_run_dir(run_dir):
+        raise RunDirError(
+            f"{run_dir} holds no trained run: run `modnet train --out {run_dir}` first"
+        )
+    with io.open_run(run_dir, "modnet transfer", enabled=ctx.is_main):
+        barrier(ctx)
+        return _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx)
+
+
+def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) -> TrainResult:
+    latest, state = io.run_state(run_dir, repair=ctx.is_main)
     if latest is None:
         raise RunDirError(
             f"{run_dir} holds no trained run: run `modnet train --out {run_dir}` first"
         )
+    if io.unfinished_phase(state) == "train":
+        io.refuse_other_phase(run_dir, state, "transfer")
     model, manifest = io.load_model(latest)
-    state = io.load_trainer_state(latest)
     data = load_data([task], model, config)
     name = next(iter(data))
     phase = f"transfer-{name}"
-    resume = state if state and state["phase"] == phase and not state["done"] else None
-    if resume is not None:
-        plan = json.loads(resume["transfer"])
-        config = TrainConfig.from_dict(json.loads(resume["config"]))
+    io.refuse_other_phase(run_dir, state, phase)
+    if init_from is not None and init_from not in model.task_names:
+        raise ConfigError(
+            f"--init-from {init_from!r} is not a task of the run: one of {model.task_names}"
+        )
+    if init_from is None or "norm" in wanted:
+        wanted = wanted | {"norm"}
+    if grow:
+        wanted = wanted | {"new_templates"}
+    plan = dict(parts=sorted(wanted), grow=grow, init_from=init_from, task_spec=task)
+    resuming = io.unfinished_phase(state) == phase
+    if resuming:
+        stored_plan = json.loads(state["transfer"])
+        check_resume_options(run_dir, phase, json.loads(state["config"]), config, stored_plan, plan)
+        plan = stored_plan
+    elif (
+        state is not None
+        and state.get("phase") == phase
+        and outputs_missing(run_dir, phase, latest, figures=False)
+        and not changed_training_options(json.loads(state.get("config", "{}")), config)
+    ):
+        stored_plan = json.loads(state["transfer"])
+        return _complete_outputs(
+            run_dir, phase, model, state, latest, ctx, frozenset(stored_plan["parts"]), [name],
+            stored_plan, stored_plan["first_new_chunk"],
+        )  # fmt: skip
     else:
         if name in model.task_names:
             if not overwrite:
@@ -185,18 +310,13 @@ def transfer(
                     f"{run_dir} already has a task {name!r}: pass --overwrite to retrain it"
                 )
             model = _without_task(latest, name)
-        wanted = parse_parts(parts)
-        if init_from is None or "norm" in wanted:
-            wanted = wanted | {"norm"}
-        first_new = None
         model.add_task(name, data[name].num_classes, init_from=init_from)
         if init_from and "heads" not in wanted:
             _copy_frozen_head(model, source=init_from, target=name)
+        plan["first_new_chunk"] = None
         if grow:
-            first_new = len(model.pool.chunks)
+            plan["first_new_chunk"] = len(model.pool.chunks)
             model.grow(grow, task=name)
-            wanted = wanted | {"new_templates"}
-        plan = dict(parts=sorted(wanted), first_new_chunk=first_new, grow=grow)
     configure_trainable(model, frozenset(plan["parts"]), [name], plan["first_new_chunk"])
     broadcast_state(model, ctx)
     info = {
@@ -217,7 +337,7 @@ def transfer(
         phase,
         ctx,
         info,
-        resume_state=resume,
+        resume_state=state if resuming else None,
         extra_manifest={k: v for k, v in manifest.items() if k == "model_name"},
         extra_state={"transfer": plan},
     )
@@ -226,7 +346,7 @@ def transfer(
         model, accuracy, run_dir, io.latest_checkpoint(run_dir), len_trained(trainer)
     )
     if ctx.is_main:
-        _record_results(run_dir, phase, result, data, extra=plan)
+        _record_results(run_dir, phase, result, model, extra=plan)
     return result
 
 
@@ -248,15 +368,16 @@ def len_trained(trainer: Trainer) -> int:
 
 
 def _record_results(
-    run_dir: Path, phase: str, result: TrainResult, data: dict[str, TaskData], extra=None
+    run_dir: Path, phase: str, result: TrainResult, model: ModularNet, extra=None
 ) -> None:
-    path = run_dir / RESULTS_FILE
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[phase] = dict(
-        accuracy=result.accuracy,
-        chance={name: 1.0 / task.num_classes for name, task in data.items()},
-        trained_parameters=result.trained_parameters,
-        checkpoint=result.checkpoint.name if result.checkpoint else None,
-        **(extra or {}),
+    io.record_results(
+        run_dir,
+        phase,
+        dict(
+            accuracy=result.accuracy,
+            chance={name: 1.0 / model.task_classes[name] for name in result.accuracy},
+            trained_parameters=result.trained_parameters,
+            checkpoint=result.checkpoint.name if result.checkpoint else None,
+            **(extra or {}),
+        ),
     )
-    io.atomic_write_text(path, json.dumps(results, indent=2) + "\n")

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..errors import ConfigError
+from .schedule import MIXING_MODES
+
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
+
+# Options that cannot change what a run computes: a resumed run may change them.
+# (The device may differ, e.g. a GPU run finished on a CPU, at the usual numerical
+# tolerance; checkpoint_every only moves where an exactly resumable run saves.)
+RESULT_NEUTRAL = frozenset(
+    {
+        "progress",
+        "log_every",
+        "log",
+        "checkpoint_every",
+        "eval_batch_size",
+        "device",
+        "data_root",
+        "download",
+    }
+)
 
 
 @dataclass
@@ -43,14 +63,51 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}: choose one of {PRECISIONS}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {OPTIMIZERS}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        """Checks every option before any work.
+
+        Raises:
+            ConfigError: An option is of the wrong type or out of range; the message
+                names the option (as its command-line flag) and what it accepts.
+        """
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("mixing", self.mixing, MIXING_MODES)
+        for name in ("epochs", "batch_size", "log_every", "eval_batch_size"):
+            _integer(name, getattr(self, name), minimum=1)
+        _integer("checkpoint_every", self.checkpoint_every, minimum=0)
+        _integer("seed", self.seed, minimum=None)
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), minimum=1)
+        for name in ("lr", "route_lr", "head_lr"):
+            if name != "head_lr" or self.head_lr is not None:
+                _number(name, getattr(self, name), low=0.0, low_open=True)
+        _number("weight_decay", self.weight_decay, low=0.0)
+        _number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        _number("warmup_fraction", self.warmup_fraction, low=0.0, high=1.0, high_open=True)
+        _number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
+        if self.grad_clip is not None and self.grad_clip != 0:
+            _number("grad_clip", self.grad_clip, low=0.0, low_open=True, hint="; 0 disables it")
+        if self.grad_clip == 0:
+            self.grad_clip = None
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"--model must be a model name, got {self.model!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(
+                f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}"
+            )
+        if not isinstance(self.tasks, (list, tuple)) or not all(
+            isinstance(t, str) and t.strip() for t in self.tasks
+        ):
+            raise ConfigError(
+                f"--tasks must be dataset specs separated by commas, got {self.tasks!r}: "
+                "e.g. --tasks synth_color,synth_size (leave it out for the synthetic suite)"
+            )
+        self.tasks = [t.strip() for t in self.tasks]
+
+    def result_options(self) -> dict[str, Any]:
+        """The options that determine what the run computes (all but ``RESULT_NEUTRAL``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESULT_NEUTRAL}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,3 +116,38 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _integer(name: str, value: Any, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{_flag(name)} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{_flag(name)} must be at least {minimum}, got {value}")
+
+
+def _number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{_flag(name)} must be a finite number, got {value!r}{hint}")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise ConfigError(f"{_flag(name)} must be {bound}, got {value:g}{hint}")
+    if high is not None and (value > high or (high_open and value == high)):
+        bound = f"< {high:g}" if high_open else f"<= {high:g}"
+        raise ConfigError(f"{_flag(name)} must be {bound}, got {value:g}{hint}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")

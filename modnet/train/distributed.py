@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -37,7 +39,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     """Joins the process group that ``torchrun`` describes, if any."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but CUDA is not available here")
+        raise ConfigError("--device cuda was requested but CUDA is not available here")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext(device=torch.device("cuda" if use_cuda else "cpu"))

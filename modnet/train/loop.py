@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..data import TaskData
 from ..model import ModularNet
 from .config import TrainConfig
 from .distributed import DistContext, all_reduce_gradients, average_buffers, barrier
+from .divergence import DivergenceGuard
 from .evaluate import evaluate
 from .parts import optimizer_groups
 from .schedule import MultiTaskSchedule, learning_rate_factor
@@ -97,6 +97,7 @@ class Trainer:
             self.history = list(json.loads(resume_state.get("history", "[]")))
             torch.set_rng_state(resume_state["rng"])
         self.forward = torch.compile(model) if config.compile else model
+        self.divergence = DivergenceGuard(config, phase)
         self.logger = make_logger(config.log, self.run_dir, phase) if ctx.is_main else None
 
     # ------------------------------------------------------------------ main loop
@@ -156,10 +157,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
         self.optimizer.step()
         value = float(loss.detach()) * config.batch_size / max(1, samples)
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"loss became {value} at step {step}: lower --lr or enable --grad-clip"
-            )
+        self.divergence.check_loss(value, step)
         return value, samples
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,6 +225,7 @@ class Trainer:
     def checkpoint(self, done: bool) -> None:
         """Saves a complete checkpoint on rank 0; every rank waits for it."""
         average_buffers(self.model, self.ctx)
+        self.divergence.check_model(self.model, self.step)
         if self.ctx.is_main:
             io.save_checkpoint(
                 self.run_dir,

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..model import ModularNet
 
 PARTS = ("templates", "new_templates", "trunk", "routes", "hypernet", "heads", "norm", "stem")
@@ -24,9 +25,11 @@ def parse_parts(text: str | Iterable[str]) -> frozenset[str]:
         elif item in PARTS:
             parts.add(item)
         else:
-            raise ValueError(f"unknown part {item!r} to train: choose from {', '.join(PARTS)}, all")
+            raise ConfigError(
+                f"unknown part {item!r} to train: choose from {', '.join(PARTS)}, all"
+            )
     if not parts:
-        raise ValueError("nothing to train: name at least one part, e.g. route,head")
+        raise ConfigError("nothing to train: name at least one part, e.g. route,head")
     return frozenset(parts)
 
 
@@ -53,7 +56,7 @@ def configure_trainable(
         model.pool.requires_grad_(True)
     if "new_templates" in parts:
         if first_new_chunk is None:
-            raise ValueError("new_templates can train only after growing the pool (--grow N)")
+            raise ConfigError("new_templates can train only after growing the pool (--grow N)")
         for chunk in list(model.pool.chunks)[first_new_chunk:]:
             chunk.requires_grad_(True)
     if "trunk" in parts:

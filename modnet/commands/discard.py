@@ -1,0 +1,26 @@
+"""``modnet discard``: drop a run's unfinished phase, keeping every finished task as it is."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "discard",
+        help="discard a run's unfinished phase",
+        description="Remove the checkpoints of the run's unfinished phase (train, transfer or "
+        "adapt) and point the run back at the last checkpoint of its finished phases, whose "
+        "files are not touched: every finished task stays bit-identical.",
+    )
+    parser.add_argument("run_dir", help="run directory")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import discard_unfinished
+
+    phase, base = discard_unfinished(args.run_dir)
+    where = f"the run continues from {base.name}" if base else "the run holds no checkpoint now"
+    print(f"discarded the unfinished phase {phase!r}: {where}")
+    return 0

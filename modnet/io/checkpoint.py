@@ -1,0 +1,398 @@
+"""Checkpoints: one safetensors file for the shared pool, one small file per task.
+
+A *model directory* holds::
+
+    manifest.json              model config, pool structure and fingerprint, every task's
+                               route structure, classes, dataset spec and data transform
+    pool.safetensors           everything shared: templates, trunk, hypernetwork
+    tasks/<task>.safetensors   one task's route, head and norm statistics; its metadata
+                               names the task, its classes, route and pool fingerprint
+
+The whole directory is written under a temporary name, every file and folder in
+it is fsynced, and it is then renamed into place, so a crash never leaves a
+half-written model directory where a complete one is expected.
+
+A task file can be imported into another model whose pool has the same
+*fingerprint* (a SHA-256 of the pool's structure and values, see
+``pool_fingerprint``): ``import_task``. A task file does not work with another
+pool, so a mismatch is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..factory import build_model
+from ..model import ModularNet
+from ..routing import route_from_spec
+from .fs import OLD_MARK, TMP_MARK, disk_full_names, fsync_path, fsync_tree
+
+FORMAT = "modnet-model/1"
+MANIFEST = "manifest.json"
+SHARED_FILE = "pool.safetensors"
+TASK_DIR = "tasks"
+TASK_PREFIXES = ("routes.", "heads.", "norm_stats.")
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "SHARED_FILE",
+    "TASK_DIR",
+    "TASK_PREFIXES",
+    "CheckpointError",
+    "build",
+    "describe",
+    "import_task",
+    "load_model",
+    "load_state_into",
+    "pool_fingerprint",
+    "read_manifest",
+    "save_model",
+]
+
+
+# ------------------------------------------------------------------------- structure
+def describe(model: ModularNet) -> dict[str, Any]:
+    """The model's structure, without values: what ``build`` needs to recreate it."""
+    return {
+        "config": dict(model.config),
+        "pool_chunks": [chunk.num_templates for chunk in model.pool.chunks],
+        "tasks": {
+            name: {"num_classes": model.task_classes[name], "route": model.routes[name].spec()}
+            for name in model.task_names
+        },
+    }
+
+
+def build(structure: Mapping[str, Any], tasks: Iterable[str] | None = None) -> ModularNet:
+    """An uninitialised model with the described structure (and only ``tasks``, if given)."""
+    model = build_model(structure["config"])
+    first, *grown = structure["pool_chunks"]
+    if first != model.pool.num_templates:
+        raise CheckpointError(
+            f"the manifest's first template chunk has {first} templates but the config "
+            f"builds {model.pool.num_templates}: the manifest is inconsistent"
+        )
+    for count in grown:
+        model.pool.grow(count, init=0)
+    known = structure["tasks"]
+    for name in known if tasks is None else tasks:
+        if name not in known:
+            raise CheckpointError(f"the checkpoint has no task {name!r}; it has {sorted(known)}")
+        entry = known[name]
+        model.add_task(name, entry["num_classes"], route=route_from_spec(entry["route"]))
+    return model
+
+
+def _is_task_key(key: str, task: str) -> bool:
+    return any(key.startswith(f"{prefix}{task}.") for prefix in TASK_PREFIXES)
+
+
+def _is_shared_key(key: str) -> bool:
+    return not key.startswith(TASK_PREFIXES)
+
+
+def _shared_state(model: ModularNet) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if _is_shared_key(k)
+    }
+
+
+def pool_fingerprint(model_or_state: ModularNet | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of everything tasks share: the config, template chunks and shared values.
+
+    Two models have the same fingerprint exactly when a task file of one computes
+    the same function in the other. Accepts a model or the shared state dict as
+    written to ``pool.safetensors`` (then without the structure, which the values'
+    names and shapes already fix).
+    """
+    if isinstance(model_or_state, ModularNet):
+        state = _shared_state(model_or_state)
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in model_or_state.items()}
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        digest.update(f"{key}|{value.dtype}|{list(value.shape)}\n".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------ model dirs
+def save_model(
+    model: ModularNet,
+    directory: str | Path,
+    task_info: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Saves ``model`` as a model directory, atomically and durably as a whole.
+
+    Every file and folder is fsynced before the rename that publishes the
+    directory, and the parent folder after it.
+
+    Args:
+        model: The model to save.
+        directory: Target directory; replaced if it exists.
+        task_info: Per task, JSON-able facts to keep with it (dataset spec, transform).
+        extra: Further JSON-able entries for the manifest.
+
+    Raises:
+        DiskFullError: The device is full (the message names the directory).
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}{TMP_MARK}{os.getpid()}")
+    with disk_full_names(directory):
+        try:
+            _write_model_dir(tmp, model, task_info, extra)
+            _replace_dir(tmp, directory)
+        finally:
+            if tmp.exists():  # a failed write leaves nothing behind
+                shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _write_model_dir(
+    tmp: Path,
+    model: ModularNet,
+    task_info: Mapping[str, Mapping[str, Any]] | None,
+    extra: Mapping[str, Any] | None,
+) -> None:
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / TASK_DIR).mkdir(parents=True)
+    _record_normalization(model, task_info or {})
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    shared = {k: v for k, v in state.items() if _is_shared_key(k)}
+    fingerprint = pool_fingerprint(shared)
+    save_file(shared, tmp / SHARED_FILE, metadata={"pool_fingerprint": fingerprint})
+    manifest = {"format": FORMAT, **describe(model), "pool_fingerprint": fingerprint}
+    manifest.update(dict(extra or {}))
+    manifest["pretrained_cfg"] = json.loads(json.dumps(model.pretrained_cfg, default=str))
+    for name in model.task_names:
+        tensors = {k: v for k, v in state.items() if _is_task_key(k, name)}
+        entry = manifest["tasks"][name]
+        metadata = {
+            "task": name,
+            "num_classes": str(entry["num_classes"]),
+            "route": json.dumps(entry["route"]),
+            "pool_fingerprint": fingerprint,
+        }
+        save_file(tensors, tmp / TASK_DIR / f"{name}.safetensors", metadata=metadata)
+        entry["file"] = f"{TASK_DIR}/{name}.safetensors"
+        entry.update((task_info or {}).get(name, {}))
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    fsync_tree(tmp)
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}{OLD_MARK}{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        fsync_path(directory.parent)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+        fsync_path(directory.parent)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a model directory, checked field by field.
+
+    Raises:
+        CheckpointError: No manifest, invalid JSON, another format, or a field of
+            the wrong type (the message names the file and the field).
+    """
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"no {MANIFEST} in {directory}: not a modnet model or run directory "
+            "(train one with `modnet train --out DIR`)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is corrupted (invalid JSON: {error})") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    _check_manifest(manifest, path)
+    return manifest
+
+
+def _check_manifest(manifest: Mapping[str, Any], path: Path) -> None:
+    def fail(field: str, expected: str, value: Any) -> None:
+        raise CheckpointError(
+            f"{path} is damaged: {field} should be {expected}, got {value!r}; restore the "
+            "checkpoint or write it again"
+        )
+
+    config = manifest.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("depth"), int):
+        fail("'config'", "an object with an integer 'depth'", config)
+    chunks = manifest.get("pool_chunks")
+    if (
+        not isinstance(chunks, list)
+        or not chunks
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunks)
+    ):
+        fail("'pool_chunks'", "a non-empty list of positive integers", chunks)
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, dict):
+        fail("'tasks'", "an object", tasks)
+    for name, entry in tasks.items():
+        if not isinstance(entry, dict):
+            fail(f"tasks[{name!r}]", "an object", entry)
+        classes = entry.get("num_classes")
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+            # 0: a headless task (timm's num_classes=0), which gives pooled features
+            fail(f"tasks[{name!r}]['num_classes']", "a non-negative integer", classes)
+        route = entry.get("route")
+        if not isinstance(route, dict) or not isinstance(route.get("kind"), str):
+            fail(f"tasks[{name!r}]['route']", "an object with a 'kind'", route)
+        if "file" in entry and not isinstance(entry["file"], str):
+            fail(f"tasks[{name!r}]['file']", "a path string", entry["file"])
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint file {path} is corrupted: {error}") from error
+
+
+def load_model(
+    directory: str | Path, tasks: Iterable[str] | None = None
+) -> tuple[ModularNet, dict[str, Any]]:
+    """Loads a model directory (or a run's latest checkpoint), optionally only some tasks.
+
+    Returns:
+        The model (in eval mode) and its manifest.
+
+    Raises:
+        CheckpointError: The directory holds no complete checkpoint, or it is damaged.
+    """
+    from .run import resolve_model_dir
+
+    directory = resolve_model_dir(directory)
+    manifest = read_manifest(directory)
+    selected = list(manifest["tasks"]) if tasks is None else list(tasks)
+    try:
+        model = build(manifest, selected)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{directory / MANIFEST} describes a model that cannot be built: {error}"
+        ) from error
+    state = _load_tensors(directory / SHARED_FILE)
+    for name in selected:
+        state.update(_load_tensors(directory / manifest["tasks"][name]["file"]))
+    load_state_into(model, state, source=str(directory))
+    _record_normalization(model, manifest["tasks"])
+    return model.eval(), manifest
+
+
+def _record_normalization(model: ModularNet, info: Mapping[str, Mapping[str, Any]]) -> None:
+    """Gives the model each task's input mean/std from its transform record, if any."""
+    for name in model.task_names:
+        transform = (info.get(name) or {}).get("transform") or {}
+        if transform.get("mean") is not None and transform.get("std") is not None:
+            model.set_normalization(name, transform["mean"], transform["std"])
+
+
+def load_state_into(model: ModularNet, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that names the checkpoint and the mismatch when it fails."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {source} does not match the model: {error}") from error
+
+
+# ------------------------------------------------------------------- task import
+def import_task(
+    model: ModularNet, source: str | Path, task: str | None = None, name: str | None = None
+) -> str:
+    """Adds a task saved elsewhere (a task file, or a model/run directory) to ``model``.
+
+    The task file carries the fingerprint of the pool it was trained with; it is
+    imported only when ``model``'s pool has the same fingerprint, so the imported
+    task computes exactly what it computed where it was trained. Existing tasks
+    are untouched.
+
+    Args:
+        model: The model to add the task to.
+        source: ``tasks/<task>.safetensors`` of a model directory, or a model or run
+            directory (then ``task`` names the task in it).
+        task: The task to take from a directory source.
+        name: Name of the task in ``model`` (default: its name in the source).
+
+    Returns:
+        The name of the added task.
+
+    Raises:
+        CheckpointError: The file is missing or damaged, carries no fingerprint, or
+            was trained with another pool.
+        ValueError: ``model`` already has a task of that name.
+    """
+    path = Path(source)
+    if path.is_dir():
+        from .run import resolve_model_dir
+
+        if task is None:
+            raise CheckpointError(f"{path} is a directory: name the task to import (task=...)")
+        path = resolve_model_dir(path) / TASK_DIR / f"{task}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"task file {path} is missing")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"task file {path} is corrupted: {error}") from error
+    needed = ("task", "num_classes", "route", "pool_fingerprint")
+    if any(key not in metadata for key in needed):
+        raise CheckpointError(
+            f"task file {path} carries no pool fingerprint (it was written by an older "
+            "modnet): save its model again to import it"
+        )
+    ours = pool_fingerprint(model)
+    if metadata["pool_fingerprint"] != ours:
+        raise CheckpointError(
+            f"task file {path} was trained with another pool (fingerprint "
+            f"{metadata['pool_fingerprint'][:12]}, this model's pool is {ours[:12]}): a task "
+            "only works with the exact pool it was trained with"
+        )
+    old, new = metadata["task"], name or metadata["task"]
+    model.add_task(
+        new, int(metadata["num_classes"]), route=route_from_spec(json.loads(metadata["route"]))
+    )
+    renamed = {}
+    for key, value in tensors.items():
+        prefix = next(p for p in TASK_PREFIXES if key.startswith(f"{p}{old}."))
+        renamed[f"{prefix}{new}.{key[len(prefix) + len(old) + 1 :]}"] = value
+    expected = {k for k in model.state_dict() if _is_task_key(k, new)}
+    if set(renamed) != expected:
+        for modules in (model.routes, model.heads, model.norm_stats):
+            del modules[new]  # leave the model as it was
+        raise CheckpointError(
+            f"task file {path} does not hold the tensors of a task of this model: missing "
+            f"{sorted(expected - set(renamed))[:3]}, "
+            f"unexpected {sorted(set(renamed) - expected)[:3]}"
+        )
+    model.load_state_dict(renamed, strict=False)
+    return new

@@ -1,0 +1,486 @@
+"""Run directories: what modnet owns in them, and the rules that keep them whole.
+
+A *run directory* holds::
+
+    .modnet-run            marker, written first: only a directory carrying it (or an
+                           older run with checkpoints) is ever written to or cleared
+    .lock, .lock.info      OS lock held by the one process writing the run, and who it is
+    checkpoints/<phase>-step<N>/   model directories (see ``checkpoint``) plus
+                           ``trainer_state.pt`` for resuming
+    LATEST                 the name of the newest complete checkpoint
+    results.json, metrics.jsonl, routes.png, routes.txt, <phase>-routes.png, export/
+
+Rules:
+
+- modnet deletes or prunes only what it wrote: checkpoint folders with its naming
+  pattern and a manifest inside, and the output files listed in ``OUTPUTS``.
+- One writer at a time (``open_run`` takes an OS lock, released when the process
+  dies, so a killed run never blocks its resume).
+- A missing or damaged ``LATEST`` is recovered from the newest complete checkpoint,
+  never taken as an empty run.
+- Every checkpoint records its phase (``train``, ``transfer-<task>``, ``adapt-<task>``),
+  whether the phase finished, and a sequence number; an unfinished phase blocks every
+  other phase until it is finished or discarded (``discard_unfinished``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, RunDirError
+from ..model import ModularNet
+from .checkpoint import FORMAT, MANIFEST, save_model
+from .fs import (
+    LOCK_FILE,
+    LOCK_INFO,
+    atomic_write,
+    atomic_write_text,
+    exclusive_lock,
+    remove_leftovers,
+    write_json,
+)
+
+MARKER = ".modnet-run"
+RUN_FORMAT = "modnet-run/1"
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+TRAINER_STATE = "trainer_state.pt"
+RESULTS_FILE = "results.json"
+# The files modnet writes at the top of a run directory: all that --overwrite removes.
+OUTPUTS = (
+    LATEST,
+    RESULTS_FILE,
+    "metrics.jsonl",
+    "routes.png",
+    "routes.txt",
+    "curves.png",
+    "config.yaml",
+    "tensorboard",
+    "export",
+)
+# Per-phase outputs: adapt's relation figure, a phase's saved options.
+PHASE_OUTPUT = re.compile(
+    r"^((transfer|adapt)-[A-Za-z0-9_\-]+-routes\.png|config-[A-Za-z0-9_\-]+\.yaml)$"
+)
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*-step\d{7}$")
+
+
+class RecoveryWarning(UserWarning):
+    """A run directory was read or repaired in a way the user should know about."""
+
+
+# ---------------------------------------------------------------------- ownership
+def is_run_dir(path: str | Path) -> bool:
+    """Whether modnet wrote ``path`` as a run directory (its marker, or an older run's files)."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return True
+    return (path / LATEST).is_file() or bool(modnet_checkpoints(path))
+
+
+def check_run_target(path: str | Path) -> None:
+    """Refuses a path modnet must not write a run into: a file, or someone else's folder.
+
+    Raises:
+        RunDirError: ``path`` is a file, or a non-empty directory modnet did not write.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} is a file, not a run directory: choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not is_run_dir(path):
+        raise RunDirError(
+            f"{path} is not a modnet run directory (it has no {MARKER} marker) and is not "
+            "empty: modnet writes runs only into new or empty folders and its own runs; "
+            "choose another --out"
+        )
+
+
+@contextmanager
+def open_run(
+    path: str | Path, command: str, overwrite: bool = False, enabled: bool = True
+) -> Iterator[Path]:
+    """Opens ``path`` for writing a run: checks it, marks it, locks it, tidies it.
+
+    Within the block this process is the run's only writer. Leftovers of a killed
+    write are removed first; with ``overwrite`` every output modnet wrote is removed
+    (nothing else), without reading the old state, so a damaged run can be replaced.
+
+    Args:
+        path: The run directory (created if missing).
+        command: What is writing (``modnet train``), recorded for a second writer's error.
+        overwrite: Start afresh.
+        enabled: ``False`` on the processes of a data-parallel job that do not write.
+
+    Raises:
+        RunDirError: Not a run directory, or another process is writing it.
+    """
+    path = Path(path)
+    if not enabled:
+        yield path
+        return
+    check_run_target(path)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(path, command):
+            if not (path / MARKER).is_file():
+                write_json(path / MARKER, {"format": RUN_FORMAT, "created": time.time()})
+            tidy(path)
+            if overwrite:
+                clear_run(path)
+            read_results(path)  # a damaged results.json is named before any work
+            yield path
+    except BaseException:
+        # A command that failed before writing anything leaves no folder behind.
+        if created and {p.name for p in path.iterdir()} <= {MARKER, LOCK_FILE, LOCK_INFO}:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def tidy(path: Path) -> list[Path]:
+    """Removes what killed writes left behind (temporary names modnet uses); returns them."""
+    removed = remove_leftovers(path)
+    removed += remove_leftovers(path / CHECKPOINTS)
+    for checkpoint in modnet_checkpoints(path):
+        removed += remove_leftovers(checkpoint)
+    return removed
+
+
+def clear_run(path: Path) -> None:
+    """Removes every output and checkpoint modnet wrote in the run; leaves anything else."""
+    for name in OUTPUTS:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    for entry in path.iterdir():
+        if PHASE_OUTPUT.match(entry.name) and entry.is_file():
+            entry.unlink()
+    checkpoints = path / CHECKPOINTS
+    if checkpoints.is_dir():
+        for entry in checkpoints.iterdir():
+            if CHECKPOINT_NAME.match(entry.name) and (entry / MANIFEST).is_file():
+                shutil.rmtree(entry)
+        if not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
+
+
+# -------------------------------------------------------------------- checkpoints
+def checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
+    """What a checkpoint says about itself: sequence, phase, done; None if not modnet's."""
+    try:
+        manifest = json.loads((Path(checkpoint) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    record = manifest.get("checkpoint")
+    if not isinstance(record, dict):  # written before checkpoints recorded themselves
+        state = _trainer_state_or_none(Path(checkpoint))
+        record = dict(
+            sequence=0,
+            phase=state.get("phase") if state else None,
+            done=bool(state.get("done", True)) if state else True,
+        )
+    record = dict(record)
+    record["mtime"] = (Path(checkpoint) / MANIFEST).stat().st_mtime
+    return record
+
+
+def modnet_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints modnet wrote in ``run_dir``, oldest first."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        record = checkpoint_record(entry)
+        if record is not None:
+            found.append((record.get("sequence", 0), record["mtime"], entry))
+    return [entry for *_, entry in sorted(found, key=lambda item: item[:2])]
+
+
+def latest_checkpoint(run_dir: str | Path, repair: bool = False) -> Path | None:
+    """The run's newest complete checkpoint, or None for a run that has none yet.
+
+    When ``LATEST`` is missing or names no complete checkpoint, the newest complete
+    checkpoint is used instead, with a ``RecoveryWarning`` naming it; ``repair``
+    also rewrites ``LATEST`` (only a process holding the run's lock may do that).
+
+    Raises:
+        CheckpointError: ``LATEST`` is damaged and no complete checkpoint is left.
+    """
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        name = pointer.read_bytes().decode("utf-8", "replace").strip()
+        target = run_dir / CHECKPOINTS / name
+        if name and "/" not in name and not name.startswith(".") and (target / MANIFEST).is_file():
+            return target
+        problem = f"{pointer} names {name[:80]!r}, which is not a complete checkpoint"
+    else:
+        problem = f"{pointer} is missing"
+    candidates = modnet_checkpoints(run_dir)
+    if not candidates:
+        if pointer.is_file():
+            raise CheckpointError(f"{problem}, and {run_dir} holds no complete checkpoint")
+        return None
+    newest = candidates[-1]
+    if repair:
+        atomic_write_text(pointer, newest.name + "\n")
+        message = f"{problem}: recovered it, it now names the newest complete checkpoint"
+    else:
+        message = f"{problem}: using the newest complete checkpoint"
+    warnings.warn(f"{message} {newest.name}", RecoveryWarning, stacklevel=2)
+    return newest
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory itself, or the latest checkpoint of a run directory.
+
+    Raises:
+        CheckpointError: ``path`` holds neither.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file: give a run or model directory")
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(
+            f"{path} holds no modnet checkpoint (no {MANIFEST} and no {LATEST}): "
+            "train one with `modnet train --out DIR`"
+        )
+    return latest
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    name: str,
+    model: ModularNet,
+    trainer_state: Mapping[str, Any] | None = None,
+    task_info: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Writes ``checkpoints/<name>`` completely and durably, then points ``LATEST`` at it.
+
+    The checkpoint records its phase (the name up to ``-step``, or
+    ``trainer_state["phase"]``), whether the phase is done and a sequence number.
+    Afterwards, modnet's checkpoints beyond the newest ``keep`` are pruned, except
+    the newest one of a finished phase (what an unfinished phase started from, kept
+    so that it can be discarded).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / MARKER).is_file():
+        check_run_target(run_dir)
+        write_json(run_dir / MARKER, {"format": RUN_FORMAT, "created": time.time()})
+    existing = [checkpoint_record(p) for p in modnet_checkpoints(run_dir)]
+    sequence = 1 + max([r.get("sequence", 0) for r in existing if r] or [0])
+    state = dict(trainer_state or {})
+    record = dict(
+        sequence=sequence,
+        phase=state.get("phase", name.rsplit("-step", 1)[0]),
+        done=bool(state.get("done", True)),
+    )
+    target = run_dir / CHECKPOINTS / name
+    save_model(model, target, task_info, {**dict(extra or {}), "checkpoint": record})
+    if trainer_state is not None:
+        atomic_write(target / TRAINER_STATE, lambda tmp: torch.save(dict(trainer_state), tmp))
+    atomic_write_text(run_dir / LATEST, name + "\n")
+    _prune(run_dir, keep=keep, protect=name)
+    return target
+
+
+def _prune(run_dir: Path, keep: int, protect: str) -> None:
+    checkpoints = modnet_checkpoints(run_dir)
+    finished = [p for p in checkpoints if checkpoint_record(p)["done"]]
+    keep_names = {protect, *(p.name for p in checkpoints[-keep:])}
+    if finished:
+        keep_names.add(finished[-1].name)
+    for old in checkpoints:
+        if old.name not in keep_names and CHECKPOINT_NAME.match(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _trainer_state_or_none(checkpoint: Path) -> dict[str, Any] | None:
+    try:
+        return load_trainer_state(checkpoint)
+    except CheckpointError:
+        return None
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any] | None:
+    """The trainer state saved with a checkpoint, or None (a finished, stateless phase).
+
+    Raises:
+        CheckpointError: The file is damaged (the message names it).
+    """
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # torch raises several types for damaged pickles
+        raise CheckpointError(f"trainer state {path} is corrupted: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"trainer state {path} is damaged: it holds no dictionary")
+    return state
+
+
+# ------------------------------------------------------------------------- phases
+def run_state(run_dir: Path, repair: bool = True) -> tuple[Path | None, dict[str, Any] | None]:
+    """The latest checkpoint (``LATEST`` repaired if needed and ``repair``) and its state."""
+    latest = latest_checkpoint(run_dir, repair=repair) if Path(run_dir).is_dir() else None
+    return latest, load_trainer_state(latest) if latest is not None else None
+
+
+def unfinished_phase(state: Mapping[str, Any] | None) -> str | None:
+    """The phase a trainer state left unfinished, or None."""
+    if state is None or state.get("done", True):
+        return None
+    return str(state["phase"])
+
+
+def refuse_other_phase(run_dir: Path, state: Mapping[str, Any] | None, phase: str) -> None:
+    """Raises when the run has an unfinished phase other than ``phase``.
+
+    Raises:
+        RunDirError: Naming the unfinished phase, how far it got, and both ways out.
+    """
+    other = unfinished_phase(state)
+    if other is None or other == phase:
+        return
+    raise RunDirError(
+        f"{run_dir} has an unfinished phase {other!r} (step {state['step']} of "
+        f"{state['total_steps']}): finish it first by running its command again, or discard "
+        f"it with `modnet discard {run_dir}` (finished tasks stay exactly as they are)"
+    )
+
+
+def changed_options(
+    stored: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """``"name: old -> new"`` for every option that differs (JSON-normalised), sorted."""
+    stored, new = json.loads(json.dumps(dict(stored))), json.loads(json.dumps(dict(new)))
+    return [
+        f"{key}: {stored.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(stored) | set(new))
+        if key not in ignore and stored.get(key) != new.get(key)
+    ]
+
+
+def discard_unfinished(run_dir: str | Path) -> tuple[str, Path | None]:
+    """Discards the run's unfinished phase: its checkpoints go, ``LATEST`` moves back.
+
+    ``LATEST`` then names the newest checkpoint of a finished phase, whose files
+    are not touched, so every finished task stays bit-identical. Takes the lock.
+
+    Returns:
+        The discarded phase and the checkpoint the run now continues from (None
+        when the discarded phase was the first one).
+
+    Raises:
+        RunDirError: Nothing to discard, or another process is writing the run.
+    """
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise RunDirError(f"{run_dir} is not a modnet run directory: nothing to discard")
+    with open_run(run_dir, "modnet discard"):
+        latest, state = run_state(run_dir)
+        phase = unfinished_phase(state)
+        if phase is None:
+            raise RunDirError(f"{run_dir} has no unfinished phase: nothing to discard")
+        records = {p: checkpoint_record(p) for p in modnet_checkpoints(run_dir)}
+        current = records[latest]["sequence"] if latest in records else 0
+        bases = [p for p, r in records.items() if r["done"] and r["sequence"] < current]
+        base = bases[-1] if bases else None
+        floor = records[base]["sequence"] if base is not None else 0
+        for path, record in records.items():
+            if record["sequence"] > floor:
+                shutil.rmtree(path)
+        if base is None:
+            (run_dir / LATEST).unlink(missing_ok=True)
+        else:
+            atomic_write_text(run_dir / LATEST, base.name + "\n")
+        return phase, base
+
+
+# ------------------------------------------------------------------------ results
+def read_results(run_dir: Path) -> dict[str, Any]:
+    """``results.json`` of the run (empty when missing).
+
+    Raises:
+        RunDirError: The file is damaged; the message names it.
+    """
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RunDirError(
+            f"{path} is damaged ({error}): repair it, or move it away and run the phase's "
+            "command again to record its results anew"
+        ) from None
+    if not isinstance(results, dict):
+        raise RunDirError(f"{path} is damaged (not a JSON object): repair it or move it away")
+    return results
+
+
+def record_results(run_dir: Path, phase: str, entry: Mapping[str, Any]) -> None:
+    """Adds (or replaces) ``phase``'s entry in ``results.json``, atomically."""
+    results = read_results(run_dir)
+    results[phase] = dict(entry)
+    write_json(Path(run_dir) / RESULTS_FILE, results)
+
+
+def note(message: str) -> None:
+    """A one-line notice on stderr for what a command did on its own (recovered, completed)."""
+    print(f"modnet: {message}", file=sys.stderr)
+
+
+__all__ = [
+    "CHECKPOINTS",
+    "LATEST",
+    "LOCK_FILE",
+    "LOCK_INFO",
+    "MARKER",
+    "OUTPUTS",
+    "RESULTS_FILE",
+    "TRAINER_STATE",
+    "RecoveryWarning",
+    "changed_options",
+    "check_run_target",
+    "checkpoint_record",
+    "clear_run",
+    "discard_unfinished",
+    "is_run_dir",
+    "latest_checkpoint",
+    "load_trainer_state",
+    "modnet_checkpoints",
+    "open_run",
+    "read_results",
+    "record_results",
+    "refuse_other_phase",
+    "resolve_model_dir",
+    "run_state",
+    "save_checkpoint",
+    "tidy",
+    "unfinished_phase",
+]

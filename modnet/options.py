@@ -1,0 +1,112 @@
+"""Model options from the user (``--model`` and ``--model-arg``), checked before building.
+
+``check_model_options`` names a wrong option with its accepted range in one
+line; ``create_model`` builds through timm and turns what timm or a family still
+refuses (an unknown option) into the same kind of error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import timm
+from torch import nn
+
+from .errors import ConfigError
+
+# option: (kind, low, high); kind "int" or "float"; bounds inclusive, None for open.
+NUMERIC = {
+    "depth": ("int", 1, None),
+    "num_templates": ("int", 1, None),
+    "width": ("int", 1, None),
+    "exp_ratio": ("float", 1e-9, None),
+    "img_size": ("int", 1, None),
+    "in_chans": ("int", 1, None),
+    "stem_stride": ("int", 1, None),
+    "patch_size": ("int", 1, None),
+    "embed_dim": ("int", 1, None),
+    "num_heads": ("int", 1, None),
+    "mlp_ratio": ("float", 1e-9, None),
+    "hyper_dim": ("int", 1, None),
+    "hyper_hidden": ("int", 0, None),
+    "num_classes": ("int", 0, None),
+    "drop_rate": ("float", 0.0, 1.0 - 1e-9),
+    "drop_path_rate": ("float", 0.0, 1.0 - 1e-9),
+}
+CHOICES = {
+    "route": ("softmax", "linear", "hard", "hyper"),
+    "route_init": ("random", "uniform", "cyclic"),
+    "hyper_normalize": ("linear", "softmax"),
+}
+BOOLEAN = ("anisotropic",)
+
+
+def modnet_models() -> list[str]:
+    """Every registered ``modnet_*`` model name."""
+    return timm.list_models("modnet_*")
+
+
+def check_model_options(model: str, options: Mapping[str, Any]) -> None:
+    """Checks a model name and its options before anything is built.
+
+    Raises:
+        ConfigError: Unknown model, or an option of the wrong type or out of range
+            (the message names the option, the value and what it accepts).
+    """
+    known = modnet_models()
+    if model not in known:
+        raise ConfigError(f"unknown model {model!r}: choose one of {', '.join(known)}")
+    for key, value in options.items():
+        if key in NUMERIC:
+            kind, low, high = NUMERIC[key]
+            _check_number(key, value, kind, low, high)
+        elif key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(
+                f"model option {key}={value!r} is not one of {', '.join(CHOICES[key])}"
+            )
+        elif key in BOOLEAN and not isinstance(value, bool):
+            raise ConfigError(f"model option {key} must be True or False, got {value!r}")
+    embed, heads = options.get("embed_dim"), options.get("num_heads")
+    if isinstance(embed, int) and isinstance(heads, int) and embed % heads:
+        raise ConfigError(f"model option embed_dim={embed} must be divisible by num_heads={heads}")
+    size, stride = options.get("img_size"), options.get("stem_stride")
+    if isinstance(size, int) and isinstance(stride, int) and size % stride:
+        raise ConfigError(f"model option img_size={size} must be divisible by stem_stride={stride}")
+    size, patch = options.get("img_size"), options.get("patch_size")
+    if isinstance(size, int) and isinstance(patch, int) and size % patch:
+        raise ConfigError(f"model option img_size={size} must be divisible by patch_size={patch}")
+
+
+def _check_number(key: str, value: Any, kind: str, low: float | None, high: float | None) -> None:
+    integral = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int" and not integral:
+        raise ConfigError(f"model option {key} must be an integer, got {value!r}")
+    if kind == "float" and not (integral or (isinstance(value, float) and math.isfinite(value))):
+        raise ConfigError(f"model option {key} must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        accepted = f">= {low:g}" if high is None else f"in [{low:g}, {high:.6g}]"
+        if kind == "float" and low and low < 1e-6:
+            accepted = "> 0"
+        raise ConfigError(f"model option {key} must be {accepted}, got {value!r}")
+
+
+def create_model(model: str, options: Mapping[str, Any]) -> nn.Module:
+    """``timm.create_model(model, **options)`` after ``check_model_options``.
+
+    Raises:
+        ConfigError: A bad option, including one the model does not know.
+    """
+    check_model_options(model, options)
+    try:
+        return timm.create_model(model, **dict(options))
+    except TypeError as error:
+        if "unexpected keyword argument" not in str(error):
+            raise
+        found = re.search(r"argument '(\w+)'", str(error))
+        name = found.group(1) if found else str(error)
+        raise ConfigError(
+            f"unknown model option {name!r} for {model}: check its spelling (--model-arg KEY=VALUE)"
+        ) from None

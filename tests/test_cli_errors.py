@@ -1,0 +1,182 @@
+"""User errors are one line with exit code 2; genuine failures keep their traceback;
+divergence stops a run; exports say what they trust."""
+
+import errno
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modnet import io
+from modnet.cli import main
+from modnet.errors import DivergenceError
+from modnet.export import load_safe
+from modnet.train import TrainConfig
+from modnet.train.divergence import DivergenceGuard
+from tests.conftest import images, tiny_conv
+from tests.test_run_dir import FAST, finished, train_args  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"modnet {command}: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model-arg", "width=0"], "model option width must be >= 1, got 0"),
+        (["--model-arg", "depth=abc"], "model option depth must be an integer, got 'abc'"),
+        (["--model-arg", "colour=red"], "unknown model option 'colour'"),
+        (["--model-arg", "width"], "--model-arg expects KEY=VALUE"),
+        (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--lr", "-0.1"], "--lr must be > 0"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["--grad-clip", "-1"], "--grad-clip must be > 0"),
+        (["--model", "resnet18"], "unknown model 'resnet18'"),
+    ],
+)
+def test_bad_training_options_are_one_line_before_any_work(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert main([*train_args(out), *extra]) == 2
+    assert message in one_line_error(capsys, "train")
+    assert not out.exists()
+
+
+def test_eval_and_export_errors_are_one_line(finished, tmp_path, capsys):  # noqa: F811
+    assert main(["eval", str(finished), "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in one_line_error(capsys, "eval")
+    model_dir = tmp_path / "model"
+    io.save_model(tiny_conv(tasks={"a": 3}), model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["tasks"]["a"]["num_classes"] = "three"
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["eval", str(model_dir)]) == 2
+    line = one_line_error(capsys, "eval")
+    assert "manifest.json is damaged: tasks['a']['num_classes'] should be a non-negative" in line
+    manifest["pool_chunks"] = "3"
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export", str(model_dir), "--task", "a"]) == 2
+    assert "'pool_chunks' should be a non-empty list" in one_line_error(capsys, "export")
+
+
+def test_a_genuine_failure_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr("modnet.train.loop.Trainer.training_loss", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        main(train_args(tmp_path / "run"))
+
+
+def test_a_full_disk_names_the_path(tmp_path, monkeypatch, capsys):
+    def full(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("modnet.io.checkpoint.save_file", full)
+    out = tmp_path / "run"
+    assert main(train_args(out)) == 2
+    line = one_line_error(capsys, "train")
+    assert f"no space left on device while writing {out / 'checkpoints' / 'train-step'}" in line
+    assert not list((out / "checkpoints").glob(".*"))  # no temporary folder left behind
+
+
+def test_a_subprocess_user_error_has_no_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "modnet", *train_args(tmp_path / "r"), "--model-arg", "width=0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "modnet train: error: model option width must be >= 1, got 0"
+    ]
+
+
+# ----------------------------------------------------------------------- 8. divergence
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, optimizer):
+    out = tmp_path / "run"
+    extra = ["--lr", "1e3", "--optimizer", optimizer, "--grad-clip", "0"]
+    args = [*train_args(out), *extra, "--checkpoint-every", "1", "--epochs", "3"]
+    assert main(args) == 2
+    line = one_line_error(capsys, "train")
+    assert "training diverged in phase 'train' at step " in line
+    assert "--lr 100, now 1000" in line and "--grad-clip 1" in line
+    step = int(line.split("at step ")[1].split(":")[0])
+    latest = io.latest_checkpoint(out)
+    state = io.load_trainer_state(latest)
+    assert not state["done"] and state["step"] < step
+    model, _ = io.load_model(out)
+    assert all(
+        torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+    )
+    assert not (out / "results.json").exists()
+
+
+def test_non_finite_weights_or_statistics_are_never_checkpointed():
+    guard = DivergenceGuard(TrainConfig(lr=0.5, grad_clip=1.0), "train")
+    model = tiny_conv(tasks={"a": 3})
+    guard.check_model(model, 7)
+    buffer = next(n for n, _ in model.named_buffers() if n.endswith("running_var"))
+    model.get_buffer(buffer).fill_(math.inf)
+    with pytest.raises(DivergenceError, match=f"at step 7: buffer {buffer} is not finite"):
+        guard.check_model(model, 7)
+    with pytest.raises(DivergenceError, match="step 1: the loss became nan.*--lr 0.05"):
+        guard.check_loss(math.nan, 0)
+    guard.check_loss(2.0, 0)
+    guard.check_loss(150.0, 1)  # large, not yet 100x the start
+    with pytest.raises(DivergenceError, match="step 3: the loss exploded to 250"):
+        guard.check_loss(250.0, 2)
+
+
+# ---------------------------------------------------------------------------- 12. trust
+def test_export_help_and_readme_warn_that_pt2_files_can_run_code(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "can execute code stored in the file" in text and "--format safetensors" in text
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "Loading a `.pt2` file with `torch.export.load` can execute code" in readme
+
+
+def test_safe_export_round_trips_the_logits(finished, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "color"
+    assert main(["export", str(finished), "--task", "synth_color", "--format", "safetensors",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    net = load_safe(out)
+    model, _ = io.load_model(finished, tasks=["synth_color"])
+    x = images(model, batch=5)
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+
+
+def test_eval_refuses_a_diverged_checkpoint(tmp_path, capsys):
+    model = tiny_conv(tasks={"a": 3})
+    buffer = next(n for n, _ in model.named_buffers() if n.endswith("running_var"))
+    model.get_buffer(buffer).fill_(math.inf)
+    io.save_model(model, tmp_path / "model")
+    assert main(["eval", str(tmp_path / "model")]) == 2
+    line = one_line_error(capsys, "eval")
+    assert f"holds non-finite values ({buffer}): its training diverged" in line
+
+
+def test_argument_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--lr", "fast"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "modnet train: error: argument --lr: invalid float value: 'fast' (see modnet train --help)"
+    ]

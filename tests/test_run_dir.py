@@ -1,0 +1,414 @@
+"""Run directories: modnet touches only what it wrote, recovers what a crash left, and
+never lets one phase overtake another or resume with other options."""
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from modnet import io
+from modnet.cli import main
+from modnet.errors import CheckpointError, RunDirError
+from modnet.train import api as train_api
+from modnet.train.loop import Trainer
+from tests.conftest import images, moved_off_init, tiny_conv
+
+TINY = [
+    *("--model-arg", "depth=3", "--model-arg", "width=8", "--model-arg", "exp_ratio=2.0"),
+    *("--model-arg", "img_size=8", "--model-arg", "num_templates=2"),
+]
+FAST = [
+    *("--train-limit", "64", "--test-limit", "32", "--batch-size", "32", "--epochs", "1"),
+    "--no-progress",
+]
+TRAIN = ["train", "--tasks", "synth_color,synth_size", *TINY, *FAST]
+
+
+def train_args(out: Path, *extra: str) -> list[str]:
+    return [*TRAIN, "--out", str(out), *extra]
+
+
+def transfer_args(out: Path, task: str = "synth_shape", *extra: str) -> list[str]:
+    return ["transfer", str(out), "--task", task, *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished two-task run; tests work on copies of it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(train_args(out)) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(finished, target)
+    return target
+
+
+class Interrupt(BaseException):
+    """Stands for a kill: raised from inside the training loop."""
+
+
+@pytest.fixture
+def interrupt_after_first_checkpoint(monkeypatch):
+    """The next training phase stops right after its first checkpoint, unfinished."""
+    original = Trainer.checkpoint
+
+    def checkpoint_then_stop(self, done):
+        original(self, done)
+        if not done:
+            monkeypatch.setattr(Trainer, "checkpoint", original)
+            raise Interrupt
+
+    monkeypatch.setattr(Trainer, "checkpoint", checkpoint_then_stop)
+
+
+def file_bytes(checkpoint: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(checkpoint)): p.read_bytes()
+        for p in sorted(checkpoint.rglob("*.safetensors"))
+    }
+
+
+# ------------------------------------------------------------------ 1. --overwrite
+def test_overwrite_refuses_a_folder_modnet_did_not_write(tmp_path, capsys):
+    folder = tmp_path / "d"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "important.txt").write_text("x")
+    for extra in ((), ("--overwrite",)):
+        assert main(train_args(folder, *extra)) == 2
+        err = capsys.readouterr().err
+        assert "not a modnet run directory" in err and "choose another --out" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["important.txt", "photos"]
+    assert (folder / "important.txt").read_text() == "x"
+
+
+def test_overwrite_replaces_a_damaged_run_and_only_what_modnet_wrote(run_copy, capsys):
+    (run_copy / "notes.txt").write_text("mine")
+    (run_copy / "checkpoints" / "mine").mkdir()
+    (run_copy / "LATEST").write_bytes(b"\x00\xff garbage")
+    (run_copy / "results.json").write_text("{not json")
+    for state in run_copy.glob("checkpoints/*/trainer_state.pt"):
+        state.write_bytes(b"damaged")
+    assert main(train_args(run_copy, "--overwrite")) == 0
+    assert (run_copy / "notes.txt").read_text() == "mine"
+    assert (run_copy / "checkpoints" / "mine").is_dir()
+    state = io.load_trainer_state(io.latest_checkpoint(run_copy))
+    assert state["done"] and state["step"] == state["total_steps"]
+    assert set(json.loads((run_copy / "results.json").read_text())) == {"train"}
+
+
+def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep")
+    assert main(train_args(target)) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+    assert target.read_text() == "keep"
+
+
+# ----------------------------------------------------------------------- 2. pruning
+def test_pruning_removes_only_checkpoints_modnet_wrote(tmp_path):
+    model = tiny_conv(tasks={"a": 3})
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        state = {"phase": "train", "done": False, "step": step}
+        io.save_checkpoint(tmp_path, f"train-step{step:07d}", model, state)
+        if step == 1:  # a user's folders appear in the run
+            (checkpoints / "user_folder").mkdir(parents=True)
+            (checkpoints / "user_folder" / "data.txt").write_text("x")
+            (checkpoints / "train-step0000000").mkdir()  # modnet's pattern, but no manifest
+            (checkpoints / "train-step0000000" / "x.txt").write_text("x")
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    assert kept == ["train-step0000000", "train-step0000003", "train-step0000004", "user_folder"]
+    assert (checkpoints / "user_folder" / "data.txt").read_text() == "x"
+
+
+def test_pruning_keeps_the_finished_phase_an_unfinished_one_started_from(tmp_path):
+    model = tiny_conv(tasks={"a": 3})
+    io.save_checkpoint(tmp_path, "train-step0000001", model, {"phase": "train", "done": True})
+    model.add_task("b", 2)
+    for step in (1, 2, 3):
+        state = {"phase": "transfer-b", "done": False, "step": step}
+        io.save_checkpoint(tmp_path, f"transfer-b-step{step:07d}", model, state)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["train-step0000001", "transfer-b-step0000002", "transfer-b-step0000003"]
+
+
+# ------------------------------------------------------------------------ 3. LATEST
+def _two_phase_run(root: Path) -> Path:
+    model = tiny_conv(tasks={"a": 3})
+    config = json.dumps({})
+    io.save_checkpoint(
+        root, "train-step0000001", model, dict(phase="train", done=True, config=config)
+    )
+    model.add_task("b", 2)
+    state = dict(phase="transfer-b", done=True, config=config)
+    io.save_checkpoint(root, "transfer-b-step0000001", model, state)
+    return root
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "names_a_deleted_checkpoint"])
+def test_a_missing_or_damaged_latest_is_recovered_never_retrained(tmp_path, damage, capsys):
+    run = _two_phase_run(tmp_path / "run")
+    latest = run / "LATEST"
+    if damage == "missing":
+        latest.unlink()
+    elif damage == "garbage":
+        latest.write_bytes(b"\x00\x01\xfe")
+    else:
+        latest.write_text("train-step0000099\n")
+    with pytest.warns(io.RecoveryWarning, match="newest complete checkpoint transfer-b-step"):
+        assert io.latest_checkpoint(run).name == "transfer-b-step0000001"
+        model, _ = io.load_model(run)
+    assert model.task_names == ["a", "b"]
+    # train must neither retrain over the run nor prune the transferred task
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(train_args(run)) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert latest.read_text().strip() == "transfer-b-step0000001"  # repaired under the lock
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "train-step0000001",
+        "transfer-b-step0000001",
+    ]
+
+
+def test_a_damaged_latest_with_no_checkpoint_left_is_an_error(tmp_path):
+    run = _two_phase_run(tmp_path / "run")
+    for checkpoint in (run / "checkpoints").iterdir():
+        shutil.rmtree(checkpoint)
+    with pytest.raises(CheckpointError, match="LATEST names 'transfer-b.*no complete checkpoint"):
+        io.latest_checkpoint(run)
+
+
+# ------------------------------------------------------------ 5. resume with options
+def test_resuming_with_other_options_is_refused_with_the_list(
+    tmp_path, capsys, interrupt_after_first_checkpoint
+):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        main(train_args(out, "--checkpoint-every", "1"))
+    before = io.latest_checkpoint(out).name
+    changed = ["--lr", "0.5", "--epochs", "2", "--model-arg", "width=16"]
+    assert main(train_args(out, "--checkpoint-every", "1", *changed)) == 2
+    err = capsys.readouterr().err
+    assert "started with other options" in err
+    assert "epochs: 1 -> 2" in err and "-> 0.5" in err and "'width': 8" in err
+    assert io.latest_checkpoint(out).name == before
+    # options that cannot change the result may differ
+    neutral = ["--log-every", "3", "--checkpoint-every", "2", "--device", "cpu"]
+    assert main(train_args(out, *neutral)) == 0
+    state = io.load_trainer_state(io.latest_checkpoint(out))
+    assert state["done"] and state["step"] == state["total_steps"]
+
+
+def test_resuming_a_transfer_with_other_parts_is_refused(
+    run_copy, capsys, monkeypatch, interrupt_after_first_checkpoint
+):
+    with pytest.raises(Interrupt):
+        main(transfer_args(run_copy, "synth_shape", "--checkpoint-every", "1"))
+    assert main(transfer_args(run_copy, "synth_shape", "--train", "route")) == 2
+    assert "parts: ['heads', 'norm', 'routes'] -> ['norm', 'routes']" in capsys.readouterr().err
+
+
+def test_resuming_an_adaptation_with_another_objective_is_refused(
+    run_copy, capsys, interrupt_after_first_checkpoint
+):
+    adapt = ["adapt", str(run_copy), "--target", "synth_size-bg", "--sources", "synth_size"]
+    with pytest.raises(Interrupt):
+        main([*adapt, *FAST, "--checkpoint-every", "1"])
+    assert main([*adapt, *FAST, "--objective", "entropy"]) == 2
+    assert "objective: 'moments' -> 'entropy'" in capsys.readouterr().err
+    assert main([*adapt, *FAST, "--log-every", "1"]) == 0  # same options: resumes
+
+
+# -------------------------------------------------------------------------- 6. phases
+def test_an_unfinished_phase_blocks_the_others_and_discard_keeps_finished_tasks(
+    run_copy, capsys, interrupt_after_first_checkpoint
+):
+    base = io.latest_checkpoint(run_copy)
+    finished_files = file_bytes(base)
+    with pytest.raises(Interrupt):
+        main(transfer_args(run_copy, "synth_shape", "--checkpoint-every", "1"))
+    assert io.latest_checkpoint(run_copy).name.startswith("transfer-synth_shape-step")
+    blocked = [
+        transfer_args(run_copy, "synth_position"),
+        train_args(run_copy),
+        ["adapt", str(run_copy), "--target", "synth_position", *FAST],
+    ]
+    for args in blocked:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "unfinished phase 'transfer-synth_shape'" in err and "modnet discard" in err
+    assert main(["discard", str(run_copy)]) == 0
+    assert f"continues from {base.name}" in capsys.readouterr().out
+    assert io.latest_checkpoint(run_copy) == base
+    assert file_bytes(base) == finished_files
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == [base.name]
+    model, _ = io.load_model(run_copy)
+    assert model.task_names == ["synth_color", "synth_size"]
+    assert main(["discard", str(run_copy)]) == 2
+    assert "no unfinished phase" in capsys.readouterr().err
+    assert main(transfer_args(run_copy, "synth_position")) == 0
+
+
+def test_an_unfinished_train_blocks_transfer(tmp_path, capsys, interrupt_after_first_checkpoint):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        main(train_args(out, "--checkpoint-every", "1"))
+    assert main(transfer_args(out, "synth_shape")) == 2
+    assert re.search(r"unfinished phase 'train' \(step 1 of \d+\)", capsys.readouterr().err)
+    assert main(["discard", str(out)]) == 0
+    assert io.latest_checkpoint(out) is None and not list((out / "checkpoints").iterdir())
+    assert main(train_args(out)) == 0
+
+
+# ------------------------------------------------------------------------ 10. crashes
+def test_leftovers_of_a_killed_write_are_removed_at_the_next_start(run_copy, capsys):
+    checkpoint = io.latest_checkpoint(run_copy)
+    leftovers = [
+        run_copy / "checkpoints" / ".train-step0000009.tmp-4242",
+        run_copy / "checkpoints" / ".train-step0000004.old-4242",
+        checkpoint / ".trainer_state.tmp-4242.pt",
+        run_copy / ".results.tmp-4242.json",
+    ]
+    for path in leftovers:
+        if path.suffix:
+            path.write_bytes(b"half")
+        else:
+            (path / "tasks").mkdir(parents=True)
+    (run_copy / ".my-hidden-notes").write_text("mine")
+    assert main(train_args(run_copy)) == 2  # finished: refused, but tidied first
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert not any(path.exists() for path in leftovers)
+    assert (run_copy / ".my-hidden-notes").read_text() == "mine"
+
+
+def test_a_run_killed_before_its_results_completes_them_when_run_again(
+    tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise Interrupt
+
+    monkeypatch.setattr(train_api, "_record_results", killed)
+    with pytest.raises(Interrupt):
+        main(train_args(out))
+    monkeypatch.undo()
+    assert not (out / "results.json").exists() and not (out / "routes.png").exists()
+    state = io.load_trainer_state(io.latest_checkpoint(out))
+    assert state["done"]
+    assert main(train_args(out)) == 0
+    assert "wrote its missing results" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    history = json.loads(state["history"])
+    assert results["train"]["accuracy"] == history[-1]["accuracy"]
+    assert results["train"]["checkpoint"] == io.latest_checkpoint(out).name
+    assert (out / "routes.png").stat().st_size > 0
+    assert main(train_args(out)) == 2  # now complete: a finished run
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_a_damaged_results_file_is_named_before_any_work(run_copy, capsys):
+    (run_copy / "results.json").write_text('{"train": ')
+    before = io.latest_checkpoint(run_copy)
+    assert main(transfer_args(run_copy)) == 2
+    err = capsys.readouterr().err
+    assert f"{run_copy / 'results.json'} is damaged" in err
+    assert io.latest_checkpoint(run_copy) == before
+
+
+# ---------------------------------------------------------------------- 11. durability
+def test_checkpoint_files_and_folders_are_fsynced_before_they_are_published(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    state = {"phase": "train", "done": False}
+    target = io.save_checkpoint(run, "train-step0000001", tiny_conv(tasks={"a": 3}), state)
+    renames = [e for e in events if e[0] == "replace"]
+    publish = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(target))
+    tmp_dir = events[publish][1]
+    synced_before = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    for name in ("manifest.json", "pool.safetensors", "tasks/a.safetensors", "tasks", ""):
+        assert str(Path(tmp_dir) / name).rstrip("/") in synced_before, name
+    assert ("fsync", str(target.parent)) in events[publish:]  # the rename itself is durable
+    latest = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("LATEST"))
+    state_file = str(target / "trainer_state.pt")
+    assert ("fsync", str(target)) in events[:latest]  # trainer_state's rename is flushed
+    assert any(e[0] == "replace" and e[2] == state_file for e in events[:latest])
+    tmp_latest = events[latest][1]
+    assert ("fsync", tmp_latest) in events[:latest]
+    assert ("fsync", str(run)) in events[latest:]
+    assert len(renames) >= 3
+
+
+# ------------------------------------------------------- pool fingerprint, task import
+def test_a_task_file_imports_into_a_run_with_the_same_pool_only(tmp_path):
+    source = moved_off_init(tiny_conv(tasks={"a": 3, "b": 5}))
+    source.set_route("b", torch.randn(4, 3))
+    io.save_model(source, tmp_path / "source")
+    target, manifest = io.load_model(tmp_path / "source", tasks=["a"])
+    assert manifest["pool_fingerprint"] == io.pool_fingerprint(source)
+    x = images(source)
+    assert io.import_task(target, tmp_path / "source" / "tasks" / "b.safetensors") == "b"
+    assert io.import_task(target, tmp_path / "source", task="b", name="b_copy") == "b_copy"
+    source.eval()
+    with torch.no_grad():
+        assert torch.equal(target(x, "b"), source(x, "b"))
+        assert torch.equal(target(x, "b_copy"), source(x, "b"))
+        assert torch.equal(target(x, "a"), source(x, "a"))
+    other = moved_off_init(tiny_conv(tasks={"a": 3}), scale=0.3)
+    assert io.pool_fingerprint(other) != io.pool_fingerprint(source)
+    with pytest.raises(CheckpointError, match="trained with another pool"):
+        io.import_task(other, tmp_path / "source" / "tasks" / "b.safetensors")
+    assert other.task_names == ["a"]
+
+
+def test_run_dir_error_is_a_project_error():
+    from modnet.errors import ModnetError
+
+    assert issubclass(RunDirError, ModnetError) and issubclass(CheckpointError, ModnetError)
+
+
+def test_an_adaptation_killed_before_its_results_completes_them(run_copy, monkeypatch, capsys):
+    from modnet.adapt import api as adapt_api
+
+    def killed(*args, **kwargs):
+        raise Interrupt
+
+    args = ["adapt", str(run_copy), "--target", "synth_size-bg", "--sources", "synth_size", *FAST]
+    monkeypatch.setattr(adapt_api, "_record", killed)
+    with pytest.raises(Interrupt):
+        main(args)
+    monkeypatch.undo()
+    state = io.load_trainer_state(io.latest_checkpoint(run_copy))
+    assert state["done"] and "adapt-synth_size-bg" not in io.read_results(run_copy)
+    assert main(args) == 0
+    assert "wrote its missing results" in capsys.readouterr().err
+    entry = io.read_results(run_copy)["adapt-synth_size-bg"]
+    assert (
+        entry["adapted_accuracy"] == json.loads(state["history"])[-1]["accuracy"]["synth_size-bg"]
+    )
+    assert entry["checkpoint"] == io.latest_checkpoint(run_copy).name
+    assert (run_copy / "adapt-synth_size-bg-routes.png").is_file()
+    assert main(args) == 2
+    assert "already has a task 'synth_size-bg'" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""Every option is checked before any work; data that looks like a mistake is refused at load."""
+
+import math
+
+import numpy as np
+import pytest
+
+from modnet.cli import main
+from modnet.data import DataError, LoadOptions, load_npz
+from modnet.errors import ConfigError, ModnetError
+from modnet.options import check_model_options, create_model
+from modnet.train import TrainConfig
+from tests.test_run_dir import TINY, train_args
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("lr", -1e-3, "--lr must be > 0, got -0.001"),
+        ("lr", 0.0, "--lr must be > 0"),
+        ("lr", math.nan, "--lr must be a finite number, got nan"),
+        ("lr", math.inf, "--lr must be a finite number"),
+        ("route_lr", -1.0, "--route-lr must be > 0"),
+        ("head_lr", math.nan, "--head-lr must be a finite number"),
+        ("weight_decay", -0.1, "--weight-decay must be >= 0"),
+        ("grad_clip", -1.0, "--grad-clip must be > 0.*0 disables it"),
+        ("log_every", 0, "--log-every must be at least 1, got 0"),
+        ("eval_batch_size", 0, "--eval-batch-size must be at least 1"),
+        ("epochs", 1.5, "--epochs must be an integer, got 1.5"),
+        ("batch_size", 0, "--batch-size must be at least 1"),
+        ("checkpoint_every", -1, "--checkpoint-every must be at least 0"),
+        ("label_smoothing", 1.0, "--label-smoothing must be < 1"),
+        ("train_limit", 0, "--train-limit must be at least 1"),
+        ("tasks", ["synth_color", " "], "--tasks must be dataset specs"),
+        ("optimizer", "adam", "unknown optimizer 'adam'"),
+    ],
+)
+def test_training_options_are_validated(option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{option: value})
+
+
+def test_grad_clip_zero_disables_clipping():
+    assert TrainConfig(grad_clip=0).grad_clip is None
+    assert TrainConfig(grad_clip=None).grad_clip is None
+    assert TrainConfig(grad_clip=0.5).grad_clip == 0.5
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(width=0), "model option width must be >= 1, got 0"),
+        (dict(width=2.5), "model option width must be an integer, got 2.5"),
+        (dict(depth="abc"), "model option depth must be an integer, got 'abc'"),
+        (dict(depth=True), "model option depth must be an integer"),
+        (dict(exp_ratio=-1.0), "model option exp_ratio must be > 0, got -1.0"),
+        (dict(exp_ratio=math.nan), "exp_ratio must be a finite number"),
+        (dict(num_templates=0), "num_templates must be >= 1"),
+        (dict(route="sparse"), "route='sparse' is not one of softmax, linear, hard, hyper"),
+        (dict(anisotropic="yes"), "anisotropic must be True or False"),
+        (dict(img_size=10, stem_stride=4), "img_size=10 must be divisible by stem_stride=4"),
+    ],
+)
+def test_model_options_are_validated_before_building(options, message):
+    with pytest.raises(ConfigError, match=message):
+        check_model_options("modnet_conv_tiny", options)
+
+
+def test_unknown_model_and_unknown_option():
+    with pytest.raises(ConfigError, match="unknown model 'modnet_conv_huge'.*modnet_conv_tiny"):
+        check_model_options("modnet_conv_huge", {})
+    with pytest.raises(ConfigError, match="unknown model option 'widht' for modnet_conv_tiny"):
+        create_model("modnet_conv_tiny", dict(widht=8))
+    model = create_model("modnet_conv_tiny", dict(width=8, depth=2, img_size=8))
+    assert model.config["width"] == 8 and model.depth == 2
+
+
+def test_empty_task_list_is_an_error_not_the_default_suite(tmp_path, capsys):
+    for tasks in (",", "synth_color,,synth_size", " "):
+        args = train_args(tmp_path / "run")
+        args[args.index("--tasks") + 1] = tasks
+        assert main(args) == 2
+        assert "--tasks" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def _npz(path, train_y, test_y):
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        train_x=rng.integers(0, 255, (len(train_y), 8, 8, 3), dtype=np.uint8),
+        train_y=np.asarray(train_y),
+        test_x=rng.integers(0, 255, (len(test_y), 8, 8, 3), dtype=np.uint8),
+        test_y=np.asarray(test_y),
+    )
+    return path
+
+
+def test_a_stray_label_far_above_the_others_is_reported_at_load(tmp_path):
+    labels = list(range(10)) * 3
+    path = _npz(tmp_path / "digits.npz", labels + [1000, 1000], labels)
+    with pytest.raises(DataError, match=r"label 1000 \(carried by 2 samples\).*next is 9"):
+        load_npz(path, LoadOptions(img_size=8, in_chans=3))
+    fine = _npz(tmp_path / "gaps.npz", [0, 1, 3, 4, 5], [0, 2, 5])  # a missing class is fine
+    assert load_npz(fine, LoadOptions(img_size=8, in_chans=3)).num_classes == 6
+
+
+def test_an_overlong_task_name_is_refused_when_the_data_is_loaded(tmp_path, capsys):
+    path = _npz(tmp_path / f"{'x' * 245}.npz", [0, 1] * 8, [0, 1] * 4)
+    with pytest.raises(DataError, match="is 245 characters long: at most 100"):
+        load_npz(path, LoadOptions(img_size=8, in_chans=3))
+    out = tmp_path / "run"
+    assert main(["train", "--tasks", f"npz:{path}", *TINY, "--out", str(out)]) == 2
+    assert "245 characters long" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_every_project_error_derives_from_modnet_error():
+    from modnet.adapt import AdaptationError
+    from modnet.errors import CheckpointError, DivergenceError, RunDirError
+
+    for error in (ConfigError, DataError, AdaptationError, CheckpointError, RunDirError):
+        assert issubclass(error, ModnetError) and issubclass(error, ValueError)
+    assert issubclass(DivergenceError, ModnetError)
+
+
+@pytest.mark.parametrize("weight", [math.nan, -1.0, "1"])
+def test_adapt_source_weight_is_validated_first(tmp_path, weight):
+    from modnet.adapt import adapt
+
+    with pytest.raises(ConfigError, match="--source-weight must be a finite number >= 0"):
+        adapt(tmp_path / "none", "synth_size-bg", ["synth_size"], source_weight=weight)
