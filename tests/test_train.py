@@ -132,3 +132,19 @@ def test_route_only_transfer_reuses_the_source_head_and_moves_only_the_route(tra
     stats, source_stats = model.norm_stats["synth_color-bg"], model.norm_stats["synth_color"]
     for key, value in source_stats.state_dict().items():  # statistics frozen at the source's
         assert torch.equal(stats.state_dict()[key], value), key
+
+
+def test_a_transfer_depends_on_its_seed_alone(trained_run, tmp_path):
+    """Two transfers with the same --seed start the new task from the same head and route."""
+    import shutil
+
+    _, run_dir = trained_run
+    results = []
+    for copy in ("a", "b"):
+        torch.manual_seed(1000 + len(copy) * ord(copy))  # whatever the caller's RNG holds
+        target = tmp_path / copy
+        shutil.copytree(run_dir, target)
+        config = tiny_config(epochs=1, train_limit=64, test_limit=32)
+        results.append(transfer(target, "synth_shape", config=config).model)
+    first, second = (m.state_dict() for m in results)
+    assert all(torch.equal(first[k], second[k]) for k in first)

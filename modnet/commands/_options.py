@@ -52,6 +52,12 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     add("--epochs", type=int, help=_default("epochs"))
     add("--batch-size", type=int, help=_default("batch_size"))
     add(
+        "--micro-batch-size",
+        type=int,
+        help="samples per forward/backward, gradients accumulated over a batch (0: whole batch)"
+        + _default("micro_batch_size"),
+    )
+    add(
         "--mixing",
         choices=MIXING_MODES,
         help="tasks mixed within each batch, or one task per batch in turn" + _default("mixing"),
