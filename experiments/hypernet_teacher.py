@@ -58,6 +58,8 @@ from experiments.common import (  # noqa: E402
     write_results,
 )
 from modnet import HyperNetwork, TemplatePool  # noqa: E402
+from modnet.compose import fit  # noqa: E402
+from modnet.train.schedule import cosine_schedule  # noqa: E402
 
 IN, HIDDEN, OUT = 16, 32, 8
 MODULES, ACTIVE = 6, 2
@@ -196,8 +198,9 @@ def meta_train(student: nn.Module, teacher: Teacher, pairs, options: dict, gener
     inner = torch.optim.Adam([embeddings], lr=INNER_LR)
     outer = torch.optim.Adam(student.parameters(), lr=OUTER_LR)
     steps = options["outer_steps"]
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(outer, steps)
-    for _ in range(steps):
+    schedule = cosine_schedule(outer, steps)
+    for step in range(steps):
+        schedule.step_update(step + 1)
         batch = torch.randint(len(codes), (options["tasks_per_step"],), generator=generator)
         xs, ys, xq, yq = make_tasks(teacher, codes[batch], SHOTS, QUERY, generator)
         student.requires_grad_(False)
@@ -211,21 +214,17 @@ def meta_train(student: nn.Module, teacher: Teacher, pairs, options: dict, gener
         outer.zero_grad()
         loss.backward()
         outer.step()
-        schedule.step()
 
 
 def fit_embeddings(student: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int):
     """Test-time inner loop: new tasks' embeddings from zero, everything else frozen."""
     student.requires_grad_(False)
     embedding = torch.zeros(len(x), EMBED, requires_grad=True)
-    optimizer = torch.optim.Adam([embedding], lr=EVAL_LR)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(steps):
-        loss = (student(embedding, x) - y).pow(2).mean(dim=(1, 2)).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+
+    def loss(step: int) -> torch.Tensor:
+        return (student(embedding, x) - y).pow(2).mean(dim=(1, 2)).sum()
+
+    fit(loss, [embedding], steps, lr=EVAL_LR, warmup=0.0, grad_clip=None)
     return embedding.detach()
 
 

@@ -68,6 +68,15 @@ class ExportedNet(nn.Module):
         exported = cls(trunk, blocks, copy.deepcopy(model.heads[task]), task)
         return exported.train(model.training)
 
+    def no_weight_decay(self) -> set[str]:
+        """What timm's optimizer factory must not decay beyond 1-D tensors: the trunk's list."""
+        return {
+            f"{prefix}.{name}"
+            for prefix, module in self.trunk.named_modules(prefix="trunk")
+            if callable(getattr(module, "no_weight_decay", None))
+            for name in module.no_weight_decay()
+        }
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk.norm(self.blocks(self.trunk.embed(x)))
 

@@ -440,6 +440,109 @@ class ModularNet(nn.Module):
         self._task(task)
         return list(self.routes[task].parameters()) + list(self.heads[task].parameters())
 
+    TRAINABLE_PARTS = (
+        "templates",
+        "new_templates",
+        "trunk",
+        "stem",
+        "routes",
+        "hypernet",
+        "heads",
+        "norm",
+    )
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that weight decay must not touch (timm's contract).
+
+        Decided by role, on each template's own shape rather than the stacked
+        ``[K, ...]`` one: norm affine parameters and biases of the templates and of
+        the trunk, whatever the trunk's timm model excludes (``pos_embed``,
+        ``cls_token``), every route and the hypernetwork. Heads decay their weights.
+        ``timm.optim.create_optimizer_v2(model, weight_decay=...)`` reads this and
+        groups the model as modnet's trainer does, and as it groups ``export(task)``.
+
+        Returns:
+            Full parameter names, e.g. ``"pool.chunks.0.bn1__weight"``.
+        """
+        names = {n for n, _ in self.routes.named_parameters(prefix="routes")}
+        if self.hypernet is not None:
+            names |= {n for n, _ in self.hypernet.named_parameters(prefix="hypernet")}
+        for index, chunk in enumerate(self.pool.chunks):
+            for name, (attr, _) in zip(chunk.names, chunk.named_parameters(), strict=True):
+                if len(self.pool.tensor_shapes[name]) <= 1 or name.endswith("bias"):
+                    names.add(f"pool.chunks.{index}.{attr}")
+        for prefix, module in self.trunk.named_modules(prefix="trunk"):
+            if callable(getattr(module, "no_weight_decay", None)):
+                names |= {f"{prefix}.{n}" for n in module.no_weight_decay()}
+        names |= {n for n, p in self.trunk.named_parameters(prefix="trunk") if p.ndim <= 1}
+        return names | {n for n, _ in self.heads.named_parameters(prefix="heads") if "bias" in n}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups by position for timm's layer-wise decay and freezing.
+
+        A template serves every depth, so all templates form one group of blocks
+        (``coarse`` changes nothing); the trunk's embedding comes first; what no
+        pattern names (routes, hypernetwork, final norm, heads) comes last.
+        """
+        return dict(
+            stem=r"^trunk\.(?:stem|model\.(?:patch_embed|cls_token|reg_token|pos_embed|stem))",
+            blocks=r"^pool\.",
+        )
+
+    def set_trainable(
+        self,
+        tasks: str | Sequence[str],
+        parts: str | Sequence[str],
+        first_new_chunk: int | None = None,
+    ) -> ModularNet:
+        """Sets ``requires_grad`` so that only ``parts`` of ``tasks`` train; returns self.
+
+        Frozen tensors get no gradient at all, so their values stay bit-identical.
+
+        Args:
+            tasks: A task name or names: whose routes, heads and statistics train.
+            parts: Names from ``TRAINABLE_PARTS`` (a list, or one comma-separated
+                string; singular ``route``/``head``/``template`` and ``all`` accepted).
+                ``norm`` lets the tasks' BatchNorm statistics update in training mode;
+                without it they stay frozen. ``stem`` is the trunk's embedding only;
+                ``new_templates`` the pool's chunks from ``first_new_chunk`` on.
+
+        Raises:
+            ConfigError: An unknown part, no part, or ``new_templates`` without growth.
+            KeyError: An unknown task.
+        """
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        items = parts.split(",") if isinstance(parts, str) else list(parts)
+        aliases = {"route": "routes", "head": "heads", "template": "templates"}
+        wanted = {aliases.get(p.strip(), p.strip()) for p in items if p.strip()}
+        if "all" in wanted:
+            wanted = (wanted - {"all"}) | {"templates", "trunk", "routes", "hypernet", "heads"}
+            wanted.add("norm")
+        unknown = sorted(wanted - set(self.TRAINABLE_PARTS))
+        if unknown or not wanted:
+            choices = ", ".join(self.TRAINABLE_PARTS)
+            problem = f"unknown part {unknown[0]!r} to train" if unknown else "nothing to train"
+            raise ConfigError(f"{problem}: choose from {choices}, all (e.g. route,head)")
+        if "new_templates" in wanted and first_new_chunk is None:
+            raise ConfigError("new_templates can train only after growing the pool (--grow N)")
+        for task in tasks:
+            self._task(task)
+        self.requires_grad_(False)
+        chunks = list(self.pool.chunks)
+        start = 0 if "templates" in wanted else first_new_chunk
+        for chunk in chunks[start:] if start is not None else []:
+            chunk.requires_grad_(True)
+        if "trunk" in wanted:
+            self.trunk.requires_grad_(True)
+        for param in self.trunk.stem_parameters() if "stem" in wanted else []:
+            param.requires_grad_(True)
+        for task in tasks:
+            self.routes[task].requires_grad_("routes" in wanted)
+            self.heads[task].requires_grad_("heads" in wanted)
+        if "hypernet" in wanted and self.hypernet is not None:
+            self.hypernet.requires_grad_(True)
+        return self.freeze_norm_stats("norm" not in wanted)
+
     # ----------------------------------------------------------------- internals
     def _features(
         self,

@@ -7,6 +7,7 @@ import torch._dynamo
 from tests.conftest import images, moved_off_init, tiny_conv, tiny_vit
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager_for_soft_and_hard_routes():
     torch._dynamo.reset()
     model = moved_off_init(tiny_conv(tasks={"soft": 3, "hard": 3})).eval()
@@ -35,6 +36,7 @@ def test_swapping_a_hard_route_of_the_same_length_does_not_recompile():
         torch.testing.assert_close(out, eager_model.eval()(x, "t"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_training_step_matches_eager_gradients():
     torch._dynamo.reset()
     model = moved_off_init(tiny_conv(tasks={"t": 3})).train()

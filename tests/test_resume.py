@@ -7,9 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from modnet import io
+
+pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
@@ -95,3 +98,123 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     for index, slots in ref_optimizer.items():
         for name, value in slots.items():
             assert torch.equal(optimizer[index][name], value), (index, name)
+
+
+# ------------------------------------------------------- transfer and adapt resume too
+TINY = dict(depth=3, width=8, exp_ratio=2.0, img_size=16, num_templates=3)
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: the phase stops mid-way, after its last checkpoint."""
+
+
+def interrupt_at(monkeypatch, stop: int) -> None:
+    from modnet.train.loop import Trainer
+
+    step = Trainer._train_step
+
+    def stopping(self, s):
+        if s == stop:
+            raise Interrupted
+        return step(self, s)
+
+    monkeypatch.setattr(Trainer, "_train_step", stopping)
+
+
+def phase_state(run_dir: Path) -> tuple[dict, dict]:
+    model, _ = io.load_model(run_dir)
+    state = io.load_trainer_state(io.latest_checkpoint(run_dir))
+    assert state["done"] and state["step"] == state["total_steps"]
+    return model.state_dict(), state
+
+
+def assert_resumed_identically(monkeypatch, tmp_path, source: Path, run) -> None:
+    """Runs ``run(run_dir)`` interrupted at step 5 then again, and once uninterrupted."""
+    import shutil
+
+    def command(run_dir):
+        torch.manual_seed(0)  # each run starts as a fresh process would
+        run(run_dir)
+
+    for name in ("killed", "reference"):
+        shutil.copytree(source, tmp_path / name)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 5)
+        try:
+            command(tmp_path / "killed")
+        except Interrupted:
+            pass
+        else:
+            raise AssertionError("the phase ended before the interruption")
+    interrupted = io.load_trainer_state(io.latest_checkpoint(tmp_path / "killed"))
+    assert interrupted["step"] == 3 and not interrupted["done"]
+    command(tmp_path / "killed")
+    command(tmp_path / "reference")
+    params, state = phase_state(tmp_path / "killed")
+    ref_params, ref_state = phase_state(tmp_path / "reference")
+    assert params.keys() == ref_params.keys()
+    for key, value in ref_params.items():
+        assert torch.equal(params[key], value), key
+    for index, slots in ref_state["optimizer"]["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(state["optimizer"]["state"][index][name], value), (index, name)
+    for key in set(ref_state) & {"objective"}:
+        for name, value in ref_state[key].items():
+            assert torch.equal(state[key][name], value), name
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    from modnet.train import TrainConfig, train
+
+    run_dir = tmp_path_factory.mktemp("phases") / "run"
+    config = TrainConfig(
+        model_kwargs=TINY,
+        tasks=["synth_size", "synth_size-bg"],
+        train_limit=64,
+        test_limit=16,
+        epochs=1,
+        batch_size=16,
+        progress=False,
+        device="cpu",
+    )
+    train(config, run_dir)
+    return run_dir
+
+
+def phase_config():
+    from modnet.train import TrainConfig
+
+    return TrainConfig(
+        train_limit=48,
+        test_limit=16,
+        epochs=2,  # 6 steps of 16
+        batch_size=16,
+        checkpoint_every=3,
+        micro_batch_size=8,
+        progress=False,
+        device="cpu",
+    )
+
+
+def test_an_interrupted_transfer_resumes_to_the_same_final_state(
+    trained_tiny, tmp_path, monkeypatch
+):
+    from modnet.train import transfer
+
+    def command(run_dir):
+        transfer(run_dir, "synth_shape", parts="route,head,templates", config=phase_config())
+
+    assert_resumed_identically(monkeypatch, tmp_path, trained_tiny, command)
+
+
+def test_an_interrupted_adaptation_resumes_to_the_same_final_state(
+    trained_tiny, tmp_path, monkeypatch
+):
+    from modnet.adapt import adapt
+
+    def command(run_dir):
+        adapt(run_dir, "synth_size-color", objective="adversarial", parts="route,norm",
+              config=phase_config())  # fmt: skip
+
+    assert_resumed_identically(monkeypatch, tmp_path, trained_tiny, command)

@@ -24,10 +24,10 @@ from .. import io
 from ..data import DataError, TaskData
 from ..errors import ConfigError
 from ..model import ModularNet
-from ..train import RunDirError, TrainConfig, configure_trainable, evaluate, load_data, parse_parts
+from ..plot import route_matrix, save_run_figures
+from ..train import RunDirError, TrainConfig, evaluate, load_data, parse_parts
 from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
-from ..viz import route_matrix, save_route_figures
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
 from .objectives import make_objective, objective_class
@@ -207,7 +207,7 @@ def _adapt(
     info = _task_info(manifest, model, source_names, target, target_data, objective, parts_set)
     adapted_statistics = _count_statistics(model, name) if "norm" in parts_set else 0
     if objective_cls.uses_gradients:
-        configure_trainable(model, parts_set, [name])
+        model.set_trainable(name, sorted(parts_set))
         broadcast_state(model, ctx)
         torch.manual_seed(config.seed)
         module = make_objective(
@@ -288,7 +288,7 @@ def _finish(
         result.figure = save_relation_heatmap(
             model, name, source_names, run_dir / f"{phase}-routes.png", start
         )
-        save_route_figures(model, run_dir)
+        save_run_figures(model, run_dir)
         _record(run_dir, phase, result, plan)
     return result
 
@@ -302,7 +302,7 @@ def _complete_outputs(run_dir, phase, model, name, state, ctx) -> AdaptResult:
     plan = json.loads(state["adapt"])
     history = json.loads(state.get("history", "[]"))
     parts = frozenset(plan["parts"])
-    configure_trainable(model, parts, [name])
+    model.set_trainable(name, sorted(parts))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     module = make_objective(
         plan["objective"], model.num_features, len(plan["sources"]), **plan["objective_options"]

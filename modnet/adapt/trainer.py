@@ -19,7 +19,6 @@ pass over the target's training images.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ class AdaptationTrainer(Trainer):
 
     Args:
         model: The model, holding the sources and the target task, with
-            ``requires_grad`` already set (``configure_trainable``).
+            ``requires_grad`` already set (``ModularNet.set_trainable``).
         sources: Source tasks' data (labelled).
         target: The target's data; its training labels are never read.
         objective: What to minimise; its own parameters (a discriminator) are
@@ -88,6 +87,11 @@ class AdaptationTrainer(Trainer):
         self.adapt_norm = adapt_norm
         self.source_weight = source_weight
         self.loss_trace: list[float] = []
+        shared = [*model.pool.parameters(), *model.trunk.parameters()]
+        if model.hypernet is not None:
+            shared += list(model.hypernet.parameters())
+        self.shared_trains = any(p.requires_grad for p in shared)
+        self._source_cache: dict[str, torch.Tensor] = {}
         super().__init__(
             model,
             {**sources, target.name: target},
@@ -96,62 +100,55 @@ class AdaptationTrainer(Trainer):
             phase,
             ctx,
             task_info,
-            resume_state=None,
+            resume_state=resume_state,
             extra_manifest=extra_manifest,
             extra_state=extra_state,
         )
+
+    # -------------------------------------------------------------------- hooks
+    def make_schedule(self) -> MultiTaskSchedule:
         # One stream of batches per domain; an epoch is a pass over the target.
+        config = self.config
         self.streams = {
             name: MultiTaskSchedule(
                 [len(task.train_y)], config.batch_size, "mixed", config.seed + i
             )
             for i, (name, task) in enumerate(self.data.items())
         }
-        self.schedule = self.streams[self.target]
-        self.total_steps = self.schedule.steps_per_epoch * config.epochs
-        self.warmup = int(config.warmup_fraction * self.total_steps)
+        return self.streams[self.target]
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return [self.model, self.objective]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = super().param_groups()
         extra = [p for p in self.objective.parameters() if p.requires_grad]
         if extra:
-            self.optimizer.add_param_group(
-                dict(
-                    params=extra,
-                    name="objective",
-                    base_lr=config.lr,
-                    lr=config.lr,
-                    weight_decay=0.0,
-                )
-            )
-            self.params += extra
-        shared = [*model.pool.parameters(), *model.trunk.parameters()]
-        if model.hypernet is not None:
-            shared += list(model.hypernet.parameters())
-        self.shared_trains = any(p.requires_grad for p in shared)
-        self._source_cache: dict[str, torch.Tensor] = {}
-        if resume_state is not None:
-            self._resume(resume_state)
+            groups.append(dict(params=extra, name="objective", lr=self.config.lr, weight_decay=0.0))
+        return groups
 
-    def _resume(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.history = list(json.loads(state.get("history", "[]")))
-        torch.set_rng_state(state["rng"])
+    def statistics_tasks(self) -> list[str]:
+        return [self.target] if self.adapt_norm else []
+
+    def extra_trainer_state(self) -> dict[str, Any]:
+        return dict(objective=self.objective.state_dict())
+
+    def load_trainer_state(self, state: Mapping[str, Any]) -> None:
+        super().load_trainer_state(state)
         if "objective" in state:
             self.objective.load_state_dict(state["objective"])
 
-    def trainer_state(self, done: bool) -> dict[str, Any]:
-        return dict(super().trainer_state(done), objective=self.objective.state_dict())
-
     # ------------------------------------------------------------------ batches
-    def domain_indices(self, name: str, step: int) -> torch.Tensor:
-        """This rank's sample indices of domain ``name`` at ``step``."""
-        ((_, indices),) = self.streams[name].batch(step, self.ctx.rank, self.ctx.world_size)
+    def domain_indices(self, name: str, step: int, micro: int = 0) -> torch.Tensor:
+        """This rank's sample indices of domain ``name`` at ``step`` (micro-batch ``micro``)."""
+        ((_, indices),) = self.streams[name].batch(step, *self.shard(micro))
         return indices
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every domain's batch of ``step``; target rows carry label ``-1`` (unknown)."""
         xs, ys, ids = [], [], []
         for name in self.names:
-            task, indices = self.data[name], self.domain_indices(name, step)
+            task, indices = self.data[name], self.domain_indices(name, step, micro)
             xs.append(task.normalize(task.train_x[indices]))
             labels = task.train_y[indices]
             ys.append(torch.full_like(labels, UNKNOWN_LABEL) if name == self.target else labels)
@@ -164,12 +161,14 @@ class AdaptationTrainer(Trainer):
         """The last block's output after the final norm, pooled: what objectives compare."""
         return self.model.forward_head(self.model.forward_features(x, task), task, pre_logits=True)
 
-    def training_loss(self, step: int) -> tuple[torch.Tensor, int]:
-        model, ctx = self.model, self.ctx
+    def training_loss(self, step: int, micro: int = 0) -> tuple[torch.Tensor | None, int]:
+        model = self.model
         self.objective.progress = step / max(1, self.total_steps)
+        if not len(self.domain_indices(self.target, step, micro)):
+            return None, 0
         if not self.shared_trains:
-            return self._target_only_loss(step)
-        x, y, ids = self.batch(step)
+            return self._target_only_loss(step, micro)
+        x, y, ids = self.batch(step, micro)
         model.freeze_norm_stats(True)  # sources never change their statistics
         features, supervised, count = {}, x.new_zeros(()), 0
         for name in self.source_names:
@@ -183,18 +182,19 @@ class AdaptationTrainer(Trainer):
         matched = {k: v for k, v in features.items() if k in self.matched}
         objective = self._objective(matched, x[rows])
         loss = objective + self.source_weight * supervised / max(1, count)
-        return loss / ctx.world_size, int(rows.sum())
+        return loss / self.shares, int(rows.sum())
 
-    def _target_only_loss(self, step: int) -> tuple[torch.Tensor, int]:
+    def _target_only_loss(self, step: int, micro: int) -> tuple[torch.Tensor, int]:
         features = {}
         if self.objective.needs_source_features:
             for name in self.matched:
                 cached = self._cached_source_features(name)
-                features[name] = cached[self.domain_indices(name, step).to(cached.device)]
-        task, indices = self.data[self.target], self.domain_indices(self.target, step)
+                indices = self.domain_indices(name, step, micro)
+                features[name] = cached[indices.to(cached.device)]
+        task, indices = self.data[self.target], self.domain_indices(self.target, step, micro)
         self.model.freeze_norm_stats(not self.adapt_norm)
         x = task.normalize(task.train_x[indices]).to(self.ctx.device)
-        return self._objective(features, x) / self.ctx.world_size, len(indices)
+        return self._objective(features, x) / self.shares, len(indices)
 
     def _objective(self, source_features: dict[str, torch.Tensor], x: torch.Tensor):
         features = self.pooled_features(x, self.target)

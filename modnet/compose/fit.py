@@ -1,8 +1,9 @@
 """A small optimisation loop for composition: coefficients, heads, single modules.
 
 Composition trains few parameters for few steps (aTLAS coefficients, a module
-under a Fisher penalty), often full-batch: a loss callable and AdamW with a
-cosine schedule is all it needs, without run directories or checkpoints.
+under a Fisher penalty), often full-batch, without run directories or
+checkpoints. Each step is the training loop's own ``StepRunner`` (optimizer,
+warm-up and cosine schedule, clipping); only the loss is composition's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+from ..train.step import StepRunner
 
 
 def fit(
@@ -30,40 +33,33 @@ def fit(
         params: Parameters, or optimizer groups ``{"params": [...], "lr": ...}``.
         steps: Optimisation steps.
         lr: Peak learning rate (a group's own ``lr`` overrides it).
-        weight_decay: AdamW's decoupled weight decay.
+        weight_decay: AdamW's decoupled weight decay (a group's own overrides it).
         warmup: Fraction of the steps spent warming the learning rate up linearly.
         grad_clip: Clip the global gradient norm to this value (None: no clipping).
 
     Returns:
         The loss of every step.
+
+    Raises:
+        ValueError: ``steps < 1`` or no parameter requires a gradient.
+        FloatingPointError: The loss became NaN or infinite.
     """
     if steps < 1:
         raise ValueError(f"fit needs steps >= 1, got {steps}")
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
-    trainable = [p for g in groups for p in g["params"] if p.requires_grad]
-    if not trainable:
+    defaults = dict(lr=lr, weight_decay=weight_decay)
+    groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
+    if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to fit: every parameter given has requires_grad=False")
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    for group in optimizer.param_groups:
-        group["peak_lr"] = group["lr"]
-    warm = int(warmup * steps)
+    runner = StepRunner(
+        [], lambda step, _: (loss_fn(step), 1), groups, steps, int(warmup * steps), "adamw",
+        grad_clip=grad_clip,
+    )  # fmt: skip
     losses = []
     for step in range(steps):
-        if step < warm:
-            factor = (step + 1) / warm
-        else:
-            factor = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * factor
-        loss = loss_fn(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        optimizer.step()
-        value = float(loss.detach())
+        value, _ = runner.run(step)
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss became {value} at step {step}: lower the lr")
         losses.append(value)

@@ -5,15 +5,18 @@ from .config import TrainConfig
 from .evaluate import evaluate
 from .loop import Trainer
 from .parts import configure_trainable, optimizer_groups, parse_parts
-from .schedule import MultiTaskSchedule
+from .schedule import MultiTaskSchedule, cosine_schedule
+from .step import StepRunner
 
 __all__ = [
     "MultiTaskSchedule",
     "RunDirError",
+    "StepRunner",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "configure_trainable",
+    "cosine_schedule",
     "evaluate",
     "load_data",
     "optimizer_groups",

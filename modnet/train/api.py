@@ -15,11 +15,11 @@ from ..data import SYNTHETIC_DEFAULT_TASKS, TaskData, load_task
 from ..errors import ConfigError, RunDirError
 from ..model import ModularNet
 from ..options import check_model_options, create_model
-from ..viz import save_route_figures
+from ..plot import save_run_figures
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
-from .parts import ALL_PARTS, configure_trainable, parse_parts
+from .parts import ALL_PARTS, parse_parts
 
 RESULTS_FILE = io.RESULTS_FILE
 
@@ -170,7 +170,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
     if state is None:
         for name, task in data.items():
             model.add_task(name, task.num_classes)
-    configure_trainable(model, ALL_PARTS, list(data))
+    model.set_trainable(list(data), ALL_PARTS)
     broadcast_state(model, ctx)
     trainer = Trainer(
         model,
@@ -189,7 +189,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
     )
     if ctx.is_main:
         _record_results(run_dir, "train", result, model)
-        save_route_figures(model, run_dir)
+        save_run_figures(model, run_dir)
     return result
 
 
@@ -209,14 +209,14 @@ def _complete_outputs(
     history = json.loads(state.get("history", "[]"))
     accuracy = history[-1]["accuracy"] if history else {}
     trained = tasks or model.task_names
-    configure_trainable(model, frozenset(parts), trained, first_new_chunk)
+    model.set_trainable(trained, parts, first_new_chunk)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.requires_grad_(False)
     result = TrainResult(model.eval(), accuracy, run_dir, latest, count, ctx.is_main)
     if ctx.is_main:
         _record_results(run_dir, phase, result, model, extra=plan)
         if phase == "train":
-            save_route_figures(model, run_dir)
+            save_run_figures(model, run_dir)
         io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 
@@ -310,6 +310,7 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
                     f"{run_dir} already has a task {name!r}: pass --overwrite to retrain it"
                 )
             model = _without_task(latest, name)
+        torch.manual_seed(config.seed)  # the new head, route and templates follow --seed alone
         model.add_task(name, data[name].num_classes, init_from=init_from)
         if init_from and "heads" not in wanted:
             _copy_frozen_head(model, source=init_from, target=name)
@@ -317,7 +318,7 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
         if grow:
             plan["first_new_chunk"] = len(model.pool.chunks)
             model.grow(grow, task=name)
-    configure_trainable(model, frozenset(plan["parts"]), [name], plan["first_new_chunk"])
+    model.set_trainable(name, plan["parts"], plan["first_new_chunk"])
     broadcast_state(model, ctx)
     info = {
         n: {

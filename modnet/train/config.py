@@ -42,6 +42,10 @@ class TrainConfig:
     test_limit: int | None = None
     epochs: int = 2
     batch_size: int = 64
+    # Samples per forward/backward; 0 = the whole batch. Gradients accumulate over the
+    # micro-batches of a step; BatchNorm normalises each micro-batch by its own
+    # statistics and running statistics move once per step by their mean (as ranks do).
+    micro_batch_size: int = 0
     mixing: str = "mixed"
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -58,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch
     log_every: int = 25
+    log: str = "jsonl"  # metrics.jsonl; "tensorboard" adds TensorBoard event files
     eval_batch_size: int = 256
     progress: bool = True
 
@@ -74,6 +79,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every", "eval_batch_size"):
             _integer(name, getattr(self, name), minimum=1)
         _integer("checkpoint_every", self.checkpoint_every, minimum=0)
+        if self.micro_batch_size is None:
+            self.micro_batch_size = 0
+        _integer("micro_batch_size", self.micro_batch_size, minimum=0)
         _integer("seed", self.seed, minimum=None)
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None:

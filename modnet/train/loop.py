@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,13 +15,16 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..data import TaskData
+from ..errors import ConfigError
 from ..model import ModularNet
 from .config import TrainConfig
-from .distributed import DistContext, all_reduce_gradients, average_buffers, barrier
+from .distributed import DistContext, barrier
 from .divergence import DivergenceGuard
 from .evaluate import evaluate
 from .parts import optimizer_groups
-from .schedule import MultiTaskSchedule, learning_rate_factor
+from .schedule import MultiTaskSchedule
+from .step import StepRunner
+from .tracking import make_logger
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -29,7 +33,12 @@ class Trainer:
     """Trains some tasks of a model and checkpoints into a run directory.
 
     Which parameters train is decided beforehand with ``requires_grad`` (see
-    ``configure_trainable``); the trainer optimizes exactly those.
+    ``ModularNet.set_trainable``); the trainer optimizes exactly those. Every
+    loop of modnet is this one: subclasses change it through hooks
+    (``training_loss`` for the loss and its extra terms, ``batch`` for the data,
+    ``trained_modules``/``param_groups`` for what trains, ``statistics_tasks``
+    for whose BatchNorm statistics train, ``extra_trainer_state`` to resume),
+    and each step runs through ``StepRunner`` (DDP, micro-batches, schedule).
 
     Args:
         model: The model, already holding every task in ``data``.
@@ -70,33 +79,78 @@ class Trainer:
         self.extra_state = dict(extra_state or {})
         self.names = list(self.data)
         self.task_ids = [model.task_names.index(n) for n in self.names]
-        self.schedule = MultiTaskSchedule(
-            [len(d.train_y) for d in self.data.values()],
-            config.batch_size,
-            config.mixing,
-            config.seed,
-        )
+        self.schedule = self.make_schedule()
         self.total_steps = self.schedule.steps_per_epoch * config.epochs
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("nothing to train: every parameter is frozen")
-        groups = optimizer_groups(
-            model, config.lr, config.route_lr, config.head_lr or config.lr, config.weight_decay
+        per_rank = math.ceil(config.batch_size / ctx.world_size)
+        self.micro_batches = math.ceil(per_rank / (config.micro_batch_size or per_rank))
+        self.shares = ctx.world_size * self.micro_batches
+        smallest = self.schedule.smallest_batch
+        if smallest < ctx.world_size:
+            raise ConfigError(
+                f"a batch of {smallest} samples cannot be shared by {ctx.world_size} ranks: "
+                "raise --batch-size or use fewer processes"
+            )
+        self.forward = torch.compile(model) if config.compile else model
+        self.runner = StepRunner(
+            self.trained_modules(),
+            self._share_loss,
+            self.param_groups(),
+            self.total_steps,
+            int(config.warmup_fraction * self.total_steps),
+            config.optimizer,
+            config.momentum,
+            config.grad_clip,
+            ctx,
+            self.micro_batches,
+            self.trained_statistics,
         )
-        if config.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(groups)
-        else:
-            self.optimizer = torch.optim.SGD(groups, momentum=config.momentum, nesterov=True)
-        self.warmup = int(config.warmup_fraction * self.total_steps)
+        self.optimizer = self.runner.optimizer
+        self.params = self.runner.params
         self.step = 0
         self.history: list[dict[str, Any]] = []
         if resume_state is not None:
-            self.optimizer.load_state_dict(resume_state["optimizer"])
-            self.step = int(resume_state["step"])
-            self.history = list(json.loads(resume_state.get("history", "[]")))
-            torch.set_rng_state(resume_state["rng"])
-        self.forward = torch.compile(model) if config.compile else model
+            self.load_trainer_state(resume_state)
         self.divergence = DivergenceGuard(config, phase)
+        self.logger = make_logger(config.log, self.run_dir, phase) if ctx.is_main else None
+
+    # ------------------------------------------------------------------ hooks
+    def make_schedule(self) -> MultiTaskSchedule:
+        """Which samples form each step's batch (an epoch is one pass of it)."""
+        config = self.config
+        sizes = [len(d.train_y) for d in self.data.values()]
+        return MultiTaskSchedule(sizes, config.batch_size, config.mixing, config.seed)
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """Modules whose trainable parameters the loss reaches (wrapped by DDP)."""
+        return [self.model]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups of the trainable parameters, with learning rate and decay."""
+        config = self.config
+        return optimizer_groups(
+            self.model,
+            config.lr,
+            config.route_lr,
+            config.head_lr or config.lr,
+            config.weight_decay,
+        )
+
+    def statistics_tasks(self) -> list[str]:
+        """Tasks whose BatchNorm running statistics train in this phase."""
+        return [] if getattr(self.model, "norm_stats_frozen", False) else list(self.names)
+
+    def trained_statistics(self) -> list[torch.Tensor]:
+        """The running-statistics buffers of ``statistics_tasks``."""
+        return [b for t in self.statistics_tasks() for b in self.model.norm_stats[t].buffers()]
+
+    def shard(self, micro: int) -> tuple[int, int]:
+        """``(index, count)`` of this rank's micro-batch ``micro`` among all shares of a step.
+
+        Shares ``micro * world_size + rank``: the micro-batches of one rank together
+        are exactly that rank's share, and one process with ``M`` micro-batches
+        sees the samples ``M`` ranks would.
+        """
+        return micro * self.ctx.world_size + self.ctx.rank, self.shares
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict[str, float]:
@@ -142,41 +196,40 @@ class Trainer:
         return self.history[-1]["accuracy"] if self.history else self._evaluate()
 
     def _train_step(self, step: int) -> tuple[float, int]:
-        config, ctx = self.config, self.ctx
-        factor = learning_rate_factor(step, self.total_steps, self.warmup)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        bf16 = config.resolved_precision(self.model) == "bf16"
-        with torch.autocast(ctx.device.type, torch.bfloat16, enabled=bf16):
-            loss, samples = self.training_loss(step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_gradients(self.params, ctx)
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
-        self.optimizer.step()
-        value = float(loss.detach()) * config.batch_size / max(1, samples)
+        config = self.config
+        loss, samples = self.runner.run(step)
+        value = loss * config.batch_size / max(1, samples)
         self.divergence.check_loss(value, step)
         return value, samples
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's share of step ``step``: images, labels and model task ids."""
+    def _share_loss(self, step: int, micro: int) -> tuple[torch.Tensor | None, int]:
+        precision = self.config.resolved_precision(self.model)
+        with torch.autocast(self.ctx.device.type, torch.bfloat16, enabled=precision == "bf16"):
+            return self.training_loss(step, micro)
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch ``micro`` of step ``step``: images, labels, model task ids."""
         xs, ys, ids = [], [], []
-        for task_index, indices in self.schedule.batch(step, self.ctx.rank, self.ctx.world_size):
+        for task_index, indices in self.schedule.batch(step, *self.shard(micro)):
             task = self.data[self.names[task_index]]
             xs.append(task.normalize(task.train_x[indices]))
             ys.append(task.train_y[indices])
             ids.append(torch.full((len(indices),), self.task_ids[task_index], dtype=torch.long))
         device = self.ctx.device
+        if not xs:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0)
         return torch.cat(xs).to(device), torch.cat(ys).to(device), torch.cat(ids).to(device)
 
-    def training_loss(self, step: int) -> tuple[torch.Tensor, int]:
-        """The loss to minimise at ``step`` and the number of samples it saw.
+    def training_loss(self, step: int, micro: int = 0) -> tuple[torch.Tensor | None, int]:
+        """The loss of micro-batch ``micro`` at ``step`` and the number of samples it saw.
 
-        Scaled by the global batch size, so that gradients summed over ranks are the
-        gradients of the mean. Subclasses add terms here (see ``modnet.adapt``).
+        Scaled by the global batch size, so that gradients summed over micro-batches
+        and ranks are the gradients of the mean; ``None`` for an empty micro-batch.
+        Subclasses add terms here (see ``modnet.adapt``).
         """
-        x, y, task_ids = self.batch(step)
+        x, y, task_ids = self.batch(step, micro)
+        if not len(y):
+            return None, 0
         names = self.model.task_names
         single = bool((task_ids == task_ids[0]).all())
         logits = self.forward(x, task=names[int(task_ids[0])] if single else task_ids)
@@ -194,7 +247,6 @@ class Trainer:
 
     # ------------------------------------------------------------------- outputs
     def _evaluate(self) -> dict[str, float]:
-        average_buffers(self.model, self.ctx)
         return evaluate(
             self.model,
             self.data,
@@ -206,10 +258,7 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.ctx.is_main:
             return
-        record = dict(phase=self.phase, **record)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.logger.log(dict(phase=self.phase, **record), self.model)
 
     def trainer_state(self, done: bool) -> dict[str, Any]:
         return dict(
@@ -218,15 +267,29 @@ class Trainer:
             total_steps=self.total_steps,
             done=done,
             optimizer=self.optimizer.state_dict(),
+            lr_schedule=self.runner.lr_schedule.state_dict(),
             rng=torch.get_rng_state(),
             history=json.dumps(self.history),
             config=json.dumps(self.config.to_dict()),
             **{key: json.dumps(value) for key, value in self.extra_state.items()},
+            **self.extra_trainer_state(),
         )
+
+    def extra_trainer_state(self) -> dict[str, Any]:
+        """Further state a subclass needs to resume exactly (e.g. an objective's weights)."""
+        return {}
+
+    def load_trainer_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from ``trainer_state`` of an interrupted run of the same phase."""
+        self.runner.load_state_dict(
+            dict(optimizer=state["optimizer"], lr=state.get("lr_schedule", {}))
+        )
+        self.step = int(state["step"])
+        self.history = list(json.loads(state.get("history", "[]")))
+        torch.set_rng_state(state["rng"])
 
     def checkpoint(self, done: bool) -> None:
         """Saves a complete checkpoint on rank 0; every rank waits for it."""
-        average_buffers(self.model, self.ctx)
         self.divergence.check_model(self.model, self.step)
         if self.ctx.is_main:
             io.save_checkpoint(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -9,7 +10,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..model import ModularNet
 
-PARTS = ("templates", "new_templates", "trunk", "routes", "hypernet", "heads", "norm", "stem")
+PARTS = ModularNet.TRAINABLE_PARTS
 ALL_PARTS = frozenset({"templates", "trunk", "routes", "hypernet", "heads", "norm"})
 
 
@@ -39,73 +40,54 @@ def configure_trainable(
     tasks: Iterable[str],
     first_new_chunk: int | None = None,
 ) -> None:
-    """Sets ``requires_grad`` so that only ``parts`` of ``tasks`` train.
-
-    Frozen tensors get no gradient at all, so data parallelism needs no
-    unused-parameter detection and frozen values stay bit-identical.
-
-    Args:
-        parts: Names from ``PARTS``. ``norm`` lets BatchNorm statistics of the
-            trained tasks update; without it they stay frozen. ``stem`` is the
-            trunk's embedding only; ``new_templates`` the chunks from
-            ``first_new_chunk`` on.
-    """
-    tasks = list(tasks)
-    model.requires_grad_(False)
-    if "templates" in parts:
-        model.pool.requires_grad_(True)
-    if "new_templates" in parts:
-        if first_new_chunk is None:
-            raise ConfigError("new_templates can train only after growing the pool (--grow N)")
-        for chunk in list(model.pool.chunks)[first_new_chunk:]:
-            chunk.requires_grad_(True)
-    if "trunk" in parts:
-        model.trunk.requires_grad_(True)
-    if "stem" in parts:
-        for param in model.trunk.stem_parameters():
-            param.requires_grad_(True)
-    for task in tasks:
-        if "routes" in parts:
-            model.routes[task].requires_grad_(True)
-        if "heads" in parts:
-            model.heads[task].requires_grad_(True)
-    if "hypernet" in parts and model.hypernet is not None:
-        model.hypernet.requires_grad_(True)
-    model.freeze_norm_stats("norm" not in parts)
+    """Deprecated: use ``model.set_trainable(tasks, parts, first_new_chunk)``."""
+    warnings.warn(
+        "configure_trainable(model, parts, tasks) is deprecated: use "
+        "model.set_trainable(tasks, parts)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    model.set_trainable(list(tasks), sorted(parts), first_new_chunk)
 
 
 def optimizer_groups(
     model: ModularNet, lr: float, route_lr: float, head_lr: float, weight_decay: float
 ) -> list[dict]:
-    """Trainable parameters in groups with their own learning rates.
+    """Trainable parameters in groups with their own learning rates and weight decay.
 
-    Routes learn faster than templates (tens of numbers steering many weights),
-    and are never weight-decayed: decay would pull every route toward uniform.
+    Decay follows ``model.no_weight_decay()`` (norm parameters, biases, routes and
+    hypernetwork are not decayed), so ``timm.optim.create_optimizer_v2`` makes the
+    same split. Routes learn faster than templates (tens of numbers steering many
+    weights); heads have their own learning rate.
+
+    Returns:
+        Groups ``decay``, ``no_decay``, ``routes``, ``heads`` and ``head_biases``
+        (those with parameters), each with ``name``, ``lr`` and ``weight_decay``.
     """
-    groups: dict[str, list[nn.Parameter]] = {
-        k: [] for k in ("decay", "no_decay", "routes", "heads")
-    }
+    no_decay = model.no_weight_decay()
     route_params = {id(p) for p in model.parameter_groups()["routes"]}
     head_params = {id(p) for p in model.heads.parameters()}
-    for param in model.parameters():
+    groups: dict[str, list[nn.Parameter]] = {
+        k: [] for k in ("decay", "no_decay", "routes", "heads", "head_biases")
+    }
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if id(param) in route_params:
             groups["routes"].append(param)
         elif id(param) in head_params:
-            groups["heads"].append(param)
-        elif param.ndim >= 2:
-            groups["decay"].append(param)
+            groups["head_biases" if name in no_decay else "heads"].append(param)
         else:
-            groups["no_decay"].append(param)
+            groups["no_decay" if name in no_decay else "decay"].append(param)
     settings = {
         "decay": dict(lr=lr, weight_decay=weight_decay),
         "no_decay": dict(lr=lr, weight_decay=0.0),
         "routes": dict(lr=route_lr, weight_decay=0.0),
         "heads": dict(lr=head_lr, weight_decay=weight_decay),
+        "head_biases": dict(lr=head_lr, weight_decay=0.0),
     }
     return [
-        dict(params=params, name=name, base_lr=settings[name]["lr"], **settings[name])
+        dict(params=params, name=name, **settings[name])
         for name, params in groups.items()
         if params
     ]

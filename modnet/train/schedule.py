@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from timm.scheduler import CosineLRScheduler
 
 MIXING_MODES = ("mixed", "alternate")
 
@@ -41,6 +42,13 @@ class MultiTaskSchedule:
         self.offsets = torch.tensor([0, *self.sizes]).cumsum(0)
         self.steps_per_epoch = math.ceil(sum(self.sizes) / batch_size)
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def smallest_batch(self) -> int:
+        """The fewest samples a step's (global) batch can hold: the last of a mixed epoch."""
+        if self.mode == "mixed":
+            return int(self.offsets[-1]) - (self.steps_per_epoch - 1) * self.batch_size
+        return self.batch_size
 
     def _permutation(self, stream: int, epoch: int, size: int) -> torch.Tensor:
         key = (stream, epoch)
@@ -83,9 +91,29 @@ class MultiTaskSchedule:
         return [(task, picked[rank::world_size])]
 
 
-def learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+) -> CosineLRScheduler:
+    """Linear warm-up, then cosine decay toward zero: timm's ``CosineLRScheduler``, per update.
+
+    Every parameter group follows its own peak learning rate (its ``lr`` when the
+    schedule is made). Set the rate of step ``s`` (counted from 0) with
+    ``schedule.step_update(s + 1)``: warm-up reaches the peak at step
+    ``warmup_steps - 1``, and the last step still has a small positive rate.
+    The schedule is a function of the step; its ``state_dict`` resumes it.
+
+    Args:
+        optimizer: The optimizer whose groups' ``lr`` are set.
+        total_steps: Steps of the whole run.
+        warmup_steps: Steps of linear warm-up from 0 (0: start at the peak).
+    """
+    warmup = max(1, warmup_steps)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup + 1),
+        lr_min=0.0,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
