@@ -1,7 +1,7 @@
 """Shared plumbing of the experiment scripts: options, seeds, tables.
 
 Every experiment is a short script over modnet's public API (``modnet.train``,
-``modnet.io``, ``modnet.viz``): the same code paths a user runs. Each has a
+``modnet.io``, ``modnet.plot``): the same code paths a user runs. Each has a
 ``--quick`` mode (the synthetic suite, a tiny model, a minute or two) that the
 test suite runs to keep it from rotting, and a full mode on real data.
 """

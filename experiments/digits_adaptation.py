@@ -40,8 +40,8 @@ from experiments.common import cell, markdown_table, timed, write_results  # noq
 from modnet import io  # noqa: E402
 from modnet.adapt import OBJECTIVES, AdaptResult, adapt, summary_lines  # noqa: E402
 from modnet.adapt.relation import AVERAGE_KEY, START_KEY  # noqa: E402
+from modnet.plot import route_heatmap, route_matrix  # noqa: E402
 from modnet.train import TrainConfig, load_data, train  # noqa: E402
-from modnet.viz import route_heatmap, route_matrix  # noqa: E402
 
 
 @dataclass

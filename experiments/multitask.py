@@ -29,8 +29,8 @@ from experiments.common import (  # noqa: E402
     write_results,
 )
 from experiments.route_analysis import analyse_routes, analysis_markdown  # noqa: E402
+from modnet.plot import save_route_figures  # noqa: E402
 from modnet.train import train  # noqa: E402
-from modnet.viz import save_route_figures  # noqa: E402
 
 FULL_TASKS = ["mnist", "fashion_mnist", "usps", "mnist_m", "cifar10"]
 QUICK_TASKS = ["synth_shape", "synth_color", "synth_size"]

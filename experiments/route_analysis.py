@@ -7,7 +7,7 @@ import math
 import torch
 
 from modnet.model import ModularNet
-from modnet.viz import route_matrix
+from modnet.plot import route_matrix
 
 
 def layer_entropy(matrix: torch.Tensor) -> torch.Tensor:

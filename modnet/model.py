@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
 from . import drop_path as _drop_path
@@ -15,12 +18,28 @@ from . import features as _features
 from .binding import TensorBinder, is_batchnorm_buffer
 from .errors import ConfigError
 from .families.base import Family
+from .grouped import GroupedBatchNorm, GroupedRunner
 from .norm_stats import TaskNormStats
 from .routing import HardRoute, HyperNetwork, HyperRoute, Route, RoutePlan, SoftRoute
 
 ROUTE_KINDS = ("softmax", "linear", "hyper", "hard")
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class TaskGroups:
+    """The tasks of a mixed batch: their names and every sample's index among them."""
+
+    names: list[str]
+    ids: torch.Tensor
+
+
+def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_sample.view(-1, *([1] * (like.dim() - 1)))
+
+
+MIXED_BATCHES = ("auto", "grouped", "split")
 
 
 class ModularNet(nn.Module):
@@ -53,7 +72,16 @@ class ModularNet(nn.Module):
     Raises:
         ValueError: An unknown route kind, a depth below 1, or drop-path rates that do
             not fit the depth or the block (``ConfigError``).
+
+    Attributes:
+        mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default), ``"grouped"``
+            (every layer once for the whole batch, per-sample weights; fixed shapes)
+            or ``"split"`` (task by task). See ``_use_grouped``.
+        default_precision: ``"fp32"`` or ``"bf16"``: the faster on CPU for this family,
+            measured by ``bench/test_precision.py``; what ``precision="auto"`` trains in.
     """
+
+    mixed_batches: str = "auto"
 
     def __init__(
         self,
@@ -84,6 +112,13 @@ class ModularNet(nn.Module):
         self.grad_checkpointing = False
         self.drop_path_rates = _drop_path.layer_rates(drop_path_rate, depth)
         self._drop_paths = _drop_path.install(self.pool._binder.module, self.drop_path_rates)
+        if self._drop_paths:  # the grouped copy of the block gets the same drop-path slots
+            self.pool.__dict__["_grouped"] = GroupedRunner.build(self.pool._binder.module, True)
+        grouped = self.pool.grouped
+        self._grouped_drop_paths = [
+            m for m in (grouped.module.modules() if grouped else []) if isinstance(m, DropPath)
+        ]
+        self.default_precision = family.default_precision
         self.config: dict[str, Any] = dict(
             family.config,
             depth=depth,
@@ -108,6 +143,10 @@ class ModularNet(nn.Module):
             n for n, _ in self.trunk.named_buffers() if is_batchnorm_buffer(self.trunk, n)
         ]
         self._trunk_binder = TensorBinder(self.trunk, trunk_stats)
+        # Per-task trunk statistics of mixed-task batches (built here, not in a compiled call).
+        self.__dict__["_grouped_trunk"] = (
+            GroupedRunner.build(self.trunk, per_task=False) if trunk_stats else None
+        )
         self.routes = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.norm_stats = nn.ModuleDict()
@@ -297,7 +336,7 @@ class ModularNet(nn.Module):
         if route is not None:
             name, plan = self._override(task, route)
             return self._features(x, name, plan)
-        return self._dispatch(x, task, self._features, pad=False)
+        return self._dispatch(x, task, self._features, pad=False, grouped=self._features_grouped)
 
     def forward_head(
         self, x: torch.Tensor, task: TaskSpec = None, pre_logits: bool = False
@@ -310,14 +349,24 @@ class ModularNet(nn.Module):
             pre_logits: Return the pooled features ``[B, head_hidden_size]`` instead
                 of the logits ``[B, num_classes]``.
         """
-        return self._dispatch(x, task, lambda h, t: self._head(h, t, pre_logits), pad=True)
+        return self._dispatch(
+            x,
+            task,
+            lambda h, t: self._head(h, t, pre_logits),
+            pad=not pre_logits,
+            grouped=lambda h, g: self._head_grouped(h, g, pre_logits),
+        )
 
     def forward(self, x: torch.Tensor, task: TaskSpec = None, route: Any = None) -> torch.Tensor:
         """Logits for ``task``: a name, an index, or one task per sample.
 
-        With one task per sample the batch is grouped by task, every group runs
-        with its own route, and the original order is restored. Tasks with fewer
-        classes than others in the batch get ``-inf`` in the extra columns.
+        With one task per sample, every layer runs once for the whole batch with
+        each sample's weights taken from its task's route (shapes never depend on
+        the mix of tasks, so ``torch.compile`` does not recompile when it changes);
+        BatchNorm normalises each task's samples with that task's statistics. The
+        result equals running each task's samples alone. Logits are as wide as the
+        model's task with the most classes (whichever tasks the batch holds); tasks
+        with fewer classes get ``-inf`` in the extra columns.
 
         Args:
             x: Images ``[B, C, H, W]`` in the model's dtype.
@@ -346,7 +395,11 @@ class ModularNet(nn.Module):
             name, plan = self._override(task, route)
             return self._head(self._features(x, name, plan), name, False)
         return self._dispatch(
-            x, task, lambda h, t: self._head(self._features(h, t), t, False), pad=True
+            x,
+            task,
+            lambda h, t: self._head(self._features(h, t), t, False),
+            pad=True,
+            grouped=lambda h, g: self._head_grouped(self._features_grouped(h, g), g, False),
         )
 
     # ------------------------------------------------------------------- modes
@@ -361,9 +414,13 @@ class ModularNet(nn.Module):
 
     def train(self, mode: bool = True) -> ModularNet:
         super().train(mode)
+        grouped_trunk = self.__dict__.get("_grouped_trunk")
+        if grouped_trunk is not None:
+            grouped_trunk.module.train(mode)
         if mode and getattr(self, "norm_stats_frozen", False):
-            for module in [*self.trunk.modules(), *self.pool._binder.module.modules()]:
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            skeletons = [*self.pool.skeletons()] + ([grouped_trunk.module] if grouped_trunk else [])
+            for module in [*self.trunk.modules(), *(m for s in skeletons for m in s.modules())]:
+                if isinstance(module, (nn.modules.batchnorm._BatchNorm, GroupedBatchNorm)):
                     module.eval()
         return self
 
@@ -526,17 +583,150 @@ class ModularNet(nn.Module):
             return self._trunk_binder(stats.trunk(), x, stage)
         return self.trunk(x, stage)
 
+    # ------------------------------------------------------- mixed-task batches
+    def _features_grouped(self, x: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
+        """``_features`` for a batch mixing tasks: every layer runs once for all samples."""
+        x = self._trunk_stage_grouped("embed", x, groups)
+        weights, active = self._task_weights(groups.names)
+        stats = {
+            name: torch.stack([self.norm_stats[t].layer_stack(name) for t in groups.names])
+            for name in self.pool.stat_names
+        }
+        ones = x.new_ones(x.shape[0])
+        for layer in range(self.depth):
+            # Samples whose (shorter, hard) route skips this layer keep their input.
+            weight = ones if active is None else active[:, layer].index_select(0, groups.ids)
+            run = self.pool.run_grouped
+            if self._grouped_drop_paths:
+                rate = self.drop_path_rates[layer]
+                run = _drop_path.at_rate(run, self._grouped_drop_paths, rate)
+            out = run(
+                x,
+                {name: w[:, layer] for name, w in weights.items()},
+                {name: s[:, layer] for name, s in stats.items()},
+                groups.ids,
+                weight.to(x.dtype),
+            )
+            x = out if active is None else torch.where(_expand(weight, out) > 0, out, x)
+        if any(bn.training for bn in self.pool.grouped.batch_norms):
+            self._store_stats(groups.names, stats, "layer")
+        return self._trunk_stage_grouped("norm", x, groups)
+
+    def _head_grouped(self, x: torch.Tensor, groups: TaskGroups, pre_logits: bool) -> torch.Tensor:
+        x = self._trunk_stage_grouped("pre_logits", x, groups)
+        if pre_logits:
+            return x
+        heads = [self.heads[name] for name in groups.names]
+        width = max(self.task_classes.values())
+        weight = torch.stack([F.pad(h.weight, (0, 0, 0, width - h.out_features)) for h in heads])
+        bias = torch.stack(
+            [F.pad(h.bias, (0, width - h.out_features), value=float("-inf")) for h in heads]
+        )
+        ids = groups.ids
+        sample_weight = weight.index_select(0, ids).transpose(1, 2)
+        out = torch.baddbmm(bias.index_select(0, ids).unsqueeze(1), x.unsqueeze(1), sample_weight)
+        return out.squeeze(1)
+
+    def _trunk_stage_grouped(self, stage: str, x: torch.Tensor, groups: TaskGroups):
+        if not self._trunk_binder.names:
+            return self.trunk(x, stage)
+        runner = self.__dict__["_grouped_trunk"]
+        stats = {
+            name: torch.stack([self.norm_stats[t].trunk()[name] for t in groups.names])
+            for name in self._trunk_binder.names
+        }
+        tensors = {**dict(self.trunk.named_parameters()), **dict(self.trunk.named_buffers())}
+        tensors.update(stats)
+        out = runner(tensors, groups.ids, x.new_ones(x.shape[0]), x, stage)
+        if any(bn.training for bn in runner.batch_norms):
+            self._store_stats(groups.names, stats, "trunk")
+        return out
+
+    def _use_grouped(self) -> bool:
+        """Whether this mixed-task batch runs with fixed shapes or task by task.
+
+        ``mixed_batches``: ``"auto"`` (fixed shapes under ``torch.compile``, where
+        splitting by task would break the graph and recompile for every new mix;
+        task by task in eager mode, measured faster on CPU by
+        ``bench/test_mixed_batches.py``), ``"grouped"`` or ``"split"``.
+        """
+        mode = self.mixed_batches
+        if mode not in MIXED_BATCHES:
+            raise ValueError(f"unknown mixed_batches {mode!r}: choose one of {MIXED_BATCHES}")
+        if mode == "split" or (mode == "auto" and not torch.compiler.is_compiling()):
+            return False
+        return self._runs_grouped()
+
+    def _runs_grouped(self) -> bool:
+        """Whether mixed-task batches can run with fixed shapes (see ``modnet.grouped``)."""
+        heads = all(isinstance(h, nn.Linear) for h in self.heads.values())
+        trunk = not self._trunk_binder.names or self.__dict__["_grouped_trunk"] is not None
+        return heads and trunk and self.pool.grouped is not None
+
+    def _task_weights(self, names: list[str]):
+        """Every task's layer weights, ``{tensor: [T, L, *shape]}``, from one mix.
+
+        Hard routes mix with one-hot coefficients (exactly their templates), routes
+        made before the pool grew with zeros for the newer templates. Also returns
+        ``[T, L]`` with 1 where the task's route runs the layer (``None`` when all do).
+        """
+        count, depth = self.pool.num_templates, self.depth
+        groups = self.pool.num_tensors
+        coefficients, active = [], []
+        for name in names:
+            plan: RoutePlan = self.routes[name].plan(self.hypernet)
+            if plan.coefficients is not None:
+                c = plan.coefficients
+            else:
+                index = plan.index_tensor
+                if index is None:
+                    index = torch.tensor(plan.indices, device=self._reference_tensor().device)
+                c = F.one_hot(index, count).to(self._reference_tensor().dtype)
+            c = c if c.ndim == 3 else c.unsqueeze(-1).expand(*c.shape, groups)
+            active.append(c.shape[0])
+            pad = (0, 0, 0, count - c.shape[1], 0, depth - c.shape[0])
+            coefficients.append(F.pad(c.to(self._reference_tensor().dtype), pad))
+        stacked = torch.stack(coefficients).flatten(0, 1)
+        mixed = self.pool.mix(stacked)
+        weights = {n: w.unflatten(0, (len(names), depth)) for n, w in mixed.items()}
+        if all(a == depth for a in active):
+            return weights, None
+        runs = torch.tensor([[layer < a for layer in range(depth)] for a in active])
+        return weights, runs.to(device=stacked.device, dtype=stacked.dtype)
+
+    @torch.no_grad()
+    def _store_stats(self, names: list[str], stats: dict[str, torch.Tensor], part: str) -> None:
+        for index, name in enumerate(names):
+            task_stats = self.norm_stats[name]
+            for key, value in stats.items():
+                target = task_stats.layer_stack(key) if part == "layer" else task_stats.trunk()[key]
+                target.copy_(value[index])
+
+    def _task_groups(self, ids: torch.Tensor) -> TaskGroups:
+        names = self.task_names
+        if torch.compiler.is_compiling():
+            # Every task takes part: no shape depends on which tasks are in the batch.
+            return TaskGroups(names, ids)
+        # Eager: only the tasks present, so absent tasks' parameters get no gradient.
+        present = torch.unique(ids)
+        local = torch.full((len(names),), -1, dtype=torch.long, device=ids.device)
+        local[present] = torch.arange(present.numel(), device=ids.device)
+        return TaskGroups([names[i] for i in present.tolist()], local[ids])
+
     def _dispatch(
         self,
         x: torch.Tensor,
         task: TaskSpec,
         fn: Callable[[torch.Tensor, str], torch.Tensor],
         pad: bool,
+        grouped: Callable[[torch.Tensor, TaskGroups], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         single = self._resolve_single(task)
         if single is not None:
             return fn(x, single)
         ids = self._task_ids(task, x.shape[0], x.device)
+        if grouped is not None and self._use_grouped():
+            return grouped(x, self._task_groups(ids))
         names = self.task_names
         counts = torch.bincount(ids, minlength=len(names)).tolist()
         order = torch.argsort(ids, stable=True)
@@ -546,7 +736,7 @@ class ModularNet(nn.Module):
             fn(chunk, name) for chunk, name in zip(x[order].split(sizes), present, strict=True)
         ]
         if pad:
-            width = max(o.shape[-1] for o in outputs)
+            width = max(*self.task_classes.values(), *(o.shape[-1] for o in outputs))
             outputs = [
                 torch.nn.functional.pad(o, (0, width - o.shape[-1]), value=float("-inf"))
                 for o in outputs
@@ -584,6 +774,8 @@ class ModularNet(nn.Module):
             )
         if ids.shape[0] != batch:
             raise ValueError(f"got {ids.shape[0]} task ids for a batch of {batch} samples")
+        if torch.compiler.is_compiling():
+            return ids  # checked in eager mode only: reading values would break the graph
         if batch and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
             raise ValueError(
                 f"task ids must lie in [0, {len(names)}): the tasks are {names}, "

@@ -48,5 +48,9 @@ class TaskNormStats(nn.Module):
         """Views of layer ``index``'s statistics: BatchNorm updates them in place."""
         return {n: getattr(self, attr)[index] for n, attr in self._layer_attrs}
 
+    def layer_stack(self, name: str) -> torch.Tensor:
+        """One statistic of every layer, ``[depth, ...]`` (the buffer itself)."""
+        return getattr(self, "layers__" + mangle(name))
+
     def trunk(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, attr) for n, attr in self._trunk_attrs}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .binding import TensorBinder, is_batchnorm_buffer, mangle
+from .grouped import GroupedRunner
 
 BlockFactory = Callable[[], nn.Module]
 
@@ -29,6 +30,17 @@ class TemplateChunk(nn.Module):
 
     def tensor(self, name: str) -> torch.Tensor:
         return getattr(self, mangle(name))
+
+    def _apply(self, fn, recurse=True):
+        # ``module.to(memory_format=torch.channels_last)`` converts 4-D tensors only: a
+        # stacked conv weight [K, O, I, kh, kw] is converted as K*O filters, so that
+        # every template's 4-D view gets the layout a plain conv weight would.
+        def per_template(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() != 5:
+                return fn(t)
+            return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+        return super()._apply(per_template, recurse)
 
 
 class TemplatePool(nn.Module):
@@ -65,12 +77,26 @@ class TemplatePool(nn.Module):
         # Held outside the module tree: its tensors are placeholders, replaced on every call.
         self._binder = TensorBinder(skeleton, (*self.tensor_names, *buffer_names))
         self.chunks = nn.ModuleList([TemplateChunk(self._stack(blocks))])
+        # Built here, not on first use: building inside a compiled forward breaks the graph.
+        self.__dict__["_grouped"] = GroupedRunner.build(self._binder.module, per_task=True)
 
     def train(self, mode: bool = True) -> TemplatePool:
-        # The skeleton is outside the module tree, so nn.Module.train cannot reach it.
+        # The skeletons are outside the module tree, so nn.Module.train cannot reach them.
         super().train(mode)
-        self._binder.module.train(mode)
+        for skeleton in self.skeletons():
+            skeleton.train(mode)
         return self
+
+    def skeletons(self) -> list[nn.Module]:
+        """The tensor-less copies of the block that run it: plain and grouped."""
+        grouped = self.__dict__.get("_grouped")
+        return [self._binder.module] + ([grouped.module] if grouped is not None else [])
+
+    @property
+    def grouped(self) -> GroupedRunner | None:
+        """Runs the block for a mixed-task batch (see ``modnet.grouped``); ``None`` when
+        the block has a layer with parameters that has no per-sample version."""
+        return self.__dict__["_grouped"]
 
     # ----------------------------------------------------------------- structure
     @property
@@ -168,11 +194,17 @@ class TemplatePool(nn.Module):
         """
         layers, count = coefficients.shape[:2]
         mixed = {}
-        for g, name in enumerate(self.tensor_names):
-            templates = self.stacked(name, count)
-            c = coefficients if coefficients.ndim == 2 else coefficients[:, :, g]
-            flat = c.to(templates.dtype) @ templates.reshape(count, -1)
-            mixed[name] = flat.view(layers, *self.tensor_shapes[name])
+        # The mix runs in the templates' dtype, outside autocast: mixed norm parameters
+        # must keep the dtype of the running statistics they are used with, and
+        # autocast casts conv and linear weights itself where it lowers precision.
+        with torch.autocast(coefficients.device.type, enabled=False):
+            for g, name in enumerate(self.tensor_names):
+                templates = self.stacked(name, count)
+                c = coefficients if coefficients.ndim == 2 else coefficients[:, :, g]
+                # As a linear layer over the templates' transpose: for the few rows of
+                # c and K of 4-16 this is an order of magnitude faster than ``c @ T``.
+                flat = nn.functional.linear(c.to(templates.dtype), templates.reshape(count, -1).t())
+                mixed[name] = flat.view(layers, *self.tensor_shapes[name])
         return mixed
 
     # -------------------------------------------------------------------- running
@@ -188,6 +220,31 @@ class TemplatePool(nn.Module):
         for name in self.shared_buffer_names:
             tensors[name] = getattr(self, mangle(name))
         return self._binder(tensors, x)
+
+    def run_grouped(
+        self,
+        x: torch.Tensor,
+        weights: Mapping[str, torch.Tensor],
+        stats: Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
+        sample_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs the block once for a batch mixing tasks.
+
+        Args:
+            x: Input batch ``[B, ...]``.
+            weights: Every tensor of the block stacked per task, ``[T, *shape]``.
+            stats: BatchNorm running statistics per task, ``[T, ...]``; updated in
+                place in training mode for the tasks in the batch.
+            ids: Task of every sample, ``[B]`` integers in ``[0, T)``.
+            sample_weight: ``[B]``, 1 for samples whose route runs this layer, else 0
+                (their statistics are left out; the caller keeps their input).
+        """
+        tensors = dict(weights)
+        tensors.update(stats)
+        for name in self.shared_buffer_names:
+            tensors[name] = getattr(self, mangle(name))
+        return self.grouped(tensors, ids, sample_weight, x)
 
     def build_block(self, weights: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor]):
         """A real, standalone block holding copies of ``weights`` and ``stats``."""

@@ -20,6 +20,8 @@ from modnet.data import DataError
 from modnet.train import RunDirError, TrainConfig, train
 from tests.conftest import tiny_train_config
 
+pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
+
 SOURCES = ["synth_size", "synth_size-bg"]
 TARGET = "synth_size-color"
 MODEL = dict(depth=6, width=16, exp_ratio=2.0, img_size=16, num_templates=4)

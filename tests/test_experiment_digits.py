@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from experiments import digits_adaptation
+
+pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
 
 
 def test_digits_adaptation_quick_synthetic(tmp_path):

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from experiments import multitask, reuse, transfer
+
+pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
 
 
 def test_multitask_quick(tmp_path):

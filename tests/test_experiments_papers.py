@@ -7,6 +7,7 @@ import pytest
 from experiments import atlas, hypernet_teacher, second_order
 
 
+@pytest.mark.slow
 def test_hypernet_teacher_quick(tmp_path):
     data = hypernet_teacher.main(["--quick", "--out", str(tmp_path)])
     results = data["results"]
@@ -40,6 +41,7 @@ def test_support_pairs_follow_their_definitions():
     assert all((a < 3) == (b < 3) for a, b in split)  # never across the two groups
 
 
+@pytest.mark.slow
 def test_atlas_quick(tmp_path):
     data = atlas.main(["--quick", "--out", str(tmp_path)])
     shots = str(atlas.QUICK_SHOTS[0])
@@ -52,6 +54,7 @@ def test_atlas_quick(tmp_path):
     assert "Few-shot learning" in text and "Task addition" in text
 
 
+@pytest.mark.slow
 def test_second_order_quick(tmp_path):
     data = second_order.main(["--quick", "--out", str(tmp_path)])
     result = data["runs"][0]["result"]

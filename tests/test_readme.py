@@ -3,6 +3,10 @@
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

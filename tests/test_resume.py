@@ -12,6 +12,8 @@ import torch
 
 from modnet import io
 
+pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
     "train",

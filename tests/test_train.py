@@ -25,6 +25,7 @@ def trained_run(tmp_path_factory):
     return result, run_dir
 
 
+@pytest.mark.slow
 def test_multi_task_training_lowers_the_loss_and_beats_chance(trained_run):
     result, run_dir = trained_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -38,6 +39,7 @@ def test_multi_task_training_lowers_the_loss_and_beats_chance(trained_run):
         assert (run_dir / name).is_file()
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_by_accident(trained_run):
     _, run_dir = trained_run
     with pytest.raises(RunDirError, match="already holds a finished run.*--overwrite"):
@@ -53,6 +55,7 @@ def _old_tasks_snapshot(run_dir):
 
 
 @pytest.mark.parametrize("grow", [0, 2])
+@pytest.mark.slow
 def test_transfer_trains_only_the_new_route_head_and_stats(trained_run, tmp_path, grow):
     _, source = trained_run
     run_dir = tmp_path / "run"
@@ -87,6 +90,7 @@ def test_transfer_trains_only_the_new_route_head_and_stats(trained_run, tmp_path
     )
 
 
+@pytest.mark.slow
 def test_transfer_refuses_an_existing_task_and_a_missing_run(trained_run, tmp_path):
     _, run_dir = trained_run
     with pytest.raises(RunDirError, match="already has a task 'synth_color'.*--overwrite"):
@@ -103,11 +107,13 @@ def test_bad_data_fails_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_alternating_batches_train_as_well(tmp_path):
     result = train(tiny_config(mixing="alternate", epochs=2), tmp_path / "alt")
     assert result.accuracy["synth_color"] > 1 / 6 + 0.2
 
 
+@pytest.mark.slow
 def test_route_only_transfer_reuses_the_source_head_and_moves_only_the_route(trained_run, tmp_path):
     _, source = trained_run
     run_dir = tmp_path / "run"

@@ -24,10 +24,10 @@ from .. import io
 from ..data import DataError, TaskData
 from ..errors import ConfigError
 from ..model import ModularNet
+from ..plot import route_matrix, save_run_figures
 from ..train import RunDirError, TrainConfig, evaluate, load_data, parse_parts
 from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
-from ..viz import route_matrix, save_route_figures
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
 from .objectives import make_objective, objective_class
@@ -292,7 +292,7 @@ def _finish(
         result.figure = save_relation_heatmap(
             model, name, source_names, run_dir / f"{phase}-routes.png", start
         )
-        save_route_figures(model, run_dir)
+        save_run_figures(model, run_dir)
         _record(run_dir, phase, result, plan)
     return result
 

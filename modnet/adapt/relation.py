@@ -1,6 +1,6 @@
 """How an adapted route relates to the sources' routes: numbers and a heatmap.
 
-Routes are compared as ``[layers, templates]`` shares (``modnet.viz.route_matrix``:
+Routes are compared as ``[layers, templates]`` shares (``modnet.plot.route_matrix``:
 each layer's row sums to one). Per layer: cosine similarity and total-variation
 distance (half the L1 distance: the share of weight that would have to move;
 0 = same mixture, 1 = disjoint templates).
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..model import ModularNet
-from ..viz import route_heatmap, route_matrix
+from ..plot import route_heatmap, route_matrix
 
 AVERAGE_KEY = "average"
 START_KEY = "start"

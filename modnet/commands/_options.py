@@ -1,108 +1,320 @@
-"""Options shared by the commands that train (``train``, ``transfer``, ``adapt``)."""
+"""Options shared by the commands that train (``train``, ``transfer``, ``adapt``).
+
+A run is configured by flags, by a YAML file (``--config run.yaml``) or by both:
+the file gives values, the flags given on the command line override them, and
+what neither sets keeps its default. The file's keys are the long option names
+with underscores (``batch_size: 32``, ``train: route,head``), except that
+``model_kwargs`` (a mapping) holds what ``--model-arg KEY=VALUE`` gives and
+``objective_options`` what ``--objective-arg`` gives. Where a run goes
+(``--out``, the run directory) and ``--overwrite`` stay on the command line.
+
+Every run saves its complete resolved options in that form (``RUN/config.yaml``
+for ``train``, ``RUN/config-<phase>.yaml`` for a transfer or adaptation), so
+``modnet train --config RUN/config.yaml --out NEW`` trains it again.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from .. import io
 from ..errors import ConfigError
 from ..train.config import OPTIMIZERS, PRECISIONS, TrainConfig
 from ..train.schedule import MIXING_MODES
+from ..train.tracking import LOGGERS, check_logger
 
 DEFAULTS = TrainConfig()
+CONFIG_FILE = "config.yaml"
+TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
+MODEL_FIELDS = ("model", "model_kwargs", "tasks")  # what only `train` chooses
+KEY_VALUE_OPTIONS = {"model_kwargs": "model_arg", "objective_options": "objective_options"}
+NONE_MEANS = {"grad_clip": 0.0}  # a file's null for these is the flag's "off" value
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``TrainConfig`` that every training command takes.
+
+    Every default is ``None`` here ("not given"): ``training_options`` fills in the
+    config file's value or ``TrainConfig``'s default, shown in the help.
+    """
     group = parser.add_argument_group("training")
-    group.add_argument("--data-root", help="folder with the datasets (default: $MODNET_DATA_ROOT)")
-    group.add_argument("--download", action="store_true", help="let torchvision download data")
-    group.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    group.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    group.add_argument(
+    add = group.add_argument
+    add("--data-root", help="folder with the datasets (default: $MODNET_DATA_ROOT)")
+    add("--download", action=argparse.BooleanOptionalAction, help="let torchvision download data")
+    add("--epochs", type=int, help=_default("epochs"))
+    add("--batch-size", type=int, help=_default("batch_size"))
+    add(
         "--micro-batch-size",
         type=int,
-        default=DEFAULTS.micro_batch_size,
-        help="samples per forward/backward, gradients accumulated over a batch (0: whole batch)",
+        help="samples per forward/backward, gradients accumulated over a batch (0: whole batch)"
+        + _default("micro_batch_size"),
     )
-    group.add_argument(
+    add(
         "--mixing",
         choices=MIXING_MODES,
-        default=DEFAULTS.mixing,
-        help="tasks mixed within each batch, or one task per batch in turn",
+        help="tasks mixed within each batch, or one task per batch in turn" + _default("mixing"),
     )
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer)
-    group.add_argument("--lr", type=float, default=DEFAULTS.lr, help="templates and trunk")
-    group.add_argument("--route-lr", type=float, default=DEFAULTS.route_lr)
-    group.add_argument("--head-lr", type=float, default=None, help="default: --lr")
-    group.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
-    group.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing)
-    group.add_argument(
-        "--grad-clip", type=float, default=DEFAULTS.grad_clip, help="max gradient norm; 0 disables"
+    add("--optimizer", choices=OPTIMIZERS, help=_default("optimizer"))
+    add("--lr", type=float, help="templates and trunk" + _default("lr"))
+    add("--route-lr", type=float, help=_default("route_lr"))
+    add("--head-lr", type=float, help="(default: --lr)")
+    add("--weight-decay", type=float, help=_default("weight_decay"))
+    add("--momentum", type=float, help="SGD momentum" + _default("momentum"))
+    add(
+        "--warmup-fraction",
+        type=float,
+        help="share of the steps spent warming up" + _default("warmup_fraction"),
     )
-    group.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision)
-    group.add_argument("--compile", action="store_true", help="torch.compile the model")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default=DEFAULTS.device)
-    group.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    group.add_argument(
+    add("--label-smoothing", type=float, help=_default("label_smoothing"))
+    add("--grad-clip", type=float, help="max gradient norm; 0 disables" + _default("grad_clip"))
+    add("--precision", choices=PRECISIONS, help=_default("precision"))
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    add("--device", choices=("auto", "cpu", "cuda"), help=_default("device"))
+    add("--seed", type=int, help=_default("seed"))
+    add(
         "--augment",
-        action="store_true",
-        help="pad-and-crop (and flips for natural images) on training images",
+        action=argparse.BooleanOptionalAction,
+        help="pad-and-crop (and flips for natural images) on training images (default: off)",
     )
-    group.add_argument("--train-limit", type=int, help="at most this many training images per task")
-    group.add_argument("--test-limit", type=int, help="at most this many test images per task")
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        help="steps between checkpoints (default: every epoch)",
+    add("--train-limit", type=int, help="at most this many training images per task")
+    add("--test-limit", type=int, help="at most this many test images per task")
+    add("--eval-batch-size", type=int, help=_default("eval_batch_size"))
+    add("--checkpoint-every", type=int, help="steps between checkpoints (default: every epoch)")
+    add("--log-every", type=int, help="steps between logged records" + _default("log_every"))
+    add(
+        "--log",
+        choices=LOGGERS,
+        help="metrics.jsonl is always written; tensorboard also writes TensorBoard event "
+        "files to RUN/tensorboard/ (pip install 'modnet[tensorboard]')" + _default("log"),
     )
-    group.add_argument("--log-every", type=int, default=DEFAULTS.log_every)
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on)")
+
+
+def add_config_option(parser: argparse.ArgumentParser, keys: Iterable[str]) -> None:
+    """``--config FILE``: options from a YAML file, overridden by the flags given.
+
+    Args:
+        parser: The command's parser, with every option in ``keys`` already added.
+        keys: The keys the file may hold (see the module docstring).
+    """
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        action=ConfigFileAction,
+        keys=tuple(keys),
+        help="YAML file of options (keys: the option names with '_'); flags given on the "
+        f"command line override it. Every run saves its own, e.g. RUN/{CONFIG_FILE}",
+    )
+
+
+class ConfigFileAction(argparse.Action):
+    """Reads ``--config FILE`` into every option that the command line does not set.
+
+    Options given before ``--config`` keep their value (the file fills only what is
+    still unset); options given after it are parsed after it and override it.
+    """
+
+    def __init__(self, option_strings, dest, keys=(), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.keys = keys
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        try:
+            options = read_config(values)
+            for key, value in options.items():
+                self._apply(parser, namespace, key, value)
+        except ConfigError as error:
+            parser.error(str(error))
+
+    def _apply(self, parser, namespace, key: str, value: Any) -> None:
+        if key not in self.keys:
+            raise ConfigError(
+                f"{key!r} in {self.dest} file is not an option of this command; "
+                f"known: {', '.join(sorted(self.keys))}"
+            )
+        if key in KEY_VALUE_OPTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} must be a mapping (KEY: VALUE), got {value!r}")
+            dest = KEY_VALUE_OPTIONS[key]
+            pairs = [f"{k}={v!r}" for k, v in value.items()]
+            setattr(namespace, dest, pairs + list(getattr(namespace, dest, None) or []))
+            return
+        if value is None:
+            value = NONE_MEANS.get(key)
+        action = parser._option_string_actions.get("--" + key.replace("_", "-"))
+        dest = action.dest if action is not None else key
+        if value is None or getattr(namespace, dest, None) is not None:
+            return
+        if action is not None:
+            value = _convert(action, key, value)
+        setattr(namespace, dest, value)
+
+
+def _convert(action: argparse.Action, key: str, value: Any) -> Any:
+    """A file's value checked and converted as the flag would convert it."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    kind = action.type
+    if kind is not None and not isinstance(value, kind):
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
+        try:
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{key} must be one of {', '.join(action.choices)}, got {value!r}")
+    return value
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML config file, keys with ``-`` spelt ``_``.
+
+    Raises:
+        ConfigError: if the file is missing, is not YAML, or is not a mapping.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of option: value")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved ``TrainConfig`` values (without the model and tasks) of a command.
+
+    Raises:
+        ConfigError: if ``--log`` names a logger that cannot run here.
+    """
+    values = {}
+    for name in TRAIN_FIELDS:
+        if name in MODEL_FIELDS:
+            continue
+        given = getattr(args, name, None)
+        values[name] = given if given is not None else getattr(DEFAULTS, name)
+    values["grad_clip"] = values["grad_clip"] or None
+    check_logger(values["log"])
+    return values
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
-    values = dict(
-        data_root=args.data_root,
-        download=args.download,
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        mixing=args.mixing,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        route_lr=args.route_lr,
-        head_lr=args.head_lr,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        grad_clip=args.grad_clip,
-        precision=args.precision,
-        compile=args.compile,
-        device=args.device,
-        seed=args.seed,
-        augment=args.augment,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        progress=not args.no_progress,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    """The ``TrainConfig`` of a command's resolved options, with ``overrides``."""
+    return TrainConfig(**{**training_options(args), **overrides})
 
 
-def parse_model_args(items: list[str] | None) -> dict[str, Any]:
-    """``["depth=8", "route=hard"]`` -> ``{"depth": 8, "route": "hard"}``."""
-    parsed = {}
+def parse_key_values(items: Iterable[str] | None, option: str = "--model-arg") -> dict[str, Any]:
+    """``["depth=8", "route=hard"]`` -> ``{"depth": 8, "route": "hard"}``.
+
+    Values are Python literals where they parse (``8``, ``4.5``, ``True``,
+    ``(1, 2)``) and strings otherwise; a later key wins.
+
+    Raises:
+        ConfigError: for an item that is not ``KEY=VALUE``.
+    """
+    parsed: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--model-arg expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
         try:
             parsed[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parsed[key] = value
     return parsed
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``--model-arg`` pairs as model keyword arguments (see ``parse_key_values``)."""
+    return parse_key_values(items, "--model-arg")
+
+
+def add_model_arg_option(parser: argparse.ArgumentParser, dest: str = "model_arg") -> None:
+    """``--model-arg KEY=VALUE [KEY=VALUE ...]`` (repeatable), the one spelling of model
+    options in every command; ``--model-kwargs`` stays as a hidden, deprecated alias."""
+    parser.add_argument(
+        "--model-arg",
+        dest=dest,
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="model option, e.g. num_templates=8 route=hyper (repeatable)",
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        dest=dest,
+        action=DeprecatedExtend,
+        nargs="*",
+        help=argparse.SUPPRESS,
+    )
+
+
+class DeprecatedExtend(argparse._ExtendAction):
+    """``extend``, with a warning that the option's name is deprecated."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"modnet: {option_string} is deprecated: use --model-arg KEY=VALUE",
+            file=sys.stderr,
+        )
+        super().__call__(parser, namespace, values, option_string)
+
+
+def save_config(run_dir: str | Path, command: str, options: Mapping[str, Any], phase: str) -> Path:
+    """Writes a run's resolved options where ``--config`` reads them back.
+
+    Args:
+        run_dir: The run directory.
+        command: ``train``, ``transfer`` or ``adapt``.
+        options: The resolved options (``training_options`` plus the command's own).
+        phase: The phase they trained (``train``, ``transfer-kmnist``, ...): the file
+            is ``config.yaml`` for ``train``, ``config-<phase>.yaml`` otherwise.
+
+    Returns:
+        The file written.
+    """
+    name = CONFIG_FILE if phase == "train" else f"config-{phase}.yaml"
+    path = Path(run_dir) / name
+    again = "--out NEW_RUN" if command == "train" else f"{run_dir} --overwrite"
+    header = (
+        f"# modnet {command}: the resolved options of this run. Run it again with\n"
+        f"#   modnet {command} --config {path} {again}\n"
+    )
+    body = yaml.safe_dump(_plain(dict(options)), sort_keys=False, default_flow_style=False)
+    io.atomic_write_text(path, header + body)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that the YAML is plain (``safe_load`` reads it back)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _default(name: str) -> str:
+    return f" (default: {getattr(DEFAULTS, name)})"
 
 
 def accuracy_table(accuracy: dict[str, float], classes: dict[str, int]) -> str:

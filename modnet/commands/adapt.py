@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import ast
 from typing import Any
 
-from ..errors import ConfigError
-from ._options import add_training_options, config_from_args
+from ._options import (
+    MODEL_FIELDS,
+    TRAIN_FIELDS,
+    add_config_option,
+    add_training_options,
+    parse_key_values,
+    save_config,
+    training_options,
+)
 
 BUILT_IN_OBJECTIVES = "moments, entropy, adversarial, norm_stats"
+DEFAULTS = dict(
+    target=None,
+    sources=None,
+    objective="moments",
+    objective_options={},
+    train="route",
+    init="average",
+    head_init=None,
+    source_weight=1.0,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir", help="run directory from `modnet train` holding the sources")
     parser.add_argument(
-        "--target", required=True, help="dataset spec of the target domain (e.g. mnist_m)"
+        "--target", help="dataset spec of the target domain, e.g. mnist_m (required)"
     )
     parser.add_argument(
         "--sources",
@@ -33,19 +49,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--objective",
-        default="moments",
         help=f"what adaptation minimises: {BUILT_IN_OBJECTIVES} (default: moments)",
     )
     parser.add_argument(
         "--objective-arg",
         action="append",
+        dest="objective_options",
         metavar="KEY=VALUE",
         help="objective option, e.g. diversity=0.5 or hidden=32 (repeatable)",
     )
     parser.add_argument(
         "--train",
-        default="route",
-        dest="parts",
         help="what adapts: route (default; the paper's claim), route,norm (also the "
         "target's norm statistics, re-estimated first), route,stem (also the shared stem; "
         "the sources keep their supervised loss), or any of route, head, norm, stem, "
@@ -53,7 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--init",
-        default="average",
         help="where the target's route and statistics start: average (of the sources), "
         "nearest (the source whose features the target's images match best, chosen "
         "without labels) or a source task",
@@ -62,45 +75,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--source-weight",
         type=float,
-        default=1.0,
-        help="weight of the sources' supervised loss when a shared part trains",
+        help="weight of the sources' supervised loss when a shared part trains (default: 1.0)",
     )
     parser.add_argument("--overwrite", action="store_true", help="adapt again if the task exists")
     add_training_options(parser)
+    keys = [*DEFAULTS, *(f for f in TRAIN_FIELDS if f not in MODEL_FIELDS)]
+    add_config_option(parser, keys)
     parser.set_defaults(func=run)
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of the adaptation, resolved: flags over ``--config`` over defaults."""
+    from ..errors import ConfigError
+
+    values = {k: v if (v := getattr(args, k)) is not None else d for k, d in DEFAULTS.items()}
+    if not values["target"]:
+        raise ConfigError(
+            "adapt needs the target domain: pass --target SPEC (or target: in --config)"
+        )
+    values["objective_options"] = parse_key_values(args.objective_options, "--objective-arg")
+    return {**values, **training_options(args)}
 
 
 def run(args: argparse.Namespace) -> int:
     from ..adapt import adapt, summary_lines
+    from ..train import TrainConfig
 
+    resolved = options(args)
+    own = {k: resolved.pop(k) for k in DEFAULTS}
     result = adapt(
         args.run_dir,
-        args.target,
-        sources=args.sources,
-        objective=args.objective,
-        parts=args.parts,
-        init=args.init,
-        head_init=args.head_init,
-        config=config_from_args(args),
-        objective_options=parse_objective_args(args.objective_arg),
-        source_weight=args.source_weight,
+        own["target"],
+        sources=own["sources"],
+        objective=own["objective"],
+        parts=own["train"],
+        init=own["init"],
+        head_init=own["head_init"],
+        config=TrainConfig(**resolved),
+        objective_options=own["objective_options"],
+        source_weight=own["source_weight"],
         overwrite=args.overwrite,
     )
     if result.is_main:
+        save_config(result.run_dir, "adapt", {**own, **resolved}, f"adapt-{result.target}")
         print("\n".join(summary_lines(result)))
         print(f"run directory: {result.run_dir}  (checkpoint {result.checkpoint.name})")
     return 0
-
-
-def parse_objective_args(items: list[str] | None) -> dict[str, Any]:
-    """``["diversity=0.5"]`` -> ``{"diversity": 0.5}``."""
-    parsed: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--objective-arg expects KEY=VALUE, got {item!r}")
-        try:
-            parsed[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed[key] = value
-    return parsed

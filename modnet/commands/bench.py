@@ -9,7 +9,6 @@ training. With ``--compare`` the baseline runs in the same rounds as modnet
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from torch import nn
 
 from .. import benchmark as bm
 from ..factory import from_timm
+from ._options import add_model_arg_option, parse_model_args
 
 COMPARE = {
     "timm": "the plain timm model of the same shape (from_timm: the timm model itself)",
@@ -43,9 +43,9 @@ carries the median per-round throughput ratio modnet/baseline."""
 EXAMPLES = """\
 examples:
   modnet bench --model modnet_conv_tiny --bench both --batch-size 1 8 64 --compare timm
-  modnet bench --model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 \\
+  modnet bench --model vit_tiny_patch16_224 --model-arg img_size=32 patch_size=4 \\
       --compare timm --results-file results.csv
-  modnet bench --model modnet_conv_tiny --model-kwargs num_templates=4 --compare moe
+  modnet bench --model modnet_conv_tiny --model-arg num_templates=4 --compare moe
   modnet bench --model modnet_vit_tiny --compare eager      # torch.compile vs eager
   modnet bench --model modnet_conv_tiny --compare layout     # channels_last vs NCHW"""
 
@@ -93,13 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--min-time", type=float, default=0.2, help="seconds per side and round (>= 1 step)"
     )
-    parser.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model options, e.g. num_templates=8 route=softmax depth=16",
-    )
+    add_model_arg_option(parser, dest="model_kwargs")
     parser.add_argument(
         "--compare",
         choices=tuple(COMPARE),
@@ -325,15 +319,6 @@ def side_fields(
     }
 
 
-def parse_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_kwargs(pairs: Sequence[str] | None) -> dict[str, Any]:
     """``key=value`` strings to a dict; values are Python literals where they parse."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-kwargs takes KEY=VALUE pairs, got {pair!r}")
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    return options
+    return parse_model_args(pairs)

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import io
-    from ..viz import save_route_figures
+    from ..plot import save_route_figures
 
     model, _ = io.load_model(args.run_dir, tasks=args.task)
     png, txt = save_route_figures(model, Path(args.out or args.run_dir))

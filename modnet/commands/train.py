@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..errors import ConfigError
-from ._options import accuracy_table, add_training_options, config_from_args, parse_model_args
+from ._options import (
+    TRAIN_FIELDS,
+    accuracy_table,
+    add_config_option,
+    add_model_arg_option,
+    add_training_options,
+    parse_model_args,
+    save_config,
+    training_options,
+)
+
+DEFAULT_MODEL = "modnet_conv_tiny"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,13 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "arguments: modnet_conv_tiny on the built-in synthetic suite (no data needed).",
     )
     parser.add_argument("--tasks", help="comma-separated dataset specs (default: synthetic suite)")
-    parser.add_argument("--model", default="modnet_conv_tiny", help="a modnet_* model name")
-    parser.add_argument(
-        "--model-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model option, e.g. num_templates=8 or route=hyper (repeatable)",
-    )
+    parser.add_argument("--model", help=f"a modnet_* model name (default: {DEFAULT_MODEL})")
+    add_model_arg_option(parser)
     parser.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     parser.add_argument(
         "--overwrite",
@@ -30,22 +37,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replace the modnet run in --out (only what modnet wrote there is removed)",
     )
     add_training_options(parser)
+    add_config_option(parser, TRAIN_FIELDS)
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..train import train
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of the run, resolved: flags over ``--config`` over defaults."""
+    from ..data import SYNTHETIC_DEFAULT_TASKS
 
-    tasks = [] if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
-    if args.tasks is not None and not all(tasks):
+    tasks = args.tasks
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",")]
+    elif tasks is not None:  # a list from --config
+        tasks = [str(t).strip() for t in tasks]
+    if tasks is not None and not all(tasks):
         raise ConfigError(
             f"--tasks {args.tasks!r} has an empty entry: list dataset specs separated by commas "
             "(e.g. synth_color,synth_size), or leave --tasks out for the synthetic suite"
         )
-    config = config_from_args(
-        args, model=args.model, model_kwargs=parse_model_args(args.model_arg), tasks=tasks
+    return dict(
+        model=args.model or DEFAULT_MODEL,
+        model_kwargs=parse_model_args(args.model_arg),
+        tasks=list(tasks if tasks is not None else SYNTHETIC_DEFAULT_TASKS),
+        **training_options(args),
     )
-    result = train(config, args.out, overwrite=args.overwrite)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import TrainConfig, train
+
+    resolved = options(args)
+    result = train(TrainConfig(**resolved), args.out, overwrite=args.overwrite)
+    if result.is_main:
+        save_config(result.run_dir, "train", resolved, "train")
     print_summary(result)
     return 0
 

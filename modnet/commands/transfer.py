@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from ._options import add_training_options, config_from_args
+from ._options import (
+    MODEL_FIELDS,
+    TRAIN_FIELDS,
+    add_config_option,
+    add_training_options,
+    save_config,
+    training_options,
+)
 from .train import print_summary
+
+DEFAULTS = dict(task=None, train="route,head", grow=0, init_from=None)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,34 +27,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "existing task keeps bit-identical outputs.",
     )
     parser.add_argument("run_dir", help="run directory from `modnet train`")
-    parser.add_argument("--task", required=True, help="dataset spec of the new task")
+    parser.add_argument("--task", help="dataset spec of the new task (required)")
     parser.add_argument(
         "--train",
-        default="route,head",
-        dest="parts",
         help="what learns: route, head, norm, templates, trunk, stem, "
         "hypernet, all (default: route,head)",
     )
-    parser.add_argument(
-        "--grow", type=int, default=0, help="add N templates that only the new task uses"
-    )
+    parser.add_argument("--grow", type=int, help="add N templates that only the new task uses")
     parser.add_argument("--init-from", help="start route and norm statistics from this task")
     parser.add_argument("--overwrite", action="store_true", help="retrain the task if it exists")
     add_training_options(parser)
+    keys = [*DEFAULTS, *(f for f in TRAIN_FIELDS if f not in MODEL_FIELDS)]
+    add_config_option(parser, keys)
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..train import transfer
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of the transfer, resolved: flags over ``--config`` over defaults."""
+    from ..errors import ConfigError
 
+    values = {k: v if (v := getattr(args, k)) is not None else d for k, d in DEFAULTS.items()}
+    if not values["task"]:
+        raise ConfigError("transfer needs the new task: pass --task SPEC (or task: in --config)")
+    return {**values, **training_options(args)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import TrainConfig, transfer
+
+    resolved = options(args)
+    own = {k: resolved.pop(k) for k in DEFAULTS}
     result = transfer(
         args.run_dir,
-        args.task,
-        parts=args.parts,
-        grow=args.grow,
-        config=config_from_args(args),
-        init_from=args.init_from,
+        own["task"],
+        parts=own["train"],
+        grow=own["grow"],
+        config=TrainConfig(**resolved),
+        init_from=own["init_from"],
         overwrite=args.overwrite,
     )
+    if result.is_main:
+        name = next(iter(result.accuracy))
+        save_config(result.run_dir, "transfer", {**own, **resolved}, f"transfer-{name}")
     print_summary(result)
     return 0

@@ -83,6 +83,8 @@ class Family:
     config: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # The faster precision on CPU for this family (bench/test_precision.py).
+    default_precision: str = "fp32"
     # Converted models only: each source block's drop-path rate and BatchNorm statistics.
     drop_path_rates: list[float] | None = None
     layer_stats: list[dict[str, torch.Tensor]] | None = None

@@ -32,7 +32,15 @@ def make_inverted_residual(width: int, exp_ratio: float, act: str) -> InvertedRe
 
 
 class ConvTrunk(Trunk):
-    """Strided conv stem, final BatchNorm + activation, global average pooling."""
+    """Strided conv stem, final BatchNorm + activation, global average pooling.
+
+    Images are converted to ``memory_format`` (default ``torch.channels_last``, which
+    ``bench/test_channels_last.py`` measures faster on CPU for training and inference)
+    before the stem, so every convolution after it runs in that layout whatever the
+    caller's layout; ``torch.contiguous_format`` keeps NCHW.
+    """
+
+    memory_format: torch.memory_format = torch.channels_last
 
     def __init__(
         self,
@@ -61,7 +69,7 @@ class ConvTrunk(Trunk):
         self.apply(_init_weight_goog)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(x)
+        return self.stem(x.contiguous(memory_format=self.memory_format))
 
     def feature_size(self, size: tuple[int, int]) -> tuple[int, int]:
         conv = self.stem[0]

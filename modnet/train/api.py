@@ -15,7 +15,7 @@ from ..data import SYNTHETIC_DEFAULT_TASKS, TaskData, load_task
 from ..errors import ConfigError, RunDirError
 from ..model import ModularNet
 from ..options import check_model_options, create_model
-from ..viz import save_route_figures
+from ..plot import save_run_figures
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
@@ -191,7 +191,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
     )
     if ctx.is_main:
         _record_results(run_dir, "train", result, model)
-        save_route_figures(model, run_dir)
+        save_run_figures(model, run_dir)
     return result
 
 
@@ -218,7 +218,7 @@ def _complete_outputs(
     if ctx.is_main:
         _record_results(run_dir, phase, result, model, extra=plan)
         if phase == "train":
-            save_route_figures(model, run_dir)
+            save_run_figures(model, run_dir)
         io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ConfigError
 from .schedule import MIXING_MODES
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 
 # Options that cannot change what a run computes: a resumed run may change them.
@@ -59,12 +59,13 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     label_smoothing: float = 0.0
     grad_clip: float | None = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"  # "auto": the model's default_precision (the faster on CPU)
     compile: bool = False
     device: str = "auto"
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch
     log_every: int = 25
+    log: str = "jsonl"  # metrics.jsonl; "tensorboard" adds TensorBoard event files
     eval_batch_size: int = 256
     eval_micro_batch: int | None = None  # images per forward pass; None: the family's default
     augment: bool = False  # the dataset's training augmentation (modnet.data.augment)
@@ -127,6 +128,12 @@ class TrainConfig:
     def result_options(self) -> dict[str, Any]:
         """The options that determine what the run computes (all but ``RESULT_NEUTRAL``)."""
         return {k: v for k, v in self.to_dict().items() if k not in RESULT_NEUTRAL}
+
+    def resolved_precision(self, model: Any) -> str:
+        """``precision``, with ``"auto"`` resolved to ``model.default_precision``."""
+        if self.precision != "auto":
+            return self.precision
+        return getattr(model, "default_precision", "fp32")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

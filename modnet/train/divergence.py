@@ -73,6 +73,6 @@ def suggestion(config: TrainConfig) -> str:
         fixes.append(f"--route-lr {config.route_lr / 10:g}")
     if not config.grad_clip:
         fixes.append("gradient clipping (--grad-clip 1)")
-    if config.precision != "fp32":
+    if config.precision == "bf16":
         fixes.append("--precision fp32")
     return ", or ".join(fixes)

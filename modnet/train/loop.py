@@ -24,6 +24,7 @@ from .evaluate import evaluate
 from .parts import optimizer_groups
 from .schedule import MultiTaskSchedule
 from .step import StepRunner
+from .tracking import make_logger
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -110,6 +111,7 @@ class Trainer:
         if resume_state is not None:
             self.load_trainer_state(resume_state)
         self.divergence = DivergenceGuard(config, phase)
+        self.logger = make_logger(config.log, self.run_dir, phase) if ctx.is_main else None
 
     # ------------------------------------------------------------------ hooks
     def make_schedule(self) -> MultiTaskSchedule:
@@ -201,7 +203,7 @@ class Trainer:
         return value, samples
 
     def _share_loss(self, step: int, micro: int) -> tuple[torch.Tensor | None, int]:
-        precision = self.config.precision
+        precision = self.config.resolved_precision(self.model)
         with torch.autocast(self.ctx.device.type, torch.bfloat16, enabled=precision == "bf16"):
             return self.training_loss(step, micro)
 
@@ -252,16 +254,13 @@ class Trainer:
             self.data,
             self.config.eval_batch_size,
             self.ctx.device,
-            self.config.precision,
+            self.config.resolved_precision(self.model),
         )
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.ctx.is_main:
             return
-        record = dict(phase=self.phase, **record)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.logger.log(dict(phase=self.phase, **record), self.model)
 
     def trainer_state(self, done: bool) -> dict[str, Any]:
         return dict(

@@ -1,0 +1,30 @@
+"""``modnet plot``: every figure of a run (route heatmaps and learning curves)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="route heatmaps and learning curves of a run (PNG)",
+        description="Write routes.png (template share per layer for every task, with the "
+        "route kind), routes.txt and curves.png (training loss, test accuracy per task and "
+        "learning rate from metrics.jsonl) for a run directory.",
+    )
+    parser.add_argument("run_dir", help="run directory from `modnet train`")
+    parser.add_argument("--task", action="append", help="task whose route to draw (repeatable)")
+    parser.add_argument("--out", help="folder for the figures (default: run_dir)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import io
+    from ..plot import save_run_figures
+
+    model, _ = io.load_model(args.run_dir, tasks=args.task)
+    for path in save_run_figures(model, Path(args.run_dir), args.out, args.task):
+        print(path)
+    return 0

@@ -1,0 +1,275 @@
+"""Run one block for a batch whose samples belong to different tasks, with fixed shapes.
+
+A mixed-task batch is not split by task. Every weight arrives stacked per task,
+``[T, *shape]``, and every sample reads its task's slice by its task id, so no
+shape depends on how many samples each task has: under ``torch.compile`` a new
+mix of tasks is new data, not a new graph.
+
+Layers with parameters are replaced by per-sample versions that keep the
+parameter names of the layer they replace, so the block's own ``forward`` runs
+unchanged:
+
+- ``nn.Linear``: a batched matmul with per-sample weights ``[B, out, in]``;
+- ``nn.Conv2d``: a batched matmul for 1x1 convolutions, otherwise one grouped
+  convolution with the batch folded into the channels (``groups = B * groups``);
+- ``nn.LayerNorm``: normalisation without affine, then a per-sample affine;
+- BatchNorm (``nn.BatchNorm2d`` and timm's ``BatchNormAct2d``): statistics per
+  task from one-hot reductions, running statistics ``[T, C]`` updated per task.
+
+Blocks holding parameters in any other layer are not supported (``to_grouped``
+returns ``None``); ``ModularNet`` then runs such a batch task by task.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .binding import TensorBinder
+
+# Extra tensors every replaced layer reads, substituted per call like its weights.
+IDS = "task_ids"
+SAMPLE_WEIGHT = "sample_weight"
+
+
+def _per_sample(t: torch.Tensor, ids: torch.Tensor, shared_ndim: int) -> torch.Tensor:
+    """``t[ids]`` for per-task tensors, ``t`` broadcast over the batch for shared ones."""
+    return t.index_select(0, ids) if t.dim() > shared_ndim else t.unsqueeze(0)
+
+
+class _Grouped(nn.Module):
+    def _setup(self, source: nn.Module) -> None:
+        for name, value in source.named_parameters(recurse=False):
+            self.register_parameter(name, nn.Parameter(torch.empty_like(value, device="meta")))
+        self.register_buffer(IDS, torch.empty(0, dtype=torch.long, device="meta"))
+
+
+class GroupedLinear(_Grouped):
+    """``nn.Linear`` with weights ``[T, out, in]`` and biases ``[T, out]``."""
+
+    def __init__(self, source: nn.Linear):
+        super().__init__()
+        self._setup(source)
+        self.has_bias = source.bias is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = getattr(self, IDS)
+        batch, width = x.shape[0], x.shape[-1]
+        weight = _per_sample(self.weight, ids, 2)
+        flat = x.reshape(batch, -1, width)
+        if self.has_bias:
+            bias = _per_sample(self.bias, ids, 1).unsqueeze(1)
+            out = torch.baddbmm(bias, flat, weight.transpose(1, 2))
+        else:
+            out = torch.bmm(flat, weight.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class GroupedConv2d(_Grouped):
+    """``nn.Conv2d`` (zero padding) with weights ``[T, O, I/groups, kh, kw]``."""
+
+    def __init__(self, source: nn.Conv2d):
+        super().__init__()
+        self._setup(source)
+        self.stride, self.padding = source.stride, source.padding
+        self.dilation, self.groups = source.dilation, source.groups
+        self.has_bias = source.bias is not None
+        self.pointwise = (
+            source.kernel_size == (1, 1)
+            and source.stride == (1, 1)
+            and source.padding == (0, 0)
+            and source.groups == 1
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = getattr(self, IDS)
+        batch, channels, height, width = x.shape
+        weight = self.weight.index_select(0, ids)
+        bias = self.bias.index_select(0, ids) if self.has_bias else None
+        out_channels = weight.shape[1]
+        if self.pointwise:
+            matrix = weight.view(batch, out_channels, channels)
+            if bias is None:
+                out = torch.bmm(matrix, x.reshape(batch, channels, height * width))
+            else:
+                out = torch.baddbmm(
+                    bias.unsqueeze(2), matrix, x.reshape(batch, channels, height * width)
+                )
+            return out.view(batch, out_channels, height, width)
+        out = F.conv2d(
+            x.reshape(1, batch * channels, height, width),
+            weight.reshape(batch * out_channels, *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            self.stride,
+            self.padding,
+            self.dilation,
+            batch * self.groups,
+        )
+        return out.view(batch, out_channels, *out.shape[-2:])
+
+
+class GroupedLayerNorm(_Grouped):
+    """``nn.LayerNorm`` over the last dimension with affine parameters ``[T, D]``."""
+
+    def __init__(self, source: nn.LayerNorm):
+        super().__init__()
+        self._setup(source)
+        self.normalized_shape, self.eps = source.normalized_shape, source.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = getattr(self, IDS)
+        out = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        if getattr(self, "weight", None) is not None:
+            out = out * _per_sample(self.weight, ids, 1).view(shape)
+        if getattr(self, "bias", None) is not None:
+            out = out + _per_sample(self.bias, ids, 1).view(shape)
+        return out
+
+
+class GroupedBatchNorm(_Grouped):
+    """BatchNorm with statistics per task, for inputs ``[B, C, *]``.
+
+    In training mode each task's samples are normalised with that task's batch
+    mean and (biased) variance, as if the task's samples ran alone; running
+    statistics ``[T, C]`` move only for tasks with samples in the batch. Samples
+    with ``sample_weight`` 0 (a layer that their task's route skips) count for
+    nothing. Affine parameters may be per task ``[T, C]`` or shared ``[C]``.
+    timm's ``BatchNormAct2d`` keeps its dropout and activation after the norm.
+    """
+
+    def __init__(self, source: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self._setup(source)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            value = source.get_buffer(name)
+            self.register_buffer(name, torch.empty_like(value, device="meta"))
+        self.register_buffer(SAMPLE_WEIGHT, torch.empty(0, device="meta"))
+        self.eps, self.momentum = source.eps, source.momentum
+        self.drop = copy.deepcopy(getattr(source, "drop", nn.Identity()))
+        self.act = copy.deepcopy(getattr(source, "act", nn.Identity()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = getattr(self, IDS)
+        batch, channels = x.shape[:2]
+        shape = (batch, channels) + (1,) * (x.dim() - 2)
+        mean, var = self.running_mean, self.running_var
+        if self.training:
+            mean, var = self._task_moments(x, ids)
+        inv = torch.rsqrt(var + self.eps)
+        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
+        scale = inv if weight is None else inv * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        out = x * scale.index_select(0, ids).view(shape) + shift.index_select(0, ids).view(shape)
+        return self.act(self.drop(out))
+
+    def _task_moments(self, x: torch.Tensor, ids: torch.Tensor):
+        tasks = self.running_mean.shape[0]
+        reduce = tuple(range(2, x.dim()))
+        per_sample = x[0, 0].numel()
+        members = F.one_hot(ids, tasks).to(x.dtype) * getattr(self, SAMPLE_WEIGHT).unsqueeze(1)
+        present = members.sum(0)
+        count = (present * per_sample).clamp(min=1).unsqueeze(1)
+        mean = members.t() @ x.sum(reduce) / count
+        centred = x - mean.index_select(0, ids).view(x.shape[:2] + (1,) * len(reduce))
+        var = members.t() @ centred.square().sum(reduce) / count
+        with torch.no_grad():
+            moved = present.unsqueeze(1) > 0
+            momentum = self.momentum
+            unbiased = var * count / (count - 1).clamp(min=1)
+            for stat, value in ((self.running_mean, mean), (self.running_var, unbiased)):
+                stat.copy_(torch.where(moved, torch.lerp(stat, value.detach(), momentum), stat))
+            self.num_batches_tracked.add_(moved.squeeze(1).to(self.num_batches_tracked.dtype))
+        return mean, var
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    return module.track_running_stats and module.momentum is not None
+
+
+def _replacement(module: nn.Module, per_task: bool) -> nn.Module | None:
+    if _is_batch_norm(module):
+        return GroupedBatchNorm(module)
+    if not per_task:
+        return None
+    if type(module) is nn.Linear:
+        return GroupedLinear(module)
+    if type(module) is nn.Conv2d and module.padding_mode == "zeros":
+        if isinstance(module.padding, str):
+            return None
+        return GroupedConv2d(module)
+    if _is_layer_norm(module):
+        return GroupedLayerNorm(module)
+    return None
+
+
+class GroupedRunner:
+    """Runs a copy of ``module`` whose layers take per-task tensors and task ids.
+
+    Args:
+        module: The module to copy (a pool's block skeleton or a trunk). It is not
+            modified; the copy lives on the meta device and every tensor is passed in.
+        per_task: Whether parameters are per task (a pool block: every layer with
+            parameters is replaced) or shared (a trunk: only BatchNorm is replaced,
+            its statistics being per task).
+    """
+
+    def __init__(self, module: nn.Module, per_task: bool):
+        skeleton = copy.deepcopy(module).to("meta")
+        self.replaced: list[str] = []
+        for path, child in list(skeleton.named_modules()):
+            if not path or not list(child.parameters(recurse=False)) and not _is_batch_norm(child):
+                continue
+            new = _replacement(child, per_task)
+            if new is None:
+                if per_task or _is_batch_norm(child):
+                    raise TypeError(f"{type(child).__name__} at '{path}' has no grouped version")
+                continue
+            new.train(child.training)
+            owner_path, _, attr = path.rpartition(".")
+            setattr(skeleton.get_submodule(owner_path), attr, new)
+            self.replaced.append(path)
+        self.module = skeleton
+        names = [n for n, _ in skeleton.named_parameters()]
+        names += [n for n, _ in skeleton.named_buffers()]
+        self.tensor_names = tuple(names)
+        self._ids = tuple(n for n in names if n.rpartition(".")[2] == IDS)
+        self._weights = tuple(n for n in names if n.rpartition(".")[2] == SAMPLE_WEIGHT)
+        self._binder = TensorBinder(skeleton, names)
+
+    @classmethod
+    def build(cls, module: nn.Module, per_task: bool) -> GroupedRunner | None:
+        """The runner, or ``None`` when a layer with parameters has no grouped version."""
+        try:
+            return cls(module, per_task)
+        except TypeError:
+            return None
+
+    @property
+    def batch_norms(self) -> list[GroupedBatchNorm]:
+        return [m for m in self.module.modules() if isinstance(m, GroupedBatchNorm)]
+
+    def __call__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        ids: torch.Tensor,
+        sample_weight: torch.Tensor,
+        *args,
+    ) -> torch.Tensor:
+        """Runs the copy with ``tensors`` (per-task or shared), task ids ``[B]`` and
+        per-sample weights ``[B]`` (1 where the sample's task runs this block)."""
+        tensors = dict(tensors)
+        for name in self._ids:
+            tensors[name] = ids
+        for name in self._weights:
+            tensors[name] = sample_weight
+        return self._binder(tensors, *args)

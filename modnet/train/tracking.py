@@ -1,0 +1,122 @@
+"""Where a run's metrics go while it trains: ``metrics.jsonl`` always, TensorBoard on request.
+
+``metrics.jsonl`` (one JSON record per line) is the run's own record, read by
+``modnet plot`` and kept by every run. ``--log tensorboard`` also writes
+TensorBoard event files under ``RUN/tensorboard/<phase>/`` with
+``torch.utils.tensorboard.SummaryWriter``: the scalars ``loss``, ``lr``,
+``samples_per_s`` and ``accuracy/<task>``, and at every evaluation the route
+heatmaps as the image ``routes``. Watch a run with ``tensorboard --logdir RUN``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..plot import METRICS_FILE, route_figure, route_kind, route_matrix
+
+TENSORBOARD_DIR = "tensorboard"
+LOGGERS = ("jsonl", "tensorboard")
+EXTRA_HINT = 'pip install "modnet[tensorboard]"'
+
+
+class MetricsLogger:
+    """Appends every record to ``run_dir/metrics.jsonl``.
+
+    Args:
+        run_dir: The run directory (created if missing).
+        phase: The training phase (``"train"``, ``"transfer-kmnist"``, ...).
+    """
+
+    def __init__(self, run_dir: str | Path, phase: str):
+        self.run_dir = Path(run_dir)
+        self.phase = phase
+
+    def log(self, record: dict[str, Any], model=None) -> None:
+        """Writes one record: ``step`` with ``loss``/``lr``/``samples_per_s``, or with
+        ``accuracy`` (task -> test accuracy). ``model`` is the model being trained."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        """Releases what the logger holds (nothing for the JSON lines file)."""
+
+
+class TensorBoardLogger(MetricsLogger):
+    """``metrics.jsonl`` plus TensorBoard scalars and route heatmaps for one phase.
+
+    Raises:
+        ConfigError: if TensorBoard is not installed (it is the optional extra
+            ``modnet[tensorboard]``).
+    """
+
+    def __init__(self, run_dir: str | Path, phase: str):
+        super().__init__(run_dir, phase)
+        summary_writer = require_tensorboard()
+        self.log_dir = self.run_dir / TENSORBOARD_DIR / phase
+        self.writer = summary_writer(log_dir=str(self.log_dir))
+
+    def log(self, record: dict[str, Any], model=None) -> None:
+        super().log(record, model)
+        step = int(record["step"])
+        for key in ("loss", "lr", "samples_per_s"):
+            if key in record:
+                self.writer.add_scalar(key, float(record[key]), step)
+        accuracy = record.get("accuracy") or {}
+        for task, value in accuracy.items():
+            self.writer.add_scalar(f"accuracy/{task}", float(value), step)
+        if accuracy and model is not None and model.task_names:
+            self.writer.add_figure("routes", _routes_figure(model), step, close=False)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def make_logger(kind: str, run_dir: str | Path, phase: str) -> MetricsLogger:
+    """The logger for ``--log KIND``: ``"jsonl"`` (the default) or ``"tensorboard"``.
+
+    Raises:
+        ConfigError: for an unknown kind, or ``"tensorboard"`` without TensorBoard.
+    """
+    check_logger(kind)
+    if kind == "tensorboard":
+        return TensorBoardLogger(run_dir, phase)
+    return MetricsLogger(run_dir, phase)
+
+
+def check_logger(kind: str) -> None:
+    """Fails before any work when ``--log KIND`` cannot be honoured.
+
+    Raises:
+        ConfigError: for an unknown kind, or ``"tensorboard"`` without TensorBoard.
+    """
+    if kind not in LOGGERS:
+        raise ConfigError(f"unknown --log {kind!r}: choose one of {', '.join(LOGGERS)}")
+    if kind == "tensorboard":
+        require_tensorboard()
+
+
+def require_tensorboard():
+    """``torch.utils.tensorboard.SummaryWriter``, imported on first use.
+
+    Raises:
+        ConfigError: naming the extra to install when TensorBoard is missing.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ConfigError(
+            f"--log tensorboard needs TensorBoard, which is not installed: {EXTRA_HINT}"
+        ) from error
+    return SummaryWriter
+
+
+def _routes_figure(model):
+    tasks = model.task_names
+    return route_figure(
+        {t: route_matrix(model, t) for t in tasks}, {t: route_kind(model, t) for t in tasks}
+    )

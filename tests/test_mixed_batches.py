@@ -1,0 +1,132 @@
+"""Mixed-task batches run with fixed shapes and equal running each task alone."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import modnet
+from tests.conftest import images, moved_off_init, tiny_conv, tiny_vit
+
+ROUTES = ["softmax", "linear", "hyper", "hard"]
+IDS = torch.tensor([1, 0, 2, 1, 1, 0, 2])
+
+
+def tiny_timm_vit() -> modnet.ModularNet:
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=3
+    )
+    model = modnet.from_timm(vit, task="a", route="softmax")
+    model.reset_classifier(3, task="a")
+    model.add_task("b", 5)
+    model.add_task("c", 2)
+    return model
+
+
+def build(family: str, route: str) -> modnet.ModularNet:
+    if family == "timm":
+        return moved_off_init(tiny_timm_vit())
+    make = tiny_conv if family == "conv" else tiny_vit
+    model = moved_off_init(make(tasks={"a": 3, "b": 5, "c": 2}, route=route))
+    model.set_route("c", [1, 1, 0])  # a shorter hard route: layer 3 is skipped
+    return model
+
+
+def per_task(model, x, ids):
+    """Each task's samples run alone; returns {task: (rows, logits)}."""
+    return {
+        name: (rows, model(x[rows], name))
+        for t, name in enumerate(model.task_names)
+        if len(rows := (ids == t).nonzero().flatten())
+    }
+
+
+CASES = [(f, r) for f in ("conv", "vit") for r in ROUTES] + [("timm", "hard+softmax")]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize(("family", "route"), CASES)
+def test_grouped_batch_equals_each_task_alone(family, route, mode):
+    model = build(family, route)
+    model.mixed_batches = "grouped"
+    reference = copy.deepcopy(model)
+    getattr(model, mode)(), getattr(reference, mode)()
+    x = images(model, batch=7)
+    mixed = model(x, IDS)
+    for name, (rows, alone) in per_task(reference, x, IDS).items():
+        classes = model.task_classes[name]
+        torch.testing.assert_close(mixed[rows, :classes], alone, rtol=0, atol=1e-5)
+        assert torch.isinf(mixed[rows, classes:]).all()
+    # running statistics moved per task exactly as when each task ran alone
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["conv", "vit"])
+def test_grouped_batch_gradients_equal_the_sum_over_tasks(family):
+    model = build(family, "softmax")
+    model.mixed_batches = "grouped"
+    reference = copy.deepcopy(model)
+    x, y = images(model, batch=7), torch.tensor([0, 1, 1, 0, 2, 1, 0])
+    ids = torch.tensor([1, 0, 1, 1, 1, 0, 1])  # task c absent
+    F.cross_entropy(model(x, ids), y, reduction="sum").backward()
+    for _name, (rows, logits) in per_task(reference, x, ids).items():
+        F.cross_entropy(logits, y[rows], reduction="sum").backward()
+    for (key, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, key  # absent tasks get no gradient at all
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=key)
+    assert all(p.grad is None for p in model.task_parameters("c"))
+
+
+@pytest.mark.parametrize("family", ["conv", "vit"])
+def test_split_and_grouped_batches_agree(family):
+    model = build(family, "hyper").eval()
+    x = images(model, batch=7)
+    with torch.no_grad():
+        model.mixed_batches = "split"
+        split = model(x, IDS)
+        model.mixed_batches = "grouped"
+        grouped = model(x, IDS)
+        features = model.forward_features(x, IDS)
+        head = model.forward_head(features, IDS)
+    torch.testing.assert_close(grouped, split, rtol=0, atol=1e-5)
+    torch.testing.assert_close(head, split, rtol=0, atol=1e-5)
+
+
+def test_frozen_norm_stats_stay_put_in_a_grouped_training_batch():
+    model = build("conv", "softmax").train().freeze_norm_stats()
+    model.mixed_batches = "grouped"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(images(model, batch=7), IDS)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_many_tasks_in_one_batch():
+    model = moved_off_init(tiny_conv(tasks={f"t{i}": 2 + i % 3 for i in range(16)})).train()
+    model.mixed_batches = "grouped"
+    reference = copy.deepcopy(model)
+    x, ids = images(model, batch=16), torch.arange(16).flip(0)
+    mixed = model(x, ids)
+    for _name, (rows, alone) in per_task(reference, x, ids).items():
+        torch.testing.assert_close(mixed[rows, : alone.shape[1]], alone, rtol=0, atol=1e-5)
+
+
+def test_grouped_batch_drops_paths_at_each_position_rate():
+    model = moved_off_init(tiny_vit(tasks={"a": 3, "b": 5}, drop_path_rate=[0.0, 0.0, 0.0, 0.9]))
+    model.mixed_batches = "grouped"
+    x, ids = images(model, batch=8), torch.arange(8) % 2
+    assert model._grouped_drop_paths
+    with torch.no_grad():
+        evaluated = model.eval()(x, ids)
+        model.mixed_batches = "split"
+        torch.testing.assert_close(model(x, ids), evaluated, rtol=0, atol=1e-5)
+        model.mixed_batches = "grouped"
+        model.train()
+        trained = [model(x, ids) for _ in range(4)]
+    assert all(torch.isfinite(t[:, :3]).all() for t in trained)
+    assert any(not torch.allclose(t, evaluated) for t in trained)  # the last layer drops
