@@ -14,6 +14,7 @@ from timm.layers import BatchNormAct2d, create_conv2d, get_act_layer
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._efficientnet_builder import _init_weight_goog
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from ..pool import TemplatePool
 from .base import Family, Trunk
@@ -69,7 +70,10 @@ class ConvTrunk(Trunk):
         self.apply(_init_weight_goog)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(x.contiguous(memory_format=self.memory_format))
+        # Under torch.func transforms (vmap: per-sample Fisher) only the default layout exists.
+        if torch.compiler.is_compiling() or not is_functorch_wrapped_tensor(x):
+            x = x.contiguous(memory_format=self.memory_format)
+        return self.stem(x)
 
     def feature_size(self, size: tuple[int, int]) -> tuple[int, int]:
         conv = self.stem[0]
