@@ -15,6 +15,13 @@ Two policies, the standard ones for small images:
 record (``record["augment"]``), so a run's manifest says how its training
 images were augmented. Evaluation and ``apply_transform`` never augment.
 
+Measured effect on the CIFAR-10 subset with ``modnet_conv_tiny`` (one thread,
+batch 64, default options): short runs are capacity-bound and augmentation
+costs accuracy there: 1000 training images, 5 epochs, seeds 0/1/2: 31.6/27.6/
+30.6 % without, 28.0/26.6/27.8 % with; 500 images, 15 epochs, seed 0: 36.8 %
+without, 33.2 % with. Its cost in time is negligible (about 40 ms per batch
+of 64 on one loaded core, against seconds per training step).
+
 Every sample's random draw is seeded by (run seed, step, share of the step,
 position in it): a resumed run sees exactly the augmented images it would have seen.
 """
