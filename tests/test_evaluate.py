@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 
 import pytest
 import torch
@@ -93,3 +95,32 @@ def test_modnet_eval_takes_a_micro_batch_and_gives_the_same_accuracy(tmp_path, c
         results.append(json.loads(capsys.readouterr().out))
     assert set(results[0]) == {"synth_color", "synth_size"}
     assert results[0] == results[1] == results[2]
+
+
+def test_the_trainers_evaluation_uses_the_configured_micro_batch(tmp_path, monkeypatch):
+    """TrainConfig.eval_micro_batch reaches every forward pass of the trainer's evaluation."""
+    from modnet.train import TrainConfig, train
+
+    evaluation = sys.modules["modnet.train.evaluate"]  # the module, not the function it exports
+
+    seen = []
+    original = evaluation.predict
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        seen.append(bound.arguments.get("micro_batch"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict", spy)
+    config = TrainConfig(
+        model_kwargs=dict(width=8, exp_ratio=2.0, img_size=8, num_templates=2, depth=2),
+        tasks=["synth_color"],
+        train_limit=32,
+        test_limit=16,
+        epochs=1,
+        batch_size=16,
+        eval_micro_batch=3,
+        progress=False,
+    )
+    train(config, tmp_path / "run")
+    assert seen and set(seen) == {3}

@@ -255,6 +255,8 @@ class Trainer:
             self.config.eval_batch_size,
             self.ctx.device,
             self.config.resolved_precision(self.model),
+            micro_batch=self.config.eval_micro_batch,
+            workers=self.config.data_workers,
         )
 
     def _log(self, record: dict[str, Any]) -> None:
