@@ -247,7 +247,13 @@ def curves_figure(records: Sequence[Mapping[str, Any]], title: str | None = None
     for phase in phases:
         for ax, key in ((loss_ax, "loss"), (lr_ax, "lr")):
             rows = [r for r in records if r.get("phase") == phase and key in r]
-            ax.plot([offsets[phase] + r["step"] for r in rows], [r[key] for r in rows], label=phase)
+            ax.plot(
+                [offsets[phase] + r["step"] for r in rows],
+                [r[key] for r in rows],
+                marker="o" if len(rows) < 20 else None,  # a short phase stays visible
+                markersize=3,
+                label=phase,
+            )
     tasks: dict[str, tuple[list[int], list[float]]] = {}
     for record in records:
         for task, value in (record.get("accuracy") or {}).items():

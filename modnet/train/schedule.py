@@ -7,6 +7,7 @@ have seen, and every data-parallel rank takes its own slice of the same batch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -108,12 +109,15 @@ def cosine_schedule(
         warmup_steps: Steps of linear warm-up from 0 (0: start at the peak).
     """
     warmup = max(1, warmup_steps)
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, total_steps - warmup + 1),
-        lr_min=0.0,
-        warmup_t=warmup,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    with warnings.catch_warnings():
+        # A one-step run has nothing to anneal; timm warns about it, and that is expected.
+        warnings.filterwarnings("ignore", message="Cosine annealing scheduler will have no effect")
+        return CosineLRScheduler(
+            optimizer,
+            t_initial=max(1, total_steps - warmup + 1),
+            lr_min=0.0,
+            warmup_t=warmup,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
