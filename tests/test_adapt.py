@@ -173,3 +173,14 @@ def test_bad_input_gives_clear_errors(run, tmp_path):
         adapt(run, TARGET, SOURCES, parts="norm", config=fast)
     with pytest.raises(RunDirError, match="holds no trained run"):
         adapt(tmp_path / "nothing", TARGET, SOURCES, config=fast)
+
+
+def test_adaptation_runs_through_the_compiled_model(run):
+    """With compile=True the adaptation's forward passes are compiled graphs, not eager calls."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    result = adapt(run, TARGET, SOURCES, objective="moments", config=config(compile=True, epochs=1))
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert 0.0 <= result.accuracy <= 1.0

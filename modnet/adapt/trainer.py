@@ -105,6 +105,7 @@ class AdaptationTrainer(Trainer):
             extra_manifest=extra_manifest,
             extra_state=extra_state,
         )
+        self._pooled = torch.compile(self._pooled_eager) if config.compile else self._pooled_eager
 
     # -------------------------------------------------------------------- hooks
     def make_schedule(self) -> MultiTaskSchedule:
@@ -159,7 +160,13 @@ class AdaptationTrainer(Trainer):
 
     # --------------------------------------------------------------------- loss
     def pooled_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        """The last block's output after the final norm, pooled: what objectives compare."""
+        """The last block's output after the final norm, pooled: what objectives compare.
+
+        Compiled with ``torch.compile`` when the config asks for it, as training is.
+        """
+        return self._pooled(x, task)
+
+    def _pooled_eager(self, x: torch.Tensor, task: str) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x, task), task, pre_logits=True)
 
     def training_loss(self, step: int, micro: int = 0) -> tuple[torch.Tensor | None, int]:
