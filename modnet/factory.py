@@ -27,6 +27,7 @@ _MODEL_OPTIONS = (
     "hyper_hidden",
     "hyper_normalize",
     "drop_path_rate",
+    "route_options",
 )
 
 # Layer positions a features_only model returns by default: the last four.

@@ -22,7 +22,7 @@ from .grouped import GroupedBatchNorm, GroupedRunner
 from .norm_stats import TaskNormStats
 from .routing import HardRoute, HyperNetwork, HyperRoute, Route, RoutePlan, SoftRoute
 
-ROUTE_KINDS = ("softmax", "linear", "hyper", "hard")
+ROUTE_KINDS = ("softmax", "linear", "sparsemax", "hyper", "hard")
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -33,6 +33,15 @@ class TaskGroups:
 
     names: list[str]
     ids: torch.Tensor
+
+
+def _check_route_options(route: str, options: Mapping[str, Any], count: int) -> None:
+    if route in ("hard", "hyper") or "normalize" in options:
+        raise ValueError(
+            f"route_options {dict(options)} need route='softmax' or 'sparsemax' (got "
+            f"{route!r}) and no 'normalize' key: give the normalisation as route=..."
+        )
+    SoftRoute(1, count, normalize=route, init="uniform").configured(**options)
 
 
 def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -60,6 +69,8 @@ class ModularNet(nn.Module):
             template l mod K).
         anisotropic: One coefficient per parameter tensor instead of per template.
         route_init: Initial soft-route logits: ``"random"``, ``"uniform"``, ``"cyclic"``.
+        route_options: Options of new soft routes: ``temperature``, ``top_k``,
+            ``straight_through`` (see ``SoftRoute``); softmax and sparsemax routes only.
         hyper_dim: Task-embedding size for ``route="hyper"``.
         hyper_hidden: Hidden width of the hypernetwork (0 for a linear map).
         hyper_normalize: ``"linear"`` or ``"softmax"`` for hypernetwork coefficients.
@@ -95,16 +106,20 @@ class ModularNet(nn.Module):
         hyper_hidden: int = 0,
         hyper_normalize: str = "linear",
         drop_path_rate: float | Sequence[float] = 0.0,
+        route_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if route not in ROUTE_KINDS:
             raise ValueError(f"unknown route kind {route!r}: choose one of {ROUTE_KINDS}")
+        self.route_options = dict(route_options or {})
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.trunk = family.trunk
         self.pool = family.pool
         self.depth = depth
         self.route_kind = route
+        if self.route_options:
+            _check_route_options(route, self.route_options, self.pool.num_templates)
         self.anisotropic = anisotropic
         self.route_init = route_init
         self.num_features = self.trunk.num_features
@@ -129,6 +144,8 @@ class ModularNet(nn.Module):
             hyper_hidden=hyper_hidden,
             hyper_normalize=hyper_normalize,
         )
+        if self.route_options:
+            self.config["route_options"] = dict(self.route_options)
         if any(self.drop_path_rates):
             self.config["drop_path_rate"] = (
                 drop_path_rate if isinstance(drop_path_rate, float) else list(drop_path_rate)
@@ -842,7 +859,8 @@ class ModularNet(nn.Module):
             return HyperRoute(
                 self.hypernet.embed_dim, self.depth, count, self.hypernet.num_templates, groups
             )
-        return SoftRoute(self.depth, count, groups, self.route_kind, self.route_init)
+        route = SoftRoute(self.depth, count, groups, self.route_kind, self.route_init)
+        return route.configured(**self.route_options) if self.route_options else route
 
     def _coerce_route(self, route: Any, task: str) -> Route:
         """A route of the model's own: every input is copied, never shared."""
@@ -899,7 +917,7 @@ class ModularNet(nn.Module):
         if isinstance(route, SoftRoute):
             old = route.logits.detach()
             fill_shape = (old.shape[0], added, *old.shape[2:])
-            if route.normalize == "softmax":
+            if route.normalize != "linear":
                 fill = old.mean(dim=1, keepdim=True).expand(fill_shape)
             else:
                 fill = old.new_zeros(fill_shape)

@@ -37,7 +37,7 @@ NUMERIC = {
     "drop_path_rate": ("float", 0.0, 1.0 - 1e-9),
 }
 CHOICES = {
-    "route": ("softmax", "linear", "hard", "hyper"),
+    "route": ("softmax", "linear", "sparsemax", "hard", "hyper"),
     "route_init": ("random", "uniform", "cyclic"),
     "hyper_normalize": ("linear", "softmax"),
 }
@@ -69,6 +69,8 @@ def check_model_options(model: str, options: Mapping[str, Any]) -> None:
             )
         elif key in BOOLEAN and not isinstance(value, bool):
             raise ConfigError(f"model option {key} must be True or False, got {value!r}")
+        elif key == "route_options":
+            _check_route_options(value, options)
     embed, heads = options.get("embed_dim"), options.get("num_heads")
     if isinstance(embed, int) and isinstance(heads, int) and embed % heads:
         raise ConfigError(f"model option embed_dim={embed} must be divisible by num_heads={heads}")
@@ -78,6 +80,21 @@ def check_model_options(model: str, options: Mapping[str, Any]) -> None:
     size, patch = options.get("img_size"), options.get("patch_size")
     if isinstance(size, int) and isinstance(patch, int) and size % patch:
         raise ConfigError(f"model option img_size={size} must be divisible by patch_size={patch}")
+
+
+def _check_route_options(value: Any, options: Mapping[str, Any]) -> None:
+    from .model import _check_route_options as check
+
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"model option route_options must be a dict such as {{'temperature': 0.5}}, "
+            f"got {value!r}"
+        )
+    count = options.get("num_templates") or value.get("top_k") or 1
+    try:
+        check(options.get("route", "softmax"), value, count)
+    except ValueError as error:
+        raise ConfigError(f"model option route_options: {error}") from None
 
 
 def _check_number(key: str, value: Any, kind: str, low: float | None, high: float | None) -> None:

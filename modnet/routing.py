@@ -17,7 +17,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-NORMALIZATIONS = ("softmax", "linear")
+NORMALIZATIONS = ("softmax", "linear", "sparsemax")
+STRAIGHT_THROUGH = ("argmax", "gumbel")
+# Keys of ``SoftRoute.options()``: what ``SoftRoute.configured`` and ``route_options`` accept.
+ROUTE_OPTIONS = ("normalize", "temperature", "top_k", "straight_through")
 
 
 @dataclass(frozen=True)
@@ -104,15 +107,37 @@ class HardRoute(Route):
 class SoftRoute(Route):
     """Learned per-(layer, template) logits, optionally per parameter tensor.
 
+    Coefficients are ``normalize(logits / temperature)`` over the templates, with
+    only the ``top_k`` largest logits of each layer kept when ``top_k`` is set, and
+    a one-hot forward when ``straight_through`` is set. Every variant resolves to
+    an ordinary ``[L, K]`` (or ``[L, K, G]``) coefficient tensor.
+
     Args:
         depth: Number of layers L.
         num_templates: Templates K the route mixes.
         num_tensors: 1 for one coefficient per (layer, template); the block's number
             of parameter tensors G for anisotropic routes.
-        normalize: ``"softmax"`` (convex mixing, the compositional-models default) or
-            ``"linear"`` (raw coefficients, as in task-vector arithmetic).
+        normalize: ``"softmax"`` (convex mixing, the compositional-models default),
+            ``"sparsemax"`` (convex and sparse: Martins & Astudillo 2016, "From
+            softmax to sparsemax") or ``"linear"`` (raw coefficients, as in
+            task-vector arithmetic).
         init: ``"random"`` (small noise, breaks symmetry between layers),
             ``"uniform"`` or ``"cyclic"`` (layer l prefers template l mod K).
+        generator: Random generator of the ``"random"`` initialisation.
+        temperature: Logits are divided by it before normalising (> 0): below 1
+            sharpens the mixture, above 1 smooths it. Softmax and sparsemax only.
+        top_k: Keep only the k largest logits of each layer (the others get
+            coefficient 0 and no gradient). Softmax and sparsemax only.
+        straight_through: ``"argmax"``: the forward pass runs the single template
+            with the largest coefficient (a one-hot row), gradients are those of the
+            soft coefficients (Bengio et al. 2013); ``"gumbel"``: the same with
+            Gumbel noise added to the logits while training (straight-through
+            Gumbel-softmax, Jang et al. 2017). Softmax and sparsemax only.
+
+    Raises:
+        ValueError: An unknown ``normalize``, ``init`` or ``straight_through``, a
+            temperature <= 0, a ``top_k`` outside 1..K, or an option that only
+            softmax and sparsemax routes take given to a linear route.
     """
 
     def __init__(
@@ -123,12 +148,17 @@ class SoftRoute(Route):
         normalize: str = "softmax",
         init: str = "random",
         generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        straight_through: str | None = None,
     ):
         super().__init__()
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalize {normalize!r}: choose one of {NORMALIZATIONS}")
+        _check_options(normalize, temperature, top_k, straight_through, num_templates)
         self.num_templates = num_templates
         self.normalize = normalize
+        self.temperature = float(temperature)
+        self.top_k = top_k
+        self.straight_through = straight_through
         self.anisotropic = num_tensors > 1
         shape = (depth, num_templates, num_tensors) if self.anisotropic else (depth, num_templates)
         self.logits = nn.Parameter(_initial_logits(shape, normalize, init, generator))
@@ -148,28 +178,142 @@ class SoftRoute(Route):
             route.logits.copy_(coefficients.reshape(route.logits.shape))
         return route
 
+    def options(self) -> dict:
+        """How logits become coefficients: ``normalize`` and the options that differ
+        from their defaults (keys of ``ROUTE_OPTIONS``)."""
+        options = {"normalize": self.normalize}
+        if self.temperature != 1.0:
+            options["temperature"] = self.temperature
+        if self.top_k is not None:
+            options["top_k"] = self.top_k
+        if self.straight_through is not None:
+            options["straight_through"] = self.straight_through
+        return options
+
+    def configured(self, **options) -> SoftRoute:
+        """A copy with the same logits and other options (keys of ``ROUTE_OPTIONS``).
+
+        Options not given keep this route's values. The logits are copied as they
+        are, so a route learned with softmax keeps its preferred template per layer
+        under sparsemax, a temperature or a straight-through forward.
+
+        Raises:
+            ValueError: An unknown option or an invalid value (see the class).
+        """
+        unknown = sorted(set(options) - set(ROUTE_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown route option {unknown[0]!r}: choose from {', '.join(ROUTE_OPTIONS)}"
+            )
+        merged = {**self.options(), **options}
+        depth, count = self.logits.shape[:2]
+        tensors = self.logits.shape[2] if self.anisotropic else 1
+        route = SoftRoute(depth, count, tensors, init="uniform", **merged)
+        with torch.no_grad():
+            route.logits.copy_(self.logits)
+        route.num_templates = self.num_templates
+        return route.to(self.logits.device)
+
     @property
     def depth(self) -> int:
         return self.logits.shape[0]
 
     def coefficients(self) -> torch.Tensor:
+        if self.normalize == "linear":
+            return self.logits
+        logits = self.logits / self.temperature
+        if self.straight_through == "gumbel" and self.training:
+            uniform = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
+            logits = logits - torch.log(-torch.log(uniform))
+        if self.top_k is not None and self.top_k < logits.shape[1]:
+            kept = logits.topk(self.top_k, dim=1).indices  # exactly k, even with ties
+            keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, kept, True)
+            logits = logits.masked_fill(~keep, float("-inf"))
         if self.normalize == "softmax":
-            return self.logits.softmax(dim=1)
-        return self.logits
+            soft = logits.softmax(dim=1)
+        else:
+            soft = sparsemax(logits, dim=1)
+        if self.straight_through is None:
+            return soft
+        return _StraightThroughArgmax.apply(soft)
 
     def plan(self, hypernet: HyperNetwork | None = None) -> RoutePlan:
         return RoutePlan(coefficients=self.coefficients())
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.logits.shape)}, normalize={self.normalize}"
+        options = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"shape={tuple(self.logits.shape)}, {options}"
 
     def spec(self) -> dict:
         return {
             "kind": "soft",
             "shape": list(self.logits.shape),
-            "normalize": self.normalize,
+            **self.options(),
             "num_templates": self.num_templates,
         }
+
+
+class _StraightThroughArgmax(torch.autograd.Function):
+    """Forward: exact one-hot rows at the argmax over dim 1; backward: the identity."""
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def sparsemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Euclidean projection of ``logits`` onto the probability simplex along ``dim``.
+
+    Like softmax it returns non-negative weights summing to 1, but entries below a
+    threshold are exactly 0 (Martins & Astudillo 2016, "From softmax to sparsemax",
+    eq. 2-4). Entries of ``-inf`` get 0. Autograd gives the paper's Jacobian: the
+    support is fixed, and within it the gradient is centred.
+
+    Args:
+        logits: Any float tensor.
+        dim: The dimension to normalise.
+
+    Returns:
+        A tensor of the same shape and dtype.
+    """
+    z = logits.movedim(dim, -1)
+    finite = torch.where(torch.isfinite(z), z, torch.full_like(z, -1e30))
+    ordered = finite.sort(dim=-1, descending=True).values
+    ranks = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    cumulative = ordered.cumsum(dim=-1)
+    support = (1 + ranks * ordered > cumulative).to(z.dtype)
+    size = support.sum(dim=-1, keepdim=True)
+    # The support is a prefix of the sorted logits: its sum is cumulative[size - 1].
+    tau = (cumulative.gather(-1, size.long() - 1) - 1) / size
+    return (finite - tau).clamp_min(0).movedim(-1, dim)
+
+
+def _check_options(normalize, temperature, top_k, straight_through, num_templates) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {normalize!r}: choose one of {NORMALIZATIONS}")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise ValueError(f"route temperature must be a number > 0, got {temperature!r}")
+    if not temperature > 0:
+        raise ValueError(f"route temperature must be > 0, got {temperature!r}")
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_templates
+    ):
+        raise ValueError(f"route top_k must be an integer in 1..{num_templates}, got {top_k!r}")
+    if straight_through is not None and straight_through not in STRAIGHT_THROUGH:
+        raise ValueError(
+            f"unknown straight_through {straight_through!r}: choose one of {STRAIGHT_THROUGH}"
+        )
+    if normalize == "linear" and (
+        temperature != 1.0 or top_k is not None or straight_through is not None
+    ):
+        raise ValueError(
+            "temperature, top_k and straight_through apply to softmax and sparsemax routes, "
+            "not to linear ones: use normalize='softmax' or 'sparsemax'"
+        )
 
 
 class HyperNetwork(nn.Module):
@@ -261,6 +405,8 @@ class HyperRoute(Route):
             logits = torch.cat([logits, self.extra.to(logits.dtype)], dim=1)
         if hypernet.normalize == "softmax":
             logits = logits.softmax(dim=1)
+        elif hypernet.normalize == "sparsemax":
+            logits = sparsemax(logits, dim=1)
         return RoutePlan(coefficients=logits)
 
 
@@ -282,6 +428,25 @@ def _initial_logits(shape, normalize: str, init: str, generator) -> torch.Tensor
     return base
 
 
+def configured_route(route: Route, options: dict) -> SoftRoute:
+    """``route`` with other soft-route options (see ``SoftRoute.configured``).
+
+    Args:
+        route: A softmax or sparsemax ``SoftRoute`` (a linear one only for
+            ``{"normalize": "softmax" | "sparsemax"}``, reading its values as logits).
+        options: Keys of ``ROUTE_OPTIONS``.
+
+    Raises:
+        ValueError: ``route`` is not a soft route, or an option is unknown or invalid.
+    """
+    if not isinstance(route, SoftRoute):
+        raise ValueError(
+            f"route options {options} apply to soft routes (softmax, sparsemax), not to a "
+            f"{route.spec()['kind']} route"
+        )
+    return route.configured(**options)
+
+
 def route_from_spec(spec: dict) -> Route:
     """An uninitialised route of the structure ``spec`` describes (see ``Route.spec``).
 
@@ -294,7 +459,8 @@ def route_from_spec(spec: dict) -> Route:
     if kind == "soft":
         depth, count = spec["shape"][:2]
         tensors = spec["shape"][2] if len(spec["shape"]) == 3 else 1
-        return SoftRoute(depth, count, tensors, spec["normalize"], init="uniform")
+        options = {k: spec[k] for k in ROUTE_OPTIONS if k in spec}
+        return SoftRoute(depth, count, tensors, init="uniform", **options)
     if kind == "hyper":
         return HyperRoute(
             spec["embed_dim"],

@@ -16,6 +16,7 @@ from ..errors import ConfigError, RunDirError
 from ..model import ModularNet
 from ..options import check_model_options, create_model
 from ..plot import save_run_figures
+from ..routing import configured_route
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
@@ -231,6 +232,7 @@ def transfer(
     config: TrainConfig | None = None,
     init_from: str | None = None,
     overwrite: bool = False,
+    route_options: dict | None = None,
 ) -> TrainResult:
     """Learns a new task on a trained pool; every existing task stays bit-identical.
 
@@ -246,6 +248,9 @@ def transfer(
         config: Training options (epochs, lr, data root, ...).
         init_from: Start the route and norm statistics from this existing task.
         overwrite: Replace the task if the run already has it.
+        route_options: Options of the new task's soft route (``normalize``,
+            ``temperature``, ``top_k``, ``straight_through``; see ``SoftRoute``),
+            applied to the route it starts from.
 
     Raises:
         ConfigError: A bad option.
@@ -264,10 +269,14 @@ def transfer(
         )
     with io.open_run(run_dir, "modnet transfer", enabled=ctx.is_main):
         barrier(ctx)
-        return _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx)
+        return _transfer(
+            run_dir, task, wanted, grow, config, init_from, overwrite, ctx, route_options
+        )
 
 
-def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) -> TrainResult:
+def _transfer(
+    run_dir, task, wanted, grow, config, init_from, overwrite, ctx, route_options=None
+) -> TrainResult:
     latest, state = io.run_state(run_dir, repair=ctx.is_main)
     if latest is None:
         raise RunDirError(
@@ -284,11 +293,19 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
         raise ConfigError(
             f"--init-from {init_from!r} is not a task of the run: one of {model.task_names}"
         )
+    if route_options:  # a bad option fails here, before any training
+        source = model.routes[init_from] if init_from else model._default_route()
+        try:
+            configured_route(source, route_options)
+        except ValueError as error:
+            raise ConfigError(f"route_options: {error}") from None
     if init_from is None or "norm" in wanted:
         wanted = wanted | {"norm"}
     if grow:
         wanted = wanted | {"new_templates"}
     plan = dict(parts=sorted(wanted), grow=grow, init_from=init_from, task_spec=task)
+    if route_options:
+        plan["route_options"] = dict(route_options)
     resuming = io.unfinished_phase(state) == phase
     if resuming:
         stored_plan = json.loads(state["transfer"])
@@ -314,6 +331,8 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
             model = _without_task(latest, name)
         torch.manual_seed(config.seed)  # the new head, route and templates follow --seed alone
         model.add_task(name, data[name].num_classes, init_from=init_from)
+        if route_options:
+            model.set_route(name, configured_route(model.routes[name], route_options))
         if init_from and "heads" not in wanted:
             _copy_frozen_head(model, source=init_from, target=name)
         plan["first_new_chunk"] = None
