@@ -56,7 +56,10 @@ def test_grad_clip_zero_disables_clipping():
         (dict(exp_ratio=-1.0), "model option exp_ratio must be > 0, got -1.0"),
         (dict(exp_ratio=math.nan), "exp_ratio must be a finite number"),
         (dict(num_templates=0), "num_templates must be >= 1"),
-        (dict(route="sparse"), "route='sparse' is not one of softmax, linear, sparsemax, hard, hyper"),
+        (
+            dict(route="sparse"),
+            "route='sparse' is not one of softmax, linear, sparsemax, hard, hyper",
+        ),
         (dict(anisotropic="yes"), "anisotropic must be True or False"),
         (dict(img_size=10, stem_stride=4), "img_size=10 must be divisible by stem_stride=4"),
     ],
