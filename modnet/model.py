@@ -111,13 +111,13 @@ class ModularNet(nn.Module):
         super().__init__()
         if route not in ROUTE_KINDS:
             raise ValueError(f"unknown route kind {route!r}: choose one of {ROUTE_KINDS}")
-        self.route_options = dict(route_options or {})
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.trunk = family.trunk
         self.pool = family.pool
         self.depth = depth
         self.route_kind = route
+        self.route_options = dict(route_options or {})
         if self.route_options:
             _check_route_options(route, self.route_options, self.pool.num_templates)
         self.anisotropic = anisotropic
