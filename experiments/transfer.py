@@ -114,6 +114,13 @@ def options(argv) -> Any:
         "--transfer-config", help="YAML of training options overriding the pool's for transfers"
     )
     p.add_argument("--pools", help="folder of the pool runs (default: <out>/pools)")
+    p.add_argument(
+        "--missing-pools",
+        choices=["train", "wait"],
+        default="train",
+        help="a pool that is not finished: train it here (default), or wait until another "
+        "process has trained it",
+    )
     p.add_argument("--test-limit", type=int, default=None, help="test images per task")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables")
@@ -170,6 +177,8 @@ def finished(run_dir: Path) -> bool:
 def ready_pool(args, held_out: str, pool: dict[str, Any]) -> Path | None:
     """The held-out task's pool, trained if needed; None while another process trains it."""
     run_dir, tasks = pool_plan(args, held_out)
+    if not finished(run_dir) and args.missing_pools == "wait":
+        return None
     if not finished(run_dir):
         print(f"training the pool {run_dir} on {', '.join(tasks)}", flush=True)
         try:
@@ -323,7 +332,8 @@ def report(args, argv) -> dict[str, Any]:
         sections += [
             f"## Held out: `{spec}`",
             f"Pool `{Path(pool['run']).name}` (trained on {', '.join(pool['accuracy'])}; "
-            f"pool seed {pool['seed']}, fixed) scores on its own tasks: {source}. "
+            f"{pool['epochs']} epochs, pool seed {pool['seed']}, fixed) scores on its own "
+            f"tasks: {source}. "
             f"Nearest source task chosen without labels: {', '.join(nearest) or '-'}. "
             f"Accuracy in %, mean ± std over transfer seeds {task_seeds}; wall time per run.",
             markdown_table(["method", "accuracy (%)", "trained parameters", "wall time (s)"], rows),
@@ -364,7 +374,11 @@ def main(argv=None) -> dict[str, Any]:
         while waiting:
             later = []
             for held_out in waiting:
-                pool_dir = ready_pool(args, held_out, pool)
+                try:
+                    pool_dir = ready_pool(args, held_out, pool)
+                except RunDirError as error:  # the other held-out tasks still run
+                    print(f"skipping {held_out}: {error}", flush=True)
+                    continue
                 if pool_dir is None or run_held_out(args, held_out, pool_dir, pool, values):
                     later.append(held_out)
             if later:
