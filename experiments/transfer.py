@@ -58,6 +58,7 @@ from modnet import io  # noqa: E402
 from modnet.commands._options import read_config  # noqa: E402
 from modnet.errors import ConfigError, RunDirError  # noqa: E402
 from modnet.train import TrainConfig, train, transfer  # noqa: E402
+from modnet.train.api import nearest_source  # noqa: E402
 
 DATASETS = ["mnist", "fashion_mnist", "usps", "mnist_m", "cifar10"]
 POOL_CONFIG = Path(__file__).resolve().parent / "configs" / "converged_pool.yaml"
@@ -75,7 +76,6 @@ QUICK_POOL = dict(
 )
 QUICK_TRANSFER = dict(epochs=1, train_limit=192, test_limit=96)
 SCRATCH = "scratch"
-NEAREST = "nearest"
 # slug: (name in the tables, transfer options; None: trained from scratch)
 METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "head": ("head only (linear probe)", dict(parts="head")),
@@ -226,6 +226,19 @@ def cell_path(out: Path, held_out: str, method: str, seed: int) -> Path:
     return out / "cells" / slug(held_out) / f"{method}-seed{seed}.json"
 
 
+def nearest(args, held_out: str, seed: int, pool_dir: Path, config: TrainConfig) -> dict:
+    """The nearest source, as ``init_from="nearest"`` chooses it: once per held-out task and seed.
+
+    Choosing loads every source dataset; done once, it is cached next to the cells.
+    """
+    path = Path(args.out) / "nearest" / slug(held_out) / f"seed{seed}.json"
+    if not path.is_file():
+        name, distances = nearest_source(pool_dir, held_out, config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.write_json(path, dict(nearest=name, source_distances=distances))
+    return json.loads(path.read_text())
+
+
 def run_cell(args, held_out, method, seed, pool_dir, facts, values) -> dict[str, Any] | None:
     """Trains one (held-out, method, seed) cell and caches it; None if another process has it."""
     path = cell_path(Path(args.out), held_out, method, seed)
@@ -249,10 +262,10 @@ def run_cell(args, held_out, method, seed, pool_dir, facts, values) -> dict[str,
             result = train(dataclasses.replace(config, tasks=[held_out]), run_dir)
             recorded: dict[str, Any] = {}
         else:
+            recorded = nearest(args, held_out, seed, pool_dir, config)
             copy_pool(pool_dir, run_dir)
-            result = transfer(run_dir, held_out, config=config, init_from=NEAREST, **options)
-            name = next(iter(result.accuracy))
-            recorded = io.read_results(run_dir)[f"transfer-{name}"]
+            init = recorded["nearest"]
+            result = transfer(run_dir, held_out, config=config, init_from=init, **options)
         wall = time.perf_counter() - start
         task = next(iter(result.accuracy))
         entry = dict(

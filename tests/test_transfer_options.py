@@ -17,6 +17,7 @@ from modnet import io
 from modnet.cli import main
 from modnet.errors import ConfigError
 from modnet.train import TrainConfig, train, transfer
+from modnet.train.api import nearest_source
 from tests.conftest import images, tiny_train_config
 
 pytestmark = pytest.mark.slow  # trains a real (tiny) pool
@@ -53,10 +54,13 @@ def _results(run_dir, task):
 )
 def test_init_from_nearest_picks_the_task_of_the_same_domain(run, target, nearest):
     result = transfer(run, target, parts="head", init_from="nearest", config=config())
-    recorded = _results(run, target)
+    recorded, checkpoint = _results(run, target), io.latest_checkpoint(run)
     assert recorded["init_from"] == "nearest" and recorded["nearest"] == nearest
     assert set(recorded["source_distances"]) == set(SOURCES)
     assert min(recorded["source_distances"].values()) == recorded["source_distances"][nearest]
+    chosen, distances = nearest_source(run, target, config())  # the same choice, read-only
+    assert chosen == nearest and distances == pytest.approx(recorded["source_distances"])
+    assert io.latest_checkpoint(run) == checkpoint
     model = result.model  # route and statistics did not train: they are the nearest task's
     assert torch.equal(model.routes[target].logits, model.routes[nearest].logits)
     for key, value in model.norm_stats[nearest].state_dict().items():

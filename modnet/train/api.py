@@ -394,13 +394,44 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, shape, 
     return result
 
 
+def nearest_source(
+    run_dir: str | Path, task: str, config: TrainConfig | None = None
+) -> tuple[str, dict[str, float]]:
+    """The task of a run that ``transfer(..., init_from="nearest")`` would start ``task`` from.
+
+    Reads the run only. Lets a caller that transfers the same task many times
+    (several methods on copies of one pool) choose once and pass the name.
+
+    Args:
+        run_dir: A trained run (or model directory).
+        task: Dataset spec of the new task.
+        config: Options the transfer will run with (data root, limits, seed).
+
+    Returns:
+        The nearest task's name and every source task's distance (lower: closer).
+
+    Raises:
+        ConfigError: The run records no task's dataset.
+    """
+    config = config or TrainConfig()
+    model, manifest = io.load_model(run_dir)
+    target = next(iter(load_data([task], model, config).values()))
+    distances = _source_distances(model, manifest, target, config, exclude=target.name)
+    return min(distances, key=distances.__getitem__), distances
+
+
 def _source_distances(
-    model: ModularNet, manifest: Mapping[str, Any], target: TaskData, config: TrainConfig
+    model: ModularNet,
+    manifest: Mapping[str, Any],
+    target: TaskData,
+    config: TrainConfig,
+    exclude: str | None = None,
 ) -> dict[str, float]:
     """``source_distances`` of every task of the run that records its dataset."""
     from ..adapt.selection import source_distances
 
-    specs = {n: manifest["tasks"].get(n, {}).get("dataset") for n in model.task_names}
+    names = [n for n in model.task_names if n != exclude]
+    specs = {n: manifest["tasks"].get(n, {}).get("dataset") for n in names}
     specs = {n: spec for n, spec in specs.items() if spec}
     if not specs:
         raise ConfigError(
