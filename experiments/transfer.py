@@ -67,14 +67,14 @@ QUICK_HELD_OUT = ["synth_shape"]
 QUICK_POOL = dict(
     model="modnet_conv_tiny",
     model_kwargs=QUICK_MODEL,
-    epochs=2,
-    train_limit=320,
-    test_limit=96,
+    epochs=1,
+    train_limit=256,
+    test_limit=64,
     batch_size=32,
     lr=1e-2,
     route_lr=5e-2,
 )
-QUICK_TRANSFER = dict(epochs=1, train_limit=192, test_limit=96)
+QUICK_TRANSFER = dict(epochs=1, train_limit=128, test_limit=64)
 SCRATCH = "scratch"
 # slug: (name in the tables, transfer options; None: trained from scratch)
 METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
