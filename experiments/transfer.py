@@ -310,7 +310,13 @@ def run_held_out(args, held_out, pool_dir, pool, values) -> int:
 
 # ------------------------------------------------------------------------------ report
 def load_cells(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*.json"))]
+    """Every cached cell under ``out`` (other files there are left alone)."""
+    cells = []
+    for path in sorted((out / "cells").glob("*/*-seed*.json")):
+        entry = json.loads(path.read_text())
+        if isinstance(entry, dict) and entry.get("method") in METHODS and "held_out" in entry:
+            cells.append(entry)
+    return cells
 
 
 def report(args, argv) -> dict[str, Any]:
