@@ -19,6 +19,7 @@ pass over the target's training images.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from ..data import TaskData
 from ..model import ModularNet
 from ..train.config import TrainConfig
 from ..train.distributed import DistContext
-from ..train.evaluate import default_micro_batch
+from ..train.evaluate import default_micro_batch, evaluate
 from ..train.loop import Trainer
 from ..train.schedule import MultiTaskSchedule
 from .objectives import AdaptationObjective
@@ -61,6 +62,10 @@ class AdaptationTrainer(Trainer):
         resume_state: Trainer state of an interrupted run of the same phase.
         extra_manifest: Further manifest entries.
         extra_state: Further trainer-state entries (the adaptation plan).
+        curve_every: Evaluate the target every this many steps (and before the
+            first step) on its first ``curve_sample`` test images, into ``curve``;
+            0: never.
+        curve_sample: Test images of the target that ``curve_every`` evaluates.
     """
 
     def __init__(
@@ -80,6 +85,8 @@ class AdaptationTrainer(Trainer):
         resume_state: Mapping[str, Any] | None = None,
         extra_manifest: Mapping[str, Any] | None = None,
         extra_state: Mapping[str, Any] | None = None,
+        curve_every: int = 0,
+        curve_sample: int = 500,
     ):
         self.objective = objective.to(ctx.device)
         self.target = target.name
@@ -88,6 +95,15 @@ class AdaptationTrainer(Trainer):
         self.adapt_norm = adapt_norm
         self.source_weight = source_weight
         self.loss_trace: list[float] = []
+        self.curve: list[dict[str, float]] = []
+        self.curve_every = curve_every
+        self._curve_data = (
+            dataclasses.replace(
+                target, test_x=target.test_x[:curve_sample], test_y=target.test_y[:curve_sample]
+            )
+            if curve_every
+            else None
+        )
         shared = [*model.pool.parameters(), *model.trunk.parameters()]
         if model.hypernet is not None:
             shared += list(model.hypernet.parameters())
@@ -139,6 +155,27 @@ class AdaptationTrainer(Trainer):
         super().load_trainer_state(state)
         if "objective" in state:
             self.objective.load_state_dict(state["objective"])
+
+    def fit(self) -> dict[str, float]:
+        if self.curve_every and self.step == 0:
+            self._curve_point()
+        return super().fit()
+
+    def _train_step(self, step: int) -> tuple[float, int]:
+        value = super()._train_step(step)
+        if self.curve_every and (step + 1) % self.curve_every == 0:
+            self._curve_point(step + 1)
+        return value
+
+    def _curve_point(self, step: int = 0) -> None:
+        accuracy = evaluate(
+            self.model,
+            {self.target: self._curve_data},
+            self.config.eval_batch_size,
+            self.ctx.device,
+            micro_batch=self.config.eval_micro_batch,
+        )[self.target]
+        self.curve.append(dict(step=step, accuracy=accuracy))
 
     # ------------------------------------------------------------------ batches
     def domain_indices(self, name: str, step: int, micro: int = 0) -> torch.Tensor:
