@@ -328,8 +328,14 @@ class Runner:
             for r in read_metrics(run_dir / "metrics.jsonl")
             if r.get("phase") == f"transfer-{self.name}" and self.name in (r.get("accuracy") or {})
         ]
+        # Trained on a training subset drawn with this seed; measured, like every other
+        # row, on the test subset drawn with the pool's seed, normalised as it was trained.
+        transform = io.load_model(run_dir)[1]["tasks"][self.name]["transform"]
+        test = {self.name: self.target_data.with_normalization(transform["mean"], transform["std"])}
+        accuracy = evaluate(result.model, test, self.base.eval_batch_size, torch.device("cpu"))
         return dict(
-            accuracy=result.accuracy[self.name],
+            accuracy=accuracy[self.name],
+            own_split_accuracy=result.accuracy[self.name],
             init=baseline["nearest"],
             trained_parameters=result.trained_parameters,
             curve=steps,
