@@ -155,11 +155,35 @@ def methods(setup: Setup) -> list[str]:
 
 
 # ------------------------------------------------------------------------ cells
+RESULT_FIELDS = (  # options that change what a cell computes (not which cells run)
+    "sources", "adapt_epochs", "upper_epochs", "lr", "route_lr", "init", "curve_every",
+    "curve_sample", "batch_size", "train_limit", "test_limit",
+)  # fmt: skip
+
+
 class Cells:
     """The per-cell JSON cache of one output folder."""
 
     def __init__(self, out: Path, target: str):
         self.root = out / "cells" / target
+
+    def check(self, setup: Setup, pool: Path | None) -> None:
+        """Records the options of the cache; refuses other options on a cache that has them."""
+        options = {k: getattr(setup, k) for k in RESULT_FIELDS}
+        options["pool"] = str(pool.resolve()) if pool is not None else None
+        path = self.root / "options.json"
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            changed = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in options.items()
+                       if stored.get(k) != v]  # fmt: skip
+            if changed:
+                raise SystemExit(
+                    f"error: {self.root} holds cells computed with other options "
+                    f"({'; '.join(changed)}): use another --out, or the same options"
+                )
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        io.write_json(path, options)
 
     def path(self, seed: int, name: str) -> Path:
         return self.root / f"seed{seed}" / (name.replace("/", "__").replace(",", "-") + ".json")
@@ -616,6 +640,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--init", help="where adaptation starts: nearest, average or a source")
     parser.add_argument("--epochs", type=int, help="adaptation epochs (passes over the target)")
     parser.add_argument("--upper-epochs", type=int, help="epochs of the labelled upper bounds")
+    parser.add_argument("--route-lr", type=float, help="route learning rate of adaptation")
     parser.add_argument("--curve-every", type=int, help="evaluate the target every N steps")
     parser.add_argument("--curve-sample", type=int, help="test images those evaluations read")
     parser.add_argument("--train-limit", type=int, help="training images per domain (no --pool)")
@@ -638,6 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         init=args.init,
         adapt_epochs=args.epochs,
         upper_epochs=args.upper_epochs,
+        route_lr=args.route_lr,
         curve_every=args.curve_every,
         curve_sample=args.curve_sample,
         train_limit=args.train_limit,
@@ -652,6 +678,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = base_config(setup, pool, args.data_root)
         if pool is None:
             pool = train_pool(setup, base, out)
+        Cells(out, setup.target).check(setup, pool)
         runner = Runner(setup, pool, out, base, args.keep_runs)
         for seed in setup.seeds:
             runner.run(seed, args.progress)

@@ -76,6 +76,9 @@ def test_digits_adaptation_quick_synthetic_caches_cells_and_resumes(tmp_path):
     assert kept == {n: cache.path(0, n).stat().st_mtime_ns for n in kept}
     assert _digest(pool) == before
 
+    with pytest.raises(SystemExit, match="cells computed with other options .*route_lr"):
+        digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--route-lr", "0.5"])
+
     # The tables come back from the cache alone.
     (folder / "results.md").unlink()
     digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--report"])
