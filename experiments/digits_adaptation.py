@@ -105,7 +105,7 @@ DIGITS = Setup(
     batch_size=64,
     seeds=[0, 1, 2],
     curve_every=20,
-    curve_sample=2000,
+    curve_sample=500,
 )
 SYNTHETIC = Setup(
     sources=["synth_size", "synth_size-bg"],
@@ -148,10 +148,17 @@ def quick(setup: Setup) -> Setup:
 
 
 def methods(setup: Setup) -> list[str]:
-    """Cell names of one (target, seed), in table order."""
+    """Cell names of one (target, seed) that this invocation runs, in table order."""
     names = ["norm_stats"]
     names += [f"{o}/{v}" for o in setup.objectives for v in setup.variants]
     return names + [f"labels/{parts}" for parts in setup.upper]
+
+
+def all_methods(setup: Setup) -> list[str]:
+    """Every cell name the tables show when cached: this invocation's and the built-in ones."""
+    full = replace(setup, objectives=GRADIENT_OBJECTIVES, variants=list(VARIANTS))
+    names = methods(full)
+    return names + [n for n in methods(setup) if n not in names]
 
 
 # ------------------------------------------------------------------------ cells
@@ -382,7 +389,7 @@ def load_cells(out: Path, setup: Setup) -> dict[int, dict[str, dict[str, Any]]]:
     cells = Cells(out, setup.target)
     found = {}
     for seed in setup.seeds:
-        records = {n: cells.get(seed, n) for n in ["baseline", *methods(setup)]}
+        records = {n: cells.get(seed, n) for n in ["baseline", *all_methods(setup)]}
         records = {k: v for k, v in records.items() if v is not None}
         if "baseline" in records:
             found[seed] = records
@@ -414,7 +421,7 @@ def tables(setup: Setup, found: dict[int, dict[str, dict[str, Any]]]) -> list[st
                  cell([b["nearest_accuracy"] for b in base]), "", 0, ""])  # fmt: skip
     rows.append(["source-only: the sources' average route, head and statistics",
                  cell([b["average_accuracy"] for b in base]), "", 0, ""])  # fmt: skip
-    for name in methods(setup):
+    for name in all_methods(setup):
         runs = [found[s][name] for s in seeds if name in found[s]]
         if not runs:
             continue
@@ -458,7 +465,7 @@ def _label(name: str, start_key: str) -> str:
 
 def _movement(setup: Setup, found) -> str:
     rows = []
-    for name in methods(setup):
+    for name in all_methods(setup):
         runs = [found[s][name] for s in found if name in found[s] and "relation" in found[s][name]]
         if not runs:
             continue
@@ -482,7 +489,7 @@ def _diagnosis(setup: Setup, found) -> str:
     for start in ("nearest", "average"):
         reports = [found[s]["baseline"]["diagnosis"][start] for s in seeds]
         route = reports[0]["route"]
-        for objective in setup.objectives:
+        for objective in GRADIENT_OBJECTIVES:
             items = [r["objectives"][objective] for r in reports if objective in r["objectives"]]
             if not items:
                 continue
@@ -530,7 +537,7 @@ def figures(setup: Setup, found, out: Path) -> list[Path]:
         return []
     written = []
     panels: dict[str, dict[str, list[dict[str, float]]]] = {}
-    for name in methods(setup):
+    for name in all_methods(setup):
         runs = [found[s][name]["curve"] for s in seeds if name in found[s]]
         runs = [r for r in runs if r]
         if not runs or name.startswith("labels/"):
@@ -565,7 +572,7 @@ def figures(setup: Setup, found, out: Path) -> list[Path]:
     start = next((r["start_route"] for r in first.values() if r.get("start_route")), None)
     if start is not None:
         matrices["target\nat start"] = torch.tensor(start)
-    for name in methods(setup):
+    for name in all_methods(setup):
         wanted = name != "norm_stats" and name != "labels/all"  # their routes do not move
         if name in first and first[name].get("route") and wanted:
             matrices[name.replace("/", "\n")] = torch.tensor(first[name]["route"])

@@ -10,7 +10,7 @@ trains (``templates``, ``trunk``, ``stem``, ``hypernet``): it anchors the
 shared weights so the sources stay solved. When only target-owned parts train
 (route, head, norm), the sources' outputs cannot change, so that loss would have
 no gradient and is skipped, and the sources' features, which are then
-constant, are computed once and cached.
+constant, are computed once and cached, as is their test accuracy.
 
 Source tasks always run on their frozen running statistics; the target's
 statistics update (in train mode) only when ``norm`` trains. An epoch is one
@@ -109,6 +109,7 @@ class AdaptationTrainer(Trainer):
             shared += list(model.hypernet.parameters())
         self.shared_trains = any(p.requires_grad for p in shared)
         self._source_cache: dict[str, torch.Tensor] = {}
+        self._source_accuracy: dict[str, float] | None = None
         super().__init__(
             model,
             {**sources, target.name: target},
@@ -166,6 +167,26 @@ class AdaptationTrainer(Trainer):
         if self.curve_every and (step + 1) % self.curve_every == 0:
             self._curve_point(step + 1)
         return value
+
+    def _evaluate(self) -> dict[str, float]:
+        # Sources cannot change when only target-owned parts train: measured once.
+        if self.shared_trains:
+            return super()._evaluate()
+        names = (
+            [*self.source_names, self.target] if self._source_accuracy is None else [self.target]
+        )
+        measured = evaluate(
+            self.model,
+            {n: self.data[n] for n in names},
+            self.config.eval_batch_size,
+            self.ctx.device,
+            self.config.resolved_precision(self.model),
+            micro_batch=self.config.eval_micro_batch,
+            workers=self.config.data_workers,
+        )
+        if self._source_accuracy is None:
+            self._source_accuracy = {n: measured[n] for n in self.source_names}
+        return {**self._source_accuracy, self.target: measured[self.target]}
 
     def _curve_point(self, step: int = 0) -> None:
         accuracy = evaluate(
