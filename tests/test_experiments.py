@@ -46,3 +46,5 @@ def test_reuse_quick(tmp_path):
     assert macs[1] < macs[2] < macs[3]
     assert (macs[3] - macs[1]) == 3 * (macs[2] - macs[1])
     assert macs[0] == macs[1]  # the plain K-block network costs what L = K costs
+    again = reuse.main(["--quick", "--out", str(tmp_path)])  # finished variants are read back
+    assert again["accuracy"] == data["accuracy"] and again["seconds"] == data["seconds"]
