@@ -287,7 +287,7 @@ class Runner:
                         self.name,
                         self.source_data,
                         target,
-                        setup.objectives,
+                        GRADIENT_OBJECTIVES,  # all: a later run may add objectives
                         setup.route_lr,
                         seed=seed,
                         start=start,
