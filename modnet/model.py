@@ -15,6 +15,7 @@ from torch import nn
 
 from . import drop_path as _drop_path
 from . import features as _features
+from . import mixed as _mixed
 from .binding import TensorBinder, is_batchnorm_buffer
 from .errors import ConfigError
 from .families.base import Family
@@ -39,7 +40,7 @@ def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_sample.view(-1, *([1] * (like.dim() - 1)))
 
 
-MIXED_BATCHES = ("auto", "grouped", "split")
+MIXED_BATCHES = ("auto", "chunked", "grouped", "split")
 
 
 class ModularNet(nn.Module):
@@ -74,9 +75,11 @@ class ModularNet(nn.Module):
             not fit the depth or the block (``ConfigError``).
 
     Attributes:
-        mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default), ``"grouped"``
-            (every layer once for the whole batch, per-sample weights; fixed shapes)
-            or ``"split"`` (task by task). See ``_use_grouped``.
+        mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default), ``"chunked"``
+            (layer by layer, tasks a few at a time, weights mixed just before use; see
+            ``modnet.mixed``), ``"grouped"`` (every layer once for the whole batch,
+            per-sample weights; fixed shapes) or ``"split"`` (task by task). See
+            ``_mixed_mode``.
         default_precision: ``"fp32"`` or ``"bf16"``: the faster on CPU for this family,
             measured by ``bench/test_precision.py``; what ``precision="auto"`` trains in.
     """
@@ -553,6 +556,17 @@ class ModularNet(nn.Module):
     ) -> torch.Tensor:
         stats = self.norm_stats[task]
         x = self._trunk_stage("embed", x, stats)
+        x = self._routed_layers(x, task, plan, keep)
+        return self._trunk_stage("norm", x, stats)
+
+    def _routed_layers(
+        self,
+        x: torch.Tensor,
+        task: str,
+        plan: RoutePlan | None = None,
+        keep: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        stats = self.norm_stats[task]
         if plan is None:
             plan = self.routes[task].plan(self.hypernet)
         if plan.indices is not None:
@@ -572,7 +586,7 @@ class ModularNet(nn.Module):
                 x = self._run_layer(x, layer, layer_weights, stats)
                 if keep is not None:
                     keep.append(x)
-        return self._trunk_stage("norm", x, stats)
+        return x
 
     def _head(self, x: torch.Tensor, task: str, pre_logits: bool) -> torch.Tensor:
         x = self._trunk_stage("pre_logits", x, self.norm_stats[task])
@@ -587,6 +601,9 @@ class ModularNet(nn.Module):
     def _features_grouped(self, x: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
         """``_features`` for a batch mixing tasks: every layer runs once for all samples."""
         x = self._trunk_stage_grouped("embed", x, groups)
+        if self._mixed_mode() == "chunked":
+            x = _mixed.run_layers(self, x, groups.names, groups.ids)
+            return self._trunk_stage_grouped("norm", x, groups)
         weights, active = self._task_weights(groups.names)
         stats = {
             name: torch.stack([self.norm_stats[t].layer_stack(name) for t in groups.names])
@@ -642,20 +659,24 @@ class ModularNet(nn.Module):
             self._store_stats(groups.names, stats, "trunk")
         return out
 
-    def _use_grouped(self) -> bool:
-        """Whether this mixed-task batch runs with fixed shapes or task by task.
+    def _mixed_mode(self) -> str:
+        """How this mixed-task batch runs: ``"split"``, ``"grouped"`` or ``"chunked"``.
 
         ``mixed_batches``: ``"auto"`` (fixed shapes under ``torch.compile``, where
         splitting by task would break the graph and recompile for every new mix;
-        task by task in eager mode, measured faster on CPU by
-        ``bench/test_mixed_batches.py``), ``"grouped"`` or ``"split"``.
+        in eager mode chunks of tasks (``modnet.mixed``), measured fastest on CPU by
+        ``bench/test_mixed_batches.py``), or one of the three. Blocks, trunks or heads
+        without grouped versions run task by task (``"split"``); under
+        ``torch.compile`` ``"chunked"`` runs ``"grouped"``.
         """
         mode = self.mixed_batches
         if mode not in MIXED_BATCHES:
             raise ValueError(f"unknown mixed_batches {mode!r}: choose one of {MIXED_BATCHES}")
-        if mode == "split" or (mode == "auto" and not torch.compiler.is_compiling()):
-            return False
-        return self._runs_grouped()
+        if mode == "split" or not self._runs_grouped():
+            return "split"
+        if torch.compiler.is_compiling() or mode == "grouped":
+            return "grouped"
+        return "chunked"
 
     def _runs_grouped(self) -> bool:
         """Whether mixed-task batches can run with fixed shapes (see ``modnet.grouped``)."""
@@ -665,6 +686,17 @@ class ModularNet(nn.Module):
 
     def _task_weights(self, names: list[str]):
         """Every task's layer weights, ``{tensor: [T, L, *shape]}``, from one mix.
+
+        Also returns ``[T, L]`` with 1 where the task's route runs the layer (``None``
+        when all do); see ``_task_coefficients``.
+        """
+        coefficients, active = self._task_coefficients(names)
+        mixed = self.pool.mix(coefficients.flatten(0, 1))
+        weights = {n: w.unflatten(0, coefficients.shape[:2]) for n, w in mixed.items()}
+        return weights, active
+
+    def _task_coefficients(self, names: list[str]):
+        """Every task's mixing coefficients ``[T, L, K, num_tensors]``.
 
         Hard routes mix with one-hot coefficients (exactly their templates), routes
         made before the pool grew with zeros for the newer templates. Also returns
@@ -686,13 +718,11 @@ class ModularNet(nn.Module):
             active.append(c.shape[0])
             pad = (0, 0, 0, count - c.shape[1], 0, depth - c.shape[0])
             coefficients.append(F.pad(c.to(self._reference_tensor().dtype), pad))
-        stacked = torch.stack(coefficients).flatten(0, 1)
-        mixed = self.pool.mix(stacked)
-        weights = {n: w.unflatten(0, (len(names), depth)) for n, w in mixed.items()}
+        stacked = torch.stack(coefficients)
         if all(a == depth for a in active):
-            return weights, None
+            return stacked, None
         runs = torch.tensor([[layer < a for layer in range(depth)] for a in active])
-        return weights, runs.to(device=stacked.device, dtype=stacked.dtype)
+        return stacked, runs.to(device=stacked.device, dtype=stacked.dtype)
 
     @torch.no_grad()
     def _store_stats(self, names: list[str], stats: dict[str, torch.Tensor], part: str) -> None:
@@ -725,7 +755,7 @@ class ModularNet(nn.Module):
         if single is not None:
             return fn(x, single)
         ids = self._task_ids(task, x.shape[0], x.device)
-        if grouped is not None and self._use_grouped():
+        if grouped is not None and self._mixed_mode() != "split":
             return grouped(x, self._task_groups(ids))
         names = self.task_names
         counts = torch.bincount(ids, minlength=len(names)).tolist()
