@@ -154,7 +154,7 @@ def test_chunks_hold_tasks_with_equal_counts_within_the_budget():
 def test_the_default_eager_path_is_chunked():
     model = build("vit", "softmax")
     x = images(model, batch=7)
-    assert model.mixed_batches == "auto" and model._mixed_mode() == "chunked"
+    assert model.mixed_batches == "auto" and mixed.mode(model) == "chunked"
     model.mixed_batches = "nope"
     with pytest.raises(ValueError, match="unknown mixed_batches 'nope'"):
         model(x, IDS)
