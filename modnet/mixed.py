@@ -139,18 +139,21 @@ def mode(model: ModularNet) -> str:
     """How this mixed-task batch runs: ``"split"``, ``"grouped"`` or ``"chunked"``.
 
     ``mixed_batches``: ``"auto"`` (fixed shapes under ``torch.compile``, where
-    splitting by task would break the graph and recompile for every new mix;
-    in eager mode chunks of tasks (``modnet.mixed``), measured fastest on CPU by
+    splitting by task would break the graph and recompile for every new mix; in
+    eager mode chunks of tasks, the fastest of the three on one CPU core in
     ``bench/test_mixed_batches.py``), or one of the three. Blocks, trunks or heads
     without grouped versions run task by task (``"split"``); under
     ``torch.compile`` ``"chunked"`` runs ``"grouped"``.
+
+    Raises:
+        ValueError: An unknown ``mixed_batches``.
     """
-    mode = model.mixed_batches
-    if mode not in MIXED_BATCHES:
-        raise ValueError(f"unknown mixed_batches {mode!r}: choose one of {MIXED_BATCHES}")
-    if mode == "split" or not runs_grouped(model):
+    chosen = model.mixed_batches
+    if chosen not in MIXED_BATCHES:
+        raise ValueError(f"unknown mixed_batches {chosen!r}: choose one of {MIXED_BATCHES}")
+    if chosen == "split" or not runs_grouped(model):
         return "split"
-    if torch.compiler.is_compiling() or mode == "grouped":
+    if torch.compiler.is_compiling() or chosen == "grouped":
         return "grouped"
     return "chunked"
 
@@ -326,7 +329,7 @@ def _run_grouped(model, rows, layer, chunk, names, coefficients, runs) -> torch.
     if model._grouped_drop_paths:
         rate = model.drop_path_rates[layer]
         run_grouped = _drop_path.at_rate(run_grouped, model._grouped_drop_paths, rate)
-    out = run_grouped(rows, weights, stats, ids, weight, group_size=chunk.size)
+    out = run_grouped(rows, weights, stats, ids, weight, chunk.size)  # drop path: positional
     if stats and any(bn.training for bn in pool.grouped.batch_norms):
         with torch.no_grad():
             for i, t in enumerate(chunk.tasks):

@@ -58,11 +58,11 @@ class ModularNet(nn.Module):
             not fit the depth or the block (``ConfigError``).
 
     Attributes:
-        mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default), ``"chunked"``
-            (layer by layer, tasks a few at a time, weights mixed just before use; see
-            ``modnet.mixed``), ``"grouped"`` (every layer once for the whole batch,
-            per-sample weights; fixed shapes) or ``"split"`` (task by task). See
-            ``modnet.mixed``.
+        mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default: ``"grouped"``
+            under ``torch.compile``, else ``"chunked"``), ``"chunked"`` (layer by layer,
+            tasks a few at a time, weights mixed just before use), ``"grouped"`` (every
+            layer once for the whole batch, per-sample weights; fixed shapes) or
+            ``"split"`` (task by task). See ``modnet.mixed``.
         default_precision: ``"fp32"`` or ``"bf16"``: the faster on CPU for this family,
             measured by ``bench/test_precision.py``; what ``precision="auto"`` trains in.
     """
@@ -348,9 +348,10 @@ class ModularNet(nn.Module):
     def forward(self, x: torch.Tensor, task: TaskSpec = None, route: Any = None) -> torch.Tensor:
         """Logits for ``task``: a name, an index, or one task per sample.
 
-        With one task per sample, every layer runs once for the whole batch with
-        each sample's weights taken from its task's route (shapes never depend on
-        the mix of tasks, so ``torch.compile`` does not recompile when it changes);
+        With one task per sample, the batch runs as set by ``mixed_batches``; under
+        ``torch.compile`` every layer runs once for the whole batch with each
+        sample's weights taken from its task's route (shapes never depend on the
+        mix of tasks, so ``torch.compile`` does not recompile when it changes);
         BatchNorm normalises each task's samples with that task's statistics. The
         result equals running each task's samples alone. Logits are as wide as the
         model's task with the most classes (whichever tasks the batch holds); tasks
@@ -551,6 +552,7 @@ class ModularNet(nn.Module):
         plan: RoutePlan | None = None,
         keep: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The routed layers of one task (between the trunk's embed and norm stages)."""
         stats = self.norm_stats[task]
         if plan is None:
             plan = self.routes[task].plan(self.hypernet)

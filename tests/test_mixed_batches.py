@@ -122,16 +122,17 @@ def test_many_tasks_in_one_batch(path):
         torch.testing.assert_close(mixed[rows, : alone.shape[1]], alone, rtol=0, atol=1e-5)
 
 
-def test_grouped_batch_drops_paths_at_each_position_rate():
+@pytest.mark.parametrize("path", ["grouped", "chunked"])
+def test_grouped_batch_drops_paths_at_each_position_rate(path):
     model = moved_off_init(tiny_vit(tasks={"a": 3, "b": 5}, drop_path_rate=[0.0, 0.0, 0.0, 0.9]))
-    model.mixed_batches = "grouped"
-    x, ids = images(model, batch=8), torch.arange(8) % 2
+    model.mixed_batches = path
+    x, ids = images(model, batch=8), torch.arange(8) % 2  # chunked: a and b in one chunk
     assert model._grouped_drop_paths
     with torch.no_grad():
         evaluated = model.eval()(x, ids)
         model.mixed_batches = "split"
         torch.testing.assert_close(model(x, ids), evaluated, rtol=0, atol=1e-5)
-        model.mixed_batches = "grouped"
+        model.mixed_batches = path
         model.train()
         trained = [model(x, ids) for _ in range(4)]
     assert all(torch.isfinite(t[:, :3]).all() for t in trained)
