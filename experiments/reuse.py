@@ -1,8 +1,12 @@
 """Claim 3: block reuse increases accuracy without more parameters.
 
 The same K templates used at depth L = K, 2K and 4K (routes learned) on the
-CIFAR-10 subset, against a plain network of K blocks (K = L, identity route).
+CIFAR-10 subset with its standard augmentation (pad-and-crop, flips), against a
+plain network of K blocks (K = L, identity route). Every variant has the block
+shape of the converged pool (``experiments/configs/converged_pool.yaml``).
 Parameters barely change with L (only the route grows); compute grows with L.
+A finished variant in ``--out`` is read back, not retrained, so an interrupted
+run continues where it stopped.
 
     python experiments/reuse.py --data-root ../shared/data --out runs/experiments/reuse
     python experiments/reuse.py --quick
@@ -11,7 +15,9 @@ Parameters barely change with L (only the route grows); compute grows with L.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from statistics import mean
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,15 +34,19 @@ from experiments.common import (  # noqa: E402
     seeds,
     write_results,
 )
+from modnet import io  # noqa: E402
 from modnet.train import train  # noqa: E402
 
+# The converged pool's block shape (experiments/configs/converged_pool.yaml).
+BLOCK = dict(width=32, exp_ratio=4.0, img_size=32, stem_stride=4)
 FULL = dict(
     model="modnet_conv_tiny",
     tasks=["cifar10"],
-    epochs=6,
+    epochs=12,
     train_limit=None,
     test_limit=None,
     batch_size=64,
+    augment=True,
 )
 QUICK = dict(
     model="modnet_conv_tiny",
@@ -55,7 +65,7 @@ def variants(quick: bool) -> dict[str, dict]:
     base = (
         {key: v for key, v in QUICK_MODEL.items() if key not in ("depth", "num_templates")}
         if quick
-        else {}
+        else dict(BLOCK)
     )
     return {
         f"plain, {k} blocks (L = K = {k})": dict(base, num_templates=k, depth=k, route="hard"),
@@ -73,23 +83,45 @@ def inference_macs(model, task: str) -> int:
     return counter.get_total_flops() // 2
 
 
+def _train_or_read(config, run_dir: Path):
+    """The variant's model, test accuracy and training seconds: read back when finished."""
+    timing = run_dir / "seconds.txt"
+    if "train" in io.read_results(run_dir) and timing.is_file():
+        model, _ = io.load_model(run_dir)
+        return model, dict(io.read_results(run_dir)["train"]["accuracy"]), float(timing.read_text())
+    started = time.perf_counter()
+    result = train(config, run_dir, overwrite=True)
+    seconds = time.perf_counter() - started
+    timing.write_text(f"{seconds!r}\n")
+    return result.model, result.accuracy, seconds
+
+
 def main(argv=None) -> dict:
     p = parser("Claim 3: block reuse without more parameters", "runs/experiments/reuse")
     args = p.parse_args(argv)
     out = Path(args.out)
     accuracy: dict[str, list[float]] = {}
-    params, macs = {}, {}
+    params, macs, wall = {}, {}, {}
     for seed in seeds(args):
         for index, (name, model_kwargs) in enumerate(variants(args.quick).items()):
             config = base_config(args, FULL, QUICK)
             config.seed, config.model_kwargs = seed, model_kwargs
-            result = train(config, out / f"seed{seed}" / f"variant{index}", overwrite=True)
             task = config.tasks[0]
-            accuracy.setdefault(name, []).append(result.accuracy[task])
-            params[name] = sum(p.numel() for p in result.model.parameters())
-            macs[name] = inference_macs(result.model, task)
-    rows = [[n, cell(accuracy[n]), f"{params[n]:,}", f"{macs[n] / 1e6:.1f}"] for n in accuracy]
-    table = markdown_table(["model", "accuracy (%)", "parameters", "MMACs / image"], rows)
+            model, task_accuracy, seconds = _train_or_read(
+                config, out / f"seed{seed}" / f"v{index}"
+            )
+            accuracy.setdefault(name, []).append(task_accuracy[task])
+            wall.setdefault(name, []).append(seconds)
+            params[name] = sum(p.numel() for p in model.parameters())
+            macs[name] = inference_macs(model, task)
+            print(f"{name}, seed {seed}: {100 * task_accuracy[task]:.1f} % ({seconds:.0f} s)")
+    rows = [
+        [n, cell(accuracy[n]), f"{params[n]:,}", f"{macs[n] / 1e6:.1f}", f"{mean(wall[n]):.0f}"]
+        for n in accuracy
+    ]
+    table = markdown_table(
+        ["model", "accuracy (%)", "parameters", "MMACs / image", "training time (s)"], rows
+    )
     task = (QUICK if args.quick else FULL)["tasks"][0]
     sections = [
         f"## Block reuse on `{task}`, mean ± std over seeds {seeds(args)}",
@@ -98,7 +130,9 @@ def main(argv=None) -> dict:
         "adds one (L x K) @ (K x P) weight mix per forward, shared by the whole batch.",
     ]
     command = command_line(__file__, argv)
-    data = dict(accuracy=accuracy, params=params, macs=macs, seeds=seeds(args), task=task)
+    data = dict(
+        accuracy=accuracy, params=params, macs=macs, seconds=wall, seeds=seeds(args), task=task
+    )
     write_results(out, "Block reuse without more parameters", sections, data, command)
     print(table)
     return data

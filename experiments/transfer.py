@@ -1,107 +1,410 @@
-"""Claim 2: transfer by adjusting the order of computation.
+"""Claim 2, leave one out: learning a held-out task by adjusting the order of computation.
 
-A pool trained on some tasks learns a held-out task with the pool frozen, by
-training (a) the head only (linear probe), (b) the route only (head fixed at its
-random initialisation), (c) route + head, (d) route + head + norm statistics,
-(e) the same plus 2 new templates (``--grow 2``), and (f) full fine-tuning of the
-pool for the new task. Every method starts from the same trained run (a copy),
-with the route and statistics of the first source task.
+For each held-out task, a pool trained on the other datasets (``--datasets``;
+a held-out spec that is not one of them, such as ``mnist-colorize``,
+``npz:PATH`` or ``folder:PATH``, gets a pool trained on all of them) learns the
+held-out task by each method of ``METHODS``, every one in its own copy of the
+pool's run (the pool run itself is only read):
 
-    python experiments/transfer.py --data-root ../shared/data --out runs/experiments/transfer
+- head only (a linear probe), route only from the nearest task's route or from
+  the uniform route, route + head, route + head + norm statistics, an
+  anisotropic route + head, route + head + norm with 1 or 2 new templates, full
+  fine-tuning, and the same network trained from scratch on the held-out task
+  alone (same budget: ``--epochs``, ``--train-limit``).
+
+Every transfer starts from the route, norm statistics (and, for a frozen head
+with as many classes, the head) of the nearest source task, chosen without
+labels from the held-out task's training images
+(``modnet transfer --init-from nearest``). Pools live in ``--pools`` as
+``loo-<held-out>`` or ``pool-all``: a finished one is reused, otherwise it is
+trained there (an interrupted one resumes). Each (held-out, method, seed) result
+is cached as a small JSON file under ``--out``/cells, so a killed run continues
+where it stopped and several processes (say, with different ``--held-out``)
+can share one ``--out``; the tables are rebuilt from every cached result.
+
+    python experiments/transfer.py --data-root ../shared/data --pools runs/converge \\
+        --out runs/experiments/transfer
+    python experiments/transfer.py --held-out mnist-colorize npz:my_task.npz ...
+    python experiments/transfer.py --report-only --out runs/experiments/transfer
     python experiments/transfer.py --quick
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import shutil
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from filelock import FileLock, Timeout  # noqa: E402
+
 from experiments.common import (  # noqa: E402
     QUICK_MODEL,
-    base_config,
     cell,
     command_line,
     markdown_table,
+    mean_std,
     parser,
     seeds,
     write_results,
 )
 from modnet import io  # noqa: E402
-from modnet.train import train, transfer  # noqa: E402
+from modnet.commands._options import read_config  # noqa: E402
+from modnet.errors import ConfigError, RunDirError  # noqa: E402
+from modnet.train import TrainConfig, train, transfer  # noqa: E402
+from modnet.train.api import nearest_source  # noqa: E402
 
-FULL_SOURCES = ["mnist", "usps", "mnist_m", "cifar10"]
-FULL_TARGET = "fashion_mnist"
-QUICK_SOURCES = ["synth_color", "synth_size"]
-QUICK_TARGET = "synth_shape"
-FULL = dict(model="modnet_conv_tiny", epochs=3, train_limit=3000, test_limit=1000, batch_size=64)
-QUICK = dict(
+DATASETS = ["mnist", "fashion_mnist", "usps", "mnist_m", "cifar10"]
+POOL_CONFIG = Path(__file__).resolve().parent / "configs" / "converged_pool.yaml"
+QUICK_DATASETS = ["synth_color-bg", "synth_size", "synth_shape"]
+QUICK_HELD_OUT = ["synth_shape"]
+QUICK_POOL = dict(
     model="modnet_conv_tiny",
-    epochs=2,
-    train_limit=320,
-    test_limit=96,
+    model_kwargs=QUICK_MODEL,
+    epochs=1,
+    train_limit=256,
+    test_limit=64,
     batch_size=32,
     lr=1e-2,
     route_lr=5e-2,
 )
-METHODS = {
-    "head only (linear probe)": dict(parts="head"),
-    "route only": dict(parts="route"),
-    "route + head": dict(parts="route,head"),
-    "route + head + norm": dict(parts="route,head,norm"),
-    "route + head + norm, grow 2": dict(parts="route,head,norm", grow=2),
-    "full fine-tuning": dict(parts="all"),
-}
+QUICK_TRANSFER = dict(epochs=1, train_limit=128, test_limit=64)
+SCRATCH = "scratch"
+# slug: (name in the tables, transfer options; None: trained from scratch)
+METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "head": ("head only (linear probe)", dict(parts="head")),
+    "route": ("route only (from the nearest task's route)", dict(parts="route")),
+    "route-uniform": ("route only (from uniform)", dict(parts="route", route_init="uniform")),
+    "route-head": ("route + head", dict(parts="route,head")),
+    "route-head-norm": ("route + head + norm statistics", dict(parts="route,head,norm")),
+    "aniso-route-head": ("anisotropic route + head", dict(parts="route,head", route="anisotropic")),
+    "grow1": ("route + head + norm, 1 new template", dict(parts="route,head,norm", grow=1)),
+    "grow2": ("route + head + norm, 2 new templates", dict(parts="route,head,norm", grow=2)),
+    "full": ("full fine-tuning", dict(parts="all")),
+    SCRATCH: ("same network from scratch, held-out task alone", None),
+}  # fmt: skip
 
 
-def main(argv=None) -> dict:
-    p = parser("Claim 2: transfer to a held-out task by routes", "runs/experiments/transfer")
-    args = p.parse_args(argv)
-    sources = QUICK_SOURCES if args.quick else FULL_SOURCES
-    target = QUICK_TARGET if args.quick else FULL_TARGET
-    out = Path(args.out)
-    accuracy = {m: [] for m in METHODS}
-    trained = {}
-    source_accuracy = []
-    for seed in seeds(args):
-        config = base_config(args, FULL, QUICK)
-        config.seed, config.tasks = seed, sources
-        config.model_kwargs = dict(QUICK_MODEL) if args.quick else {}
-        source_run = out / f"seed{seed}" / "sources"
-        source_accuracy.append(train(config, source_run, overwrite=True).accuracy)
-        pool_run, _ = io.load_model(source_run)
-        for index, (method, options) in enumerate(METHODS.items()):
-            run_dir = out / f"seed{seed}" / f"method{index}"
-            io.save_checkpoint(run_dir, "sources", pool_run)
-            result = transfer(run_dir, target, config=config, init_from=sources[0], **options)
-            accuracy[method].append(result.accuracy[target])
-            trained[method] = result.trained_parameters
-    rows = [[m, cell(accuracy[m]), f"{trained[m]:,}"] for m in METHODS]
-    table = markdown_table(["method", f"{target} accuracy (%)", "trained parameters"], rows)
-    src = {t: cell([a[t] for a in source_accuracy]) for t in sources}
-    sections = [
-        f"## Transfer to held-out `{target}` from a pool trained on {', '.join(sources)}",
-        f"Mean ± std over seeds {seeds(args)}. Source-task accuracy of the pool: "
-        + ", ".join(f"{t} {v}" for t, v in src.items())
-        + ".",
-        table,
-        "Every method starts from the first source task's route and statistics and a new "
-        "head; 'route only' keeps that head at its random initialisation. Full fine-tuning "
-        "also trains all templates and the trunk (it would change every other task).",
-    ]
-    command = command_line(__file__, argv)
-    data = dict(
-        accuracy=accuracy,
-        trained_parameters=trained,
-        sources=sources,
-        target=target,
-        source_accuracy=source_accuracy,
-        seeds=seeds(args),
+def slug(spec: str) -> str:
+    """A folder name for a dataset spec (``npz:/a/b.npz`` -> ``npz_b``)."""
+    scheme, _, rest = spec.partition(":")
+    if rest and scheme in ("npz", "folder"):
+        spec = f"{scheme}_{Path(rest.rstrip('/')).stem}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
+
+
+def options(argv) -> Any:
+    p = parser("Claim 2, leave one out: transfer to held-out tasks", "runs/experiments/transfer")
+    p.set_defaults(seeds=[0, 1, 2])
+    p.add_argument("--datasets", nargs="+", help=f"pool datasets (default: {' '.join(DATASETS)})")
+    p.add_argument(
+        "--held-out",
+        nargs="+",
+        help="held-out task specs (default: each of --datasets); one not in --datasets "
+        "(e.g. mnist-colorize, npz:PATH, folder:DIR) gets a pool trained on all of them",
     )
-    write_results(out, "Transfer by adjusting the order of computation", sections, data, command)
-    print(table)
+    p.add_argument("--pool-config", help="YAML of training options for the pools")
+    p.add_argument(
+        "--transfer-config", help="YAML of training options overriding the pool's for transfers"
+    )
+    p.add_argument("--pools", help="folder of the pool runs (default: <out>/pools)")
+    p.add_argument(
+        "--missing-pools",
+        choices=["train", "wait"],
+        default="train",
+        help="a pool that is not finished: train it here (default), or wait until another "
+        "process has trained it",
+    )
+    p.add_argument("--test-limit", type=int, default=None, help="test images per task")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the tables")
+    args = p.parse_args(argv)
+    args.datasets = args.datasets or (QUICK_DATASETS if args.quick else DATASETS)
+    args.held_out = args.held_out or (QUICK_HELD_OUT if args.quick else list(args.datasets))
+    args.methods = args.methods or list(METHODS)
+    args.pools = Path(args.pools) if args.pools else Path(args.out) / "pools"
+    quick = args.quick
+    args.epochs = args.epochs or (QUICK_TRANSFER["epochs"] if quick else 3)
+    args.train_limit = args.train_limit or (QUICK_TRANSFER["train_limit"] if quick else 2000)
+    args.test_limit = args.test_limit or (QUICK_TRANSFER["test_limit"] if quick else 2000)
+    return args
+
+
+def pool_values(args) -> dict[str, Any]:
+    """The pools' training options: ``--pool-config`` (or the built-in) file's."""
+    if args.pool_config is None and args.quick:
+        values = dict(QUICK_POOL)
+    else:
+        values = read_config(args.pool_config or POOL_CONFIG)
+    return {**values, "data_root": args.data_root, "progress": False}
+
+
+def make_config(values: dict[str, Any], what: str) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{what} has unknown training options {unknown}: remove them")
+    return TrainConfig(**values)
+
+
+def transfer_values(args, pool: dict[str, Any]) -> dict[str, Any]:
+    extra = read_config(args.transfer_config) if args.transfer_config else {}
+    budget = dict(epochs=args.epochs, train_limit=args.train_limit, test_limit=args.test_limit)
+    return {**pool, **extra, **budget, "tasks": []}
+
+
+# ------------------------------------------------------------------------------ pools
+def pool_plan(args, held_out: str) -> tuple[Path, list[str]]:
+    if held_out in args.datasets:
+        return args.pools / f"loo-{slug(held_out)}", [d for d in args.datasets if d != held_out]
+    return args.pools / "pool-all", list(args.datasets)
+
+
+def finished(run_dir: Path) -> bool:
+    if not io.is_run_dir(run_dir):
+        return False
+    latest = io.latest_checkpoint(run_dir)
+    recorded = io.read_results(run_dir).get("train", {})
+    return latest is not None and recorded.get("checkpoint") == latest.name
+
+
+def ready_pool(args, held_out: str, pool: dict[str, Any]) -> Path | None:
+    """The held-out task's pool, trained if needed; None while another process trains it."""
+    run_dir, tasks = pool_plan(args, held_out)
+    if not finished(run_dir) and args.missing_pools == "wait":
+        return None
+    if not finished(run_dir):
+        print(f"training the pool {run_dir} on {', '.join(tasks)}", flush=True)
+        try:
+            train(make_config({**pool, "tasks": tasks}, "the pool config"), run_dir)
+        except RunDirError as error:
+            if "being written by another process" in str(error):
+                print(f"{run_dir} is being trained by another process: later", flush=True)
+                return None
+            raise
+    _, manifest = io.load_model(run_dir)
+    stored = sorted(manifest["tasks"][n].get("dataset", n) for n in manifest["tasks"])
+    if stored != sorted(tasks):
+        raise RunDirError(
+            f"the pool {run_dir} holds the tasks {stored}, not {sorted(tasks)}: pass the "
+            "--datasets it was trained on, or another --pools"
+        )
+    return run_dir
+
+
+def pool_facts(run_dir: Path) -> dict[str, Any]:
+    _, manifest = io.load_model(run_dir)
+    state = io.load_trainer_state(io.latest_checkpoint(run_dir)) or {}
+    config = json.loads(state.get("config", "{}"))
+    return dict(
+        run=str(run_dir),
+        accuracy=io.read_results(run_dir)["train"]["accuracy"],
+        seed=config.get("seed", 0),
+        epochs=config.get("epochs"),
+    )
+
+
+def copy_pool(pool: Path, run_dir: Path) -> None:
+    """A new run holding the pool's latest checkpoint (the pool run is only read)."""
+    model, manifest = io.load_model(pool)
+    info = {
+        n: {k: t[k] for k in ("dataset", "transform") if k in t}
+        for n, t in manifest["tasks"].items()
+    }
+    extra = {k: v for k, v in manifest.items() if k == "model_name"}
+    io.save_checkpoint(run_dir, "pool", model, task_info=info, extra=extra)
+
+
+# ------------------------------------------------------------------------------ cells
+def cell_path(out: Path, held_out: str, method: str, seed: int) -> Path:
+    return out / "cells" / slug(held_out) / f"{method}-seed{seed}.json"
+
+
+def nearest(args, held_out: str, seed: int, pool_dir: Path, config: TrainConfig) -> dict:
+    """The nearest source, as ``init_from="nearest"`` chooses it: once per held-out task and seed.
+
+    Choosing loads every source dataset; done once, it is cached next to the cells.
+    """
+    path = Path(args.out) / "nearest" / slug(held_out) / f"seed{seed}.json"
+    if not path.is_file():
+        name, distances = nearest_source(pool_dir, held_out, config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.write_json(path, dict(nearest=name, source_distances=distances))
+    return json.loads(path.read_text())
+
+
+def run_cell(args, held_out, method, seed, pool_dir, facts, values) -> dict[str, Any] | None:
+    """Trains one (held-out, method, seed) cell and caches it; None if another process has it."""
+    path = cell_path(Path(args.out), held_out, method, seed)
+    if path.is_file():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    try:
+        if path.is_file():  # finished by another process meanwhile
+            return json.loads(path.read_text())
+        run_dir = Path(args.out) / "runs" / slug(held_out) / f"{method}-seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
+        config = make_config({**values, "seed": seed}, "the transfer config")
+        options = METHODS[method][1]
+        start = time.perf_counter()
+        if options is None:
+            result = train(dataclasses.replace(config, tasks=[held_out]), run_dir)
+            recorded: dict[str, Any] = {}
+        else:
+            recorded = nearest(args, held_out, seed, pool_dir, config)
+            copy_pool(pool_dir, run_dir)
+            init = recorded["nearest"]
+            result = transfer(run_dir, held_out, config=config, init_from=init, **options)
+        wall = time.perf_counter() - start
+        task = next(iter(result.accuracy))
+        entry = dict(
+            held_out=held_out,
+            task=task,
+            method=method,
+            seed=seed,
+            accuracy=result.accuracy[task],
+            trained_parameters=result.trained_parameters,
+            wall_s=round(wall, 2),
+            nearest=recorded.get("nearest"),
+            source_distances=recorded.get("source_distances"),
+            pool=facts,
+            budget=dict(epochs=config.epochs, train_limit=config.train_limit),
+        )
+        io.write_json(path, entry)
+        return entry
+    finally:
+        lock.release()
+
+
+def run_held_out(args, held_out, pool_dir, pool, values) -> int:
+    """Every missing cell of one held-out task; the number left to other processes."""
+    facts = pool_facts(pool_dir)
+    busy = 0
+    for seed in seeds(args):
+        for method in args.methods:
+            cached = cell_path(Path(args.out), held_out, method, seed).is_file()
+            entry = run_cell(args, held_out, method, seed, pool_dir, facts, values)
+            if entry is None:
+                busy += 1
+            elif not cached:
+                near = f", nearest {entry['nearest']}" if entry["nearest"] else ""
+                print(
+                    f"{held_out:>14} | {method:<16} | seed {seed} | "
+                    f"{100 * entry['accuracy']:5.1f} % | {entry['trained_parameters']:>9,} "
+                    f"trained | {entry['wall_s']:7.1f} s{near}",
+                    flush=True,
+                )
+    return busy
+
+
+# ------------------------------------------------------------------------------ report
+def load_cells(out: Path) -> list[dict[str, Any]]:
+    """Every cached cell under ``out`` (other files there are left alone)."""
+    cells = []
+    for path in sorted((out / "cells").glob("*/*-seed*.json")):
+        entry = json.loads(path.read_text())
+        if isinstance(entry, dict) and entry.get("method") in METHODS and "held_out" in entry:
+            cells.append(entry)
+    return cells
+
+
+def report(args, argv) -> dict[str, Any]:
+    out = Path(args.out)
+    cells = load_cells(out)
+    held = list(dict.fromkeys(c["held_out"] for c in cells))
+    data: dict[str, Any] = {"held_out": {}, "methods": {m: METHODS[m][0] for m in METHODS}}
+    sections = []
+    summary = []
+    for spec in held:
+        mine = [c for c in cells if c["held_out"] == spec]
+        pool = mine[0]["pool"]
+        rows, by_method = [], {}
+        for method in METHODS:
+            got = [c for c in mine if c["method"] == method]
+            if not got:
+                continue
+            accuracy = [c["accuracy"] for c in got]
+            by_method[method] = dict(
+                accuracy=accuracy,
+                seeds=[c["seed"] for c in got],
+                trained_parameters=got[0]["trained_parameters"],
+                wall_s=mean_std([c["wall_s"] for c in got])[0],
+            )
+            rows.append(
+                [METHODS[method][0], cell(accuracy), f"{got[0]['trained_parameters']:,}",
+                 f"{by_method[method]['wall_s']:.1f}"]
+            )  # fmt: skip
+        nearest = sorted({c["nearest"] for c in mine if c.get("nearest")})
+        source = ", ".join(f"{t} {100 * a:.1f} %" for t, a in pool["accuracy"].items())
+        task_seeds = sorted({c["seed"] for c in mine})
+        sections += [
+            f"## Held out: `{spec}`",
+            f"Pool `{Path(pool['run']).name}` (trained on {', '.join(pool['accuracy'])}; "
+            f"{pool['epochs']} epochs, pool seed {pool['seed']}, fixed) scores on its own "
+            f"tasks: {source}. "
+            f"Nearest source task chosen without labels: {', '.join(nearest) or '-'}. "
+            f"Accuracy in %, mean ± std over transfer seeds {task_seeds}; wall time per run.",
+            markdown_table(["method", "accuracy (%)", "trained parameters", "wall time (s)"], rows),
+        ]
+        data["held_out"][spec] = dict(
+            task=mine[0]["task"], pool=pool, nearest=nearest, methods=by_method
+        )
+        summary.append(
+            [f"`{spec}`"]
+            + [cell(by_method[m]["accuracy"]) if m in by_method else "-" for m in METHODS]
+        )
+    header = ["held out", *METHODS]
+    legend = "; ".join(f"`{m}`: {name}" for m, (name, _) in METHODS.items())
+    sections = [
+        "## Summary: accuracy (%) per held-out task and method",
+        "The pool seed is fixed; the ± is over transfer seeds (new head, route and data "
+        "order). Every transfer starts from the nearest source task's route and norm "
+        "statistics (chosen without labels) in a copy of the pool. Columns: " + legend + ".",
+        markdown_table(header, summary),
+        *sections,
+    ]
+    write_results(
+        out, "Leave-one-out transfer by adjusting the order of computation", sections, data,
+        command_line(__file__, argv),
+    )  # fmt: skip
+    print(markdown_table(header, summary))
     return data
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = options(argv)
+    if not args.report_only:
+        pool = pool_values(args)
+        make_config({**pool, "tasks": list(args.datasets)}, "the pool config")  # check first
+        values = transfer_values(args, pool)
+        make_config(values, "the transfer config")
+        waiting = list(args.held_out)
+        while waiting:
+            later = []
+            for held_out in waiting:
+                try:
+                    pool_dir = ready_pool(args, held_out, pool)
+                except RunDirError as error:  # the other held-out tasks still run
+                    print(f"skipping {held_out}: {error}", flush=True)
+                    continue
+                if pool_dir is None or run_held_out(args, held_out, pool_dir, pool, values):
+                    later.append(held_out)
+            if later:
+                print(f"waiting for other processes on {', '.join(later)}", flush=True)
+                time.sleep(1 if args.quick else 60)
+            waiting = later
+    return report(args, argv)
 
 
 if __name__ == "__main__":

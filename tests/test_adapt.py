@@ -184,3 +184,29 @@ def test_adaptation_runs_through_the_compiled_model(run):
     result = adapt(run, TARGET, SOURCES, objective="moments", config=config(compile=True, epochs=1))
     assert counters["stats"]["unique_graphs"] >= 1
     assert 0.0 <= result.accuracy <= 1.0
+
+
+def test_the_accuracy_curve_ends_at_the_reported_accuracy(run):
+    # 192 target images in batches of 32: 6 steps, a point every 2 (and before the first).
+    cfg = config(epochs=1, train_limit=192, batch_size=32)
+    result = adapt(run, TARGET, SOURCES, objective="pseudo_label", config=cfg, curve_every=2,
+                   curve_sample=1000)  # fmt: skip
+    assert [p["step"] for p in result.curve] == [0, 2, 4, 6]
+    assert result.curve[0]["accuracy"] == result.start_accuracy
+    assert result.curve[-1]["accuracy"] == result.accuracy
+    results = json.loads((run / "results.json").read_text())[f"adapt-{TARGET}"]
+    assert results["curve"] == result.curve
+
+
+def test_the_adapt_command_trains_an_anisotropic_route_with_sliced_wasserstein(run):
+    args = ["adapt", str(run), "--target", TARGET, "--sources", ",".join(SOURCES)]
+    args += ["--objective", "sliced_wasserstein", "--objective-arg", "projections=32"]
+    args += ["--anisotropic", "--epochs", "1", "--train-limit", "200", "--no-progress"]
+    assert main(args) == 0
+    model, _ = io.load_model(run)
+    tensors = model.pool.num_tensors
+    assert model.routes[TARGET].logits.shape == (6, 4, tensors)
+    results = json.loads((run / "results.json").read_text())[f"adapt-{TARGET}"]
+    assert results["anisotropic"] is True
+    assert results["trained_parameters"] == 6 * 4 * tensors
+    assert results["first_loss"] > 0

@@ -1,27 +1,91 @@
 """The digits adaptation experiment's quick mode runs end to end on the synthetic suite."""
 
+import hashlib
 import json
 
 import pytest
 
 from experiments import digits_adaptation
+from modnet import io
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
 
+ARGS = ["--quick", "--synthetic", "--objectives", "moments,pseudo_label"]
+ARGS += ["--variants", "route,aniso+norm"]
+CELLS = {
+    "baseline", "norm_stats", "moments/route", "moments/aniso+norm", "pseudo_label/route",
+    "pseudo_label/aniso+norm", "labels/route,head,norm", "labels/all",
+}  # fmt: skip
 
-def test_digits_adaptation_quick_synthetic(tmp_path):
-    data = digits_adaptation.main(["--quick", "--synthetic", "--out", str(tmp_path)])
+
+def _digest(folder):
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_digits_adaptation_quick_synthetic_caches_cells_and_resumes(tmp_path):
+    data = digits_adaptation.main([*ARGS, "--out", str(tmp_path)])
     setup = digits_adaptation.quick(digits_adaptation.SYNTHETIC)
-    (record,) = data["seeds"]
-    assert set(record["objectives"]) == set(setup.objectives)
-    assert set(record["source_only"]) == set(setup.sources)
-    for objective, run in record["objectives"].items():
-        assert 0.0 <= run["accuracy"] <= 1.0
-        expected = 0 if objective == "norm_stats" else 6 * 4  # layers x templates
-        assert run["trained_parameters"] == expected
-        assert set(run["relation"]) == {*setup.sources, "average", "start"}
-    text = (tmp_path / "results.md").read_text()
-    for line in ("source-only: the sources' average", "adapted: moments", "Wall time"):
+    cells = data["cells"][0]
+    assert set(cells) == CELLS
+    model, _ = io.load_model(tmp_path / "pool")
+    layers_templates = 6 * 4
+    assert cells["norm_stats"]["trained_parameters"] == 0
+    assert cells["moments/route"]["trained_parameters"] == layers_templates
+    tensors = model.pool.num_tensors
+    assert cells["moments/aniso+norm"]["trained_parameters"] == layers_templates * tensors
+    assert (
+        cells["labels/all"]["trained_parameters"]
+        > cells["labels/route,head,norm"]["trained_parameters"]
+    )
+    baseline = cells["baseline"]
+    assert baseline["nearest"] in setup.sources
+    assert baseline["nearest_accuracy"] == baseline["source_only"][baseline["nearest"]]
+    for start in ("nearest", "average"):
+        diagnosed = baseline["diagnosis"][start]["objectives"]
+        assert set(diagnosed) == set(digits_adaptation.GRADIENT_OBJECTIVES)
+    curve = cells["moments/route"]["curve"]
+    assert curve[0]["step"] == 0 and len(curve) >= 3
+    assert [p["step"] for p in curve] == sorted({p["step"] for p in curve})
+    assert cells["moments/route"]["start_route"] != cells["moments/route"]["route"]
+    folder = tmp_path / setup.target
+    text = (folder / "results.md").read_text()
+    for line in (
+        "source-only: nearest source, picked without labels",
+        "source-only: the sources' average route",
+        "moments: anisotropic route + norm statistics",
+        "WITH target labels: full fine-tuning",
+        "Why routes do not move",
+    ):
         assert line in text
-    assert json.loads((tmp_path / "results.json").read_text())["seeds"][0]["start"] > 0
-    assert (tmp_path / "routes.png").is_file()
+    assert json.loads((folder / "results.json").read_text())["cells"]["0"]["baseline"]
+    assert (folder / "curves.png").is_file() and (folder / "routes.png").is_file()
+
+    # A killed run resumes: only the missing cell runs again, on the given pool,
+    # which is never written to.
+    cache = digits_adaptation.Cells(tmp_path, setup.target)
+    missing = cache.path(0, "moments/route")
+    missing.unlink()
+    kept = {n: cache.path(0, n).stat().st_mtime_ns for n in CELLS - {"moments/route"}}
+    pool = tmp_path / "pool"
+    before = _digest(pool)
+    digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--pool", str(pool)])
+    assert missing.is_file()
+    assert kept == {n: cache.path(0, n).stat().st_mtime_ns for n in kept}
+    assert _digest(pool) == before
+
+    with pytest.raises(SystemExit, match="cells computed with other options .*route_lr"):
+        digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--route-lr", "0.5"])
+
+    # The tables come back from the cache alone.
+    (folder / "results.md").unlink()
+    digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--report"])
+    assert "moments: route only" in (folder / "results.md").read_text()
+
+
+def test_a_pool_without_the_sources_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="holds no trained run"):
+        digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--pool", str(tmp_path / "no")])

@@ -1,6 +1,7 @@
 """The experiments' quick modes run end to end and their tables say what they should."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,14 +27,44 @@ def test_multitask_quick(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["tasks"] == multitask.QUICK_TASKS
 
 
-def test_transfer_quick(tmp_path):
-    data = transfer.main(["--quick", "--out", str(tmp_path)])
-    trained = data["trained_parameters"]
-    assert trained["route only"] < trained["head only (linear probe)"] < trained["route + head"]
-    assert trained["route + head"] == trained["route + head + norm"]
-    assert trained["route + head"] < trained["route + head + norm, grow 2"]
-    assert trained["route + head + norm, grow 2"] < trained["full fine-tuning"]
-    assert all(0.0 <= a[0] <= 1.0 for a in data["accuracy"].values())
+def test_transfer_quick(tmp_path, capsys):
+    out = tmp_path / "out"
+    data = transfer.main(["--quick", "--out", str(out)])
+    held = data["held_out"]["synth_shape"]
+    trained = {m: v["trained_parameters"] for m, v in held["methods"].items()}
+    assert list(trained) == list(transfer.METHODS)
+    assert trained["route"] == trained["route-uniform"] < trained["head"] < trained["route-head"]
+    assert trained["route-head"] == trained["route-head-norm"] < trained["aniso-route-head"]
+    assert trained["route-head-norm"] < trained["grow1"] < trained["grow2"] < trained["full"]
+    assert trained["full"] == trained["scratch"]
+    assert held["nearest"] == ["synth_size"]  # the plain-background source, not the textured one
+    assert all(0.0 <= v["accuracy"][0] <= 1.0 for v in held["methods"].values())
+    assert len(capsys.readouterr().out.splitlines()) >= len(transfer.METHODS)
+    # A killed run continues: only the missing cells train; the pool run is only read.
+    pool = out / "pools" / "loo-synth_shape"
+    before = {p: p.stat().st_mtime_ns for p in pool.rglob("*")}
+    for method in ("full", "scratch"):
+        (out / "cells" / "synth_shape" / f"{method}-seed0.json").unlink()
+    again = transfer.main(["--quick", "--out", str(out)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| seed 0 |" in line]
+    assert [line.split("|")[1].strip() for line in lines] == ["full", "scratch"]
+    assert {p: p.stat().st_mtime_ns for p in pool.rglob("*")} == before
+    kept = {m: v for m, v in again["held_out"]["synth_shape"]["methods"].items()}
+    assert kept["head"] == held["methods"]["head"]
+    assert transfer.main(["--quick", "--out", str(out), "--report-only"]) == again
+    text = (out / "results.md").read_text()
+    assert "## Held out: `synth_shape`" in text and "pool seed 0, fixed" in text
+
+
+def test_transfer_pools_are_named_by_what_they_leave_out():
+    args = transfer.options(["--pools", "P", "--datasets", "mnist", "usps", "cifar10"])
+    assert args.held_out == ["mnist", "usps", "cifar10"] and args.seeds == [0, 1, 2]
+    assert transfer.pool_plan(args, "usps") == (Path("P/loo-usps"), ["mnist", "cifar10"])
+    everything = (Path("P/pool-all"), ["mnist", "usps", "cifar10"])
+    assert transfer.pool_plan(args, "mnist-colorize") == everything
+    assert transfer.pool_plan(args, "npz:/data/my task.npz") == everything
+    assert transfer.slug("npz:/data/my task.npz") == "npz_my_task"
+    assert transfer.slug("folder:/data/pets/") == "folder_pets"
 
 
 def test_reuse_quick(tmp_path):
@@ -46,3 +77,5 @@ def test_reuse_quick(tmp_path):
     assert macs[1] < macs[2] < macs[3]
     assert (macs[3] - macs[1]) == 3 * (macs[2] - macs[1])
     assert macs[0] == macs[1]  # the plain K-block network costs what L = K costs
+    again = reuse.main(["--quick", "--out", str(tmp_path)])  # finished variants are read back
+    assert again["accuracy"] == data["accuracy"] and again["seconds"] == data["seconds"]

@@ -8,6 +8,7 @@ objectives.
 """
 
 from .api import AdaptResult, adapt
+from .diagnose import diagnose_objectives
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
 from .objectives import (
@@ -20,7 +21,7 @@ from .objectives import (
 from .relation import route_relation, save_relation_heatmap
 from .report import summary_lines
 from .selection import source_distances
-from .target import add_target_task, average_route, mixture_stats
+from .target import add_target_task, anisotropic_route, average_route, mixture_stats
 from .trainer import AdaptationTrainer
 
 __all__ = [
@@ -31,7 +32,9 @@ __all__ = [
     "AdaptationTrainer",
     "adapt",
     "add_target_task",
+    "anisotropic_route",
     "average_route",
+    "diagnose_objectives",
     "make_objective",
     "mixture_stats",
     "objective_class",

@@ -56,6 +56,9 @@ class AdaptResult:
         loss_trace: The objective's value per step (``norm_stats``: the statistics
             gap per batch, see ``reestimate_norm_stats``).
         relation: How the target's route relates to the sources' (``route_relation``).
+        curve: ``{"step", "accuracy"}`` points of the target's accuracy on a fixed
+            test sample as adaptation proceeds (``curve_every``; empty if not asked,
+            and after a resumed run only the points measured since it resumed).
     """
 
     model: ModularNet
@@ -78,6 +81,7 @@ class AdaptResult:
     figure: Path | None = None
     is_main: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def best_source_only(self) -> float:
@@ -99,6 +103,9 @@ def adapt(
     train_sources: bool | TrainConfig = False,
     overwrite: bool = False,
     preloaded: Mapping[str, TaskData] | None = None,
+    anisotropic: bool = False,
+    curve_every: int = 0,
+    curve_sample: int = 500,
 ) -> AdaptResult:
     """Adapts a trained pool to an unlabelled target domain; saves it as one more task.
 
@@ -131,6 +138,12 @@ def adapt(
         preloaded: Datasets already loaded with the same options, by spec, used
             instead of loading them again (several objectives on one set of
             domains: some datasets take seconds to parse).
+        anisotropic: The target's route gets one coefficient per block tensor
+            (``[L, K, G]``, see ``add_target_task``).
+        curve_every: Also measure the target's accuracy every this many steps
+            (and before the first) on the first ``curve_sample`` test images;
+            kept in ``AdaptResult.curve`` and the results entry. 0: never.
+        curve_sample: Test images of the target that ``curve_every`` evaluates.
     """
     config = config or TrainConfig()
     if (
@@ -147,13 +160,14 @@ def adapt(
     with io.open_run(run_dir, "modnet adapt", enabled=ctx.is_main):
         return _adapt(
             run_dir, target, sources, objective, wanted, init, head_init, config,
-            objective_options, source_weight, overwrite, preloaded, ctx,
+            objective_options, source_weight, overwrite, preloaded, ctx, anisotropic,
+            (curve_every, curve_sample),
         )  # fmt: skip
 
 
 def _adapt(
     run_dir, target, sources, objective, wanted, init, head_init, config, objective_options,
-    source_weight, overwrite, preloaded, ctx,
+    source_weight, overwrite, preloaded, ctx, anisotropic=False, curve=(0, 0),
 ) -> AdaptResult:  # fmt: skip
     objective_cls = objective_class(objective)
     latest, state = io.run_state(run_dir, repair=ctx.is_main)
@@ -169,6 +183,7 @@ def _adapt(
             parts=sorted(wanted),
             init_rule=init,
             source_weight=source_weight,
+            anisotropic=anisotropic,
         )
         if sources is not None:
             asked["sources"] = _as_list(sources)
@@ -201,7 +216,7 @@ def _adapt(
     if plan is None:
         plan = _start(
             model, name, target, source_data, unlabelled, objective, objective_options,
-            wanted, init, head_init, source_weight, config, ctx,
+            wanted, init, head_init, source_weight, config, ctx, anisotropic,
         )  # fmt: skip
     parts_set = frozenset(plan["parts"])
     info = _task_info(manifest, model, source_names, target, target_data, objective, parts_set)
@@ -229,11 +244,14 @@ def _adapt(
             resume_state=state if resuming else None,
             extra_manifest={k: v for k, v in manifest.items() if k == "model_name"},
             extra_state={"adapt": plan},
+            curve_every=curve[0],
+            curve_sample=curve[1],
         )
         accuracy = trainer.fit()
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         auxiliary = sum(p.numel() for p in module.parameters())
         trace = trainer.loss_trace
+        curve_points = trainer.curve
     else:
         accuracy = evaluate(
             model,
@@ -251,15 +269,16 @@ def _adapt(
                 extra={k: v for k, v in manifest.items() if k == "model_name"},
             )
         trained, auxiliary, trace = 0, 0, list(plan["norm_gaps"])
+        curve_points = []
     return _finish(
         run_dir, phase, model, name, source_names, plan, accuracy, trained, auxiliary,
-        adapted_statistics, trace, ctx,
+        adapted_statistics, trace, ctx, curve_points,
     )  # fmt: skip
 
 
 def _finish(
     run_dir, phase, model, name, source_names, plan, accuracy, trained, auxiliary,
-    adapted_statistics, trace, ctx,
+    adapted_statistics, trace, ctx, curve=(),
 ) -> AdaptResult:  # fmt: skip
     """The result of a finished adaptation, with its figures and results entry written."""
     start = torch.tensor(plan["start"])
@@ -286,7 +305,8 @@ def _finish(
         checkpoint=io.latest_checkpoint(run_dir),
         init=plan["init"],
         is_main=ctx.is_main,
-        extra={k: plan.get(k) for k in ("init_rule", "source_distances")},
+        extra={k: plan.get(k) for k in ("init_rule", "source_distances", "start")},
+        curve=list(curve),
     )
     if ctx.is_main:
         result.figure = save_relation_heatmap(
@@ -498,6 +518,7 @@ def _start(
     source_weight: float,
     config: TrainConfig,
     ctx,
+    anisotropic: bool = False,
 ) -> dict[str, Any]:
     """Adds the target task, measures the source-only baseline, re-estimates norms if asked."""
     sources = list(source_data)
@@ -514,7 +535,7 @@ def _start(
         head_init = nearest if head_init == NEAREST else head_init
     else:
         rule = init
-    add_target_task(model, name, target.num_classes, sources, init, head_init)
+    add_target_task(model, name, target.num_classes, sources, init, head_init, anisotropic)
     micro = config.eval_micro_batch
     source_only = evaluate(model, {s: target for s in sources}, batch, device, micro_batch=micro)
     start_accuracy = evaluate(model, {name: target}, batch, device, micro_batch=micro)[name]
@@ -534,6 +555,7 @@ def _start(
         head_init=head_init,
         source_distances=distances,
         source_weight=source_weight,
+        anisotropic=anisotropic,
         source_only=source_only,
         start_accuracy=start_accuracy,
         start=route_matrix(model, name).tolist(),
@@ -576,5 +598,7 @@ def _record(run_dir: Path, phase: str, result: AdaptResult, plan: Mapping[str, A
             route_relation=result.relation,
             checkpoint=result.checkpoint.name if result.checkpoint else None,
             figure=result.figure.name if result.figure else None,
+            anisotropic=plan.get("anisotropic", False),
+            curve=result.curve,
         ),
     )

@@ -229,3 +229,98 @@ class NormStatistics(AdaptationObjective):
             "norm_stats takes no gradient steps: it re-estimates statistics instead "
             "(modnet.adapt.reestimate_norm_stats)"
         )
+
+
+@register_objective
+class PseudoLabelling(AdaptationObjective):
+    """Cross-entropy on the target's own confident predictions (self-training).
+
+    Each target image whose top class has probability at least ``threshold`` is
+    labelled with that class (the label is held fixed for the step: no gradient
+    flows through it); the loss is the mean cross-entropy over all images of the
+    batch, with unconfident images counting zero, so a batch without any
+    confident image gives 0 with a zero gradient. This is the strongest
+    unsupervised objective of aTLAS's test-time adaptation (Zhang et al. 2024,
+    after Lee 2013 and FixMatch's threshold, Sohn et al. 2020).
+
+    Args:
+        threshold: Smallest top-class probability that becomes a label (0 to 1;
+            0 labels every image with its prediction).
+    """
+
+    name = "pseudo_label"
+    needs_source_features = False
+
+    def __init__(self, features: int, num_sources: int, threshold: float = 0.9):
+        super().__init__(features, num_sources)
+        if not 0.0 <= threshold < 1.0:
+            raise AdaptationError(f"pseudo_label: threshold must be in [0, 1), got {threshold}")
+        self.threshold = threshold
+
+    def loss(self, source_features, target_features, target_logits):
+        log_p = target_logits.log_softmax(-1)
+        confidence, labels = log_p.detach().exp().max(-1)
+        keep = (confidence >= self.threshold).to(log_p.dtype)
+        picked = -log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return (picked * keep).sum() / max(1, len(keep))
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Squared sliced 2-Wasserstein distance of two samples along given directions.
+
+    Both samples are projected on each direction and sorted; the larger sample
+    is read at evenly spaced ranks so samples of different sizes compare.
+
+    Args:
+        a: ``[N, D]`` float samples.
+        b: ``[M, D]`` float samples.
+        directions: ``[D, P]`` unit directions.
+
+    Returns:
+        A scalar: the squared distance between sorted projections, averaged over
+        ranks and directions.
+    """
+    pa = (a @ directions).sort(0).values
+    pb = (b @ directions).sort(0).values
+    n = min(len(pa), len(pb))
+    if len(pa) != n:
+        pa = pa[torch.linspace(0, len(pa) - 1, n, device=pa.device).round().long()]
+    if len(pb) != n:
+        pb = pb[torch.linspace(0, len(pb) - 1, n, device=pb.device).round().long()]
+    return (pa - pb).pow(2).mean()
+
+
+@register_objective
+class SlicedWasserstein(AdaptationObjective):
+    """Sliced Wasserstein distance between the target's and each source's features.
+
+    The features are projected on ``projections`` random unit directions, drawn
+    anew every step, and the sorted projections compared (squared sliced
+    2-Wasserstein distance, Bonneel et al. 2015; as in SWD for adaptation, Lee
+    et al. 2019): the whole one-dimensional distributions match, not only their
+    first moments. Averaged over the sources.
+
+    Args:
+        projections: Random directions per step.
+    """
+
+    name = "sliced_wasserstein"
+
+    def __init__(self, features: int, num_sources: int, projections: int = 128):
+        super().__init__(features, num_sources)
+        if projections < 1:
+            raise AdaptationError(
+                f"sliced_wasserstein: projections must be at least 1, got {projections}"
+            )
+        self.projections = projections
+
+    def loss(self, source_features, target_features, target_logits):
+        directions = torch.randn(
+            target_features.shape[-1], self.projections, device=target_features.device
+        )
+        directions = directions / directions.norm(dim=0, keepdim=True)
+        terms = [
+            sliced_wasserstein(source, target_features, directions)
+            for source in source_features.values()
+        ]
+        return torch.stack(terms).mean()

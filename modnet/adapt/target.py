@@ -39,6 +39,7 @@ def add_target_task(
     sources: Sequence[str],
     init: str = AVERAGE,
     head_init: str | None = None,
+    anisotropic: bool = False,
 ) -> None:
     """Adds the target task, initialised from a source or from the sources' average.
 
@@ -50,6 +51,13 @@ def add_target_task(
         init: ``"average"`` or a source name: where the route and the norm
             statistics start.
         head_init: Where the head starts; default: the same as ``init``.
+        anisotropic: Give the target one coefficient per block parameter tensor
+            (``[L, K, G]``), each starting at its template's share, so every
+            tensor of a layer can mix the templates differently.
+
+    Raises:
+        AdaptationError: An unknown ``init``, or ``anisotropic`` with sources
+            whose routes are hypernetwork routes.
     """
     head_init = head_init or init
     check_init(init, sources)
@@ -58,6 +66,8 @@ def add_target_task(
         route = average_route(model, sources)
     else:
         route = learnable_route(model, model.routes[init], init)
+    if anisotropic:
+        route = anisotropic_route(route, model.pool.num_tensors)
     model.add_task(name, num_classes, route=route)
     picked = sources if init == AVERAGE else [init]
     with torch.no_grad():
@@ -72,6 +82,27 @@ def learnable_route(model: ModularNet, route: Route, source: str) -> Route:
     if isinstance(route, HardRoute):
         return _soft_from_shares(_hard_shares(model, route, source))
     return copy.deepcopy(route)
+
+
+def anisotropic_route(route: Route, tensors: int) -> SoftRoute:
+    """``route`` with one coefficient per block tensor, each equal to its template's.
+
+    The new route computes the same mixture as ``route`` until it trains.
+    Already anisotropic routes are returned as a copy.
+    """
+    if not isinstance(route, SoftRoute):
+        raise AdaptationError(
+            f"anisotropic adaptation needs soft source routes, got a {type(route).__name__}: "
+            "drop --anisotropic"
+        )
+    if route.anisotropic:
+        return copy.deepcopy(route)
+    logits = route.logits.detach()
+    expanded = logits.unsqueeze(-1).expand(*logits.shape, tensors)
+    new = SoftRoute(route.depth, route.num_templates, tensors, route.normalize, init="uniform")
+    with torch.no_grad():
+        new.logits.copy_(expanded)
+    return new.to(logits.device)
 
 
 def average_route(model: ModularNet, sources: Sequence[str]) -> Route:

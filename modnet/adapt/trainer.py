@@ -10,7 +10,7 @@ trains (``templates``, ``trunk``, ``stem``, ``hypernet``): it anchors the
 shared weights so the sources stay solved. When only target-owned parts train
 (route, head, norm), the sources' outputs cannot change, so that loss would have
 no gradient and is skipped, and the sources' features, which are then
-constant, are computed once and cached.
+constant, are computed once and cached, as is their test accuracy.
 
 Source tasks always run on their frozen running statistics; the target's
 statistics update (in train mode) only when ``norm`` trains. An epoch is one
@@ -19,6 +19,7 @@ pass over the target's training images.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from ..data import TaskData
 from ..model import ModularNet
 from ..train.config import TrainConfig
 from ..train.distributed import DistContext
-from ..train.evaluate import default_micro_batch
+from ..train.evaluate import default_micro_batch, evaluate
 from ..train.loop import Trainer
 from ..train.schedule import MultiTaskSchedule
 from .objectives import AdaptationObjective
@@ -61,6 +62,10 @@ class AdaptationTrainer(Trainer):
         resume_state: Trainer state of an interrupted run of the same phase.
         extra_manifest: Further manifest entries.
         extra_state: Further trainer-state entries (the adaptation plan).
+        curve_every: Evaluate the target every this many steps (and before the
+            first step) on its first ``curve_sample`` test images, into ``curve``;
+            0: never.
+        curve_sample: Test images of the target that ``curve_every`` evaluates.
     """
 
     def __init__(
@@ -80,6 +85,8 @@ class AdaptationTrainer(Trainer):
         resume_state: Mapping[str, Any] | None = None,
         extra_manifest: Mapping[str, Any] | None = None,
         extra_state: Mapping[str, Any] | None = None,
+        curve_every: int = 0,
+        curve_sample: int = 500,
     ):
         self.objective = objective.to(ctx.device)
         self.target = target.name
@@ -88,11 +95,21 @@ class AdaptationTrainer(Trainer):
         self.adapt_norm = adapt_norm
         self.source_weight = source_weight
         self.loss_trace: list[float] = []
+        self.curve: list[dict[str, float]] = []
+        self.curve_every = curve_every
+        self._curve_data = (
+            dataclasses.replace(
+                target, test_x=target.test_x[:curve_sample], test_y=target.test_y[:curve_sample]
+            )
+            if curve_every
+            else None
+        )
         shared = [*model.pool.parameters(), *model.trunk.parameters()]
         if model.hypernet is not None:
             shared += list(model.hypernet.parameters())
         self.shared_trains = any(p.requires_grad for p in shared)
         self._source_cache: dict[str, torch.Tensor] = {}
+        self._source_accuracy: dict[str, float] | None = None
         super().__init__(
             model,
             {**sources, target.name: target},
@@ -139,6 +156,47 @@ class AdaptationTrainer(Trainer):
         super().load_trainer_state(state)
         if "objective" in state:
             self.objective.load_state_dict(state["objective"])
+
+    def fit(self) -> dict[str, float]:
+        if self.curve_every and self.step == 0:
+            self._curve_point()
+        return super().fit()
+
+    def _train_step(self, step: int) -> tuple[float, int]:
+        value = super()._train_step(step)
+        if self.curve_every and (step + 1) % self.curve_every == 0:
+            self._curve_point(step + 1)
+        return value
+
+    def _evaluate(self) -> dict[str, float]:
+        # Sources cannot change when only target-owned parts train: measured once.
+        if self.shared_trains:
+            return super()._evaluate()
+        names = (
+            [*self.source_names, self.target] if self._source_accuracy is None else [self.target]
+        )
+        measured = evaluate(
+            self.model,
+            {n: self.data[n] for n in names},
+            self.config.eval_batch_size,
+            self.ctx.device,
+            self.config.resolved_precision(self.model),
+            micro_batch=self.config.eval_micro_batch,
+            workers=self.config.data_workers,
+        )
+        if self._source_accuracy is None:
+            self._source_accuracy = {n: measured[n] for n in self.source_names}
+        return {**self._source_accuracy, self.target: measured[self.target]}
+
+    def _curve_point(self, step: int = 0) -> None:
+        accuracy = evaluate(
+            self.model,
+            {self.target: self._curve_data},
+            self.config.eval_batch_size,
+            self.ctx.device,
+            micro_batch=self.config.eval_micro_batch,
+        )[self.target]
+        self.curve.append(dict(step=step, accuracy=accuracy))
 
     # ------------------------------------------------------------------ batches
     def domain_indices(self, name: str, step: int, micro: int = 0) -> torch.Tensor:

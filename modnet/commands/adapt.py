@@ -15,7 +15,10 @@ from ._options import (
     training_options,
 )
 
-BUILT_IN_OBJECTIVES = "moments, entropy, adversarial, norm_stats"
+BUILT_IN_OBJECTIVES = (
+    "moments, entropy, adversarial, norm_stats, pseudo_label (threshold=0.9), "
+    "sliced_wasserstein (projections=128)"
+)
 DEFAULTS = dict(
     target=None,
     sources=None,
@@ -25,6 +28,7 @@ DEFAULTS = dict(
     init="average",
     head_init=None,
     source_weight=1.0,
+    anisotropic=False,
 )
 
 
@@ -77,6 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="weight of the sources' supervised loss when a shared part trains (default: 1.0)",
     )
+    parser.add_argument(
+        "--anisotropic",
+        action="store_true",
+        default=None,
+        help="the target's route gets one coefficient per block parameter tensor, each "
+        "starting at its template's share",
+    )
     parser.add_argument("--overwrite", action="store_true", help="adapt again if the task exists")
     add_training_options(parser)
     keys = [*DEFAULTS, *(f for f in TRAIN_FIELDS if f not in MODEL_FIELDS)]
@@ -115,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         objective_options=own["objective_options"],
         source_weight=own["source_weight"],
         overwrite=args.overwrite,
+        anisotropic=own["anisotropic"],
     )
     if result.is_main:
         save_config(result.run_dir, "adapt", {**own, **resolved}, f"adapt-{result.target}")

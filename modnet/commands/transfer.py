@@ -15,7 +15,7 @@ from ._options import (
 )
 from .train import print_summary
 
-DEFAULTS = dict(task=None, train="route,head", grow=0, init_from=None)
+DEFAULTS = dict(task=None, train="route,head", grow=0, init_from=None, route=None, route_init=None)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "hypernet, all (default: route,head)",
     )
     parser.add_argument("--grow", type=int, help="add N templates that only the new task uses")
-    parser.add_argument("--init-from", help="start route and norm statistics from this task")
+    parser.add_argument(
+        "--init-from",
+        help="start route and norm statistics from this task, or from 'nearest': the task "
+        "whose network the new task's images look most like (chosen without labels)",
+    )
+    parser.add_argument(
+        "--route",
+        choices=["anisotropic"],
+        help="anisotropic: one coefficient per (layer, template, parameter tensor), "
+        "starting from the --init-from route repeated",
+    )
+    parser.add_argument(
+        "--route-init",
+        choices=["uniform"],
+        help="uniform: start the route at the uniform mixture (statistics still from --init-from)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="retrain the task if it exists")
     add_training_options(parser)
     keys = [*DEFAULTS, *(f for f in TRAIN_FIELDS if f not in MODEL_FIELDS)]
@@ -65,9 +80,22 @@ def run(args: argparse.Namespace) -> int:
         config=TrainConfig(**resolved),
         init_from=own["init_from"],
         overwrite=args.overwrite,
+        route=own["route"],
+        route_init=own["route_init"],
     )
     if result.is_main:
         name = next(iter(result.accuracy))
         save_config(result.run_dir, "transfer", {**own, **resolved}, f"transfer-{name}")
+        _print_nearest(result.run_dir, f"transfer-{name}")
     print_summary(result)
     return 0
+
+
+def _print_nearest(run_dir, phase: str) -> None:
+    from .. import io
+
+    recorded = io.read_results(run_dir).get(phase, {})
+    distances = recorded.get("source_distances")
+    if recorded.get("nearest") and distances:
+        listed = ", ".join(f"{n} {d:.3g}" for n, d in sorted(distances.items(), key=lambda i: i[1]))
+        print(f"init nearest: {recorded['nearest']} (feature distance: {listed})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,12 +18,17 @@ from ..errors import ConfigError, RunDirError
 from ..model import ModularNet
 from ..options import check_model_options, create_model
 from ..plot import save_run_figures
+from ..routing import SoftRoute
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
 from .parts import ALL_PARTS, parse_parts
 
 RESULTS_FILE = io.RESULTS_FILE
+NEAREST = "nearest"  # init_from: the source task the new task's images look most like
+ROUTE_INITS = ("uniform",)
+ROUTE_KINDS = ("anisotropic",)
+NEAREST_SAMPLE = 512  # images per domain that choose the nearest source
 
 
 @dataclass
@@ -231,6 +238,8 @@ def transfer(
     config: TrainConfig | None = None,
     init_from: str | None = None,
     overwrite: bool = False,
+    route: str | None = None,
+    route_init: str | None = None,
 ) -> TrainResult:
     """Learns a new task on a trained pool; every existing task stays bit-identical.
 
@@ -244,8 +253,21 @@ def transfer(
             ``init_from`` when both have the same number of classes.
         grow: Add this many templates that only the new task uses (and trains).
         config: Training options (epochs, lr, data root, ...).
-        init_from: Start the route and norm statistics from this existing task.
+        init_from: Start the route and norm statistics from this existing task, or
+            ``"nearest"``: from the task whose network the new task's training images
+            look most like, chosen without their labels
+            (``modnet.adapt.selection.source_distances`` on 512 images per domain);
+            ``results.json`` records the choice (``nearest``) and the distances.
         overwrite: Replace the task if the run already has it.
+        route: ``None``: a route of the run's kind (a copy of ``init_from``'s);
+            ``"anisotropic"``: a soft route with one coefficient per (layer,
+            template, parameter tensor), ``[L, K, G]``, starting from the
+            coefficients of ``init_from`` (or of ``route_init``) repeated over the
+            tensors (Zhmoginov et al. 2021, section 3.2). Needs a soft route to start from.
+        route_init: ``None``: the route starts as ``init_from``'s (or the run's default);
+            ``"uniform"``: as the uniform mixture of the templates (every coefficient
+            1/K), with the normalisation of the run's soft routes; the norm
+            statistics still come from ``init_from``.
 
     Raises:
         ConfigError: A bad option.
@@ -256,6 +278,13 @@ def transfer(
     if isinstance(grow, bool) or not isinstance(grow, int) or grow < 0:
         raise ConfigError(f"--grow must be an integer >= 0, got {grow!r}")
     wanted = parse_parts(parts)
+    if route is not None and route not in ROUTE_KINDS:
+        raise ConfigError(f"unknown --route {route!r}: leave it out or use one of {ROUTE_KINDS}")
+    if route_init is not None and route_init not in ROUTE_INITS:
+        raise ConfigError(
+            f"unknown --route-init {route_init!r}: leave it out or use one of {ROUTE_INITS}"
+        )
+    shape = dict(route=route, route_init=route_init)
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
     if not io.is_run_dir(run_dir):
@@ -264,10 +293,10 @@ def transfer(
         )
     with io.open_run(run_dir, "modnet transfer", enabled=ctx.is_main):
         barrier(ctx)
-        return _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx)
+        return _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, shape, ctx)
 
 
-def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) -> TrainResult:
+def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, shape, ctx) -> TrainResult:
     latest, state = io.run_state(run_dir, repair=ctx.is_main)
     if latest is None:
         raise RunDirError(
@@ -280,15 +309,17 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
     name = next(iter(data))
     phase = f"transfer-{name}"
     io.refuse_other_phase(run_dir, state, phase)
-    if init_from is not None and init_from not in model.task_names:
+    if init_from not in (None, NEAREST, *model.task_names):
         raise ConfigError(
-            f"--init-from {init_from!r} is not a task of the run: one of {model.task_names}"
+            f"--init-from {init_from!r} is not a task of the run: one of {model.task_names} "
+            f"or {NEAREST!r}"
         )
     if init_from is None or "norm" in wanted:
         wanted = wanted | {"norm"}
     if grow:
         wanted = wanted | {"new_templates"}
     plan = dict(parts=sorted(wanted), grow=grow, init_from=init_from, task_spec=task)
+    plan.update({k: v for k, v in shape.items() if v is not None})  # older plans lack them
     resuming = io.unfinished_phase(state) == phase
     if resuming:
         stored_plan = json.loads(state["transfer"])
@@ -312,10 +343,20 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
                     f"{run_dir} already has a task {name!r}: pass --overwrite to retrain it"
                 )
             model = _without_task(latest, name)
+        source = init_from
+        if init_from == NEAREST:
+            plan["source_distances"] = _source_distances(model, manifest, data[name], config)
+            source = plan["nearest"] = min(
+                plan["source_distances"], key=plan["source_distances"].__getitem__
+            )
         torch.manual_seed(config.seed)  # the new head, route and templates follow --seed alone
-        model.add_task(name, data[name].num_classes, init_from=init_from)
-        if init_from and "heads" not in wanted:
-            _copy_frozen_head(model, source=init_from, target=name)
+        model.add_task(name, data[name].num_classes, init_from=source)
+        if shape["route"] or shape["route_init"]:
+            start = model.routes[name]
+            tensors = model.pool.num_tensors
+            model.set_route(name, _shaped_route(start, **shape, num_tensors=tensors))
+        if source and "heads" not in wanted:
+            _copy_frozen_head(model, source=source, target=name)
         plan["first_new_chunk"] = None
         if grow:
             plan["first_new_chunk"] = len(model.pool.chunks)
@@ -351,6 +392,77 @@ def _transfer(run_dir, task, wanted, grow, config, init_from, overwrite, ctx) ->
     if ctx.is_main:
         _record_results(run_dir, phase, result, model, extra=plan)
     return result
+
+
+def nearest_source(
+    run_dir: str | Path, task: str, config: TrainConfig | None = None
+) -> tuple[str, dict[str, float]]:
+    """The task of a run that ``transfer(..., init_from="nearest")`` would start ``task`` from.
+
+    Reads the run only. Lets a caller that transfers the same task many times
+    (several methods on copies of one pool) choose once and pass the name.
+
+    Args:
+        run_dir: A trained run (or model directory).
+        task: Dataset spec of the new task.
+        config: Options the transfer will run with (data root, limits, seed).
+
+    Returns:
+        The nearest task's name and every source task's distance (lower: closer).
+
+    Raises:
+        ConfigError: The run records no task's dataset.
+    """
+    config = config or TrainConfig()
+    model, manifest = io.load_model(run_dir)
+    target = next(iter(load_data([task], model, config).values()))
+    distances = _source_distances(model, manifest, target, config, exclude=target.name)
+    return min(distances, key=distances.__getitem__), distances
+
+
+def _source_distances(
+    model: ModularNet,
+    manifest: Mapping[str, Any],
+    target: TaskData,
+    config: TrainConfig,
+    exclude: str | None = None,
+) -> dict[str, float]:
+    """``source_distances`` of every task of the run that records its dataset."""
+    from ..adapt.selection import source_distances
+
+    names = [n for n in model.task_names if n != exclude]
+    specs = {n: manifest["tasks"].get(n, {}).get("dataset") for n in names}
+    specs = {n: spec for n, spec in specs.items() if spec}
+    if not specs:
+        raise ConfigError(
+            f"--init-from {NEAREST} needs the source tasks' images, but the run records no "
+            "dataset for any task: name the source task instead"
+        )
+    small = dataclasses.replace(config, train_limit=NEAREST_SAMPLE, augment=False)
+    sources = {n: next(iter(load_data([spec], model, small).values())) for n, spec in specs.items()}
+    unlabelled = dataclasses.replace(target, train_y=torch.zeros_like(target.train_y))
+    return source_distances(model, sources, unlabelled, sample=NEAREST_SAMPLE, seed=config.seed)
+
+
+def _shaped_route(start, route: str | None, route_init: str | None, num_tensors: int) -> SoftRoute:
+    """``start`` (a soft route) made uniform and/or anisotropic, per ``transfer``'s options."""
+    if not isinstance(start, SoftRoute):
+        raise ConfigError(
+            f"--route/--route-init need soft routes, but the run's routes are "
+            f"{type(start).__name__}s: leave those options out"
+        )
+    new = copy.deepcopy(start)  # keeps the run's normalisation and whatever else it holds
+    logits = start.logits.detach()
+    if route_init == "uniform":
+        uniform = SoftRoute(start.depth, start.num_templates, 1, start.normalize, init="uniform")
+        logits = uniform.logits.detach().to(logits)
+        if start.anisotropic:
+            logits = logits.unsqueeze(-1).expand(start.logits.shape)
+    if route == "anisotropic" and logits.ndim == 2:
+        logits = logits.unsqueeze(-1).expand(*logits.shape, num_tensors)
+        new.anisotropic = True
+    new.logits = torch.nn.Parameter(logits.clone())
+    return new
 
 
 def _copy_frozen_head(model: ModularNet, source: str, target: str) -> None:

@@ -1,0 +1,146 @@
+"""Pseudo-labelling, sliced Wasserstein, anisotropic target routes and the route diagnosis.
+
+Tiny models and hand-made tensors: every test runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modnet.adapt import (
+    AdaptationError,
+    add_target_task,
+    diagnose_objectives,
+    make_objective,
+)
+from modnet.adapt.objectives import sliced_wasserstein
+from modnet.data import TaskData
+from tests.conftest import moved_off_init, tiny_conv
+
+SOURCES = ["a", "b"]
+
+
+def test_pseudo_labelling_is_cross_entropy_on_confident_predictions_only():
+    objective = make_objective("pseudo_label", 8, 2, threshold=0.9)
+    logits = torch.tensor([[6.0, 0.0, 0.0], [0.2, 0.1, 0.0], [0.0, 0.0, 9.0]], requires_grad=True)
+    loss = objective.loss({}, torch.zeros(3, 8), logits)
+    confident = F.cross_entropy(logits[[0, 2]], torch.tensor([0, 2]), reduction="sum")
+    assert loss.item() == pytest.approx(confident.item() / 3)
+    loss.backward()
+    assert torch.equal(logits.grad[1], torch.zeros(3))  # not confident: no pull
+    assert logits.grad[0, 0] < 0  # the confident class is made more confident
+    everything = make_objective("pseudo_label", 8, 2, threshold=0.0).loss({}, None, logits)
+    expected = F.cross_entropy(logits, logits.argmax(-1))
+    assert everything.item() == pytest.approx(expected.item())
+    with pytest.raises(AdaptationError, match="threshold must be in"):
+        make_objective("pseudo_label", 8, 2, threshold=1.0)
+
+
+def test_sliced_wasserstein_of_a_shifted_sample_is_the_squared_projected_shift():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 6, generator=generator)
+    shift = torch.randn(6, generator=generator)
+    directions = F.normalize(torch.randn(6, 7, generator=generator), dim=0)
+    expected = (shift @ directions).pow(2).mean()
+    assert sliced_wasserstein(a, a + shift, directions).item() == pytest.approx(expected.item())
+    permuted = a[torch.randperm(50, generator=generator)]
+    assert sliced_wasserstein(a, permuted, directions).item() == pytest.approx(0.0, abs=1e-12)
+    half = sliced_wasserstein(a, a[::2] + shift, directions)  # samples of different sizes
+    assert half.item() > 0
+
+
+def test_sliced_wasserstein_objective_pulls_the_target_towards_the_sources():
+    objective = make_objective("sliced_wasserstein", 4, 2, projections=16)
+    source = torch.randn(40, 4)
+    target = (source + 3.0).requires_grad_(True)
+    loss = objective.loss({"a": source, "b": source}, target, None)
+    assert loss.item() > 1.0
+    loss.backward()
+    assert (target.grad.sum(0) > 0).all()  # descending moves every feature down, to the source
+    assert objective.loss({"a": source}, source.clone(), None).item() == pytest.approx(0.0)
+    with pytest.raises(AdaptationError, match="projections must be at least 1"):
+        make_objective("sliced_wasserstein", 4, 2, projections=0)
+
+
+def _model():
+    model = moved_off_init(tiny_conv())
+    for name in SOURCES:
+        model.add_task(name, 3)
+    with torch.no_grad():  # distinct source routes
+        model.routes["a"].logits.normal_(0, 2, generator=torch.Generator().manual_seed(1))
+        model.routes["b"].logits.normal_(0, 2, generator=torch.Generator().manual_seed(2))
+    return model.eval()
+
+
+def test_an_anisotropic_target_route_starts_as_the_same_mixture():
+    model = _model()
+    x = torch.randn(5, 3, 8, 8)
+    add_target_task(model, "t", 3, SOURCES)
+    add_target_task(model, "u", 3, SOURCES, anisotropic=True)
+    assert model.routes["u"].logits.shape == (4, 3, model.pool.num_tensors)
+    assert model.routes["u"].logits.requires_grad
+    torch.testing.assert_close(model(x, task="u"), model(x, task="t"))
+    assert model.routes["u"].logits.numel() == model.routes["t"].logits.numel() * (
+        model.pool.num_tensors
+    )
+
+
+def _data(name: str, seed: int, shift: float = 0.0) -> TaskData:
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.rand(64, 3, 8, 8, generator=generator) * 120 + shift).to(torch.uint8)
+    y = torch.randint(0, 3, (64,), generator=generator)
+    return TaskData(name, 3, x, y, x[:16], y[:16], dict(mean=[0.3] * 3, std=[0.2] * 3))
+
+
+def test_diagnosis_measures_the_gradient_and_where_each_objective_is_lowest():
+    model = _model()
+    sources = {"a": _data("a", 0), "b": _data("b", 1, shift=100)}
+    target = _data("t", 2, shift=60)
+    add_target_task(model, "t", 3, SOURCES, init="a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = ["moments", "entropy", "norm_stats", "adversarial", "sliced_wasserstein"]
+    report = diagnose_objectives(model, "t", sources, target, names, 0.03, sample=32, start="a")
+    assert model.task_names == [*SOURCES, "t"]  # the probes are gone, nothing changed
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert set(report["objectives"]) == {"moments", "entropy", "adversarial", "sliced_wasserstein"}
+    route = model.routes["t"].logits
+    assert report["route"]["logit_norm"] == pytest.approx(float(route.detach().norm()))
+    shares = route.softmax(1)
+    assert report["route"]["saturation"] == pytest.approx(float(shares.max(1).values.mean()))
+    moments = report["objectives"]["moments"]
+    # The same gradient, computed by hand on the same batches.
+    x = target.normalize(target.train_x[torch.randperm(64, generator=_gen(0))[:32]])
+    feats = {
+        s: model.forward_head(model.forward_features(d.normalize(d.train_x[idx]), s), s, True)
+        for i, (s, d) in enumerate(sources.items())
+        for idx in [torch.randperm(64, generator=_gen(1 + i))[:32]]
+    }
+    route.requires_grad_(True)
+    f = model.forward_head(model.forward_features(x, "t"), "t", pre_logits=True)
+    loss = make_objective("moments", model.num_features, 2).loss(
+        {k: v.detach() for k, v in feats.items()}, f, None
+    )
+    (grad,) = torch.autograd.grad(loss, route)
+    assert moments["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert moments["grad_norm"] == pytest.approx(grad.norm().item(), rel=1e-4)
+    assert moments["sgd_step"] == pytest.approx(0.03 * moments["grad_norm"])
+    assert moments["adam_steps_to_move"] == pytest.approx(
+        route.detach().norm().item() / (0.03 * math.sqrt(route.numel())), rel=1e-5
+    )
+    for item in report["objectives"].values():
+        values = item["values"]
+        assert values["start"] == pytest.approx(values["a"], rel=1e-5)  # started at a
+        assert set(values) == {"start", "a", "b", "average"}
+        lowest = min(values["b"], values["average"])
+        assert item["prefers_start"] == (values["start"] <= lowest + 1e-9)
+        expected = "a" if item["prefers_start"] else min(("b", "average"), key=values.get)
+        assert item["best_start"] == expected
+    assert report["objectives"]["adversarial"]["grad_norm"] > 0  # taken at full reversal
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

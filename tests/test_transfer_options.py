@@ -1,0 +1,143 @@
+"""transfer's starting points: the nearest source, a uniform route, an anisotropic route.
+
+One tiny pool learns ``synth_color-bg`` (textured backgrounds) and ``synth_size``
+(plain grey backgrounds); a new task drawn from one of the two domains must find
+that domain's task as its nearest source, without its labels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from modnet import io
+from modnet.cli import main
+from modnet.errors import ConfigError
+from modnet.train import TrainConfig, train, transfer
+from modnet.train.api import nearest_source
+from tests.conftest import images, tiny_train_config
+
+pytestmark = pytest.mark.slow  # trains a real (tiny) pool
+
+TINY = dict(depth=4, width=12, exp_ratio=2.0, img_size=16, num_templates=3)
+SOURCES = ["synth_color-bg", "synth_size"]
+
+
+def config(**overrides) -> TrainConfig:
+    values = dict(tasks=SOURCES, train_limit=320, test_limit=64, epochs=1)
+    return tiny_train_config(TINY, **{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pool") / "run"
+    train(config(epochs=2), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run(pool, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(pool, copy)
+    return copy
+
+
+def _results(run_dir, task):
+    return json.loads((run_dir / "results.json").read_text())[f"transfer-{task}"]
+
+
+@pytest.mark.parametrize(
+    ("target", "nearest"), [("synth_shape-bg", "synth_color-bg"), ("synth_shape", "synth_size")]
+)
+def test_init_from_nearest_picks_the_task_of_the_same_domain(run, target, nearest):
+    result = transfer(run, target, parts="head", init_from="nearest", config=config())
+    recorded, checkpoint = _results(run, target), io.latest_checkpoint(run)
+    assert recorded["init_from"] == "nearest" and recorded["nearest"] == nearest
+    assert set(recorded["source_distances"]) == set(SOURCES)
+    assert min(recorded["source_distances"].values()) == recorded["source_distances"][nearest]
+    chosen, distances = nearest_source(run, target, config())  # the same choice, read-only
+    assert chosen == nearest and distances == pytest.approx(recorded["source_distances"])
+    assert io.latest_checkpoint(run) == checkpoint
+    model = result.model  # route and statistics did not train: they are the nearest task's
+    assert torch.equal(model.routes[target].logits, model.routes[nearest].logits)
+    for key, value in model.norm_stats[nearest].state_dict().items():
+        assert torch.equal(model.norm_stats[target].state_dict()[key], value), key
+
+
+def test_the_command_takes_init_from_nearest_and_says_what_it_chose(run, capsys):
+    fast = ["--epochs", "1", "--train-limit", "320", "--test-limit", "64", "--no-progress"]
+    args = ["transfer", str(run), "--task", "synth_shape-bg", "--init-from", "nearest"]
+    assert main([*args, "--train", "head", *fast]) == 0
+    assert (
+        "init nearest: synth_color-bg (feature distance: synth_color-bg" in capsys.readouterr().out
+    )
+
+
+def test_a_uniform_route_start_has_equal_coefficients_and_the_source_statistics(run):
+    result = transfer(
+        run, "synth_shape", parts="head", init_from="synth_size", route_init="uniform",
+        config=config(),
+    )  # fmt: skip
+    model = result.model
+    coefficients = model.routes["synth_shape"].coefficients()
+    assert coefficients.shape == (4, 3)
+    assert torch.allclose(coefficients, torch.full((4, 3), 1 / 3), atol=1e-7, rtol=0)
+    assert not torch.allclose(model.routes["synth_size"].coefficients(), coefficients)
+    for key, value in model.norm_stats["synth_size"].state_dict().items():
+        assert torch.equal(model.norm_stats["synth_shape"].state_dict()[key], value), key
+    assert result.trained_parameters == sum(
+        p.numel() for p in model.heads["synth_shape"].parameters()
+    )
+
+
+def test_an_anisotropic_route_starts_from_the_source_repeated(run):
+    model = transfer(
+        run, "synth_shape", parts="head", init_from="synth_size", route="anisotropic",
+        config=config(),
+    ).model  # fmt: skip
+    logits, source = model.routes["synth_shape"].logits, model.routes["synth_size"].logits
+    tensors = model.pool.num_tensors
+    assert tensors > 1 and logits.shape == (4, 3, tensors)
+    for g in range(tensors):
+        assert torch.equal(logits[..., g], source)
+    x = images(model, batch=4)
+    with torch.no_grad():  # the same coefficients on every tensor: the source's function
+        features = [model.forward_features(x, t) for t in ("synth_shape", "synth_size")]
+    assert torch.allclose(*features, atol=1e-5)
+
+
+def test_anisotropic_transfer_trains_its_route_and_leaves_every_other_task_bit_identical(run):
+    before, _ = io.load_model(run)
+    x = images(before, batch=6)
+    with torch.no_grad():
+        outputs = {t: before(x, t) for t in before.task_names}
+    result = transfer(
+        run, "synth_shape", parts="route,head", init_from="nearest", route="anisotropic",
+        config=config(),
+    )  # fmt: skip
+    route = result.model.routes["synth_shape"]
+    nearest = _results(run, "synth_shape")["nearest"]
+    start = result.model.routes[nearest].logits.unsqueeze(-1).expand_as(route.logits)
+    assert not torch.equal(route.logits, start)  # the route trained, per tensor
+    head = result.model.heads["synth_shape"]
+    trained = route.logits.numel() + sum(p.numel() for p in head.parameters())
+    assert result.trained_parameters == trained
+    after, _ = io.load_model(run)
+    assert after.routes["synth_shape"].logits.shape == route.logits.shape  # saved and reloaded
+    for key, value in before.state_dict().items():
+        assert torch.equal(after.state_dict()[key], value), key
+    with torch.no_grad():
+        for task, output in outputs.items():
+            assert torch.equal(after(x, task), output), task
+
+
+def test_bad_route_options_are_refused_before_work_starts(run):
+    with pytest.raises(ConfigError, match="unknown --route 'diagonal'.*anisotropic"):
+        transfer(run, "synth_shape", route="diagonal", config=config())
+    with pytest.raises(ConfigError, match="unknown --route-init 'random'.*uniform"):
+        transfer(run, "synth_shape", route_init="random", config=config())
+    with pytest.raises(ConfigError, match="--init-from 'synth_cat' is not a task.*'nearest'"):
+        transfer(run, "synth_shape", init_from="synth_cat", config=config())
