@@ -41,6 +41,10 @@ def _per_sample(t: torch.Tensor, ids: torch.Tensor, shared_ndim: int) -> torch.T
 
 
 class _Grouped(nn.Module):
+    # Set for one eager call by ``GroupedRunner``: the batch holds the tasks in order,
+    # ``group_size`` consecutive samples each (ids are then ``arange(T)`` repeated).
+    group_size: int | None = None
+
     def _setup(self, source: nn.Module) -> None:
         for name, value in source.named_parameters(recurse=False):
             self.register_parameter(name, nn.Parameter(torch.empty_like(value, device="meta")))
@@ -58,10 +62,16 @@ class GroupedLinear(_Grouped):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = getattr(self, IDS)
         batch, width = x.shape[0], x.shape[-1]
-        weight = _per_sample(self.weight, ids, 2)
-        flat = x.reshape(batch, -1, width)
-        if self.has_bias:
-            bias = _per_sample(self.bias, ids, 1).unsqueeze(1)
+        if self.group_size is not None:
+            # One matmul per task with its own weights: no per-sample copy of them.
+            weight, bias = self.weight, self.bias if self.has_bias else None
+            flat = x.reshape(batch // self.group_size, -1, width)
+        else:
+            weight = _per_sample(self.weight, ids, 2)
+            bias = _per_sample(self.bias, ids, 1) if self.has_bias else None
+            flat = x.reshape(batch, -1, width)
+        if bias is not None:
+            bias = bias.unsqueeze(1)
             out = torch.baddbmm(bias, flat, weight.transpose(1, 2))
         else:
             out = torch.bmm(flat, weight.transpose(1, 2))
@@ -245,6 +255,7 @@ class GroupedRunner:
         self._ids = tuple(n for n in names if n.rpartition(".")[2] == IDS)
         self._weights = tuple(n for n in names if n.rpartition(".")[2] == SAMPLE_WEIGHT)
         self._binder = TensorBinder(skeleton, names)
+        self._grouped = [m for m in skeleton.modules() if isinstance(m, _Grouped)]
 
     @classmethod
     def build(cls, module: nn.Module, per_task: bool) -> GroupedRunner | None:
@@ -264,12 +275,26 @@ class GroupedRunner:
         ids: torch.Tensor,
         sample_weight: torch.Tensor,
         *args,
+        group_size: int | None = None,
     ) -> torch.Tensor:
         """Runs the copy with ``tensors`` (per-task or shared), task ids ``[B]`` and
-        per-sample weights ``[B]`` (1 where the sample's task runs this block)."""
+        per-sample weights ``[B]`` (1 where the sample's task runs this block).
+
+        ``group_size`` (eager mode only) says that the batch holds every task in
+        order, ``group_size`` consecutive samples each: linear layers then multiply
+        each task's samples by its weights without copying them per sample.
+        """
         tensors = dict(tensors)
         for name in self._ids:
             tensors[name] = ids
         for name in self._weights:
             tensors[name] = sample_weight
-        return self._binder(tensors, *args)
+        if group_size is None:
+            return self._binder(tensors, *args)
+        for module in self._grouped:
+            module.group_size = group_size
+        try:
+            return self._binder(tensors, *args)
+        finally:
+            for module in self._grouped:
+                module.group_size = None

@@ -5,16 +5,15 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
 from . import drop_path as _drop_path
 from . import features as _features
+from . import mixed as _mixed
 from .binding import TensorBinder, is_batchnorm_buffer
 from .errors import ConfigError
 from .families.base import Family
@@ -27,14 +26,6 @@ TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
-@dataclass(frozen=True)
-class TaskGroups:
-    """The tasks of a mixed batch: their names and every sample's index among them."""
-
-    names: list[str]
-    ids: torch.Tensor
-
-
 def _check_route_options(route: str, options: Mapping[str, Any], count: int) -> None:
     if route in ("hard", "hyper") or "normalize" in options:
         raise ValueError(
@@ -42,13 +33,6 @@ def _check_route_options(route: str, options: Mapping[str, Any], count: int) -> 
             f"{route!r}) and no 'normalize' key: give the normalisation as route=..."
         )
     SoftRoute(1, count, normalize=route, init="uniform").configured(**options)
-
-
-def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return per_sample.view(-1, *([1] * (like.dim() - 1)))
-
-
-MIXED_BATCHES = ("auto", "grouped", "split")
 
 
 class ModularNet(nn.Module):
@@ -85,9 +69,11 @@ class ModularNet(nn.Module):
             not fit the depth or the block (``ConfigError``).
 
     Attributes:
-        mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default), ``"grouped"``
-            (every layer once for the whole batch, per-sample weights; fixed shapes)
-            or ``"split"`` (task by task). See ``_use_grouped``.
+        mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default: ``"grouped"``
+            under ``torch.compile``, else ``"chunked"``), ``"chunked"`` (layer by layer,
+            tasks a few at a time, weights mixed just before use), ``"grouped"`` (every
+            layer once for the whole batch, per-sample weights; fixed shapes) or
+            ``"split"`` (task by task). See ``modnet.mixed``.
         default_precision: ``"fp32"`` or ``"bf16"``: the faster on CPU for this family,
             measured by ``bench/test_precision.py``; what ``precision="auto"`` trains in.
     """
@@ -353,7 +339,9 @@ class ModularNet(nn.Module):
         if route is not None:
             name, plan = self._override(task, route)
             return self._features(x, name, plan)
-        return self._dispatch(x, task, self._features, pad=False, grouped=self._features_grouped)
+        return self._dispatch(
+            x, task, self._features, pad=False, grouped=lambda h, g: _mixed.features(self, h, g)
+        )
 
     def forward_head(
         self, x: torch.Tensor, task: TaskSpec = None, pre_logits: bool = False
@@ -371,15 +359,16 @@ class ModularNet(nn.Module):
             task,
             lambda h, t: self._head(h, t, pre_logits),
             pad=not pre_logits,
-            grouped=lambda h, g: self._head_grouped(h, g, pre_logits),
+            grouped=lambda h, g: _mixed.head(self, h, g, pre_logits),
         )
 
     def forward(self, x: torch.Tensor, task: TaskSpec = None, route: Any = None) -> torch.Tensor:
         """Logits for ``task``: a name, an index, or one task per sample.
 
-        With one task per sample, every layer runs once for the whole batch with
-        each sample's weights taken from its task's route (shapes never depend on
-        the mix of tasks, so ``torch.compile`` does not recompile when it changes);
+        With one task per sample, the batch runs as set by ``mixed_batches``; under
+        ``torch.compile`` every layer runs once for the whole batch with each
+        sample's weights taken from its task's route (shapes never depend on the
+        mix of tasks, so ``torch.compile`` does not recompile when it changes);
         BatchNorm normalises each task's samples with that task's statistics. The
         result equals running each task's samples alone. Logits are as wide as the
         model's task with the most classes (whichever tasks the batch holds); tasks
@@ -416,7 +405,7 @@ class ModularNet(nn.Module):
             task,
             lambda h, t: self._head(self._features(h, t), t, False),
             pad=True,
-            grouped=lambda h, g: self._head_grouped(self._features_grouped(h, g), g, False),
+            grouped=lambda h, g: _mixed.head(self, _mixed.features(self, h, g), g, False),
         )
 
     # ------------------------------------------------------------------- modes
@@ -570,6 +559,18 @@ class ModularNet(nn.Module):
     ) -> torch.Tensor:
         stats = self.norm_stats[task]
         x = self._trunk_stage("embed", x, stats)
+        x = self._routed_layers(x, task, plan, keep)
+        return self._trunk_stage("norm", x, stats)
+
+    def _routed_layers(
+        self,
+        x: torch.Tensor,
+        task: str,
+        plan: RoutePlan | None = None,
+        keep: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The routed layers of one task (between the trunk's embed and norm stages)."""
+        stats = self.norm_stats[task]
         if plan is None:
             plan = self.routes[task].plan(self.hypernet)
         if plan.indices is not None:
@@ -589,7 +590,7 @@ class ModularNet(nn.Module):
                 x = self._run_layer(x, layer, layer_weights, stats)
                 if keep is not None:
                     keep.append(x)
-        return self._trunk_stage("norm", x, stats)
+        return x
 
     def _head(self, x: torch.Tensor, task: str, pre_logits: bool) -> torch.Tensor:
         x = self._trunk_stage("pre_logits", x, self.norm_stats[task])
@@ -600,166 +601,21 @@ class ModularNet(nn.Module):
             return self._trunk_binder(stats.trunk(), x, stage)
         return self.trunk(x, stage)
 
-    # ------------------------------------------------------- mixed-task batches
-    def _features_grouped(self, x: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
-        """``_features`` for a batch mixing tasks: every layer runs once for all samples."""
-        x = self._trunk_stage_grouped("embed", x, groups)
-        weights, active = self._task_weights(groups.names)
-        stats = {
-            name: torch.stack([self.norm_stats[t].layer_stack(name) for t in groups.names])
-            for name in self.pool.stat_names
-        }
-        ones = x.new_ones(x.shape[0])
-        for layer in range(self.depth):
-            # Samples whose (shorter, hard) route skips this layer keep their input.
-            weight = ones if active is None else active[:, layer].index_select(0, groups.ids)
-            run = self.pool.run_grouped
-            if self._grouped_drop_paths:
-                rate = self.drop_path_rates[layer]
-                run = _drop_path.at_rate(run, self._grouped_drop_paths, rate)
-            out = run(
-                x,
-                {name: w[:, layer] for name, w in weights.items()},
-                {name: s[:, layer] for name, s in stats.items()},
-                groups.ids,
-                weight.to(x.dtype),
-            )
-            x = out if active is None else torch.where(_expand(weight, out) > 0, out, x)
-        if any(bn.training for bn in self.pool.grouped.batch_norms):
-            self._store_stats(groups.names, stats, "layer")
-        return self._trunk_stage_grouped("norm", x, groups)
-
-    def _head_grouped(self, x: torch.Tensor, groups: TaskGroups, pre_logits: bool) -> torch.Tensor:
-        x = self._trunk_stage_grouped("pre_logits", x, groups)
-        if pre_logits:
-            return x
-        heads = [self.heads[name] for name in groups.names]
-        width = max(self.task_classes.values())
-        weight = torch.stack([F.pad(h.weight, (0, 0, 0, width - h.out_features)) for h in heads])
-        bias = torch.stack(
-            [F.pad(h.bias, (0, width - h.out_features), value=float("-inf")) for h in heads]
-        )
-        ids = groups.ids
-        sample_weight = weight.index_select(0, ids).transpose(1, 2)
-        out = torch.baddbmm(bias.index_select(0, ids).unsqueeze(1), x.unsqueeze(1), sample_weight)
-        return out.squeeze(1)
-
-    def _trunk_stage_grouped(self, stage: str, x: torch.Tensor, groups: TaskGroups):
-        if not self._trunk_binder.names:
-            return self.trunk(x, stage)
-        runner = self.__dict__["_grouped_trunk"]
-        stats = {
-            name: torch.stack([self.norm_stats[t].trunk()[name] for t in groups.names])
-            for name in self._trunk_binder.names
-        }
-        tensors = {**dict(self.trunk.named_parameters()), **dict(self.trunk.named_buffers())}
-        tensors.update(stats)
-        out = runner(tensors, groups.ids, x.new_ones(x.shape[0]), x, stage)
-        if any(bn.training for bn in runner.batch_norms):
-            self._store_stats(groups.names, stats, "trunk")
-        return out
-
-    def _use_grouped(self) -> bool:
-        """Whether this mixed-task batch runs with fixed shapes or task by task.
-
-        ``mixed_batches``: ``"auto"`` (fixed shapes under ``torch.compile``, where
-        splitting by task would break the graph and recompile for every new mix;
-        task by task in eager mode, measured faster on CPU by
-        ``bench/test_mixed_batches.py``), ``"grouped"`` or ``"split"``.
-        """
-        mode = self.mixed_batches
-        if mode not in MIXED_BATCHES:
-            raise ValueError(f"unknown mixed_batches {mode!r}: choose one of {MIXED_BATCHES}")
-        if mode == "split" or (mode == "auto" and not torch.compiler.is_compiling()):
-            return False
-        return self._runs_grouped()
-
-    def _runs_grouped(self) -> bool:
-        """Whether mixed-task batches can run with fixed shapes (see ``modnet.grouped``)."""
-        heads = all(isinstance(h, nn.Linear) for h in self.heads.values())
-        trunk = not self._trunk_binder.names or self.__dict__["_grouped_trunk"] is not None
-        return heads and trunk and self.pool.grouped is not None
-
-    def _task_weights(self, names: list[str]):
-        """Every task's layer weights, ``{tensor: [T, L, *shape]}``, from one mix.
-
-        Hard routes mix with one-hot coefficients (exactly their templates), routes
-        made before the pool grew with zeros for the newer templates. Also returns
-        ``[T, L]`` with 1 where the task's route runs the layer (``None`` when all do).
-        """
-        count, depth = self.pool.num_templates, self.depth
-        groups = self.pool.num_tensors
-        coefficients, active = [], []
-        for name in names:
-            plan: RoutePlan = self.routes[name].plan(self.hypernet)
-            if plan.coefficients is not None:
-                c = plan.coefficients
-            else:
-                index = plan.index_tensor
-                if index is None:
-                    index = torch.tensor(plan.indices, device=self._reference_tensor().device)
-                c = F.one_hot(index, count).to(self._reference_tensor().dtype)
-            c = c if c.ndim == 3 else c.unsqueeze(-1).expand(*c.shape, groups)
-            active.append(c.shape[0])
-            pad = (0, 0, 0, count - c.shape[1], 0, depth - c.shape[0])
-            coefficients.append(F.pad(c.to(self._reference_tensor().dtype), pad))
-        stacked = torch.stack(coefficients).flatten(0, 1)
-        mixed = self.pool.mix(stacked)
-        weights = {n: w.unflatten(0, (len(names), depth)) for n, w in mixed.items()}
-        if all(a == depth for a in active):
-            return weights, None
-        runs = torch.tensor([[layer < a for layer in range(depth)] for a in active])
-        return weights, runs.to(device=stacked.device, dtype=stacked.dtype)
-
-    @torch.no_grad()
-    def _store_stats(self, names: list[str], stats: dict[str, torch.Tensor], part: str) -> None:
-        for index, name in enumerate(names):
-            task_stats = self.norm_stats[name]
-            for key, value in stats.items():
-                target = task_stats.layer_stack(key) if part == "layer" else task_stats.trunk()[key]
-                target.copy_(value[index])
-
-    def _task_groups(self, ids: torch.Tensor) -> TaskGroups:
-        names = self.task_names
-        if torch.compiler.is_compiling():
-            # Every task takes part: no shape depends on which tasks are in the batch.
-            return TaskGroups(names, ids)
-        # Eager: only the tasks present, so absent tasks' parameters get no gradient.
-        present = torch.unique(ids)
-        local = torch.full((len(names),), -1, dtype=torch.long, device=ids.device)
-        local[present] = torch.arange(present.numel(), device=ids.device)
-        return TaskGroups([names[i] for i in present.tolist()], local[ids])
-
     def _dispatch(
         self,
         x: torch.Tensor,
         task: TaskSpec,
         fn: Callable[[torch.Tensor, str], torch.Tensor],
         pad: bool,
-        grouped: Callable[[torch.Tensor, TaskGroups], torch.Tensor] | None = None,
+        grouped: Callable[[torch.Tensor, _mixed.TaskGroups], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         single = self._resolve_single(task)
         if single is not None:
             return fn(x, single)
         ids = self._task_ids(task, x.shape[0], x.device)
-        if grouped is not None and self._use_grouped():
-            return grouped(x, self._task_groups(ids))
-        names = self.task_names
-        counts = torch.bincount(ids, minlength=len(names)).tolist()
-        order = torch.argsort(ids, stable=True)
-        sizes = [c for c in counts if c]
-        present = [names[i] for i, c in enumerate(counts) if c]
-        outputs = [
-            fn(chunk, name) for chunk, name in zip(x[order].split(sizes), present, strict=True)
-        ]
-        if pad:
-            width = max(*self.task_classes.values(), *(o.shape[-1] for o in outputs))
-            outputs = [
-                torch.nn.functional.pad(o, (0, width - o.shape[-1]), value=float("-inf"))
-                for o in outputs
-            ]
-        merged = torch.cat(outputs)
-        return merged[torch.argsort(order)]
+        if grouped is not None and _mixed.mode(self) != "split":
+            return grouped(x, _mixed.task_groups(self, ids))
+        return _mixed.split(self, x, ids, fn, pad)
 
     def _resolve_single(self, task: TaskSpec) -> str | None:
         if task is None:

@@ -228,6 +228,7 @@ class TemplatePool(nn.Module):
         stats: Mapping[str, torch.Tensor],
         ids: torch.Tensor,
         sample_weight: torch.Tensor,
+        group_size: int | None = None,
     ) -> torch.Tensor:
         """Runs the block once for a batch mixing tasks.
 
@@ -239,12 +240,14 @@ class TemplatePool(nn.Module):
             ids: Task of every sample, ``[B]`` integers in ``[0, T)``.
             sample_weight: ``[B]``, 1 for samples whose route runs this layer, else 0
                 (their statistics are left out; the caller keeps their input).
+            group_size: Eager mode only: the batch holds the ``T`` tasks in order,
+                ``group_size`` samples each (see ``GroupedRunner``).
         """
         tensors = dict(weights)
         tensors.update(stats)
         for name in self.shared_buffer_names:
             tensors[name] = getattr(self, mangle(name))
-        return self.grouped(tensors, ids, sample_weight, x)
+        return self.grouped(tensors, ids, sample_weight, x, group_size=group_size)
 
     def build_block(self, weights: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor]):
         """A real, standalone block holding copies of ``weights`` and ``stats``."""

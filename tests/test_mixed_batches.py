@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import modnet
+from modnet import mixed
 from tests.conftest import images, moved_off_init, tiny_conv, tiny_vit
 
 ROUTES = ["softmax", "linear", "hyper", "hard"]
@@ -48,9 +49,10 @@ CASES = [(f, r) for f in ("conv", "vit") for r in ROUTES] + [("timm", "hard+soft
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize(("family", "route"), CASES)
-def test_grouped_batch_equals_each_task_alone(family, route, mode):
+@pytest.mark.parametrize("path", ["grouped", "chunked"])
+def test_grouped_batch_equals_each_task_alone(family, route, mode, path):
     model = build(family, route)
-    model.mixed_batches = "grouped"
+    model.mixed_batches = path
     reference = copy.deepcopy(model)
     getattr(model, mode)(), getattr(reference, mode)()
     x = images(model, batch=7)
@@ -65,12 +67,15 @@ def test_grouped_batch_equals_each_task_alone(family, route, mode):
 
 
 @pytest.mark.parametrize("family", ["conv", "vit"])
-def test_grouped_batch_gradients_equal_the_sum_over_tasks(family):
+@pytest.mark.parametrize("path", ["grouped", "chunked"])
+def test_grouped_batch_gradients_equal_the_sum_over_tasks(family, path):
     model = build(family, "softmax")
-    model.mixed_batches = "grouped"
+    model.mixed_batches = path
     reference = copy.deepcopy(model)
     x, y = images(model, batch=7), torch.tensor([0, 1, 1, 0, 2, 1, 0])
     ids = torch.tensor([1, 0, 1, 1, 1, 0, 1])  # task c absent
+    if path == "chunked":  # a and b with 3 samples each: one chunk, run together
+        x, y, ids = x[:6], y[:6], torch.tensor([1, 0, 1, 0, 1, 0])
     F.cross_entropy(model(x, ids), y, reduction="sum").backward()
     for _name, (rows, logits) in per_task(reference, x, ids).items():
         F.cross_entropy(logits, y[rows], reduction="sum").backward()
@@ -89,12 +94,12 @@ def test_split_and_grouped_batches_agree(family):
     with torch.no_grad():
         model.mixed_batches = "split"
         split = model(x, IDS)
-        model.mixed_batches = "grouped"
-        grouped = model(x, IDS)
-        features = model.forward_features(x, IDS)
-        head = model.forward_head(features, IDS)
-    torch.testing.assert_close(grouped, split, rtol=0, atol=1e-5)
-    torch.testing.assert_close(head, split, rtol=0, atol=1e-5)
+        for path in ("grouped", "chunked", "auto"):
+            model.mixed_batches = path
+            torch.testing.assert_close(model(x, IDS), split, rtol=0, atol=1e-5, msg=path)
+            features = model.forward_features(x, IDS)
+            head = model.forward_head(features, IDS)
+            torch.testing.assert_close(head, split, rtol=0, atol=1e-5, msg=path)
 
 
 def test_frozen_norm_stats_stay_put_in_a_grouped_training_batch():
@@ -106,9 +111,10 @@ def test_frozen_norm_stats_stay_put_in_a_grouped_training_batch():
         assert torch.equal(value, before[key]), key
 
 
-def test_many_tasks_in_one_batch():
+@pytest.mark.parametrize("path", ["grouped", "chunked"])
+def test_many_tasks_in_one_batch(path):
     model = moved_off_init(tiny_conv(tasks={f"t{i}": 2 + i % 3 for i in range(16)})).train()
-    model.mixed_batches = "grouped"
+    model.mixed_batches = path
     reference = copy.deepcopy(model)
     x, ids = images(model, batch=16), torch.arange(16).flip(0)
     mixed = model(x, ids)
@@ -116,17 +122,40 @@ def test_many_tasks_in_one_batch():
         torch.testing.assert_close(mixed[rows, : alone.shape[1]], alone, rtol=0, atol=1e-5)
 
 
-def test_grouped_batch_drops_paths_at_each_position_rate():
+@pytest.mark.parametrize("path", ["grouped", "chunked"])
+def test_grouped_batch_drops_paths_at_each_position_rate(path):
     model = moved_off_init(tiny_vit(tasks={"a": 3, "b": 5}, drop_path_rate=[0.0, 0.0, 0.0, 0.9]))
-    model.mixed_batches = "grouped"
-    x, ids = images(model, batch=8), torch.arange(8) % 2
+    model.mixed_batches = path
+    x, ids = images(model, batch=8), torch.arange(8) % 2  # chunked: a and b in one chunk
     assert model._grouped_drop_paths
     with torch.no_grad():
         evaluated = model.eval()(x, ids)
         model.mixed_batches = "split"
         torch.testing.assert_close(model(x, ids), evaluated, rtol=0, atol=1e-5)
-        model.mixed_batches = "grouped"
+        model.mixed_batches = path
         model.train()
         trained = [model(x, ids) for _ in range(4)]
     assert all(torch.isfinite(t[:, :3]).all() for t in trained)
     assert any(not torch.allclose(t, evaluated) for t in trained)  # the last layer drops
+
+
+def test_chunks_hold_tasks_with_equal_counts_within_the_budget():
+    layer = 2**20  # one task's mixed layer weights: 1 MiB
+    chunks = mixed.plan_chunks([1, 3, 0, 1, 3, 1, 16], layer)
+    assert [(c.tasks, c.size, c.start) for c in chunks] == [
+        ([0, 3, 5], 1, 0),
+        ([1, 4], 3, 3),
+        ([6], 16, 9),
+    ]
+    many = mixed.plan_chunks([1] * 40, mixed.CHUNK_BYTES // 4)
+    assert [len(c.tasks) for c in many] == [4] * 10
+    assert mixed.plan_chunks([1] * 3, 10 * mixed.CHUNK_BYTES)[0].tasks == [0]
+
+
+def test_the_default_eager_path_is_chunked():
+    model = build("vit", "softmax")
+    x = images(model, batch=7)
+    assert model.mixed_batches == "auto" and mixed.mode(model) == "chunked"
+    model.mixed_batches = "nope"
+    with pytest.raises(ValueError, match="unknown mixed_batches 'nope'"):
+        model(x, IDS)
