@@ -56,8 +56,14 @@ def plateau(points: list[tuple[float, float]], last_epoch: float) -> dict[str, f
 
 def curves(runs: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> Path:
     """Test accuracy per task against the epoch, one panel per run."""
-    figure = _new_figure(figsize=(3.6 * len(runs), 3.2), dpi=110, layout="constrained")
-    axes = figure.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+    columns = min(3, len(runs))
+    rows = -(-len(runs) // columns)
+    figure = _new_figure(figsize=(3.6 * columns + 1.4, 3.0 * rows), dpi=110, layout="constrained")
+    grid = figure.subplots(rows, columns, sharey=True, squeeze=False)
+    axes = list(grid.flat)
+    for spare in axes[len(runs) :]:
+        spare.set_visible(False)
+    axes = axes[: len(runs)]
     tasks = list(dict.fromkeys(task for series in runs.values() for task in series))
     colours = {task: f"C{index % 10}" for index, task in enumerate(tasks)}
     for ax, (name, series) in zip(axes, runs.items(), strict=True):
@@ -67,7 +73,8 @@ def curves(runs: dict[str, dict[str, list[tuple[float, float]]]], path: Path) ->
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("test accuracy")
     axes[0].set_ylim(0.0, 1.0)
     handles = [figure.axes[0].plot([], [], color=colours[t], label=t)[0] for t in tasks]
     figure.legend(handles=handles, loc="outside right center", fontsize=8, title="task")
