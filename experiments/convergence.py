@@ -129,7 +129,11 @@ def main(argv=None) -> dict[str, Any]:
         markdown_table(header, rows),
         f"![test accuracy during training]({figure.name})",
     ]
-    data = dict(plateau=table, criterion=args.criterion, runs=[str(r) for r in runs])
+    data = dict(
+        plateau=table,
+        criterion=args.criterion,
+        runs=[r.name if args.quick else str(r) for r in runs],
+    )
     write_results(out, "Convergence of the pools", sections, data, command_line(__file__, argv))
     print(markdown_table(header, rows))
     if scratch is not None:

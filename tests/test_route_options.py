@@ -151,11 +151,11 @@ def test_transfer_trains_a_route_with_the_options_given(tmp_path):
     with pytest.raises(ConfigError, match="route_options: unknown route option 'tau'"):
         transfer(run_dir, "synth_shape", config=config, route_options={"tau": 1})
     result = transfer(
-        run_dir, "synth_shape", parts="route", config=config, init_from="synth_color",
+        run_dir, "synth_color-bg", parts="route", config=config, init_from="synth_color",
         route_options=options,
     )  # fmt: skip
-    route, source = result.model.routes["synth_shape"], result.model.routes["synth_color"]
+    route, source = result.model.routes["synth_color-bg"], result.model.routes["synth_color"]
     assert route.options() == options
     assert not torch.equal(route.logits, source.logits)
     loaded, _ = io.load_model(run_dir)
-    assert loaded.routes["synth_shape"].options() == options
+    assert loaded.routes["synth_color-bg"].options() == options

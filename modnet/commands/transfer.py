@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "transfer",
         help="learn a new task on a trained pool",
         description="Add a task to a trained run: the pool stays frozen and only what "
-        "--train names learns (the new task's norm statistics always learn). Every "
-        "existing task keeps bit-identical outputs.",
+        "--train names learns (the new task's norm statistics start from --init-from's "
+        "and learn only with --train ...,norm; without --init-from they always learn). "
+        "Every existing task keeps bit-identical outputs.",
     )
     parser.add_argument("run_dir", help="run directory from `modnet train`")
     parser.add_argument("--task", help="dataset spec of the new task (required)")

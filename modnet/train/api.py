@@ -366,8 +366,17 @@ def _transfer(
             source = plan["nearest"] = min(
                 plan["source_distances"], key=plan["source_distances"].__getitem__
             )
+        classes = data[name].num_classes
+        if "heads" not in wanted and (source is None or model.task_classes[source] != classes):
+            where = f"{source!r} has {model.task_classes[source]}" if source else "no --init-from"
+            raise ConfigError(
+                f"--train {','.join(sorted(p.removesuffix('s') for p in wanted))} leaves the "
+                f"head of {name!r} ({classes} "
+                f"classes) random and frozen ({where}): add head to --train, or --init-from "
+                f"a task with {classes} classes"
+            )
         torch.manual_seed(config.seed)  # the new head, route and templates follow --seed alone
-        model.add_task(name, data[name].num_classes, init_from=source)
+        model.add_task(name, classes, init_from=source)
         if shape["route"] or shape["route_init"]:
             start = model.routes[name]
             tensors = model.pool.num_tensors
