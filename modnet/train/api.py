@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,11 +370,13 @@ def _transfer(
         classes = data[name].num_classes
         if "heads" not in wanted and (source is None or model.task_classes[source] != classes):
             where = f"{source!r} has {model.task_classes[source]}" if source else "no --init-from"
-            raise ConfigError(
+            warnings.warn(
                 f"--train {','.join(sorted(p.removesuffix('s') for p in wanted))} leaves the "
                 f"head of {name!r} ({classes} "
                 f"classes) random and frozen ({where}): add head to --train, or --init-from "
-                f"a task with {classes} classes"
+                f"a task with {classes} classes",
+                UserWarning,
+                stacklevel=2,
             )
         torch.manual_seed(config.seed)  # the new head, route and templates follow --seed alone
         model.add_task(name, classes, init_from=source)
