@@ -603,9 +603,7 @@ def base_config(setup: Setup, pool: Path | None, data_root: str | None) -> Train
     if pool is not None:
         _, state = io.run_state(pool, repair=False)
         stored = json.loads(state["config"])
-        config = TrainConfig(
-            **{k: v for k, v in stored.items() if k in TrainConfig.__dataclass_fields__}
-        )
+        config = TrainConfig.from_dict(stored)
         config = replace(
             config, augment=False, progress=False, lr=setup.lr, route_lr=setup.route_lr
         )
