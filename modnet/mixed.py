@@ -300,18 +300,30 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
         coefficients, active = task_coefficients(model, names)
         runs = None if active is None else active.bool().tolist()
         parts = {i: x[c.start : c.stop] for i, c in grouped}
+        # per chunk, once: its tasks' rows of the coefficients and every sample's task
+        index = {
+            i: (
+                torch.tensor(c.tasks, device=coefficients.device),
+                torch.arange(len(c.tasks), device=x.device).repeat_interleave(c.size),
+            )
+            for i, c in grouped
+        }
         for layer in range(model.depth):
             for i, c in grouped:
-                parts[i] = _run_grouped(model, parts[i], layer, c, names, coefficients, runs)
+                parts[i] = _run_grouped(
+                    model, parts[i], layer, c, names, coefficients, runs, *index[i]
+                )
         outputs.update(parts)
     x = torch.cat([outputs[i] for i in range(len(chunks))])
     return x[torch.argsort(order)]
 
 
-def _run_grouped(model, rows, layer, chunk, names, coefficients, runs) -> torch.Tensor:
-    """The tasks of the chunk at once, with one matmul per task in linear layers."""
+def _run_grouped(model, rows, layer, chunk, names, coefficients, runs, tasks, ids) -> torch.Tensor:
+    """The tasks of the chunk at once, with one matmul per task in linear layers.
+
+    ``tasks`` indexes the chunk's tasks in ``coefficients``; ``ids`` is every row's
+    index among them."""
     pool = model.pool
-    tasks = torch.tensor(chunk.tasks, device=coefficients.device)
     weights = pool.mix(coefficients[tasks, layer])
     stats = {
         name: torch.stack(
@@ -319,7 +331,6 @@ def _run_grouped(model, rows, layer, chunk, names, coefficients, runs) -> torch.
         )
         for name in pool.stat_names
     }
-    ids = torch.arange(len(chunk.tasks), device=rows.device).repeat_interleave(chunk.size)
     if runs is None:
         weight = rows.new_ones(rows.shape[0])
     else:
