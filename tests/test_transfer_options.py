@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -149,3 +150,11 @@ def test_a_frozen_head_that_would_stay_random_is_named_in_a_warning(run):
         transfer(
             run, "synth_shape", parts="route,norm", init_from="synth_color-bg", config=config()
         )
+    # a source with the same classes lends its head: a frozen head is then no mistake
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*random and frozen")
+        result = transfer(
+            run, "synth_size-noise", parts="route", init_from="synth_size", config=config()
+        )
+    heads = result.model.heads
+    assert torch.equal(heads["synth_size-noise"].weight, heads["synth_size"].weight)
