@@ -168,10 +168,27 @@ config = TrainConfig(
     num_templates=2, depth=2), batch_size=64, epochs=1, in_memory_mb=0, data_workers=1,
     test_limit=64, progress=False, log_every=1000)
 train(config, sys.argv[2])
+"""
+REPORT_PEAKS = """
 own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps(dict(own=own, workers=workers)))
 """
+
+
+def peak_rss(script: str, *args: str) -> dict[str, int]:
+    """Peak RSS in KiB of ``script`` run alone with ``args``: its own and its largest child's.
+
+    ``script`` imports ``json``, ``resource`` and ``sys``; the report is appended."""
+    done = subprocess.run(
+        [sys.executable, "-c", script + REPORT_PEAKS, *args],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -180,16 +197,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     peaks = {}
     for count in (2_000, 20_000):
         root = write_tiny_folder(tmp_path / f"n{count}", train=count, test=64)
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        done = subprocess.run(
-            [sys.executable, "-c", PEAK_RSS, str(root), str(tmp_path / f"run{count}")],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        peaks[count] = json.loads(done.stdout.strip().splitlines()[-1])
+        peaks[count] = peak_rss(PEAK_RSS, str(root), str(tmp_path / f"run{count}"))
     print(f"peak RSS in KiB (own process, largest loader worker): {peaks}")
     for side in ("own", "workers"):
         small, large = peaks[2_000][side], peaks[20_000][side]

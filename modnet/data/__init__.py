@@ -1,8 +1,8 @@
 """Datasets as tasks: every source becomes uint8 tensors at the model's size, once.
 
 ``load_task(spec)`` reads a dataset (torchvision sets from a data root, npz
-archives, image folders, or the built-in synthetic suite) and returns a
-``TaskData``: train/test images as uint8 [N, C, H, W] at the model's image size
+archives, image folders, WebDataset tar shards, or the built-in synthetic
+suite) and returns a ``TaskData``: train/test images as uint8 [N, C, H, W] at the model's image size
 and channels, int64 labels, and a JSON record of the preprocessing that
 ``apply_transform`` repeats on new images. Batches become model input with
 ``TaskData.normalize``.
@@ -23,6 +23,7 @@ from .registry import (
     register_dataset,
     unregister_dataset,
 )
+from .shards import load_shards
 from .subset import balanced_indices
 from .synthetic import (
     HELD_OUT_PAIRS,
@@ -50,6 +51,7 @@ __all__ = [
     "eval_batches",
     "list_datasets",
     "load_folder",
+    "load_shards",
     "load_npz",
     "load_task",
     "make_synthetic",

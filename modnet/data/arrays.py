@@ -19,7 +19,7 @@ import torch
 
 from .build import STATS_SAMPLE, STATS_SEED, build_task, check_labels, task_from_arrays
 from .errors import DataError
-from .files import ImageFiles, decode
+from .files import ImageFiles
 from .options import LoadOptions
 from .subset import balanced_indices, derive_seed
 from .task_data import TaskData, valid_task_name
@@ -112,11 +112,8 @@ def _image_files(split_dir: Path, classes: list[str]) -> tuple[list[str], torch.
 def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = None) -> TaskData:
     """Loads an image folder with ``train/`` and ``test/`` (or ``val/``) class subfolders.
 
-    Only the images of the (seeded, class-balanced) subsets and of the
-    statistics sample are decoded, so a limited run on a large folder is quick.
-    When the chosen images would take more than ``options.in_memory_mb`` at the
-    model's size, both splits stay on disk as ``ImageFiles``, decoded on demand
-    (the statistics still come from a fixed sample of the training images).
+    Classes are the sorted subfolder names; the images are read as ``load_images``
+    says (decoded only where used; on disk above ``options.in_memory_mb``).
     """
     root = Path(path)
     layout = (
@@ -149,31 +146,73 @@ def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = No
                 f"{name}: the {split} split is empty: no images ({', '.join(IMAGE_EXTENSIONS)}) "
                 f"in the class folders of {folder}"
             )
-    check_labels(name, train_y, test_y, len(classes))
+    size, chans, resize = options.img_size, options.in_chans, options.resize
+    train = ImageFiles(train_files, size, chans, resize), train_y
+    test = ImageFiles(test_files, size, chans, resize), test_y
+    del train_files, test_files  # the paths live on in numpy arrays, not Python strings
+    return load_images(
+        name,
+        train,
+        test,
+        options,
+        source={"dataset": "folder", "path": str(root), "test_folder": test_dir.name},
+        classes=classes,
+    )
 
+
+def load_images(
+    name: str,
+    train: tuple[ImageFiles, torch.Tensor],
+    test: tuple[ImageFiles, torch.Tensor],
+    options: LoadOptions,
+    *,
+    source: dict[str, Any],
+    classes: list[str] | None = None,
+    num_classes: int | None = None,
+) -> TaskData:
+    """A task from images on disk (every image of each split and its label).
+
+    Only the images of the (seeded, class-balanced) subsets and of the
+    statistics sample are decoded, so a limited run on a large dataset is quick.
+    When the chosen images would take more than ``options.in_memory_mb`` at the
+    model's size, both splits stay on disk as ``ImageFiles``, decoded on demand
+    (the statistics still come from a fixed sample of the training images).
+
+    Args:
+        name: The task's name.
+        train: All training images and their int64 labels [N].
+        test: All test images and their labels [M].
+        options: Size, channels, limits, seed and the in-memory threshold.
+        source: The record of where the images came from.
+        classes: Class names (their count is the number of classes).
+        num_classes: The number of classes without names; default: the largest label + 1.
+
+    Raises:
+        DataError: Labels outside the classes, an image that cannot be read.
+    """
+    num_classes = len(classes) if classes is not None else num_classes
+    num_classes = check_labels(name, train[1], test[1], num_classes)
+    everything = train[0]
     picked = {}
-    for split, files, labels in (("train", train_files, train_y), ("test", test_files, test_y)):
+    for split, (files, labels) in (("train", train), ("test", test)):
         limit = getattr(options, f"{split}_limit")
         index = balanced_indices(labels, limit, derive_seed(options.seed, split))
-        picked[split] = ImageFiles(files, options.img_size, options.in_chans, options.resize)
         if index is not None:
-            picked[split], labels = picked[split].subset(index), labels[index]
-        picked[split] = (picked[split], labels)
+            files, labels = files.subset(index), labels[index]
+        picked[split] = (files, labels)
     image_bytes = options.in_chans * options.img_size**2
     total_mb = sum(len(x) for x, _ in picked.values()) * image_bytes / 2**20
     on_disk = options.in_memory_mb is not None and total_mb > options.in_memory_mb
-    decoded: dict[str, torch.Tensor] = {}
+    decoded: dict[tuple[str, int], torch.Tensor] = {}
 
     def raw(files: ImageFiles) -> list[torch.Tensor]:
-        paths = [str(files.path(i)) for i in range(len(files))]
-        for p in paths:
-            if p not in decoded:
-                decoded[p] = decode(p)
-        return [decoded[p] for p in paths]
+        keys = [files.key(i) for i in range(len(files))]
+        for i, key in enumerate(keys):
+            if key not in decoded:
+                decoded[key] = files.decode(i)
+        return [decoded[key] for key in keys]
 
-    everything = ImageFiles(train_files, options.img_size, options.in_chans, options.resize)
-    del train_files, test_files
-    stats_index = balanced_indices(train_y, STATS_SAMPLE, STATS_SEED)
+    stats_index = balanced_indices(train[1], STATS_SAMPLE, STATS_SEED)
     stats_x = raw(everything if stats_index is None else everything.subset(stats_index))
     if not on_disk:
         picked = {split: (raw(x), y) for split, (x, y) in picked.items()}
@@ -184,10 +223,10 @@ def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = No
         *picked["train"],
         *picked["test"],
         options,
-        source={"dataset": "folder", "path": str(root), "test_folder": test_dir.name},
+        source=source,
         source_size=list(next(iter(sizes))) if len(sizes) == 1 else None,
         source_chans=max(s[0] for s in shapes),
-        num_classes=len(classes),
+        num_classes=num_classes,
         classes=classes,
         stats_x=stats_x,
         extra_record={"storage": "files" if on_disk else "memory"},

@@ -43,6 +43,7 @@ DATASET_POLICIES = {
     "cifar100": "crop_flip",
     "fashion_mnist": "crop_flip",
     "folder": "crop_flip",
+    "shards": "crop_flip",
     "mnist": "crop",
     "kmnist": "crop",
     "usps": "crop",

@@ -28,7 +28,7 @@ class LoadOptions:
         test_limit: Keep at most this many test images.
         seed: Seed of the subsets and of synthetic data.
         resize: ``torch.nn.functional.interpolate`` mode used when sizes differ.
-        in_memory_mb: Image folders whose converted images (train and test
+        in_memory_mb: Image folders and shards whose converted images (train and test
             splits, uint8 at the model's size) take at most this many MiB are
             decoded once and held in memory; larger ones stay on disk and are
             decoded on demand (``modnet.data.ImageFiles``). None: always in memory.

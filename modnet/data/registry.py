@@ -7,6 +7,7 @@ Spec forms:
   or a name added with ``register_dataset``;
 - ``npz:PATH.npz``: an npz archive (see ``modnet.data.arrays``);
 - ``folder:DIR``: an image folder with ``train/`` and ``test/`` (or ``val/``);
+- ``shards:DIR``: WebDataset tar shards of both splits (see ``modnet.data.shards``);
 - ``synth_<attribute>[-<modifier>...]``: the built-in synthetic suite
   (see ``modnet.data.synthetic``).
 """
@@ -22,6 +23,7 @@ from .arrays import load_folder, load_npz
 from .augment import augment_record, set_policy
 from .errors import DataError
 from .options import IN_MEMORY_MB, LoadOptions
+from .shards import load_shards
 from .synthetic import ATTRIBUTES, is_synthetic, load_synthetic
 from .task_data import TASK_NAME, TaskData
 from .torchvision_sets import ROOT_DATASETS, load_root_dataset
@@ -56,7 +58,8 @@ def data_root(root: str | Path | None = None) -> Path | None:
 def list_datasets() -> list[str]:
     """Names ``load_task`` knows: registered datasets and the synthetic tasks (no modifiers).
 
-    Files and folders are loaded by path with ``npz:PATH`` and ``folder:DIR``.
+    Files and folders are loaded by path with ``npz:PATH``, ``folder:DIR`` and
+    ``shards:DIR``.
     """
     return sorted(_LOADERS) + [f"synth_{a}" for a in ATTRIBUTES]
 
@@ -126,7 +129,7 @@ def load_task(
     """Loads a task's data at the model's size and channels (see the module docstring).
 
     Args:
-        spec: Dataset name, ``npz:PATH``, ``folder:DIR`` or ``synth_...``.
+        spec: Dataset name, ``npz:PATH``, ``folder:DIR``, ``shards:DIR`` or ``synth_...``.
         img_size: The model's image side.
         in_chans: The model's input channels (1 or 3).
         root: Data root; default ``$MODNET_DATA_ROOT``.
@@ -142,8 +145,8 @@ def load_task(
         augment: Record the dataset's training augmentation policy in the
             task's transform record (``record["augment"]``, see
             ``modnet.data.augment``); the training loop applies it.
-        in_memory_mb: Image folders larger than this (MiB at the model's size)
-            stay on disk and are decoded on demand; None: always in memory.
+        in_memory_mb: Image folders and shards larger than this (MiB at the
+            model's size) stay on disk and are decoded on demand; None: always in memory.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"a dataset spec must be a non-empty string, got {spec!r}")
@@ -182,11 +185,9 @@ def load_task(
 
 def _dispatch(spec: str, options: LoadOptions) -> TaskData:
     scheme, _, rest = spec.partition(":")
-    if rest and scheme.lower() in ("npz", "folder"):
-        path = _resolve_path(rest, options.root)
-        if scheme.lower() == "npz":
-            return load_npz(path, options)
-        return load_folder(path, options)
+    readers = {"npz": load_npz, "folder": load_folder, "shards": load_shards}
+    if rest and scheme.lower() in readers:
+        return readers[scheme.lower()](_resolve_path(rest, options.root), options)
     if spec in _LOADERS:
         return _LOADERS[spec](spec, options)
     name = ALIASES.get(spec.lower(), spec.lower())
@@ -200,8 +201,9 @@ def _dispatch(spec: str, options: LoadOptions) -> TaskData:
     raise DataError(
         f"unknown dataset {spec!r}{hint}: known datasets are {', '.join(known)}; or give an npz "
         "archive as 'npz:PATH.npz', an image folder as 'folder:DIR' (with train/ and test/ "
-        "class subfolders), or a synthetic task 'synth_<attribute>[-bg][-color][-noise]"
-        "[-holdout]'; register others with modnet.data.register_dataset"
+        "class subfolders), WebDataset tar shards as 'shards:DIR', or a synthetic task "
+        "'synth_<attribute>[-bg][-color][-noise][-holdout]'; register others with "
+        "modnet.data.register_dataset"
     )
 
 

@@ -70,7 +70,7 @@ class TrainConfig:
     eval_micro_batch: int | None = None  # images per forward pass; None: the family's default
     augment: bool = False  # the dataset's training augmentation (modnet.data.augment)
     data_workers: int | None = None  # DataLoader workers for data on disk; None: automatic
-    in_memory_mb: float | None = 1024.0  # image folders above this stay on disk
+    in_memory_mb: float | None = 1024.0  # image folders and shards above this stay on disk
     progress: bool = True
 
     def __post_init__(self) -> None:
