@@ -81,15 +81,17 @@ def test_shards_read_the_pixels_and_labels_of_the_same_folder(both, on_disk):
 
 
 def test_named_shards_in_one_folder_with_a_val_split_and_class_names(both, tmp_path):
+    """The last split word of a name counts: a dataset named "test-set" keeps its splits."""
     folder, shards = both
     named = shard_folder(folder, tmp_path / "named", per_shard=7, named=True)
-    for path in named.glob("data-test-*.tar"):
-        path.rename(path.with_name(path.name.replace("-test-", "-val-")))
+    for path in named.glob("data-*.tar"):
+        renamed = path.name.replace("data-", "test-set-").replace("-test-", "-validation-")
+        path.rename(path.with_name(renamed))
     (named / "classes.txt").write_text("zero\none\ntwo\nthree\n")
     a, b = load(f"shards:{shards}", False), load(f"shards:{named}", False, augment=True)
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert b.transform["classes"] == ["zero", "one", "two", "three"]
-    assert b.transform["source"]["test_split"] == "val"
+    assert b.transform["source"]["test_split"] == "validation"
     assert b.transform["source"]["shards"] == {"train": 9, "test": 3}
     assert b.transform["augment"]["policy"] == "crop_flip"
 
@@ -115,9 +117,10 @@ def _png() -> bytes:
     "members, message",
     [
         ({"a.png": b"", "a.cls": b"0", "b.png": b""}, r"sample 'b' \(and 0 more\) has no label"),
-        ({"a.png": b"", "a.cls": b"cat"}, r"holds 'cat', not a class index"),
+        ({"a.png": b"", "a.cls": b"cat"}, r"holds 'cat', not a class index: .*classes.txt"),
         ({"a.png": b"", "a.jpg": b"", "a.cls": b"0"}, "sample 'a' has two images"),
         ({"a.cls": b"0"}, "sample 'a' .* has a label but no image"),
+        ({"a.b.png": b"", "a.b.cls": b"0"}, "no sample in 1 shard.* up to the first dot"),
     ],
 )
 def test_a_malformed_shard_is_named_with_the_fix(tmp_path, members, message):
@@ -126,15 +129,26 @@ def test_a_malformed_shard_is_named_with_the_fix(tmp_path, members, message):
         load(f"shards:{root}", False)
 
 
-def test_compressed_or_missing_shards_are_refused_before_any_work(tmp_path):
+def test_compressed_incomplete_or_missing_shards_are_refused_before_any_work(tmp_path):
     root = _one_shard(tmp_path / "gz", {"a.png": _png(), "a.cls": b"0"})
     packed = root / "train" / "000000.tar"
-    packed.write_bytes(gzip.compress(packed.read_bytes()))
-    with pytest.raises(DataError, match="as an uncompressed tar .* decompress them"):
+    whole = packed.read_bytes()
+    packed.write_bytes(gzip.compress(whole))
+    with pytest.raises(DataError, match=r"cannot read .*000000.tar as a tar .* it is compressed"):
         load(f"shards:{root}", False)
-    packed.rename(packed.with_suffix(".tar.gz"))
-    with pytest.raises(DataError, match="no train shards .*000000.tar.gz are compressed"):
-        load(f"shards:{root}", False)
+    # a compressed shard beside plain ones is not skipped: it would lose its samples
+    packed.rename(root / "train" / "000001.tar.gz")
+    packed.write_bytes(whole)
+    for name in ("000001.tar.gz", "000001.tgz"):
+        with pytest.raises(DataError, match=f"{name} in .* is compressed: decompress"):
+            load(f"shards:{root}", False)
+        (root / "train" / name).rename(root / "train" / "000001.tgz")
+    (root / "train" / "000001.tgz").unlink()
+    # an interrupted copy: cut in the end-of-archive blocks, in a header, in an image
+    for cut in (len(whole) - 10_000, 1536 + 100, 600):
+        packed.write_bytes(whole[:cut])
+        with pytest.raises(DataError, match="incomplete or damaged|damaged or incomplete"):
+            load(f"shards:{root}", False)
     shutil.rmtree(root / "train")
     with pytest.raises(DataError, match=r"no train shards: expected .*/train/\*.tar"):
         load(f"shards:{root}", False)
@@ -142,22 +156,25 @@ def test_compressed_or_missing_shards_are_refused_before_any_work(tmp_path):
         load(f"shards:{tmp_path / 'absent'}", False)
 
 
-def test_an_image_that_cannot_be_decoded_is_named_by_shard_and_offset(tmp_path):
+def test_an_image_that_cannot_be_decoded_is_named_by_member_and_shard(tmp_path):
     root = _one_shard(tmp_path / "data", {"a.png": _png(), "a.cls": b"0"})
     with tarfile.open(root / "test" / "000000.tar", "w") as tar:
         add(tar, "b.png", b"garbage")
         add(tar, "b.cls", b"0")
     task = load(f"shards:{root}", True)  # on disk: nothing of the test split decoded yet
-    with pytest.raises(
-        DataError, match=r"cannot read the image .*000000.tar at byte 512 .*its shard"
-    ):
+    with pytest.raises(DataError, match=r"cannot read the image b.png of .*000000.tar .*its shard"):
         task.test_x[0]
 
 
-def test_a_label_beyond_the_named_classes_is_refused(tmp_path):
-    root = _one_shard(tmp_path / "data", {"a.png": _png(), "a.cls": b"3"})
+def test_labels_beyond_the_named_classes_or_only_in_the_test_split_are_refused(tmp_path):
+    root = _one_shard(tmp_path / "data", {"a.png": _png(), "a.class": b"3"})
     (root / "classes.txt").write_text("zero\none\n")
     with pytest.raises(DataError, match=r"labels span 3..3, outside 0..1"):
+        load(f"shards:{root}", False)
+    with tarfile.open(root / "test" / "000000.tar", "w") as tar:
+        add(tar, "b.png", _png())
+        add(tar, "b.cls", b"7")
+    with pytest.raises(DataError, match=r"test split has classes \[7\] that no training sample"):
         load(f"shards:{root}", False)
 
 

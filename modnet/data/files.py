@@ -107,7 +107,13 @@ class ImageFiles:
                 f"{path} ends before byte {offset + size}: the file changed since it was listed "
                 "(load the dataset again)"
             )
-        return decode(io.BytesIO(data), name=f"{path} at byte {offset}")
+        try:
+            return decode(io.BytesIO(data))
+        except DataError:
+            raise DataError(
+                f"cannot read the image {member_at(path, offset)} of {path} (not a readable "
+                "image): replace that sample in its shard"
+            ) from None
 
     def load(self, index: int) -> torch.Tensor:
         """Image ``index`` decoded and converted: uint8 [C, H, W]."""
@@ -144,12 +150,19 @@ class ImageFiles:
         return f"ImageFiles({len(self)} files at {self.in_chans}x{self.img_size}x{self.img_size})"
 
 
-def decode(source: str | Path | io.BytesIO, name: str | None = None) -> torch.Tensor:
-    """One image (a file, or its bytes) as a uint8 [C, H, W] tensor (PIL decodes it).
+def member_at(path: Path, offset: int) -> str:
+    """The name of the tar member whose data start at byte ``offset`` (for error messages)."""
+    import tarfile
 
-    ``name`` says where the bytes came from (a shard and offset) in the error
-    raised when they cannot be read.
-    """
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            return next(m.name for m in tar if m.offset_data == offset)
+    except (OSError, StopIteration, tarfile.TarError):
+        return f"at byte {offset}"
+
+
+def decode(source: str | Path | io.BytesIO) -> torch.Tensor:
+    """One image (a file, or its bytes) as a uint8 [C, H, W] tensor (PIL decodes it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -157,5 +170,6 @@ def decode(source: str | Path | io.BytesIO, name: str | None = None) -> torch.Te
             image.load()
             return image_to_tensor(image)
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        fix = "replace that sample in its shard" if name else "delete or replace the file"
-        raise DataError(f"cannot read the image {name or source} ({error}): {fix}") from None
+        raise DataError(
+            f"cannot read the image {source} ({error}): delete or replace the file"
+        ) from None

@@ -6,22 +6,26 @@ The layout is WebDataset's (https://github.com/webdataset/webdataset): each
 shard is a plain ``.tar`` whose members are grouped into samples by key, the
 member's path up to the first dot of its file name; a sample here is an image
 (``KEY.jpg``, ``.png``, ... any of ``IMAGE_EXTENSIONS``) and its class index as
-text (``KEY.cls``). Other members (``.json``, ``.txt``) are ignored. Shards are
-found as
+decimal text (``KEY.cls``, or ``.class``, ``.cls.txt``), which is what
+``webdataset.TarWriter`` writes for ``{"__key__": key, "png": image, "cls": 3}``.
+Other members (``.json``, ``.txt``) are ignored. Shards are found as
 
-- ``DIR/train/*.tar`` and ``DIR/test/*.tar`` (or ``DIR/val/*.tar``), or
-- ``DIR/*.tar`` whose names hold the split as a word: ``imagenet-train-000000.tar``,
-  ``imagenet-val-000000.tar``;
+- ``DIR/train/*.tar`` and ``DIR/test/*.tar`` (or ``val/``, ``validation/``), or
+- ``DIR/*.tar`` named with the split as a word: ``imagenet-train-000000.tar``,
+  ``imagenet-val-000000.tar``; the last split word of a name counts, so
+  ``test-set-train-0.tar`` is a training shard;
 
 and an optional ``DIR/classes.txt`` names the classes, one per line in class
-order (without it the number of classes is the largest label + 1).
+order (without it the number of classes is the largest label + 1). Every test
+class needs training samples.
 
 Each shard's member headers are read once (Python's ``tarfile``; the images
 are skipped, not read) into an index of byte ranges, and images are decoded
 from their ranges when used (``ImageFiles``). So the data are random-access
 like an image folder: the sample order stays a pure function of the step
 (exact resume, ranks without overlap), which a streaming reader cannot give.
-Compressed shards (``.tar.gz``) cannot be read by byte range and are refused.
+Compressed shards (``.tar.gz``) cannot be read by byte range and are refused,
+as are shards that end mid-archive (an interrupted copy).
 """
 
 from __future__ import annotations
@@ -41,55 +45,68 @@ from .options import LoadOptions
 from .task_data import TaskData, valid_task_name
 
 IMAGE_SUFFIXES = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)
-LABEL_SUFFIXES = frozenset({"cls", "cls.txt"})
-SPLITS = {"train": ("train",), "test": ("test", "val")}
+LABEL_SUFFIXES = frozenset({"cls", "class", "cls.txt"})
+SPLITS = {"train": ("train",), "test": ("test", "val", "validation")}
+SPLIT_WORDS = {word: split for split, words in SPLITS.items() for word in words}
+COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+# Leading bytes of compressed files: gzip, bzip2, xz, zstd.
+MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+BLOCK = tarfile.BLOCKSIZE
+
+
+def split_word(name: str) -> str | None:
+    """The last split word (``train``, ``test``, ``val``, ``validation``) of a file name."""
+    words = [w for w in re.split(r"[^a-z]+", name.lower()) if w in SPLIT_WORDS]
+    return words[-1] if words else None
 
 
 def find_shards(root: Path) -> tuple[dict[str, list[Path]], str]:
-    """The shards of each split (sorted) and the name of the test split's folder or word.
+    """The shards of each split (sorted) and the test split's folder or word.
 
     Raises:
-        DataError: No folder at ``root``, or a split without shards.
+        DataError: No folder at ``root``, a split without shards, or compressed
+            shards among them.
     """
     layout = (
-        f"expected {root}/train/*.tar and {root}/test/*.tar (or val/), or shards named "
-        f"like {root}/NAME-train-000000.tar and NAME-test-000000.tar (or -val-)"
+        f"expected {root}/train/*.tar and {root}/test/*.tar (or val/, validation/), or "
+        f"shards named like {root}/NAME-train-000000.tar and NAME-test-000000.tar (or -val-)"
     )
     if not root.is_dir():
-        raise DataError(f"no folder at {root}: check the path; {layout}")
+        raise DataError(
+            f"no folder at {root}: check the path (relative paths are read from the current "
+            f"folder, then from the data root); {layout}"
+        )
     found: dict[str, list[Path]] = {}
-    test_name = "test"
-    for split, names in SPLITS.items():
-        for name in names:
-            if (root / name).is_dir():
-                shards = sorted((root / name).glob("*.tar"))
-            else:
-                shards = sorted(
-                    p for p in root.glob("*.tar") if name in re.split(r"[-_.]", p.stem.lower())
-                )
-            if shards:
-                found[split] = shards
-                test_name = name if split == "test" else test_name
-                break
-    compressed = sorted(p.name for p in root.rglob("*.tar.*"))[:3]
-    for split in SPLITS:
-        if split not in found:
-            hint = (
-                f" ({', '.join(compressed)} are compressed: decompress them, as images in "
-                "compressed shards cannot be read by byte range)"
-                if compressed
-                else ""
+    names: dict[str, str] = {}
+    for split, words in SPLITS.items():
+        folder = next((root / w for w in words if (root / w).is_dir()), None)
+        if folder is not None:
+            candidates = sorted(p for p in folder.iterdir() if p.is_file())
+            names[split] = folder.name
+        else:
+            candidates = sorted(
+                p for p in root.iterdir() if SPLIT_WORDS.get(split_word(p.name) or "") == split
             )
-            raise DataError(f"{root} has no {split} shards{hint}: {layout}")
-    return found, test_name
+            names[split] = split_word(candidates[0].name) if candidates else words[0]
+        packed = [p.name for p in candidates if p.name.lower().endswith(COMPRESSED)]
+        if packed:
+            raise DataError(
+                f"{', '.join(packed[:3])} in {root} {'is' if len(packed) == 1 else 'are'} "
+                "compressed: decompress every shard (images in compressed shards cannot be "
+                "read by byte range, and JPEG/PNG images are compressed already)"
+            )
+        found[split] = [p for p in candidates if p.suffix.lower() == ".tar"]
+        if not found[split]:
+            raise DataError(f"{root} has no {split} shards: {layout}")
+    return found, names["test"]
 
 
 def index_shard(path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Every sample of one shard, in its order: image offsets, sizes (bytes) and labels.
 
     Raises:
-        DataError: Not an uncompressed tar; a sample without an image or a label,
-            with two images, or with a label that is not an integer.
+        DataError: Not a tar, compressed, or ending mid-archive; a sample without an
+            image or a label, with two images, or with a label that is not an integer.
     """
     images: dict[str, tuple[int, int]] = {}
     labels: dict[str, int] = {}
@@ -116,13 +133,20 @@ def index_shard(path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
                     except ValueError:
                         raise DataError(
                             f"{path}: {member.name} holds {text[:20]!r}, not a class index: "
-                            "write each label as an integer 0..num_classes-1"
+                            "write each label as its class index 0..K-1 (the class names go "
+                            "in classes.txt beside the shards, one per line)"
                         ) from None
+            end = tar.offset  # where reading stopped: the end-of-archive block, if complete
     except (tarfile.ReadError, EOFError) as error:
-        raise DataError(
-            f"cannot read {path} as an uncompressed tar ({error}): shards must be plain .tar "
-            "files (compressed ones cannot be read by byte range; decompress them)"
-        ) from None
+        with open(path, "rb") as file:
+            compressed = file.read(6).startswith(MAGIC)
+        fix = (
+            "it is compressed: decompress it (compressed shards cannot be read by byte range)"
+            if compressed
+            else "it is damaged or incomplete: copy or write it again"
+        )
+        raise DataError(f"cannot read {path} as a tar ({error}): {fix}") from None
+    _check_complete(path, end, images)
     unlabelled = [k for k in images if k not in labels]
     if unlabelled:
         raise DataError(
@@ -139,6 +163,24 @@ def index_shard(path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return ranges[:, 0], ranges[:, 1], [labels[k] for k in images]
 
 
+def _check_complete(path: Path, end: int, images: dict[str, tuple[int, int]]) -> None:
+    """Refuses a shard whose listing stopped before its end-of-archive block.
+
+    Python's ``tarfile`` stops listing silently at a truncated or damaged header,
+    so a shard cut short by an interrupted copy would lose samples unnoticed.
+    """
+    size = path.stat().st_size
+    last = max((offset + length for offset, length in images.values()), default=0)
+    with open(path, "rb") as file:
+        file.seek(end)
+        block = file.read(BLOCK)
+    if last > size or len(block) < BLOCK or block.count(0) != BLOCK:
+        raise DataError(
+            f"{path} ends mid-archive (its listing stops at byte {min(end, size)} of {size}): "
+            "the shard is incomplete or damaged; copy or write it again"
+        )
+
+
 def _split(shards: list[Path], options: LoadOptions) -> tuple[ImageFiles, torch.Tensor]:
     offsets, sizes, labels, counts = [], [], [], []
     for shard in shards:
@@ -147,6 +189,12 @@ def _split(shards: list[Path], options: LoadOptions) -> tuple[ImageFiles, torch.
         sizes.append(s)
         labels += y
         counts.append(len(y))
+    if not labels:
+        raise DataError(
+            f"{shards[0].parent}: no sample in {len(shards)} shard(s) like {shards[0].name}: a "
+            "sample is an image KEY.png (.jpg, ...) and its label KEY.cls, the key being the "
+            "member's name up to the first dot of its file name"
+        )
     paths = np.array([os.fsencode(str(s)) for s in shards], dtype=np.bytes_)
     files = ImageFiles(
         np.repeat(paths, counts),
@@ -181,6 +229,12 @@ def load_shards(path: str | Path, options: LoadOptions, *, name: str | None = No
     if names_file.is_file():
         classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
     train, test = _split(shards["train"], options), _split(shards["test"], options)
+    unseen = sorted(set(test[1].tolist()) - set(train[1].tolist()))
+    if unseen:
+        raise DataError(
+            f"{root}: the test split has classes {unseen[:5]} that no training sample has: "
+            "every test class needs training samples (add them, or drop those test samples)"
+        )
     return load_images(
         name or valid_task_name(root.name),
         train,
