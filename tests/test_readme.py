@@ -1,6 +1,7 @@
 """The README's Python examples run as written, top to bottom, like a notebook."""
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,4 +17,4 @@ def test_readme_python_examples_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for index, block in enumerate(blocks):
-        exec(compile(block, f"README.md[python block {index}]", "exec"), namespace)
+        exec(compile(textwrap.dedent(block), f"README.md[python block {index}]", "exec"), namespace)

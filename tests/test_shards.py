@@ -214,17 +214,17 @@ from modnet.data import eval_batches, load_task
 task = load_task("shards:" + sys.argv[1], img_size=8, in_memory_mb=0)
 every = dataclasses.replace(task, test_x=task.train_x, test_y=task.train_y)  # read the train split
 seen = sum(len(y) for _, y in eval_batches(every, 64, workers=1))
-assert seen == len(task.train_y) > 1000
+assert seen == len(task.train_y) >= 1000
 """
 
 
 @pytest.mark.slow
 def test_peak_memory_reading_shards_does_not_grow_with_the_number_of_images(tmp_path):
-    """Index and read every image of 2,000 and of 20,000: the same peak RSS within 10 %."""
+    """Index and read every image of 1,000 and of 10,000: the same peak RSS within 10 %."""
     peaks = {}
-    for count in (2_000, 20_000):
+    for count in (1_000, 10_000):
         root = write_tiny_shards(tmp_path / f"n{count}", train=count, test=64)
         peaks[count] = peak_rss(READ_ALL, str(root))
     print(f"peak RSS in KiB (own process, largest loader worker): {peaks}")
     for side in ("own", "workers"):
-        assert peaks[20_000][side] <= 1.1 * peaks[2_000][side], (side, peaks)
+        assert peaks[10_000][side] <= 1.1 * peaks[1_000][side], (side, peaks)
