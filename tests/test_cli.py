@@ -81,6 +81,14 @@ def test_console_entry_point_and_help():
         assert command in done.stdout
 
 
+def test_adapt_takes_transfers_spelling_of_where_the_route_starts():
+    from modnet.cli import build_parser
+
+    for spelling in ("--init", "--init-from"):
+        args = build_parser().parse_args(["adapt", "runs/x", "--target", "t", spelling, "nearest"])
+        assert args.init == "nearest"
+
+
 def test_cli_errors_are_messages_not_tracebacks(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "modnet", "eval", str(tmp_path)],

@@ -71,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--init",
+        "--init-from",  # transfer's spelling of the same choice
+        dest="init",
         help="where the target's route and statistics start: average (of the sources), "
         "nearest (the source whose features the target's images match best, chosen "
         "without labels) or a source task",
