@@ -96,6 +96,22 @@ def test_named_shards_in_one_folder_with_a_val_split_and_class_names(both, tmp_p
     assert b.transform["augment"]["policy"] == "crop_flip"
 
 
+def test_flat_shards_pick_one_test_split_and_refuse_shards_of_no_split(both, tmp_path):
+    folder, shards = both
+    flat = shard_folder(folder, tmp_path / "flat", per_shard=7, named=True)
+    for path in flat.glob("data-test-*.tar"):  # a validation split beside the test split
+        shutil.copy(path, path.with_name(path.name.replace("-test-", "-val-")))
+    task = load(f"shards:{flat}", False)
+    assert len(task.test_y) == 20 and task.transform["source"]["test_split"] == "test"
+    (flat / "extra-000000.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="extra-000000.tar in .* name no split"):
+        load(f"shards:{flat}", False)
+    folders = shutil.copytree(shards, tmp_path / "folders")
+    (flat / "extra-000000.tar").rename(folders / "loose-train-000000.tar")
+    with pytest.raises(DataError, match=r"holds split folders \(train, test\) and also the "):
+        load(f"shards:{folders}", False)
+
+
 def _one_shard(root: Path, members: dict[str, bytes]) -> Path:
     for split in ("train", "test"):
         (root / split).mkdir(parents=True, exist_ok=True)
@@ -140,7 +156,7 @@ def test_compressed_incomplete_or_missing_shards_are_refused_before_any_work(tmp
     packed.rename(root / "train" / "000001.tar.gz")
     packed.write_bytes(whole)
     for name in ("000001.tar.gz", "000001.tgz"):
-        with pytest.raises(DataError, match=f"{name} in .* is compressed: decompress"):
+        with pytest.raises(DataError, match=f"train/{name} in .* is compressed: decompress"):
             load(f"shards:{root}", False)
         (root / "train" / name).rename(root / "train" / "000001.tgz")
     (root / "train" / "000001.tgz").unlink()

@@ -15,6 +15,9 @@ Other members (``.json``, ``.txt``) are ignored. Shards are found as
   ``imagenet-val-000000.tar``; the last split word of a name counts, so
   ``test-set-train-0.tar`` is a training shard;
 
+where test shards, when there are any, are the test split, else val's, else
+validation's (the others are not read); a shard that belongs to no split is refused;
+
 and an optional ``DIR/classes.txt`` names the classes, one per line in class
 order (without it the number of classes is the largest label + 1). Every test
 class needs training samples.
@@ -73,32 +76,53 @@ def find_shards(root: Path) -> tuple[dict[str, list[Path]], str]:
     )
     if not root.is_dir():
         raise DataError(
-            f"no folder at {root}: check the path (relative paths are read from the current "
-            f"folder, then from the data root); {layout}"
+            f"no folder at {root}: check the path (a relative path, as recorded by a run, is "
+            f"read from the current folder, then from --data-root); {layout}"
         )
+    folders = [w for w in SPLIT_WORDS if (root / w).is_dir()]
+    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_shard(p))
+    if folders:
+        if loose:
+            raise DataError(
+                f"{root} holds split folders ({', '.join(folders)}) and also the shards "
+                f"{', '.join(p.name for p in loose[:3])}: move those into a split folder"
+            )
+        by_word = {w: sorted(p for p in (root / w).iterdir() if p.is_file()) for w in folders}
+    else:
+        unnamed = [p.name for p in loose if split_word(p.name) is None]
+        if unnamed:
+            raise DataError(
+                f"{', '.join(unnamed[:3])} in {root} name no split: name shards "
+                "NAME-train-000000.tar and NAME-test-000000.tar (or -val-), or put them in "
+                "train/ and test/ folders"
+            )
+        by_word = {}
+        for path in loose:
+            by_word.setdefault(split_word(path.name), []).append(path)
     found: dict[str, list[Path]] = {}
     names: dict[str, str] = {}
     for split, words in SPLITS.items():
-        folder = next((root / w for w in words if (root / w).is_dir()), None)
-        if folder is not None:
-            candidates = sorted(p for p in folder.iterdir() if p.is_file())
-            names[split] = folder.name
-        else:
-            candidates = sorted(
-                p for p in root.iterdir() if SPLIT_WORDS.get(split_word(p.name) or "") == split
-            )
-            names[split] = split_word(candidates[0].name) if candidates else words[0]
-        packed = [p.name for p in candidates if p.name.lower().endswith(COMPRESSED)]
+        # the first of the split's words that has shards: test before val, as with folders
+        word = next((w for w in words if by_word.get(w)), words[0])
+        candidates = by_word.get(word, [])
+        names[split] = word
+        packed = [p for p in candidates if p.name.lower().endswith(COMPRESSED)]
         if packed:
             raise DataError(
-                f"{', '.join(packed[:3])} in {root} {'is' if len(packed) == 1 else 'are'} "
-                "compressed: decompress every shard (images in compressed shards cannot be "
-                "read by byte range, and JPEG/PNG images are compressed already)"
+                f"{', '.join(str(p.relative_to(root)) for p in packed[:3])} in {root} "
+                f"{'is' if len(packed) == 1 else 'are'} compressed: decompress every shard "
+                "(images in compressed shards cannot be read by byte range, and JPEG/PNG "
+                "images are compressed already)"
             )
         found[split] = [p for p in candidates if p.suffix.lower() == ".tar"]
         if not found[split]:
             raise DataError(f"{root} has no {split} shards: {layout}")
     return found, names["test"]
+
+
+def _is_shard(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".tar") or name.endswith(COMPRESSED)
 
 
 def index_shard(path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -176,8 +200,8 @@ def _check_complete(path: Path, end: int, images: dict[str, tuple[int, int]]) ->
         block = file.read(BLOCK)
     if last > size or len(block) < BLOCK or block.count(0) != BLOCK:
         raise DataError(
-            f"{path} ends mid-archive (its listing stops at byte {min(end, size)} of {size}): "
-            "the shard is incomplete or damaged; copy or write it again"
+            f"{path} ends mid-archive (no end-of-archive block after byte {min(end, size)} of "
+            f"{size}): the shard is incomplete or damaged; copy or write it again"
         )
 
 
