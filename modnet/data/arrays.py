@@ -168,7 +168,6 @@ def load_images(
     *,
     source: dict[str, Any],
     classes: list[str] | None = None,
-    num_classes: int | None = None,
 ) -> TaskData:
     """A task from images on disk (every image of each split and its label).
 
@@ -184,14 +183,13 @@ def load_images(
         test: All test images and their labels [M].
         options: Size, channels, limits, seed and the in-memory threshold.
         source: The record of where the images came from.
-        classes: Class names (their count is the number of classes).
-        num_classes: The number of classes without names; default: the largest label + 1.
+        classes: Class names (their count is the number of classes); None: the
+            largest label + 1 classes, unnamed.
 
     Raises:
         DataError: Labels outside the classes, an image that cannot be read.
     """
-    num_classes = len(classes) if classes is not None else num_classes
-    num_classes = check_labels(name, train[1], test[1], num_classes)
+    num_classes = check_labels(name, train[1], test[1], None if classes is None else len(classes))
     everything = train[0]
     picked = {}
     for split, (files, labels) in (("train", train), ("test", test)):
