@@ -140,6 +140,15 @@ def test_npz_by_path_names_the_task_after_the_file(tmp_path):
     assert load_task("npz:my data.v2.npz", root=tmp_path).name == "my_data_v2"
 
 
+def test_npz_test_classes_without_training_samples_are_refused(tmp_path):
+    arrays = fake_arrays(channels=3, size=8)
+    arrays["test_y"] = arrays["test_y"].copy()
+    arrays["test_y"][3] = 4  # a fifth class only the test split has: it would grow the head
+    np.savez(tmp_path / "unseen.npz", **arrays)
+    with pytest.raises(DataError, match=r"unseen: the test split has classes \[4\] that no train"):
+        load_task(f"npz:{tmp_path / 'unseen.npz'}")
+
+
 def test_npz_grayscale_hw_arrays_and_rgb_to_gray_luminance(tmp_path):
     gray = fake_arrays(channels=0, size=32)
     np.savez(tmp_path / "gray.npz", **gray)

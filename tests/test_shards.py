@@ -187,6 +187,7 @@ def test_labels_beyond_the_named_classes_or_only_in_the_test_split_are_refused(t
     (root / "classes.txt").write_text("zero\none\n")
     with pytest.raises(DataError, match=r"labels span 3..3, outside 0..1"):
         load(f"shards:{root}", False)
+    (root / "classes.txt").unlink()
     with tarfile.open(root / "test" / "000000.tar", "w") as tar:
         add(tar, "b.png", _png())
         add(tar, "b.cls", b"7")

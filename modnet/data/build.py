@@ -76,7 +76,8 @@ def check_label_outliers(name: str, labels: torch.Tensor) -> None:
 def check_labels(
     name: str, train_y: torch.Tensor, test_y: torch.Tensor, num_classes: int | None
 ) -> int:
-    """Checks that both splits are non-empty and labels are 0..K-1; returns K."""
+    """Checks that both splits are non-empty, labels are 0..K-1 and every test class
+    has training samples (a head cannot learn a class it never sees); returns K."""
     for split, y in (("train", train_y), ("test", test_y)):
         if len(y) == 0:
             raise DataError(
@@ -92,6 +93,12 @@ def check_labels(
             f"{name}: labels span {low}..{high}, outside 0..{num_classes - 1}: labels must be "
             "class indices 0..num_classes-1 (remap them, e.g. with np.unique(y, "
             "return_inverse=True))"
+        )
+    unseen = np.setdiff1d(test_y.unique().numpy(), train_y.unique().numpy()).tolist()
+    if unseen:
+        raise DataError(
+            f"{name}: the test split has classes {unseen[:5]} that no training sample has: "
+            "every test class needs training samples (add them, or drop those test samples)"
         )
     return num_classes
 
