@@ -26,15 +26,25 @@ from modnet.train import TrainConfig
 QUICK_MODEL = dict(depth=4, width=12, exp_ratio=2.0, img_size=16, num_templates=3)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless its help already names it or
+    the option has none (``None``, an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument(
         "--data-root",
         default=os.environ.get("MODNET_DATA_ROOT"),
         help="folder with the real datasets (default: $MODNET_DATA_ROOT)",
     )
     p.add_argument("--out", default=default_out, help="output folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--epochs", type=int, default=None, help="override the epochs")
     p.add_argument("--train-limit", type=int, default=None, help="training images per task")
     p.add_argument(

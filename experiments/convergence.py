@@ -24,7 +24,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import QUICK_MODEL, command_line, markdown_table, write_results  # noqa: E402
+from experiments.common import (  # noqa: E402
+    QUICK_MODEL,
+    HelpFormatter,
+    command_line,
+    markdown_table,
+    write_results,
+)
 from modnet.plot import _new_figure, _save, read_metrics  # noqa: E402
 from modnet.train import TrainConfig, train  # noqa: E402
 
@@ -83,7 +89,10 @@ def curves(runs: dict[str, dict[str, list[tuple[float, float]]]], path: Path) ->
 
 
 def main(argv=None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description="Convergence of training runs: curves and plateaus")
+    p = argparse.ArgumentParser(
+        description="Convergence of training runs: curves and plateaus",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("runs", nargs="*", help="run directories of `modnet train`")
     p.add_argument("--out", default="runs/experiments/convergence", help="output folder")
     p.add_argument("--criterion", type=float, default=0.5, help="plateau: gain under this (points)")

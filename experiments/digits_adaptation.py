@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import cell, markdown_table, write_results  # noqa: E402
+from experiments.common import HelpFormatter, cell, markdown_table, write_results  # noqa: E402
 from modnet import io  # noqa: E402
 from modnet.adapt import (  # noqa: E402
     OBJECTIVES,
@@ -624,8 +624,11 @@ def base_config(setup: Setup, pool: Path | None, data_root: str | None) -> Train
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/experiments/digits_adaptation")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--out", default="runs/experiments/digits_adaptation", help="output folder")
     parser.add_argument(
         "--data-root",
         default=os.environ.get("MODNET_DATA_ROOT"),

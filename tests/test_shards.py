@@ -104,8 +104,12 @@ def test_flat_shards_pick_one_test_split_and_refuse_shards_of_no_split(both, tmp
     task = load(f"shards:{flat}", False)
     assert len(task.test_y) == 20 and task.transform["source"]["test_split"] == "test"
     (flat / "extra-000000.tar").write_bytes(b"")
-    with pytest.raises(DataError, match="extra-000000.tar in .* name no split"):
+    with pytest.raises(DataError, match="extra-000000.tar in .* names no split"):
         load(f"shards:{flat}", False)
+    (flat / "more-000000.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="extra-000000.tar, more-000000.tar in .* name no split"):
+        load(f"shards:{flat}", False)
+    (flat / "more-000000.tar").unlink()
     folders = shutil.copytree(shards, tmp_path / "folders")
     (flat / "extra-000000.tar").rename(folders / "loose-train-000000.tar")
     with pytest.raises(DataError, match=r"holds split folders \(train, test\) and also the "):

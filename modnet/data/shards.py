@@ -92,7 +92,8 @@ def find_shards(root: Path) -> tuple[dict[str, list[Path]], str]:
         unnamed = [p.name for p in loose if split_word(p.name) is None]
         if unnamed:
             raise DataError(
-                f"{', '.join(unnamed[:3])} in {root} name no split: name shards "
+                f"{', '.join(unnamed[:3])} in {root} "
+                f"{'names' if len(unnamed) == 1 else 'name'} no split: name shards "
                 "NAME-train-000000.tar and NAME-test-000000.tar (or -val-), or put them in "
                 "train/ and test/ folders"
             )
