@@ -57,7 +57,8 @@ class ModularNet(nn.Module):
             ``straight_through`` (see ``SoftRoute``); softmax and sparsemax routes only.
         hyper_dim: Task-embedding size for ``route="hyper"``.
         hyper_hidden: Hidden width of the hypernetwork (0 for a linear map).
-        hyper_normalize: ``"linear"`` or ``"softmax"`` for hypernetwork coefficients.
+        hyper_normalize: ``"linear"``, ``"softmax"`` or ``"sparsemax"`` for hypernetwork
+            coefficients.
         drop_path_rate: Stochastic depth (Huang et al. 2016, "Deep Networks with
             Stochastic Depth"): a float gives layer position ``l`` the rate
             ``drop_path_rate * l / (depth - 1)`` (timm's linear rule); a sequence

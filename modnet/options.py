@@ -16,6 +16,7 @@ import timm
 from torch import nn
 
 from .errors import ConfigError
+from .routing import NORMALIZATIONS
 
 # option: (kind, low, high); kind "int" or "float"; bounds inclusive, None for open.
 NUMERIC = {
@@ -39,7 +40,7 @@ NUMERIC = {
 CHOICES = {
     "route": ("softmax", "linear", "sparsemax", "hard", "hyper"),
     "route_init": ("random", "uniform", "cyclic"),
-    "hyper_normalize": ("linear", "softmax"),
+    "hyper_normalize": NORMALIZATIONS,
 }
 BOOLEAN = ("anisotropic",)
 

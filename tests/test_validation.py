@@ -61,6 +61,7 @@ def test_grad_clip_zero_disables_clipping():
             "route='sparse' is not one of softmax, linear, sparsemax, hard, hyper",
         ),
         (dict(anisotropic="yes"), "anisotropic must be True or False"),
+        (dict(hyper_normalize="tanh"), "hyper_normalize='tanh' is not one of .*sparsemax"),
         (dict(img_size=10, stem_stride=4), "img_size=10 must be divisible by stem_stride=4"),
     ],
 )
@@ -76,6 +77,10 @@ def test_unknown_model_and_unknown_option():
         create_model("modnet_conv_tiny", dict(widht=8))
     model = create_model("modnet_conv_tiny", dict(width=8, depth=2, img_size=8))
     assert model.config["width"] == 8 and model.depth == 2
+    # every normalisation a hypernetwork has is accepted as a model option
+    options = dict(width=8, depth=2, img_size=8, route="hyper", hyper_normalize="sparsemax")
+    check_model_options("modnet_conv_tiny", options)
+    assert create_model("modnet_conv_tiny", options).hypernet.normalize == "sparsemax"
 
 
 def test_empty_task_list_is_an_error_not_the_default_suite(tmp_path, capsys):
