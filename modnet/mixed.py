@@ -14,10 +14,7 @@ runs the batch in one of three ways (``ModularNet.mixed_batches``):
   tasks with equal sample counts (``CHUNK_BYTES`` of mixed weights, at most
   ``CHUNK_SAMPLES`` samples) has each layer's weights mixed just before its
   samples use them, and runs the grouped block with one matmul per task; a task
-  alone in its chunk (many samples) runs all its layers as in ``split``. Without
-  autograd the chunks' weights are mixed into one workspace per forward
-  (``TemplatePool.mix(out=...)``): fresh weights per chunk and layer fault in
-  new pages every time.
+  alone in its chunk (many samples) runs all its layers as in ``split``.
 
 Every way gives each sample the result of running its task's samples alone.
 """
@@ -311,30 +308,23 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
             )
             for i, c in grouped
         }
-        # Without autograd every chunk's weights are mixed into one reused workspace:
-        # fresh weights for every chunk and layer would fault in new pages each time.
-        workspace = None
-        if not torch.is_grad_enabled():
-            workspace = pool.mix_workspace(max(len(c.tasks) for _, c in grouped), x)
         for layer in range(model.depth):
             for i, c in grouped:
                 parts[i] = _run_grouped(
-                    model, parts[i], layer, c, names, coefficients, runs, *index[i], workspace
+                    model, parts[i], layer, c, names, coefficients, runs, *index[i]
                 )
         outputs.update(parts)
     x = torch.cat([outputs[i] for i in range(len(chunks))])
     return x[torch.argsort(order)]
 
 
-def _run_grouped(
-    model, rows, layer, chunk, names, coefficients, runs, tasks, ids, workspace
-) -> torch.Tensor:
+def _run_grouped(model, rows, layer, chunk, names, coefficients, runs, tasks, ids) -> torch.Tensor:
     """The tasks of the chunk at once, with one matmul per task in linear layers.
 
     ``tasks`` indexes the chunk's tasks in ``coefficients``; ``ids`` is every row's
-    index among them; ``workspace`` (or ``None``) receives the mixed weights."""
+    index among them."""
     pool = model.pool
-    weights = pool.mix(coefficients[tasks, layer], out=workspace)
+    weights = pool.mix(coefficients[tasks, layer])
     stats = {
         name: torch.stack(
             [model.norm_stats[names[t]].layer_stack(name)[layer] for t in chunk.tasks]

@@ -183,9 +183,7 @@ class TemplatePool(nn.Module):
         """
         return {name: self.stacked(name).index_select(0, indices) for name in self.tensor_names}
 
-    def mix(
-        self, coefficients: torch.Tensor, out: Mapping[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
+    def mix(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mixed weights of every layer: ``W[l] = sum_k c[l, k] T[k]`` as ``[L, *shape]``.
 
         Args:
@@ -193,21 +191,7 @@ class TemplatePool(nn.Module):
                 ``[L, K, num_tensors]`` (anisotropic: one per parameter tensor). ``K``
                 may be smaller than the pool: a route sees the templates that existed
                 when it was made, which keeps old tasks bit-identical after growth.
-            out: Optional workspace from ``mix_workspace`` (at least ``L`` rows) that
-                the weights are written into, without autograd: reusing it keeps
-                repeated mixes in cache instead of faulting in fresh pages each time.
-
-        Returns:
-            ``{tensor name: [L, *shape]}``; views of ``out`` when it is given.
-
-        Raises:
-            RuntimeError: ``out`` given while gradients are recorded.
         """
-        if out is not None and torch.is_grad_enabled():
-            raise RuntimeError(
-                "TemplatePool.mix(out=...) writes weights without autograd: call it under "
-                "torch.no_grad(), or leave out out= to mix differentiably"
-            )
         layers, count = coefficients.shape[:2]
         mixed = {}
         # The mix runs in the templates' dtype, outside autocast: mixed norm parameters
@@ -217,30 +201,11 @@ class TemplatePool(nn.Module):
             for g, name in enumerate(self.tensor_names):
                 templates = self.stacked(name, count)
                 c = coefficients if coefficients.ndim == 2 else coefficients[:, :, g]
-                c = c.to(templates.dtype)
-                if out is not None:
-                    rows = out[name][:layers]
-                    torch.mm(c, templates.reshape(count, -1), out=rows)
-                    mixed[name] = rows.view(layers, *self.tensor_shapes[name])
-                    continue
                 # As a linear layer over the templates' transpose: for the few rows of
                 # c and K of 4-16 this is an order of magnitude faster than ``c @ T``.
-                flat = nn.functional.linear(c, templates.reshape(count, -1).t())
+                flat = nn.functional.linear(c.to(templates.dtype), templates.reshape(count, -1).t())
                 mixed[name] = flat.view(layers, *self.tensor_shapes[name])
         return mixed
-
-    def mix_workspace(self, rows: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Room for ``rows`` mixed weight sets, ``{tensor name: [rows, numel]}``, in the
-        templates' dtype on ``like``'s device: the ``out`` of ``mix``."""
-        return {
-            name: torch.empty(
-                rows,
-                torch.Size(self.tensor_shapes[name]).numel(),
-                dtype=self.chunks[0].tensor(name).dtype,
-                device=like.device,
-            )
-            for name in self.tensor_names
-        }
 
     # -------------------------------------------------------------------- running
     def run(

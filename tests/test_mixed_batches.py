@@ -139,34 +139,6 @@ def test_grouped_batch_drops_paths_at_each_position_rate(path):
     assert any(not torch.allclose(t, evaluated) for t in trained)  # the last layer drops
 
 
-@pytest.mark.parametrize("make", [tiny_vit, tiny_conv], ids=["vit", "conv"])
-def test_chunked_inference_mixes_into_one_workspace(make, monkeypatch):
-    model = moved_off_init(make(tasks={f"t{i}": 3 for i in range(4)}, route="softmax")).eval()
-    reference = copy.deepcopy(model)
-    monkeypatch.setattr(mixed, "CHUNK_SAMPLES", 4)  # 4 tasks of 2 samples: 2 chunks of 2 tasks
-    workspaces = []
-    allocate = model.pool.mix_workspace
-    monkeypatch.setattr(
-        model.pool, "mix_workspace", lambda *a: workspaces.append(allocate(*a)) or workspaces[-1]
-    )
-    x, ids = images(model, batch=8), torch.arange(8) % 4
-    with torch.no_grad():
-        out = model(x, ids)
-    assert len(workspaces) == 1 and next(iter(workspaces[0].values())).shape[0] == 2
-    for _name, (rows, alone) in per_task(reference, x, ids).items():
-        torch.testing.assert_close(out[rows], alone, rtol=0, atol=1e-5)
-    # the workspace holds exactly what a fresh mix gives
-    coefficients = torch.randn(2, model.pool.num_templates)
-    with torch.no_grad():
-        fresh = model.pool.mix(coefficients)
-        written = model.pool.mix(coefficients, out=workspaces[0])
-    for name, value in fresh.items():
-        assert torch.equal(written[name], value), name
-        assert written[name].data_ptr() == workspaces[0][name].data_ptr()
-    with pytest.raises(RuntimeError, match=r"under torch.no_grad\(\)"):
-        model.pool.mix(coefficients, out=workspaces[0])
-
-
 def test_chunks_hold_tasks_with_equal_counts_within_the_budget():
     layer = 2**20  # one task's mixed layer weights: 1 MiB
     chunks = mixed.plan_chunks([1, 3, 0, 1, 3, 1, 16], layer)
