@@ -31,8 +31,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     the option has none (``None``, an off switch)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "default" in (action.help or "") or action.default in (None, False):
+        default = action.default
+        if "default" in (action.help or "") or default is None or default is False:
             return action.help
+        if isinstance(default, (list, tuple)):  # as it is typed: 0 1 2
+            return f"{action.help} (default: {' '.join(map(str, default))})"
         return super()._get_help_string(action)
 
 
@@ -45,8 +48,9 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=default_out, help="output folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    p.add_argument("--epochs", type=int, default=None, help="override the epochs")
-    p.add_argument("--train-limit", type=int, default=None, help="training images per task")
+    own = "(default: the experiment's own)"
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs {own}")
+    p.add_argument("--train-limit", type=int, default=None, help=f"training images per task {own}")
     p.add_argument(
         "--quick",
         action="store_true",

@@ -635,23 +635,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="folder with the digit datasets (default: $MODNET_DATA_ROOT, else the pool's)",
     )
     parser.add_argument("--pool", help="a trained run holding the sources (copied, never written)")
-    parser.add_argument("--target", help="target dataset spec (default: mnist_m)")
-    parser.add_argument("--sources", help="comma-separated source tasks of the pool")
-    parser.add_argument("--synthetic", action="store_true", help="the synthetic suite instead")
-    parser.add_argument("--quick", action="store_true", help="one seed, a tiny budget")
-    parser.add_argument("--seeds", type=int, nargs="+", help="adaptation seeds (default: 0 1 2)")
+    parser.add_argument("--target", help=f"target dataset spec (default: {DIGITS.target})")
     parser.add_argument(
-        "--objectives", help=f"comma-separated, of {', '.join(GRADIENT_OBJECTIVES)}"
+        "--sources",
+        help=f"comma-separated source tasks of the pool (default: {','.join(DIGITS.sources)})",
     )
-    parser.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)}")
-    parser.add_argument("--upper", help="what the labelled upper bounds train, ';'-separated")
-    parser.add_argument("--init", help="where adaptation starts: nearest, average or a source")
-    parser.add_argument("--epochs", type=int, help="adaptation epochs (passes over the target)")
-    parser.add_argument("--upper-epochs", type=int, help="epochs of the labelled upper bounds")
-    parser.add_argument("--route-lr", type=float, help="route learning rate of adaptation")
-    parser.add_argument("--curve-every", type=int, help="evaluate the target every N steps")
-    parser.add_argument("--curve-sample", type=int, help="test images those evaluations read")
-    parser.add_argument("--train-limit", type=int, help="training images per domain (no --pool)")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="the synthetic suite instead (its own defaults: see SYNTHETIC in this file)",
+    )
+    parser.add_argument("--quick", action="store_true", help="one seed, a tiny budget")
+    seeds = " ".join(map(str, DIGITS.seeds))
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"adaptation seeds (default: {seeds})")
+    parser.add_argument(
+        "--objectives", help=f"comma-separated, of {', '.join(GRADIENT_OBJECTIVES)} (default: all)"
+    )
+    parser.add_argument(
+        "--variants",
+        help=f"comma-separated, of {', '.join(VARIANTS)} (default: {','.join(DIGITS.variants)})",
+    )
+    parser.add_argument(
+        "--upper",
+        help="what the labelled upper bounds train, ';'-separated "
+        f"(default: {';'.join(DIGITS.upper)})",
+    )
+    parser.add_argument(
+        "--init",
+        help=f"where adaptation starts: nearest, average or a source (default: {DIGITS.init})",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help=f"adaptation epochs, passes over the target (default: {DIGITS.adapt_epochs})",
+    )
+    parser.add_argument(
+        "--upper-epochs",
+        type=int,
+        help="epochs of the labelled upper bounds (default: as many as adaptation)",
+    )
+    parser.add_argument(
+        "--route-lr", type=float, help=f"route learning rate (default: {DIGITS.route_lr})"
+    )
+    parser.add_argument(
+        "--curve-every",
+        type=int,
+        help=f"evaluate the target every N steps (default: {DIGITS.curve_every})",
+    )
+    parser.add_argument(
+        "--curve-sample",
+        type=int,
+        help=f"test images those evaluations read (default: {DIGITS.curve_sample})",
+    )
+    parser.add_argument(
+        "--train-limit",
+        type=int,
+        help=f"training images per domain, no --pool (default: {DIGITS.train_limit})",
+    )
     parser.add_argument("--report", action="store_true", help="only rewrite tables from the cache")
     parser.add_argument("--keep-runs", action="store_true", help="keep each cell's run directory")
     parser.add_argument("--progress", action="store_true", help="progress bars")

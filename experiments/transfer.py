@@ -75,6 +75,7 @@ QUICK_POOL = dict(
     route_lr=5e-2,
 )
 QUICK_TRANSFER = dict(epochs=1, train_limit=128, test_limit=64)
+TRANSFER_BUDGET = dict(epochs=3, train_limit=2000, test_limit=2000)
 SCRATCH = "scratch"
 # slug: (name in the tables, transfer options; None: trained from scratch)
 METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
@@ -111,7 +112,10 @@ def options(argv) -> Any:
     )
     p.add_argument("--pool-config", help="YAML of training options for the pools")
     p.add_argument(
-        "--transfer-config", help="YAML of training options overriding the pool's for transfers"
+        "--transfer-config",
+        help="YAML of training options overriding the pool's for transfers; --epochs, "
+        "--train-limit and --test-limit override its budget (default budget: 3 epochs, "
+        "2000 training and 2000 test images per task)",
     )
     p.add_argument("--pools", help="folder of the pool runs (default: <out>/pools)")
     p.add_argument(
@@ -121,7 +125,9 @@ def options(argv) -> Any:
         help="a pool that is not finished: train it here (default), or wait until another "
         "process has trained it",
     )
-    p.add_argument("--test-limit", type=int, default=None, help="test images per task")
+    p.add_argument(
+        "--test-limit", type=int, default=None, help="test images per task (default: 2000)"
+    )
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables")
     args = p.parse_args(argv)
@@ -129,10 +135,11 @@ def options(argv) -> Any:
     args.held_out = args.held_out or (QUICK_HELD_OUT if args.quick else list(args.datasets))
     args.methods = args.methods or list(METHODS)
     args.pools = Path(args.pools) if args.pools else Path(args.out) / "pools"
-    quick = args.quick
-    args.epochs = args.epochs or (QUICK_TRANSFER["epochs"] if quick else 3)
-    args.train_limit = args.train_limit or (QUICK_TRANSFER["train_limit"] if quick else 2000)
-    args.test_limit = args.test_limit or (QUICK_TRANSFER["test_limit"] if quick else 2000)
+    # The budget: a flag, else the --transfer-config's value, else the default.
+    extra = read_config(args.transfer_config) if args.transfer_config else {}
+    for key, default in (QUICK_TRANSFER if args.quick else TRANSFER_BUDGET).items():
+        if getattr(args, key) is None:
+            setattr(args, key, extra.get(key, default))
     return args
 
 

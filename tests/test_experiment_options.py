@@ -1,0 +1,35 @@
+"""The experiment scripts' options: defaults shown once, budgets resolved in order."""
+
+from pathlib import Path
+
+import pytest
+
+from experiments import convergence, digits_adaptation, transfer
+
+
+@pytest.mark.parametrize("module", [transfer, convergence, digits_adaptation])
+def test_experiment_help_shows_each_default_once(module, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--help"])
+    assert stopped.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: runs/experiments/{module.__name__.rpartition('.')[2]})" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--seeds" not in text or "(default: 0 1 2)" in text  # a list as it is typed
+    assert "MODNET_DATA_ROOT) (default:" not in text  # a default the help names is not repeated
+
+
+def test_the_transfer_budget_is_a_flag_else_the_transfer_config_else_the_default(tmp_path):
+    config = tmp_path / "transfer.yaml"
+    config.write_text("epochs: 5\ntrain_limit: 100\nhead_lr: 0.01\n")
+    args = transfer.options(["--transfer-config", str(config)])
+    assert (args.epochs, args.train_limit, args.test_limit) == (5, 100, 2000)
+    values = transfer.transfer_values(args, {"epochs": 12, "lr": 0.1})
+    assert (values["epochs"], values["train_limit"], values["head_lr"]) == (5, 100, 0.01)
+    args = transfer.options(["--transfer-config", str(config), "--epochs", "2"])
+    assert transfer.transfer_values(args, {"epochs": 12})["epochs"] == 2
+    assert transfer.options([]).epochs == 3
+    # the README's command reads the committed budget
+    committed_yaml = Path(__file__).parents[1] / "experiments" / "configs" / "transfer.yaml"
+    committed = transfer.options(["--transfer-config", str(committed_yaml)])
+    assert (committed.epochs, committed.train_limit, committed.test_limit) == (3, 2000, 2000)
