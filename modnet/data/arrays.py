@@ -189,7 +189,9 @@ def load_images(
     Raises:
         DataError: Labels outside the classes, an image that cannot be read.
     """
-    num_classes = check_labels(name, train[1], test[1], None if classes is None else len(classes))
+    num_classes = check_labels(
+        name, train[1], test[1], None if classes is None else len(classes), classes
+    )
     everything = train[0]
     picked = {}
     for split, (files, labels) in (("train", train), ("test", test)):

@@ -74,7 +74,11 @@ def check_label_outliers(name: str, labels: torch.Tensor) -> None:
 
 
 def check_labels(
-    name: str, train_y: torch.Tensor, test_y: torch.Tensor, num_classes: int | None
+    name: str,
+    train_y: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int | None,
+    classes: Sequence[str] | None = None,
 ) -> int:
     """Checks that both splits are non-empty, labels are 0..K-1 and every test class
     has training samples (a head cannot learn a class it never sees); returns K."""
@@ -96,9 +100,12 @@ def check_labels(
         )
     unseen = np.setdiff1d(test_y.unique().numpy(), train_y.unique().numpy()).tolist()
     if unseen:
+        named = [f"{c} ({classes[c]})" if c < len(classes or ()) else str(c) for c in unseen[:5]]
+        more = f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
         raise DataError(
-            f"{name}: the test split has classes {unseen[:5]} that no training sample has: "
-            "every test class needs training samples (add them, or drop those test samples)"
+            f"{name}: the test split has classes {', '.join(named)}{more} that no training "
+            "sample has: every test class needs training samples (add them, or drop those "
+            "test samples)"
         )
     return num_classes
 
@@ -153,7 +160,7 @@ def task_from_arrays(
     # the splits may differ in size: both are converted to the target size
     same_size = images["train"].shape[-2:] == images["test"].shape[-2:]
     size = list(images["train"].shape[-2:]) if same_size else None
-    num_classes = check_labels(name, labels["train"], labels["test"], num_classes)
+    num_classes = check_labels(name, labels["train"], labels["test"], num_classes, classes)
     picked = {}
     for split in ("train", "test"):
         limit = getattr(options, f"{split}_limit")
