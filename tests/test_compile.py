@@ -51,6 +51,7 @@ def test_compiled_training_step_matches_eager_gradients():
     )
 
 
+@pytest.mark.slow  # compiles a training step: about 20 s
 def test_mixed_task_training_compiles_to_one_graph_without_recompiles():
     torch._dynamo.reset()
     model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 5, "c": 2})).train()
@@ -74,6 +75,7 @@ def test_mixed_task_training_compiles_to_one_graph_without_recompiles():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # six compiles: about 35 s
 @pytest.mark.parametrize("route", ["hard", "linear", "hyper"])
 @pytest.mark.parametrize("build", [tiny_conv, tiny_vit])
 def test_mixed_task_forward_has_no_graph_break_for_any_route_kind(build, route):

@@ -131,6 +131,7 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+@pytest.mark.slow  # three trainings through loader workers: about 12 s
 def test_training_from_disk_with_augmentation_resumes_bit_identically(
     folder, tmp_path, monkeypatch
 ):
