@@ -23,7 +23,7 @@ where it stopped and several processes (say, with different ``--held-out``)
 can share one ``--out``; the tables are rebuilt from every cached result.
 
     python experiments/transfer.py --data-root ../shared/data --pools runs/converge \\
-        --out runs/experiments/transfer
+        --transfer-config experiments/configs/transfer.yaml --out runs/experiments/transfer
     python experiments/transfer.py --held-out mnist-colorize npz:my_task.npz ...
     python experiments/transfer.py --report-only --out runs/experiments/transfer
     python experiments/transfer.py --quick
@@ -110,12 +110,16 @@ def options(argv) -> Any:
         help="held-out task specs (default: each of --datasets); one not in --datasets "
         "(e.g. mnist-colorize, npz:PATH, folder:DIR) gets a pool trained on all of them",
     )
-    p.add_argument("--pool-config", help="YAML of training options for the pools")
+    p.add_argument(
+        "--pool-config",
+        help="YAML of training options for the pools (default: experiments/configs/"
+        "converged_pool.yaml; with --quick a tiny synthetic pool)",
+    )
     p.add_argument(
         "--transfer-config",
         help="YAML of training options overriding the pool's for transfers; --epochs, "
         "--train-limit and --test-limit override its budget (default budget: 3 epochs, "
-        "2000 training and 2000 test images per task)",
+        "2000 training and 2000 test images per task; with --quick 1, 128 and 64)",
     )
     p.add_argument("--pools", help="folder of the pool runs (default: <out>/pools)")
     p.add_argument(
@@ -126,7 +130,10 @@ def options(argv) -> Any:
         "process has trained it",
     )
     p.add_argument(
-        "--test-limit", type=int, default=None, help="test images per task (default: 2000)"
+        "--test-limit",
+        type=int,
+        default=None,
+        help="test images per task (default: the --transfer-config's, else 2000; --quick: 64)",
     )
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables")
@@ -250,7 +257,7 @@ def run_cell(args, held_out, method, seed, pool_dir, facts, values) -> dict[str,
     """Trains one (held-out, method, seed) cell and caches it; None if another process has it."""
     path = cell_path(Path(args.out), held_out, method, seed)
     if path.is_file():
-        return json.loads(path.read_text())
+        return cached_cell(path, args)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path) + ".lock", timeout=0)
     try:
@@ -259,7 +266,7 @@ def run_cell(args, held_out, method, seed, pool_dir, facts, values) -> dict[str,
         return None
     try:
         if path.is_file():  # finished by another process meanwhile
-            return json.loads(path.read_text())
+            return cached_cell(path, args)
         run_dir = Path(args.out) / "runs" / slug(held_out) / f"{method}-seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
         config = make_config({**values, "seed": seed}, "the transfer config")
@@ -286,12 +293,32 @@ def run_cell(args, held_out, method, seed, pool_dir, facts, values) -> dict[str,
             nearest=recorded.get("nearest"),
             source_distances=recorded.get("source_distances"),
             pool=facts,
-            budget=dict(epochs=config.epochs, train_limit=config.train_limit),
+            budget=dict(
+                epochs=config.epochs, train_limit=config.train_limit, test_limit=config.test_limit
+            ),
         )
         io.write_json(path, entry)
         return entry
     finally:
         lock.release()
+
+
+def cached_cell(path: Path, args) -> dict[str, Any]:
+    """A cached cell, refused when it was measured with another budget.
+
+    Cells written before ``test_limit`` was recorded are compared on the rest.
+    """
+    entry = json.loads(path.read_text())
+    budget = dict(epochs=args.epochs, train_limit=args.train_limit, test_limit=args.test_limit)
+    differs = {k: v for k, v in entry.get("budget", {}).items() if k in budget and v != budget[k]}
+    if differs:
+        was = ", ".join(f"{k}={v}" for k, v in differs.items())
+        now = ", ".join(f"{k}={budget[k]}" for k in differs)
+        raise SystemExit(
+            f"error: {path} was measured with {was}, not {now}: pass another --out to "
+            "measure this budget, or that budget's flags to continue"
+        )
+    return entry
 
 
 def run_held_out(args, held_out, pool_dir, pool, values) -> int:
@@ -326,6 +353,24 @@ def load_cells(out: Path) -> list[dict[str, Any]]:
     return cells
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def budget_text(cells: list[dict[str, Any]]) -> str:
+    """The transfer budgets the cells were measured with, in words."""
+    budgets = []
+    for c in cells:
+        budget = c.get("budget", {})
+        words = [plural(budget["epochs"], "epoch")] if "epochs" in budget else []
+        if budget.get("train_limit"):
+            words.append(f"{budget['train_limit']:,} training images")
+        if budget.get("test_limit"):
+            words.append(f"{budget['test_limit']:,} test images")
+        budgets.append(", ".join(words) or "not recorded")
+    return "; ".join(dict.fromkeys(budgets))
+
+
 def report(args, argv) -> dict[str, Any]:
     out = Path(args.out)
     cells = load_cells(out)
@@ -358,8 +403,8 @@ def report(args, argv) -> dict[str, Any]:
         sections += [
             f"## Held out: `{spec}`",
             f"Pool `{Path(pool['run']).name}` (trained on {', '.join(pool['accuracy'])}; "
-            f"{pool['epochs']} epochs, pool seed {pool['seed']}, fixed) scores on its own "
-            f"tasks: {source}. "
+            f"{plural(pool['epochs'], 'epoch')}, pool seed {pool['seed']}, fixed) scores on its "
+            f"own tasks: {source}. Transfer budget: {budget_text(mine)}. "
             f"Nearest source task chosen without labels: {', '.join(nearest) or '-'}. "
             f"Accuracy in %, mean ± std over transfer seeds {task_seeds}; wall time per run.",
             markdown_table(["method", "accuracy (%)", "trained parameters", "wall time (s)"], rows),

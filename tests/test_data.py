@@ -145,12 +145,12 @@ def test_npz_test_classes_without_training_samples_are_refused(tmp_path):
     arrays["test_y"] = arrays["test_y"].copy()
     arrays["test_y"][3] = 4  # a fifth class only the test split has: it would grow the head
     np.savez(tmp_path / "unseen.npz", **arrays)
-    with pytest.raises(DataError, match=r"unseen: the test split has classes 4 that no training"):
+    with pytest.raises(DataError, match=r"unseen: the test split has class 4 that no training"):
         load_task(f"npz:{tmp_path / 'unseen.npz'}")
     # named classes are named; beyond five, the rest are counted
     arrays = fake_arrays(channels=3, size=8, classes=9)
     arrays["train_y"] = arrays["train_y"] % 2
-    names = np.array(["ant", "bee", "cow", "dog", "eel", "fox", "gnu", "hen", "ibis"])
+    names = np.array([b"ant", b"bee", b"cow", b"dog", b"eel", b"fox", b"gnu", b"hen", b"ibis"])
     np.savez(tmp_path / "named.npz", classes=names, **arrays)
     with pytest.raises(DataError, match=r"classes 2 \(cow\), 3 \(dog\), .*6 \(gnu\) and 2 more"):
         load_task(f"npz:{tmp_path / 'named.npz'}")

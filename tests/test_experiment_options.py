@@ -1,5 +1,6 @@
 """The experiment scripts' options: defaults shown once, budgets resolved in order."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,15 @@ def test_the_transfer_budget_is_a_flag_else_the_transfer_config_else_the_default
     committed_yaml = Path(__file__).parents[1] / "experiments" / "configs" / "transfer.yaml"
     committed = transfer.options(["--transfer-config", str(committed_yaml)])
     assert (committed.epochs, committed.train_limit, committed.test_limit) == (3, 2000, 2000)
+
+
+def test_a_cached_transfer_cell_of_another_budget_is_refused(tmp_path):
+    cell = tmp_path / "head-seed0.json"
+    cell.write_text(json.dumps({"budget": {"epochs": 1, "train_limit": 128}, "accuracy": 0.5}))
+    same = transfer.options(["--quick"])  # 1 epoch, 128 training and 64 test images
+    assert transfer.cached_cell(cell, same)["accuracy"] == 0.5  # no test_limit recorded: the rest
+    more = transfer.options(["--quick", "--epochs", "2"])
+    with pytest.raises(SystemExit, match=r"measured with epochs=1, not epochs=2: pass another"):
+        transfer.cached_cell(cell, more)
+    cells = [{"budget": {"epochs": 1, "train_limit": 128, "test_limit": 64}}]
+    assert transfer.budget_text(cells) == "1 epoch, 128 training images, 64 test images"

@@ -195,7 +195,7 @@ def test_labels_beyond_the_named_classes_or_only_in_the_test_split_are_refused(t
     with tarfile.open(root / "test" / "000000.tar", "w") as tar:
         add(tar, "b.png", _png())
         add(tar, "b.cls", b"7")
-    with pytest.raises(DataError, match=r"test split has classes 7 that no training sample"):
+    with pytest.raises(DataError, match=r"test split has class 7 that no training sample"):
         load(f"shards:{root}", False)
 
 

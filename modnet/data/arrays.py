@@ -68,7 +68,8 @@ def load_npz(
         )
     name = name or valid_task_name(path.stem)
     if "classes" in arrays:
-        classes = [str(c) for c in arrays["classes"]]
+        # names saved as bytes (numpy's S dtype) read as text, not "b'cat'"
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in arrays["classes"]]
     return task_from_arrays(
         name,
         arrays["train_x"],

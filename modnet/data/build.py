@@ -103,7 +103,8 @@ def check_labels(
         named = [f"{c} ({classes[c]})" if c < len(classes or ()) else str(c) for c in unseen[:5]]
         more = f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
         raise DataError(
-            f"{name}: the test split has classes {', '.join(named)}{more} that no training "
+            f"{name}: the test split has {'class' if len(unseen) == 1 else 'classes'} "
+            f"{', '.join(named)}{more} that no training "
             "sample has: every test class needs training samples (add them, or drop those "
             "test samples)"
         )
