@@ -167,10 +167,14 @@ def make_config(values: dict[str, Any], what: str) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def budget(args) -> dict[str, int]:
+    """The transfer budget ``options`` resolved: epochs, training and test images."""
+    return {key: getattr(args, key) for key in TRANSFER_BUDGET}
+
+
 def transfer_values(args, pool: dict[str, Any]) -> dict[str, Any]:
     extra = read_config(args.transfer_config) if args.transfer_config else {}
-    budget = dict(epochs=args.epochs, train_limit=args.train_limit, test_limit=args.test_limit)
-    return {**pool, **extra, **budget, "tasks": []}
+    return {**pool, **extra, **budget(args), "tasks": []}
 
 
 # ------------------------------------------------------------------------------ pools
@@ -293,9 +297,7 @@ def run_cell(args, held_out, method, seed, pool_dir, facts, values) -> dict[str,
             nearest=recorded.get("nearest"),
             source_distances=recorded.get("source_distances"),
             pool=facts,
-            budget=dict(
-                epochs=config.epochs, train_limit=config.train_limit, test_limit=config.test_limit
-            ),
+            budget={key: getattr(config, key) for key in TRANSFER_BUDGET},
         )
         io.write_json(path, entry)
         return entry
@@ -309,11 +311,11 @@ def cached_cell(path: Path, args) -> dict[str, Any]:
     Cells written before ``test_limit`` was recorded are compared on the rest.
     """
     entry = json.loads(path.read_text())
-    budget = dict(epochs=args.epochs, train_limit=args.train_limit, test_limit=args.test_limit)
-    differs = {k: v for k, v in entry.get("budget", {}).items() if k in budget and v != budget[k]}
+    wanted = budget(args)
+    differs = {k: v for k, v in entry.get("budget", {}).items() if k in wanted and v != wanted[k]}
     if differs:
         was = ", ".join(f"{k}={v}" for k, v in differs.items())
-        now = ", ".join(f"{k}={budget[k]}" for k in differs)
+        now = ", ".join(f"{k}={wanted[k]}" for k in differs)
         raise SystemExit(
             f"error: {path} was measured with {was}, not {now}: pass another --out to "
             "measure this budget, or that budget's flags to continue"
@@ -361,12 +363,12 @@ def budget_text(cells: list[dict[str, Any]]) -> str:
     """The transfer budgets the cells were measured with, in words."""
     budgets = []
     for c in cells:
-        budget = c.get("budget", {})
-        words = [plural(budget["epochs"], "epoch")] if "epochs" in budget else []
-        if budget.get("train_limit"):
-            words.append(f"{budget['train_limit']:,} training images")
-        if budget.get("test_limit"):
-            words.append(f"{budget['test_limit']:,} test images")
+        spent = c.get("budget", {})
+        words = [plural(spent["epochs"], "epoch")] if "epochs" in spent else []
+        if spent.get("train_limit"):
+            words.append(f"{spent['train_limit']:,} training images")
+        if spent.get("test_limit"):
+            words.append(f"{spent['test_limit']:,} test images")
         budgets.append(", ".join(words) or "not recorded")
     return "; ".join(dict.fromkeys(budgets))
 
