@@ -39,7 +39,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+def parser(
+    description: str, default_out: str, defaults: dict[str, str] | None = None
+) -> argparse.ArgumentParser:
+    """The options every experiment shares; ``defaults`` words the defaults of
+    ``epochs`` and ``train_limit`` where the experiment resolves them itself."""
+    defaults = defaults or {}
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument(
         "--data-root",
@@ -48,9 +53,19 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=default_out, help="output folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    own = "(default: the experiment's own)"
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs {own}")
-    p.add_argument("--train-limit", type=int, default=None, help=f"training images per task {own}")
+    own = "the experiment's own"
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"training epochs (default: {defaults.get('epochs', own)})",
+    )
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help=f"training images per task (default: {defaults.get('train_limit', own)})",
+    )
     p.add_argument(
         "--quick",
         action="store_true",

@@ -101,7 +101,15 @@ def slug(spec: str) -> str:
 
 
 def options(argv) -> Any:
-    p = parser("Claim 2, leave one out: transfer to held-out tasks", "runs/experiments/transfer")
+    resolved = "the --transfer-config's, else {} ({} with --quick); transfers only, not pools"
+    p = parser(
+        "Claim 2, leave one out: transfer to held-out tasks",
+        "runs/experiments/transfer",
+        {
+            key: resolved.format(TRANSFER_BUDGET[key], QUICK_TRANSFER[key])
+            for key in ("epochs", "train_limit")
+        },
+    )
     p.set_defaults(seeds=[0, 1, 2])
     p.add_argument("--datasets", nargs="+", help=f"pool datasets (default: {' '.join(DATASETS)})")
     p.add_argument(
@@ -133,7 +141,7 @@ def options(argv) -> Any:
         "--test-limit",
         type=int,
         default=None,
-        help="test images per task (default: the --transfer-config's, else 2000; --quick: 64)",
+        help="test images per task (default: the --transfer-config's, else 2000 (64 with --quick))",
     )
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables")
