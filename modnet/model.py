@@ -19,9 +19,15 @@ from .errors import ConfigError
 from .families.base import Family
 from .grouped import GroupedBatchNorm, GroupedRunner
 from .norm_stats import TaskNormStats
-from .routing import HardRoute, HyperNetwork, HyperRoute, Route, RoutePlan, SoftRoute
-
-ROUTE_KINDS = ("softmax", "linear", "sparsemax", "hyper", "hard")
+from .routing import (
+    ROUTE_KINDS,
+    HardRoute,
+    HyperNetwork,
+    HyperRoute,
+    Route,
+    RoutePlan,
+    SoftRoute,
+)
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 

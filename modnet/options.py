@@ -7,6 +7,7 @@ refuses (an unknown option) into the same kind of error.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ import timm
 from torch import nn
 
 from .errors import ConfigError
-from .routing import NORMALIZATIONS
+from .routing import NORMALIZATIONS, ROUTE_KINDS
 
 # option: (kind, low, high); kind "int" or "float"; bounds inclusive, None for open.
 NUMERIC = {
@@ -38,11 +39,14 @@ NUMERIC = {
     "drop_path_rate": ("float", 0.0, 1.0 - 1e-9),
 }
 CHOICES = {
-    "route": ("softmax", "linear", "sparsemax", "hard", "hyper"),
+    "route": ROUTE_KINDS,
     "route_init": ("random", "uniform", "cyclic"),
     "hyper_normalize": NORMALIZATIONS,
 }
 BOOLEAN = ("anisotropic",)
+# Options of the hypernetwork that generates ``route="hyper"`` routes: with another
+# route, any value but ``ModularNet``'s default would do nothing.
+HYPER_OPTIONS = ("hyper_dim", "hyper_hidden", "hyper_normalize")
 
 
 def modnet_models() -> list[str]:
@@ -72,6 +76,7 @@ def check_model_options(model: str, options: Mapping[str, Any]) -> None:
             raise ConfigError(f"model option {key} must be True or False, got {value!r}")
         elif key == "route_options":
             _check_route_options(value, options)
+    _check_hyper_options(options)
     embed, heads = options.get("embed_dim"), options.get("num_heads")
     if isinstance(embed, int) and isinstance(heads, int) and embed % heads:
         raise ConfigError(f"model option embed_dim={embed} must be divisible by num_heads={heads}")
@@ -81,6 +86,19 @@ def check_model_options(model: str, options: Mapping[str, Any]) -> None:
     size, patch = options.get("img_size"), options.get("patch_size")
     if isinstance(size, int) and isinstance(patch, int) and size % patch:
         raise ConfigError(f"model option img_size={size} must be divisible by patch_size={patch}")
+
+
+def _check_hyper_options(options: Mapping[str, Any]) -> None:
+    from .model import ModularNet
+
+    defaults = inspect.signature(ModularNet).parameters
+    route = options.get("route", defaults["route"].default)
+    for key in HYPER_OPTIONS:
+        if route != "hyper" and key in options and options[key] != defaults[key].default:
+            raise ConfigError(
+                f"model option {key}={options[key]!r} only applies to route=hyper, and the "
+                f"route is {route}: add --model-arg route=hyper or leave {key} out"
+            )
 
 
 def _check_route_options(value: Any, options: Mapping[str, Any]) -> None:

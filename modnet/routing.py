@@ -17,6 +17,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
+# What ``ModularNet(route=...)`` builds: soft routes by their normalisation, a
+# hypernetwork-generated route, or a hard route (one template per layer).
+ROUTE_KINDS = ("softmax", "linear", "sparsemax", "hyper", "hard")
 NORMALIZATIONS = ("softmax", "linear", "sparsemax")
 STRAIGHT_THROUGH = ("argmax", "gumbel")
 # Keys of ``SoftRoute.options()``: what ``SoftRoute.configured`` and ``route_options`` accept.

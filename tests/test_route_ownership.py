@@ -16,12 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modnet import io
-from modnet.options import CHOICES
-from modnet.routing import HardRoute, SoftRoute
+from modnet.routing import ROUTE_KINDS, HardRoute, SoftRoute
 from tests.conftest import images, moved_off_init, tiny_conv
 
 TINY = dict(width=4, exp_ratio=2.0, img_size=8, num_templates=2, depth=3)
-ROUTE_KINDS = CHOICES["route"]  # every route kind a model can be built with
 GIVEN = ("default", "indices", "index_tensor", "coefficients", "hard_route", "soft_route")
 
 

@@ -58,10 +58,20 @@ def test_grad_clip_zero_disables_clipping():
         (dict(num_templates=0), "num_templates must be >= 1"),
         (
             dict(route="sparse"),
-            "route='sparse' is not one of softmax, linear, sparsemax, hard, hyper",
+            "route='sparse' is not one of softmax, linear, sparsemax, hyper, hard",
         ),
         (dict(anisotropic="yes"), "anisotropic must be True or False"),
         (dict(hyper_normalize="tanh"), "hyper_normalize='tanh' is not one of .*sparsemax"),
+        # hypernetwork options with another route would be saved and do nothing
+        (
+            dict(hyper_dim=16),
+            "^model option hyper_dim=16 only applies to route=hyper, and the route is softmax: "
+            "add --model-arg route=hyper or leave hyper_dim out$",
+        ),
+        (
+            dict(route="hard", hyper_normalize="softmax"),
+            "hyper_normalize='softmax' only applies to route=hyper, and the route is hard",
+        ),
         (dict(img_size=10, stem_stride=4), "img_size=10 must be divisible by stem_stride=4"),
     ],
 )
@@ -81,6 +91,9 @@ def test_unknown_model_and_unknown_option():
     options = dict(width=8, depth=2, img_size=8, route="hyper", hyper_normalize="sparsemax")
     check_model_options("modnet_conv_tiny", options)
     assert create_model("modnet_conv_tiny", options).hypernet.normalize == "sparsemax"
+    # a saved config carries the hypernetwork's defaults whatever the route: accepted
+    saved = create_model("modnet_conv_tiny", dict(width=8, depth=2, img_size=8)).config
+    check_model_options("modnet_conv_tiny", {k: v for k, v in saved.items() if "hyper" in k})
 
 
 def test_empty_task_list_is_an_error_not_the_default_suite(tmp_path, capsys):
