@@ -28,6 +28,7 @@ from .routing import (
     RoutePlan,
     SoftRoute,
 )
+
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
