@@ -1,13 +1,26 @@
-"""Measures of how routes organise themselves: entropy, reuse and task similarity."""
+"""Measures of how routes organise themselves: entropy, reuse and task similarity.
+
+Used by ``multitask.py``; run on its own it prints the measures of a trained run:
+
+    python experiments/route_analysis.py runs/digits
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from modnet.model import ModularNet
-from modnet.plot import route_matrix
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modnet import io  # noqa: E402
+from modnet.errors import ModnetError  # noqa: E402
+from modnet.model import ModularNet  # noqa: E402
+from modnet.plot import route_matrix  # noqa: E402
 
 
 def layer_entropy(matrix: torch.Tensor) -> torch.Tensor:
@@ -57,3 +70,23 @@ def analysis_markdown(analysis: dict) -> str:
     for task, row in zip(tasks, analysis["similarity"], strict=True):
         lines.append(f"| {task} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prints the route measures of a run or model directory's tasks (markdown)."""
+    p = argparse.ArgumentParser(
+        description="Print route entropy per layer, each task's top templates and the "
+        "route similarity between tasks, for a trained run or model directory."
+    )
+    p.add_argument("run_dir", help="run or model directory")
+    args = p.parse_args(argv)
+    try:
+        model, _ = io.load_model(args.run_dir)
+    except ModnetError as error:
+        p.exit(2, f"{p.prog}: error: {error}\n")
+    print(analysis_markdown(analyse_routes(model)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

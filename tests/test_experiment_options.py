@@ -46,3 +46,21 @@ def test_a_cached_transfer_cell_of_another_budget_is_refused(tmp_path):
         transfer.cached_cell(cell, more)
     cells = [{"budget": {"epochs": 1, "train_limit": 128, "test_limit": 64}}]
     assert transfer.budget_text(cells) == "1 epoch, 128 training images, 64 test images"
+
+
+def test_route_analysis_runs_on_its_own(tmp_path, capsys):
+    from experiments import route_analysis
+    from modnet import io
+    from tests.conftest import tiny_conv
+
+    model = tiny_conv(tasks={"a": 3, "b": 3})
+    model.set_route("b", model.routes["a"].plan(None).coefficients.detach().clone())
+    io.save_model(model, tmp_path / "model")
+    assert route_analysis.main([str(tmp_path / "model")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Route entropy per layer (bits, mean over tasks;")
+    assert "| a | 1.00 | 1.00 |" in text  # b was given a's route: identical
+    with pytest.raises(SystemExit) as stopped:
+        route_analysis.main([str(tmp_path / "nothing")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
