@@ -100,6 +100,10 @@ def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
 
 
+# What ``--report-only`` reads: every other option steers measuring.
+REPORT_OPTIONS = ("out", "report_only", "quick")
+
+
 def options(argv) -> Any:
     resolved = "the --transfer-config's, else {} ({} with --quick); transfers only, not pools"
     p = parser(
@@ -146,6 +150,17 @@ def options(argv) -> Any:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables")
     args = p.parse_args(argv)
+    if args.report_only:  # the tables come from the cells as they were measured
+        given = [
+            k for k, v in vars(args).items() if k not in REPORT_OPTIONS and v != p.get_default(k)
+        ]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            them = "it" if len(given) == 1 else "them"
+            p.error(
+                f"--report-only rebuilds the tables from the cells under --out as they were "
+                f"measured; {flags} would not apply: leave {them} out"
+            )
     args.datasets = args.datasets or (QUICK_DATASETS if args.quick else DATASETS)
     args.held_out = args.held_out or (QUICK_HELD_OUT if args.quick else list(args.datasets))
     args.methods = args.methods or list(METHODS)

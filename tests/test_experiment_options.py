@@ -64,3 +64,14 @@ def test_route_analysis_runs_on_its_own(tmp_path, capsys):
         route_analysis.main([str(tmp_path / "nothing")])
     assert stopped.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_transfer_report_only_refuses_options_that_would_not_apply(capsys):
+    # results.md records the command: a budget flag there would misstate the cells' budget
+    with pytest.raises(SystemExit) as stopped:
+        transfer.options(["--report-only", "--epochs", "5", "--methods", "route"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.endswith("--epochs, --methods would not apply: leave them out")
+    args = transfer.options(["--report-only", "--quick", "--out", "somewhere"])
+    assert args.report_only and args.out == "somewhere"
