@@ -1,5 +1,6 @@
 """Every option is checked before any work; data that looks like a mistake is refused at load."""
 
+import json
 import math
 
 import numpy as np
@@ -151,3 +152,29 @@ def test_adapt_source_weight_is_validated_first(tmp_path, weight):
 
     with pytest.raises(ConfigError, match="--source-weight must be a finite number >= 0"):
         adapt(tmp_path / "none", "synth_size-bg", ["synth_size"], source_weight=weight)
+
+
+def test_a_run_records_relative_data_paths_so_it_evaluates_from_any_folder(
+    tmp_path, monkeypatch, capsys
+):
+    from modnet import io
+    from modnet.data import portable_spec
+    from tests.test_run_dir import FAST, TINY
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    _npz(work / "data" / "digits.npz", list(range(4)) * 16, list(range(4)) * 8)
+    monkeypatch.chdir(work)
+    assert portable_spec("npz:data/digits.npz") == f"npz:{work / 'data' / 'digits.npz'}"
+    assert portable_spec("npz:missing.npz") == "npz:missing.npz"  # e.g. under the data root
+    assert portable_spec("mnist") == "mnist" and portable_spec("folder:.") == "folder:."
+    args = ["train", "--tasks", "npz:data/digits.npz", *TINY, *FAST]
+    assert main([*args, "--out", "run"]) == 0
+    trained = io.read_results(work / "run")["train"]
+    _, manifest = io.load_model(work / "run")
+    assert manifest["tasks"]["digits"]["dataset"] == f"npz:{work / 'data' / 'digits.npz'}"
+    monkeypatch.chdir(elsewhere)  # where data/digits.npz does not exist
+    capsys.readouterr()
+    assert main(["eval", str(work / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == trained["accuracy"]

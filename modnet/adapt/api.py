@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import io
-from ..data import DataError, TaskData
+from ..data import DataError, TaskData, portable_spec
 from ..errors import ConfigError
 from ..model import ModularNet
 from ..plot import route_matrix, save_run_figures
@@ -495,7 +495,7 @@ def _task_info(manifest, model, sources, spec, target: TaskData, objective, part
         if n != target.name
     }  # fmt: skip
     info[target.name] = {
-        "dataset": spec,
+        "dataset": portable_spec(spec),
         "transform": target.transform,
         "adapted_from": list(sources),
         "adapt": {"objective": objective, "parts": sorted(parts)},

@@ -20,6 +20,7 @@ from .registry import (
     data_root,
     list_datasets,
     load_task,
+    portable_spec,
     register_dataset,
     unregister_dataset,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "load_shards",
     "load_npz",
     "load_task",
+    "portable_spec",
     "make_synthetic",
     "parse_synthetic_spec",
     "policy_for",

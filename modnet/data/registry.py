@@ -183,11 +183,32 @@ def load_task(
     return task
 
 
+PATH_READERS = {"npz": load_npz, "folder": load_folder, "shards": load_shards}
+
+
+def portable_spec(spec: str) -> str:
+    """The spec a run records: a path relative to the current folder made absolute.
+
+    A run is evaluated, resumed and transferred from any folder, so ``npz:d.npz``
+    given in ``/data/work`` is recorded as ``npz:/data/work/d.npz``. Names, absolute
+    paths and paths found only under the data root are kept as given (the data root
+    is an option of every command), as is a path ending in ``.`` or ``..``, whose
+    task is named after the path as written.
+    """
+    scheme, _, rest = spec.strip().partition(":")
+    if not rest or scheme.lower() not in PATH_READERS:
+        return spec
+    path = Path(rest).expanduser()
+    if path.is_absolute() or not path.exists():
+        return spec
+    absolute = Path(os.path.abspath(path))
+    return f"{scheme}:{absolute}" if absolute.name == path.name else spec
+
+
 def _dispatch(spec: str, options: LoadOptions) -> TaskData:
     scheme, _, rest = spec.partition(":")
-    readers = {"npz": load_npz, "folder": load_folder, "shards": load_shards}
-    if rest and scheme.lower() in readers:
-        return readers[scheme.lower()](_resolve_path(rest, options.root), options)
+    if rest and scheme.lower() in PATH_READERS:
+        return PATH_READERS[scheme.lower()](_resolve_path(rest, options.root), options)
     if spec in _LOADERS:
         return _LOADERS[spec](spec, options)
     name = ALIASES.get(spec.lower(), spec.lower())

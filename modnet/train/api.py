@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import io
-from ..data import SYNTHETIC_DEFAULT_TASKS, TaskData, load_task
+from ..data import SYNTHETIC_DEFAULT_TASKS, TaskData, load_task, portable_spec
 from ..errors import ConfigError, RunDirError
 from ..model import ModularNet
 from ..options import check_model_options, create_model
@@ -68,7 +68,7 @@ def load_data(specs: list[str], model: ModularNet, config: TrainConfig) -> dict[
 
 
 def _task_info(spec: str, task: TaskData) -> dict[str, Any]:
-    return {"dataset": spec, "transform": task.transform}
+    return {"dataset": portable_spec(spec), "transform": task.transform}
 
 
 def check_resume_options(
