@@ -105,6 +105,7 @@ def pretrain_and_vectors(args, seed: int, out: Path):
             spec,
             parts="templates,trunk,head",
             init_from=names["pretrain"],
+            update_shared=True,  # a fine-tuned copy of the pretrained model: its task vector
             config=finetune,
         )
         tuned[spec] = (result.model.eval(), result.accuracy[spec])

@@ -351,8 +351,13 @@ class Runner:
     def _upper(self, seed, parts, baseline, run_dir: Path, progress: bool) -> dict[str, Any]:
         epochs = self.setup.upper_epochs or self.setup.adapt_epochs
         config = replace(self.config(seed, epochs), progress=progress)
-        result = transfer(
-            run_dir, self.setup.target, parts, config=config, init_from=baseline["nearest"]
+        result = transfer(  # in this cell's copy of the pool: "all" may change the sources
+            run_dir,
+            self.setup.target,
+            parts,
+            config=config,
+            init_from=baseline["nearest"],
+            update_shared=True,
         )
         steps = [
             dict(step=r["step"], accuracy=r["accuracy"][self.name])

@@ -87,7 +87,7 @@ METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "aniso-route-head": ("anisotropic route + head", dict(parts="route,head", route="anisotropic")),
     "grow1": ("route + head + norm, 1 new template", dict(parts="route,head,norm", grow=1)),
     "grow2": ("route + head + norm, 2 new templates", dict(parts="route,head,norm", grow=2)),
-    "full": ("full fine-tuning", dict(parts="all")),
+    "full": ("full fine-tuning", dict(parts="all", update_shared=True)),  # in a copy
     SCRATCH: ("same network from scratch, held-out task alone", None),
 }  # fmt: skip
 

@@ -203,7 +203,13 @@ def test_an_interrupted_transfer_resumes_to_the_same_final_state(
     from modnet.train import transfer
 
     def command(run_dir):
-        transfer(run_dir, "synth_shape", parts="route,head,templates", config=phase_config())
+        transfer(
+            run_dir,
+            "synth_shape",
+            parts="route,head,templates",
+            config=phase_config(),
+            update_shared=True,
+        )
 
     assert_resumed_identically(monkeypatch, tmp_path, trained_tiny, command)
 

@@ -412,3 +412,28 @@ def test_an_adaptation_killed_before_its_results_completes_them(run_copy, monkey
     assert (run_copy / "adapt-synth_size-bg-routes.png").is_file()
     assert main(args) == 2
     assert "already has a task 'synth_size-bg'" in capsys.readouterr().err
+
+
+def test_training_shared_parts_while_adding_a_task_needs_update_shared(run_copy, capsys):
+    """A new task alone never changes the others; training what all tasks share does,
+    so transfer and adapt refuse it, before any work, unless asked to."""
+    before = file_bytes(io.latest_checkpoint(run_copy))
+    model = io.load_model(run_copy)[0]
+    x = images(model)
+    with torch.no_grad():
+        old = {t: model(x, task=t) for t in model.task_names}
+    for command in (
+        transfer_args(run_copy, "synth_shape", "--train", "route,head,templates"),
+        transfer_args(run_copy, "synth_shape", "--train", "all"),
+        ["adapt", str(run_copy), "--target", "synth_size-bg", "--train", "route,stem", *FAST],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "so the run's existing tasks would change" in err
+        assert "pass --update-shared (update_shared=True) to accept that" in err
+    assert file_bytes(io.latest_checkpoint(run_copy)) == before
+    args = transfer_args(run_copy, "synth_shape", "--train", "route,head,templates")
+    assert main([*args, "--update-shared"]) == 0
+    model = io.load_model(run_copy)[0]
+    with torch.no_grad():
+        assert all(not torch.equal(model(x, task=t), old[t]) for t in old)  # as accepted

@@ -28,6 +28,7 @@ from ..plot import route_matrix, save_run_figures
 from ..train import RunDirError, TrainConfig, evaluate, load_data, parse_parts
 from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
+from ..train.parts import check_shared
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
 from .objectives import make_objective, objective_class
@@ -106,6 +107,7 @@ def adapt(
     anisotropic: bool = False,
     curve_every: int = 0,
     curve_sample: int = 500,
+    update_shared: bool = False,
 ) -> AdaptResult:
     """Adapts a trained pool to an unlabelled target domain; saves it as one more task.
 
@@ -144,6 +146,12 @@ def adapt(
             (and before the first) on the first ``curve_sample`` test images;
             kept in ``AdaptResult.curve`` and the results entry. 0: never.
         curve_sample: Test images of the target that ``curve_every`` evaluates.
+        update_shared: Let ``parts`` name what every task shares (``stem``,
+            ``templates``, ``trunk``): the sources and the run's other tasks then
+            change too, and the accuracies recorded for them are from before.
+
+    Raises:
+        ConfigError: A bad option, or a shared part without ``update_shared``.
     """
     config = config or TrainConfig()
     if (
@@ -154,6 +162,7 @@ def adapt(
         raise ConfigError(f"--source-weight must be a finite number >= 0, got {source_weight!r}")
     objective_cls = objective_class(objective)
     wanted = _check_parts(parse_parts(parts), objective_cls.uses_gradients, objective)
+    check_shared(wanted, update_shared)
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
     _latest_or_train(run_dir, sources, train_sources, config)

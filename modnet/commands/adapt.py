@@ -29,6 +29,7 @@ DEFAULTS = dict(
     head_init=None,
     source_weight=1.0,
     anisotropic=False,
+    update_shared=False,
 )
 
 
@@ -66,8 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--train",
         help="what adapts: route (default; the paper's claim), route,norm (also the "
         "target's norm statistics, re-estimated first), route,stem (also the shared stem; "
-        "the sources keep their supervised loss), or any of route, head, norm, stem, "
-        "templates, trunk",
+        "the sources keep their supervised loss; needs --update-shared), or any of route, "
+        "head, norm, stem, templates, trunk",
     )
     parser.add_argument(
         "--init",
@@ -89,6 +90,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="the target's route gets one coefficient per block parameter tensor, each "
         "starting at its template's share",
+    )
+    parser.add_argument(
+        "--update-shared",
+        action="store_true",
+        default=None,
+        help="let --train name what every task shares (stem, templates, trunk): the sources "
+        "and the run's other tasks then change too",
     )
     parser.add_argument("--overwrite", action="store_true", help="adapt again if the task exists")
     add_training_options(parser)
@@ -129,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         source_weight=own["source_weight"],
         overwrite=args.overwrite,
         anisotropic=own["anisotropic"],
+        update_shared=own["update_shared"],
     )
     if result.is_main:
         save_config(result.run_dir, "adapt", {**own, **resolved}, f"adapt-{result.target}")

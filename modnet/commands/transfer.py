@@ -15,7 +15,15 @@ from ._options import (
 )
 from .train import print_summary
 
-DEFAULTS = dict(task=None, train="route,head", grow=0, init_from=None, route=None, route_init=None)
+DEFAULTS = dict(
+    task=None,
+    train="route,head",
+    grow=0,
+    init_from=None,
+    route=None,
+    route_init=None,
+    update_shared=False,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Add a task to a trained run: the pool stays frozen and only what "
         "--train names learns (the new task's norm statistics start from --init-from's "
         "and learn only with --train ...,norm; without --init-from they always learn). "
-        "Every existing task keeps bit-identical outputs.",
+        "Every existing task keeps bit-identical outputs, unless --update-shared lets "
+        "--train change what all tasks share.",
     )
     parser.add_argument("run_dir", help="run directory from `modnet train`")
     parser.add_argument("--task", help="dataset spec of the new task (required)")
@@ -50,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--route-init",
         choices=["uniform"],
         help="uniform: start the route at the uniform mixture (statistics still from --init-from)",
+    )
+    parser.add_argument(
+        "--update-shared",
+        action="store_true",
+        default=None,
+        help="let --train name what every task shares (templates, trunk, stem, hypernet): "
+        "the run's existing tasks then change too",
     )
     parser.add_argument("--overwrite", action="store_true", help="retrain the task if it exists")
     add_training_options(parser)
@@ -83,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         route=own["route"],
         route_init=own["route_init"],
+        update_shared=own["update_shared"],
     )
     if result.is_main:
         name = next(iter(result.accuracy))

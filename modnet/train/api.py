@@ -23,7 +23,7 @@ from ..routing import SoftRoute, configured_route
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
-from .parts import ALL_PARTS, parse_parts
+from .parts import ALL_PARTS, check_shared, parse_parts
 
 RESULTS_FILE = io.RESULTS_FILE
 NEAREST = "nearest"  # init_from: the source task the new task's images look most like
@@ -242,17 +242,20 @@ def transfer(
     route: str | None = None,
     route_init: str | None = None,
     route_options: dict | None = None,
+    update_shared: bool = False,
 ) -> TrainResult:
-    """Learns a new task on a trained pool; every existing task stays bit-identical.
+    """Learns a new task on a trained pool; every existing task stays bit-identical
+    (unless ``update_shared``).
 
     Args:
         run_dir: A run directory from ``train``; the new task is saved into it.
         task: Dataset spec of the new task (e.g. ``cifar10``, ``synth_size``).
         parts: What trains, e.g. ``"route,head"`` (the default: the pool is frozen),
-            ``"route,head,templates"`` or ``"all"``. The new task's norm statistics
-            always learn, as they start empty, unless ``init_from`` supplies them
-            and ``norm`` is not listed. Without ``head``, the head is copied from
-            ``init_from`` when both have the same number of classes.
+            ``"route,head,templates"`` or ``"all"`` (shared parts: ``update_shared``).
+            The new task's norm statistics always learn, as they start empty,
+            unless ``init_from`` supplies them and ``norm`` is not listed. Without
+            ``head``, the head is copied from ``init_from`` when both have the same
+            number of classes.
         grow: Add this many templates that only the new task uses (and trains).
         config: Training options (epochs, lr, data root, ...).
         init_from: Start the route and norm statistics from this existing task, or
@@ -273,9 +276,12 @@ def transfer(
         route_options: Options of the new task's soft route (``normalize``,
             ``temperature``, ``top_k``, ``straight_through``; see ``SoftRoute``),
             applied to the route it starts from (after ``route``/``route_init``).
+        update_shared: Let ``parts`` name what every task shares (``templates``,
+            ``trunk``, ``stem``, ``hypernet``): the existing tasks' outputs then
+            change, and the accuracies recorded for them are from before.
 
     Raises:
-        ConfigError: A bad option.
+        ConfigError: A bad option, or a shared part without ``update_shared``.
         RunDirError: No trained run, another writer, an unfinished other phase, an
             unfinished transfer of this task with other options, or the task exists.
     """
@@ -283,6 +289,7 @@ def transfer(
     if isinstance(grow, bool) or not isinstance(grow, int) or grow < 0:
         raise ConfigError(f"--grow must be an integer >= 0, got {grow!r}")
     wanted = parse_parts(parts)
+    check_shared(wanted, update_shared)
     if route is not None and route not in ROUTE_KINDS:
         raise ConfigError(f"unknown --route {route!r}: leave it out or use one of {ROUTE_KINDS}")
     if route_init is not None and route_init not in ROUTE_INITS:

@@ -12,6 +12,9 @@ from ..model import ModularNet
 
 PARTS = ModularNet.TRAINABLE_PARTS
 ALL_PARTS = frozenset({"templates", "trunk", "routes", "hypernet", "heads", "norm"})
+# What every task of a model shares: training it while adding a task (transfer, adapt)
+# changes the outputs of the tasks already there.
+SHARED_PARTS = frozenset({"templates", "trunk", "stem", "hypernet"})
 
 
 def parse_parts(text: str | Iterable[str]) -> frozenset[str]:
@@ -32,6 +35,22 @@ def parse_parts(text: str | Iterable[str]) -> frozenset[str]:
     if not parts:
         raise ConfigError("nothing to train: name at least one part, e.g. route,head")
     return frozenset(parts)
+
+
+def check_shared(parts: frozenset[str], update_shared: bool) -> None:
+    """Refuses shared parts in ``parts`` unless the caller accepts that the run's
+    existing tasks change with them (a new task alone never changes them).
+
+    Raises:
+        ConfigError: ``parts`` holds one of ``SHARED_PARTS`` and not ``update_shared``.
+    """
+    shared = sorted(parts & SHARED_PARTS)
+    if shared and not update_shared:
+        raise ConfigError(
+            f"--train {','.join(shared)} trains what every task of the run shares, so the "
+            "run's existing tasks would change too: pass --update-shared (update_shared=True) "
+            "to accept that, train into a copy of the run, or leave it out of --train"
+        )
 
 
 def configure_trainable(
