@@ -168,24 +168,35 @@ def route_heatmap(
     return _save(route_figure(matrices, kinds, title), path)
 
 
+def route_files(directory: str | Path, tasks: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """Where ``save_route_figures`` writes: ``routes.png`` and ``routes.txt`` for every
+    task, ``routes-<task>-<task>.png``/``.txt`` for the chosen ``tasks``, so that a
+    figure of some tasks never replaces the run's figure of all of them."""
+    directory = Path(directory)
+    if not tasks:
+        return directory / ROUTES_PNG, directory / ROUTES_TXT
+    stem = "routes-" + "-".join(tasks)
+    return directory / f"{stem}.png", directory / f"{stem}.txt"
+
+
 def save_route_figures(
     model: ModularNet, directory: str | Path, tasks: Sequence[str] | None = None
 ) -> tuple[Path, Path]:
-    """Writes ``routes.png`` (heatmap) and ``routes.txt`` (table) into ``directory``.
+    """Writes the route heatmap (PNG) and table (text) into ``directory``.
 
     Args:
         model: The model.
         directory: Output folder (created if missing).
-        tasks: Tasks to show (default: every task of the model).
+        tasks: Tasks to show (default: every task of the model); see ``route_files``
+            for the file names.
 
     Returns:
         The paths of the PNG and the table.
     """
-    directory = Path(directory)
+    png_path, txt = route_files(directory, tasks)
     tasks = list(tasks or model.task_names)
     matrices = {t: route_matrix(model, t) for t in tasks}
-    png = route_heatmap(matrices, directory / ROUTES_PNG, {t: route_kind(model, t) for t in tasks})
-    txt = directory / ROUTES_TXT
+    png = route_heatmap(matrices, png_path, {t: route_kind(model, t) for t in tasks})
     txt.write_text(route_table(matrices))
     return png, txt
 

@@ -140,7 +140,7 @@ def test_the_adapted_target_works_with_eval_routes_and_export(route_only, tmp_pa
     assert main(["eval", str(run_dir), "--task", TARGET, "--json", "--test-limit", "300"]) == 0
     assert json.loads(capsys.readouterr().out)[TARGET] == pytest.approx(result.accuracy)
     assert main(["routes", str(run_dir), "--task", TARGET, "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "routes.png").is_file()
+    assert (tmp_path / f"routes-{TARGET}.png").is_file()
     out = tmp_path / "target.pt2"
     assert main(["export", str(run_dir), "--task", TARGET, "--out", str(out)]) == 0
     assert out.is_file()

@@ -164,6 +164,28 @@ def test_safe_export_round_trips_the_logits(finished, tmp_path, capsys):  # noqa
         assert torch.equal(net(x), model(x))
 
 
+def test_export_never_replaces_a_file_at_out_unless_told(finished, tmp_path, capsys):  # noqa: F811
+    mine = tmp_path / "notes.pt2"
+    mine.write_text("precious")
+    export = ["export", str(finished), "--task", "synth_color", "--out"]
+    assert main([*export, str(mine)]) == 2
+    line = one_line_error(capsys, "export")
+    assert line.endswith(
+        f"{mine} already exists: choose another --out, or pass --overwrite to replace it"
+    )
+    assert mine.read_text() == "precious"
+    assert main([*export, str(tmp_path / "notes.txt")]) == 2
+    assert "is not a .pt2 file path" in one_line_error(capsys, "export")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert main([*export, str(folder), "--format", "safetensors"]) == 2
+    assert f"{folder / 'config.json'} already exists" in one_line_error(capsys, "export")
+    assert (folder / "config.json").read_text() == "{}"
+    assert main([*export, str(mine), "--overwrite"]) == 0
+    assert torch.export.load(str(mine)).module() is not None
+
+
 def test_eval_refuses_a_diverged_checkpoint(tmp_path, capsys):
     model = tiny_conv(tasks={"a": 3})
     buffer = next(n for n, _ in model.named_buffers() if n.endswith("running_var"))

@@ -97,7 +97,20 @@ def test_train_writes_figures_and_plot_redraws_them(run_dir, tmp_path, capsys):
     assert printed == [str(tmp_path / n) for n in ("routes.png", "routes.txt", "curves.png")]
     assert (tmp_path / "routes.txt").read_text() == (run_dir / "routes.txt").read_text()
     assert main(["plot", str(run_dir), "--task", "synth_size", "--out", str(tmp_path / "one")]) == 0
-    assert "synth_color" not in (tmp_path / "one" / "routes.txt").read_text()
+    assert "synth_color" not in (tmp_path / "one" / "routes-synth_size.txt").read_text()
+    # figures of some tasks never replace the run's figure of all of them
+    assert main(["plot", str(run_dir), "--task", "synth_size"]) == 0
+    assert "synth_color" in (run_dir / "routes.txt").read_text()
+    assert (run_dir / "routes-synth_size.png").is_file()
+    # nor a file the user has where --out points, unless --overwrite
+    (tmp_path / "curves.png").write_bytes(b"mine")
+    assert main(["plot", str(run_dir), "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'routes.png'} already exists: choose another --out, or pass " in (
+        capsys.readouterr().err
+    )
+    assert (tmp_path / "curves.png").read_bytes() == b"mine"
+    assert main(["plot", str(run_dir), "--out", str(tmp_path), "--overwrite"]) == 0
+    assert (tmp_path / "curves.png").read_bytes() != b"mine"
 
 
 @pytest.mark.slow

@@ -317,6 +317,24 @@ def _default(name: str) -> str:
     return f" (default: {getattr(DEFAULTS, name)})"
 
 
+def refuse_replacing(paths: Iterable[Path], overwrite: bool, option: str = "--out") -> None:
+    """Refuses, before any work, to replace a file the user pointed ``option`` at.
+
+    A command's default outputs live in the run directory and are modnet's own; a
+    file at a place the user chose may be theirs, so it is replaced only with
+    ``--overwrite``.
+
+    Raises:
+        ConfigError: Naming the first of ``paths`` that exists.
+    """
+    existing = [] if overwrite else [p for p in map(Path, paths) if p.exists()]
+    if existing:
+        raise ConfigError(
+            f"{existing[0]} already exists: choose another {option}, or pass --overwrite "
+            "to replace it"
+        )
+
+
 def accuracy_table(accuracy: dict[str, float], classes: dict[str, int]) -> str:
     """The per-task accuracy table printed at the end of a run."""
     width = max([4, *map(len, accuracy)])

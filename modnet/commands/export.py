@@ -36,17 +36,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="output file for pt2, folder for safetensors (default: RUN_DIR/export/<task>.pt2 "
         "or RUN_DIR/export/<task>/)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing files at --out (the run's own export folder is always replaced)",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="example batch for tracing")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..export import save_exported, save_safe
+    from ..export import SAFE_CONFIG, SAFE_WEIGHTS, save_exported, save_safe
     from ..io import load_model
+    from ._options import refuse_replacing
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.out and args.format == "pt2":
+        if Path(args.out).is_dir() or Path(args.out).suffix != ".pt2":
+            raise ConfigError(
+                f"--out {args.out} is not a .pt2 file path: give one such as model.pt2 "
+                "(a folder is --out for --format safetensors)"
+            )
+        refuse_replacing([Path(args.out)], args.overwrite)
+    elif args.out:
+        if Path(args.out).is_file():
+            raise ConfigError(f"--out {args.out} is a file: --format safetensors writes a folder")
+        refuse_replacing([Path(args.out) / n for n in (SAFE_WEIGHTS, SAFE_CONFIG)], args.overwrite)
     model, _ = load_model(args.run_dir, tasks=[args.task])
     net = model.export(args.task).eval()
     if args.format == "safetensors":

@@ -15,16 +15,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir", help="run or model directory")
     parser.add_argument("--task", action="append", help="task to show (repeatable; default all)")
-    parser.add_argument("--out", help="folder for routes.png / routes.txt (default: run_dir)")
+    parser.add_argument(
+        "--out",
+        help="folder for routes.png / routes.txt, or routes-<task>.png / .txt with --task "
+        "(default: run_dir)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace those files in --out if they exist"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import io
-    from ..plot import save_route_figures
+    from ..plot import route_files, save_route_figures
+    from ._options import refuse_replacing
 
+    if args.out:
+        refuse_replacing(route_files(args.out, args.task), args.overwrite)
     model, _ = io.load_model(args.run_dir, tasks=args.task)
-    png, txt = save_route_figures(model, Path(args.out or args.run_dir))
+    png, txt = save_route_figures(model, Path(args.out or args.run_dir), args.task)
     print(txt.read_text())
     print(f"heatmap: {png}")
     return 0
