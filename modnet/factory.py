@@ -30,6 +30,27 @@ _MODEL_OPTIONS = (
     "route_options",
 )
 
+# Every registered model: its family and the options it sets (the family's own
+# defaults fill the rest); ``modnet.options`` checks user options against both.
+MODELS: dict[str, tuple[Callable[..., Family], dict[str, Any]]] = {
+    "modnet_conv_tiny": (
+        conv_family,
+        dict(depth=16, num_templates=4, width=40, exp_ratio=6.0, img_size=32),
+    ),
+    "modnet_conv_small": (
+        conv_family,
+        dict(depth=16, num_templates=8, width=64, exp_ratio=6.0, img_size=64, stem_stride=4),
+    ),
+    "modnet_vit_tiny": (
+        vit_family,
+        dict(depth=12, num_templates=4, img_size=32, patch_size=4, embed_dim=192, num_heads=3),
+    ),
+    "modnet_vit_small": (
+        vit_family,
+        dict(depth=12, num_templates=6, img_size=64, patch_size=8, embed_dim=384, num_heads=6),
+    ),
+}
+
 # Layer positions a features_only model returns by default: the last four.
 DEFAULT_FEATURE_LAYERS = 4
 
@@ -155,33 +176,25 @@ def build_model(config: Mapping[str, Any]) -> ModularNet:
 @register_model
 def modnet_conv_tiny(pretrained: bool = False, **kwargs: Any) -> ModularNet:
     """Inverted residuals, 32x32 input, 16 layers at 16x16x40 from 4 templates."""
-    defaults = dict(depth=16, num_templates=4, width=40, exp_ratio=6.0, img_size=32)
-    return _create("modnet_conv_tiny", conv_family, defaults, pretrained, kwargs)
+    return _create("modnet_conv_tiny", *MODELS["modnet_conv_tiny"], pretrained, kwargs)
 
 
 @register_model
 def modnet_conv_small(pretrained: bool = False, **kwargs: Any) -> ModularNet:
     """Inverted residuals, 64x64 input, 16 layers at 16x16x64 from 8 templates."""
-    defaults = dict(depth=16, num_templates=8, width=64, exp_ratio=6.0, img_size=64, stem_stride=4)
-    return _create("modnet_conv_small", conv_family, defaults, pretrained, kwargs)
+    return _create("modnet_conv_small", *MODELS["modnet_conv_small"], pretrained, kwargs)
 
 
 @register_model
 def modnet_vit_tiny(pretrained: bool = False, **kwargs: Any) -> ModularNet:
     """ViT blocks (dim 192, 3 heads), 32x32 input in 4x4 patches, 12 layers from 4 templates."""
-    defaults = dict(
-        depth=12, num_templates=4, img_size=32, patch_size=4, embed_dim=192, num_heads=3
-    )
-    return _create("modnet_vit_tiny", vit_family, defaults, pretrained, kwargs)
+    return _create("modnet_vit_tiny", *MODELS["modnet_vit_tiny"], pretrained, kwargs)
 
 
 @register_model
 def modnet_vit_small(pretrained: bool = False, **kwargs: Any) -> ModularNet:
     """ViT blocks (dim 384, 6 heads), 64x64 input in 8x8 patches, 12 layers from 6 templates."""
-    defaults = dict(
-        depth=12, num_templates=6, img_size=64, patch_size=8, embed_dim=384, num_heads=6
-    )
-    return _create("modnet_vit_small", vit_family, defaults, pretrained, kwargs)
+    return _create("modnet_vit_small", *MODELS["modnet_vit_small"], pretrained, kwargs)
 
 
 def _recreates(model: nn.Module, architecture: str, timm_kwargs: Mapping[str, Any]) -> bool:

@@ -77,15 +77,45 @@ def check_model_options(model: str, options: Mapping[str, Any]) -> None:
         elif key == "route_options":
             _check_route_options(value, options)
     _check_hyper_options(options)
-    embed, heads = options.get("embed_dim"), options.get("num_heads")
-    if isinstance(embed, int) and isinstance(heads, int) and embed % heads:
-        raise ConfigError(f"model option embed_dim={embed} must be divisible by num_heads={heads}")
-    size, stride = options.get("img_size"), options.get("stem_stride")
-    if isinstance(size, int) and isinstance(stride, int) and size % stride:
-        raise ConfigError(f"model option img_size={size} must be divisible by stem_stride={stride}")
-    size, patch = options.get("img_size"), options.get("patch_size")
-    if isinstance(size, int) and isinstance(patch, int) and size % patch:
-        raise ConfigError(f"model option img_size={size} must be divisible by patch_size={patch}")
+    _check_divisible(model, options)
+
+
+def _check_divisible(model: str, options: Mapping[str, Any]) -> None:
+    """Sizes that must divide each other, an option given or the model's default."""
+    value, known = _resolver(model, options)
+    pairs = (("embed_dim", "num_heads"), ("img_size", "stem_stride"), ("img_size", "patch_size"))
+    for big, small in pairs:
+        if not (known(big) and known(small) and (big in options or small in options)):
+            continue
+        a, b = value(big), value(small)
+        if isinstance(a, int) and isinstance(b, int) and b > 0 and a % b:
+            given = ", ".join(f"{k}={value(k)}" for k in (big, small) if k in options)
+            raise ConfigError(
+                f"model option {big}={a} must be divisible by {small}={b} (given: {given}): "
+                f"choose {big} as a multiple of {small}"
+            )
+
+
+def _resolver(model: str, options: Mapping[str, Any]):
+    """``key -> value``: the option given, else the model's, else its family's default;
+    and ``key -> bool``: whether the model's family takes that option."""
+    from .factory import MODELS
+
+    family, defaults = MODELS.get(model, (None, {}))
+    signature = inspect.signature(family).parameters if family is not None else {}
+
+    def value(key: str) -> Any:
+        if key in options:
+            return options[key]
+        if key in defaults:
+            return defaults[key]
+        parameter = signature.get(key)
+        return None if parameter is None else parameter.default
+
+    def known(key: str) -> bool:
+        return family is None or key in signature
+
+    return value, known
 
 
 def _check_hyper_options(options: Mapping[str, Any]) -> None:

@@ -39,6 +39,7 @@ def one_line_error(capsys, command: str) -> str:
         (["--model-arg", "colour=red"], "unknown model option 'colour'"),
         (["--model-arg", "width"], "--model-arg expects KEY=VALUE"),
         (["--model-arg", "hyper_dim=4"], "hyper_dim=4 only applies to route=hyper"),
+        (["--model-arg", "img_size=7"], "img_size=7 must be divisible by stem_stride=2"),
         (["--log-every", "0"], "--log-every must be at least 1"),
         (["--lr", "nan"], "--lr must be a finite number, got nan"),
         (["--lr", "-0.1"], "--lr must be > 0"),

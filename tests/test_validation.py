@@ -74,6 +74,8 @@ def test_grad_clip_zero_disables_clipping():
             "hyper_normalize='softmax' only applies to route=hyper, and the route is hard",
         ),
         (dict(img_size=10, stem_stride=4), "img_size=10 must be divisible by stem_stride=4"),
+        # the model's own stem_stride (2) counts when only img_size is given
+        (dict(img_size=7), r"img_size=7 must be divisible by stem_stride=2 \(given: img_size=7\)"),
     ],
 )
 def test_model_options_are_validated_before_building(options, message):
