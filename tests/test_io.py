@@ -1,9 +1,12 @@
 """Checkpoints: one pool file, one file per task, a manifest; atomic and verified."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from modnet import io
 from tests.conftest import images, moved_off_init, tiny_conv, tiny_vit
@@ -77,8 +80,14 @@ def test_corrupted_and_mismatched_checkpoints_raise_clear_errors(tmp_path):
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     manifest["tasks"]["a"]["num_classes"] = 7
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(io.CheckpointError, match="(?s)does not match the model.*heads.a.weight"):
+    path = tmp_path / "m" / "tasks" / "a.safetensors"
+    with pytest.raises(io.CheckpointError) as caught:
         io.load_model(tmp_path / "m")
+    assert str(caught.value) == (
+        f"checkpoint file {path} does not match the model manifest.json describes: "
+        "heads.a.bias has shape [3], the model's is [7]; heads.a.weight has shape [3, 8], "
+        "the model's is [7, 8]; restore the checkpoint or write it again"
+    )
     (tmp_path / "m" / "manifest.json").write_text("{not json")
     with pytest.raises(io.CheckpointError, match="corrupted"):
         io.load_model(tmp_path / "m")
@@ -86,6 +95,102 @@ def test_corrupted_and_mismatched_checkpoints_raise_clear_errors(tmp_path):
         io.CheckpointError, match="not a modnet model or run directory|no modnet checkpoint"
     ):
         io.load_model(tmp_path / "nothing")
+
+
+def two_runs(tmp_path):
+    """Two runs of the same model (same config, tasks and routes), trained apart."""
+    first = moved_off_init(tiny_conv(tasks={"a": 3, "b": 4}), scale=0.2).eval()
+    second = moved_off_init(tiny_conv(tasks={"a": 3, "b": 4}), scale=0.3).eval()
+    io.save_model(first, tmp_path / "first")
+    io.save_model(second, tmp_path / "second")
+    return first, second
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return {task: model(x, task) for task in model.task_names}
+
+
+@pytest.mark.parametrize("file", ["pool.safetensors", "tasks/b.safetensors"])
+def test_a_file_from_another_run_of_the_same_model_is_refused(tmp_path, file):
+    first, second = two_runs(tmp_path)
+    ours, theirs = io.pool_fingerprint(first)[:12], io.pool_fingerprint(second)[:12]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "first", mixed)
+    shutil.copyfile(tmp_path / "second" / file, mixed / file)
+    if file == "pool.safetensors":
+        expected = (
+            f"pool file {mixed / file} was written by another run (pool fingerprint {theirs}, "
+            f"its manifest records {ours}): restore this checkpoint's own pool.safetensors "
+            "(task files only work with the pool they were trained with)"
+        )
+    else:
+        expected = (
+            f"task file {mixed / file} was written by another run (pool fingerprint {theirs}, "
+            f"this checkpoint's is {ours}): restore this checkpoint's own tasks/b.safetensors, "
+            "or add the task to a model with its own run's pool with modnet.io.import_task"
+        )
+    for tasks in (None, ["b"] if file.startswith("tasks") else ["a"]):
+        with pytest.raises(io.CheckpointError, match=f"^{re.escape(expected)}$"):
+            io.load_model(mixed, tasks=tasks)
+    # the untouched checkpoint, and the mixed one once its own file is back, load exactly
+    x = images(first)
+    for directory in (tmp_path / "first", mixed):
+        shutil.copyfile(tmp_path / "first" / file, mixed / file)
+        loaded, _ = io.load_model(directory)
+        got, want = logits(loaded, x), logits(first, x)
+        assert all(torch.equal(got[task], want[task]) for task in want)
+
+
+def test_a_task_file_of_a_run_with_the_same_pool_loads(tmp_path):
+    first = moved_off_init(tiny_conv(tasks={"a": 3, "b": 4})).eval()
+    io.save_model(first, tmp_path / "first")
+    with torch.no_grad():
+        first.heads["b"].weight.mul_(2)  # the same pool, task b trained further
+    io.save_model(first, tmp_path / "second")
+    shutil.copyfile(tmp_path / "second/tasks/b.safetensors", tmp_path / "first/tasks/b.safetensors")
+    loaded, _ = io.load_model(tmp_path / "first")
+    x = images(first)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, "b"), first(x, "b"))
+
+
+def test_tensors_of_another_task_are_refused_in_one_line(tmp_path):
+    model = trained_like()
+    io.save_model(model, tmp_path / "m")
+    path = tmp_path / "m" / "tasks" / "b.safetensors"
+    shutil.copyfile(tmp_path / "m" / "tasks" / "a.safetensors", path)
+    with pytest.raises(io.CheckpointError) as caught:
+        io.load_model(tmp_path / "m")
+    assert str(caught.value) == (
+        f"checkpoint file {path} does not match the model manifest.json describes: "
+        "missing ['heads.b.bias', 'heads.b.weight', "
+        "'norm_stats.b.layers__bn1__num_batches_tracked'], unexpected ['heads.a.bias', "
+        "'heads.a.weight', 'norm_stats.a.layers__bn1__num_batches_tracked']; restore the "
+        "checkpoint or write it again"
+    )
+
+
+def test_a_checkpoint_written_before_fingerprints_loads_as_before(tmp_path):
+    model = trained_like()
+    io.save_model(model, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    del manifest["pool_fingerprint"]
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(manifest))
+    for path in (tmp_path / "m").rglob("*.safetensors"):
+        save_file(load_file(path), path)  # no metadata, as modnet wrote them then
+    loaded, _ = io.load_model(tmp_path / "m")
+    got, want = logits(loaded, images(model)), logits(model, images(model))
+    assert all(torch.equal(got[task], want[task]) for task in want)
+    # a file without a fingerprint in a checkpoint that records one is refused
+    io.save_model(model, tmp_path / "new")
+    shutil.copyfile(tmp_path / "m/tasks/c.safetensors", tmp_path / "new/tasks/c.safetensors")
+    with pytest.raises(
+        io.CheckpointError,
+        match=r"^task file .*c\.safetensors was written by "
+        r"another run \(pool fingerprint none, ",
+    ):
+        io.load_model(tmp_path / "new")
 
 
 def test_checkpoints_update_latest_only_when_complete_and_prune_old_ones(tmp_path):

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..factory import build_model
@@ -264,15 +264,61 @@ def _check_manifest(manifest: Mapping[str, Any], path: Path) -> None:
             fail(f"tasks[{name!r}]['route']", "an object with a 'kind'", route)
         if "file" in entry and not isinstance(entry["file"], str):
             fail(f"tasks[{name!r}]['file']", "a path string", entry["file"])
+    fingerprint = manifest.get("pool_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        fail("'pool_fingerprint'", "a string", fingerprint)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_file(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata; ``what`` names it in errors ("task file")."""
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
+        raise CheckpointError(f"{what} {path} is missing")
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint file {path} is corrupted: {error}") from error
+        raise CheckpointError(f"{what} {path} is corrupted: {error}") from error
+    return tensors, metadata
+
+
+def _check_fingerprint(
+    path: Path,
+    what: str,
+    metadata: Mapping[str, str],
+    expected: str,
+    *,
+    why: str,
+    ours: str,
+    fix: str,
+) -> None:
+    """Refuses a file whose metadata does not carry the pool fingerprint ``expected``.
+
+    The one check of a file's fingerprint, for ``load_model`` and ``import_task``:
+    ``why`` says what a mismatch means, ``ours`` whose fingerprint ``expected`` is,
+    ``fix`` what to do. The message is one line.
+    """
+    found = metadata.get("pool_fingerprint")
+    if found != expected:
+        seen = "none" if found is None else found[:12]
+        raise CheckpointError(
+            f"{what} {path} {why} (pool fingerprint {seen}, {ours} {expected[:12]}): {fix}"
+        )
+
+
+def _mismatch(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """The first few missing and unexpected keys, else the first shapes that differ; "" if none."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    shapes = [
+        f"{key} has shape {list(tensors[key].shape)}, the model's is {list(expected[key].shape)}"
+        for key in sorted(expected)
+        if tensors[key].shape != expected[key].shape
+    ]
+    more = f" (and {len(shapes) - 2} more)" if len(shapes) > 2 else ""
+    return "; ".join(shapes[:2]) + more
 
 
 def load_model(
@@ -280,17 +326,48 @@ def load_model(
 ) -> tuple[ModularNet, dict[str, Any]]:
     """Loads a model directory (or a run's latest checkpoint), optionally only some tasks.
 
+    Every file must belong to this checkpoint: the pool file and each task file
+    carry the pool fingerprint the manifest records, and a file copied in from
+    another run is refused before the model is built. (A checkpoint written before
+    fingerprints existed has none in its manifest and loads unchecked.)
+
     Returns:
         The model (in eval mode) and its manifest.
 
     Raises:
-        CheckpointError: The directory holds no complete checkpoint, or it is damaged.
+        CheckpointError: The directory holds no complete checkpoint, it is damaged,
+            or one of its files was written by another run (one line, naming the file).
     """
     from .run import resolve_model_dir
 
     directory = resolve_model_dir(directory)
     manifest = read_manifest(directory)
-    selected = list(manifest["tasks"]) if tasks is None else list(tasks)
+    known = manifest["tasks"]
+    selected = list(known) if tasks is None else list(tasks)
+    for name in selected:
+        if name not in known:
+            raise CheckpointError(f"the checkpoint has no task {name!r}; it has {sorted(known)}")
+    names: dict[str | None, str] = {None: SHARED_FILE}  # None: the pool
+    for name in selected:
+        names[name] = known[name].get("file", f"{TASK_DIR}/{name}.safetensors")
+    paths = {name: directory / file for name, file in names.items()}
+    files = {name: _read_file(path, "checkpoint file") for name, path in paths.items()}
+    expected = manifest.get("pool_fingerprint")
+    if expected is not None:  # written with fingerprints: every file must carry this one
+        for name, (_, metadata) in files.items():
+            if name is None:
+                what, why, ours = "pool file", "was written by another run", "its manifest records"
+                fix = (
+                    f"restore this checkpoint's own {SHARED_FILE} (task files only work with "
+                    "the pool they were trained with)"
+                )
+            else:
+                what, why, ours = "task file", "was written by another run", "this checkpoint's is"
+                fix = (
+                    f"restore this checkpoint's own {names[name]}, or add the task to a "
+                    "model with its own run's pool with modnet.io.import_task"
+                )
+            _check_fingerprint(paths[name], what, metadata, expected, why=why, ours=ours, fix=fix)
     try:
         model = build(manifest, selected)
     except (TypeError, ValueError) as error:
@@ -299,9 +376,21 @@ def load_model(
         raise CheckpointError(
             f"{directory / MANIFEST} describes a model that cannot be built: {error}"
         ) from error
-    state = _load_tensors(directory / SHARED_FILE)
-    for name in selected:
-        state.update(_load_tensors(directory / manifest["tasks"][name]["file"]))
+    model_state = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for name, (tensors, _) in files.items():
+        part = {
+            k: v
+            for k, v in model_state.items()
+            if (_is_shared_key(k) if name is None else _is_task_key(k, name))
+        }
+        problem = _mismatch(tensors, part)
+        if problem:
+            raise CheckpointError(
+                f"checkpoint file {paths[name]} does not match the model {MANIFEST} describes: "
+                f"{problem}; restore the checkpoint or write it again"
+            )
+        state.update(tensors)
     load_state_into(model, state, source=str(directory))
     _record_normalization(model, manifest["tasks"])
     return model.eval(), manifest
@@ -317,10 +406,10 @@ def _record_normalization(model: ModularNet, info: Mapping[str, Mapping[str, Any
 
 def load_state_into(model: ModularNet, state: Mapping[str, torch.Tensor], source: str) -> None:
     """``load_state_dict`` that names the checkpoint and the mismatch when it fails."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {source} does not match the model: {error}") from error
+    problem = _mismatch(state, model.state_dict())
+    if problem:
+        raise CheckpointError(f"checkpoint {source} does not match the model: {problem}")
+    model.load_state_dict(state, strict=True)
 
 
 # ------------------------------------------------------------------- task import
@@ -356,43 +445,40 @@ def import_task(
         if task is None:
             raise CheckpointError(f"{path} is a directory: name the task to import (task=...)")
         path = resolve_model_dir(path) / TASK_DIR / f"{task}.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"task file {path} is missing")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"task file {path} is corrupted: {error}") from error
+    tensors, metadata = _read_file(path, "task file")
     needed = ("task", "num_classes", "route", "pool_fingerprint")
     if any(key not in metadata for key in needed):
         raise CheckpointError(
             f"task file {path} carries no pool fingerprint (it was written by an older "
             "modnet): save its model again to import it"
         )
-    ours = pool_fingerprint(model)
-    if metadata["pool_fingerprint"] != ours:
-        raise CheckpointError(
-            f"task file {path} was trained with another pool (fingerprint "
-            f"{metadata['pool_fingerprint'][:12]}, this model's pool is {ours[:12]}): a task "
-            "only works with the exact pool it was trained with"
-        )
+    _check_fingerprint(
+        path,
+        "task file",
+        metadata,
+        pool_fingerprint(model),
+        why="was trained with another pool",
+        ours="this model's pool is",
+        fix="a task only works with the exact pool it was trained with",
+    )
     old, new = metadata["task"], name or metadata["task"]
     model.add_task(
         new, int(metadata["num_classes"]), route=route_from_spec(json.loads(metadata["route"]))
     )
     renamed = {}
     for key, value in tensors.items():
-        prefix = next(p for p in TASK_PREFIXES if key.startswith(f"{p}{old}."))
-        renamed[f"{prefix}{new}.{key[len(prefix) + len(old) + 1 :]}"] = value
-    expected = {k for k in model.state_dict() if _is_task_key(k, new)}
-    if set(renamed) != expected:
+        prefix = next((p for p in TASK_PREFIXES if key.startswith(f"{p}{old}.")), None)
+        renamed[key if prefix is None else f"{prefix}{new}.{key[len(prefix) + len(old) + 1 :]}"] = (
+            value
+        )
+    problem = _mismatch(
+        renamed, {k: v for k, v in model.state_dict().items() if _is_task_key(k, new)}
+    )
+    if problem:
         for modules in (model.routes, model.heads, model.norm_stats):
             del modules[new]  # leave the model as it was
         raise CheckpointError(
-            f"task file {path} does not hold the tensors of a task of this model: missing "
-            f"{sorted(expected - set(renamed))[:3]}, "
-            f"unexpected {sorted(set(renamed) - expected)[:3]}"
+            f"task file {path} does not hold the tensors of a task of this model: {problem}"
         )
     model.load_state_dict(renamed, strict=False)
     return new
