@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modnet import io
@@ -220,3 +221,22 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         io.atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_import_task_refuses_foreign_tensors_in_one_line(tmp_path):
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 4})).eval()
+    io.save_model(model, tmp_path / "m")
+    path = tmp_path / "m" / "tasks" / "b.safetensors"
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    tensors["pool.extra"] = torch.zeros(1)  # a tensor that belongs to no task
+    save_file(tensors, path, metadata=metadata)
+    target, _ = io.load_model(tmp_path / "m", tasks=["a"])
+    with pytest.raises(io.CheckpointError) as caught:
+        io.import_task(target, path)
+    assert str(caught.value) == (
+        f"task file {path} does not hold the tensors of a task of this model: "
+        "missing [], unexpected ['pool.extra']"
+    )
+    assert target.task_names == ["a"]
