@@ -7,6 +7,7 @@ A command module defines ``register(subparsers)``, which adds its parser and set
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import pkgutil
@@ -49,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback of a user error too.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, which knows its options
+        _unrecognized(parser, getattr(args, "command", None), extra)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
@@ -62,6 +65,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"modnet {args.command}: error: {_message(error)}", file=sys.stderr)
         return 2
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: list[str]):
+    """Exits with the command's one-line error, suggesting the option a typo was near."""
+    actions = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+    own = actions.get(command, parser)
+    known = [o for o in own._option_string_actions if o.startswith("--")]
+    hints = []
+    for item in extra:
+        if item.startswith("--"):
+            close = difflib.get_close_matches(item.split("=", 1)[0], known, n=1)
+            hints += [(item.split("=", 1)[0], close[0])] if close else []
+    if len(hints) == 1:
+        hint = f"; did you mean {hints[0][1]}?"
+    else:
+        hint = (
+            "; did you mean " + ", ".join(f"{b} for {a}" for a, b in hints) + "?" if hints else ""
+        )
+    own.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 def _is_user_error(error: BaseException) -> bool:

@@ -204,3 +204,17 @@ def test_argument_errors_are_one_line_too(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "modnet train: error: argument --lr: invalid float value: 'fast' (see modnet train --help)"
     ]
+
+
+def test_a_mistyped_option_is_named_by_its_command_with_the_closest_option(capsys):
+    for argv, expected in [
+        (["train", "--epocs", "1"], "modnet train: error: unrecognized arguments: --epocs 1; "
+         "did you mean --epochs? (see modnet train --help)"),
+        (["eval", "run", "--tset-limit=3", "--jsn"], "modnet eval: error: unrecognized "
+         "arguments: --tset-limit=3 --jsn; did you mean --test-limit for --tset-limit, --json "
+         "for --jsn? (see modnet eval --help)"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.strip() == expected
