@@ -39,6 +39,8 @@ class ExportedNet(nn.Module):
         self.blocks = blocks
         self.head = head
         self.task = task
+        # The task's preprocessing record when the export carries one (``load_safe``).
+        self.transform: dict | None = None
         self.num_features = getattr(trunk, "num_features", None)
         size = trunk.img_size or (224, 224)
         self.input_size = (trunk.in_chans, *size)
@@ -88,12 +90,27 @@ class ExportedNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def save_exported(net: ExportedNet, path: str | Path, batch_size: int = 1) -> Path:
+# The task's preprocessing record inside a .pt2 archive (``torch.export.save``'s extra files).
+PT2_TRANSFORM = "transform.json"
+
+
+def save_exported(
+    net: ExportedNet, path: str | Path, batch_size: int = 1, transform: dict | None = None
+) -> Path:
     """Saves ``net`` with ``torch.export`` (dynamic batch size), atomically.
 
     The file loads with PyTorch alone: ``torch.export.load(path).module()``. Loading
     a ``.pt2`` file can execute code stored in it: share it only with people who
     trust its source, or use ``save_safe``.
+
+    Args:
+        net: The baked network (``ModularNet.export(task)``).
+        path: The ``.pt2`` file.
+        batch_size: Batch of the example input that is traced (the saved program
+            takes any batch size).
+        transform: The task's preprocessing record (its manifest's ``transform``:
+            size, channels, resize, mean and std, class names), stored as the extra
+            file ``transform.json``; read it back with ``load_transform``.
     """
     from .io import atomic_write
 
@@ -101,8 +118,24 @@ def save_exported(net: ExportedNet, path: str | Path, batch_size: int = 1) -> Pa
     example = torch.randn(max(2, batch_size), channels, height, width)
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: batch},))
-    atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp))
+    extra = {PT2_TRANSFORM: json.dumps(transform)} if transform is not None else None
+    atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp, extra_files=extra))
     return Path(path)
+
+
+def load_transform(path: str | Path) -> dict | None:
+    """The preprocessing record an export carries (a ``.pt2`` file or a ``save_safe``
+    folder), for ``modnet.data.apply_transform`` and the mean and std that follow it;
+    ``None`` when it was exported without one.
+
+    Reading a ``.pt2`` file's record loads the program too: trusted files only.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return json.loads((path / SAFE_CONFIG).read_text()).get("transform")
+    extra = {PT2_TRANSFORM: ""}
+    torch.export.load(str(path), extra_files=extra)
+    return json.loads(extra[PT2_TRANSFORM]) if extra[PT2_TRANSFORM] else None
 
 
 SAFE_FORMAT = "modnet-exported/1"
@@ -110,7 +143,12 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_CONFIG = "config.json"
 
 
-def save_safe(net: ExportedNet, model_config: dict[str, Any], directory: str | Path) -> Path:
+def save_safe(
+    net: ExportedNet,
+    model_config: dict[str, Any],
+    directory: str | Path,
+    transform: dict | None = None,
+) -> Path:
     """Saves ``net`` as ``model.safetensors`` (its state dict) and ``config.json``.
 
     Neither file contains code: ``load_safe`` rebuilds the network from the config
@@ -120,6 +158,8 @@ def save_safe(net: ExportedNet, model_config: dict[str, Any], directory: str | P
         net: The baked network (``ModularNet.export(task)``).
         model_config: ``model.config`` of the model it came from (family and sizes).
         directory: Output folder (created; both files are written atomically).
+        transform: The task's preprocessing record (as for ``save_exported``),
+            kept in ``config.json`` and read back as ``load_safe(...).transform``.
 
     Returns:
         The folder.
@@ -139,6 +179,8 @@ def save_safe(net: ExportedNet, model_config: dict[str, Any], directory: str | P
         num_blocks=len(net.blocks),
         input_size=list(net.input_size),
     )
+    if transform is not None:
+        config["transform"] = transform
     write_json(directory / SAFE_CONFIG, config)
     return directory
 
@@ -175,4 +217,5 @@ def load_safe(directory: str | Path) -> ExportedNet:
         raise CheckpointError(
             f"{directory / SAFE_WEIGHTS} does not match its config: {error}"
         ) from None
+    net.transform = config.get("transform")
     return net.eval()

@@ -14,7 +14,7 @@ import torch
 from modnet import io
 from modnet.cli import main
 from modnet.errors import DivergenceError
-from modnet.export import load_safe
+from modnet.export import load_safe, load_transform
 from modnet.train import TrainConfig
 from modnet.train.divergence import DivergenceGuard
 from tests.conftest import images, tiny_conv
@@ -159,10 +159,16 @@ def test_safe_export_round_trips_the_logits(finished, tmp_path, capsys):  # noqa
                  "--out", str(out)]) == 0  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     net = load_safe(out)
-    model, _ = io.load_model(finished, tasks=["synth_color"])
+    model, manifest = io.load_model(finished, tasks=["synth_color"])
     x = images(model, batch=5)
     with torch.no_grad():
         assert torch.equal(net(x), model(x))
+    # the preprocessing goes with the network: raw images -> the same input as in training
+    record = manifest["tasks"]["synth_color"]["transform"]
+    assert net.transform == record == load_transform(out)
+    pt2 = tmp_path / "color.pt2"
+    assert main(["export", str(finished), "--task", "synth_color", "--out", str(pt2)]) == 0
+    assert load_transform(pt2) == record
 
 
 def test_export_never_replaces_a_file_at_out_unless_told(finished, tmp_path, capsys):  # noqa: F811

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Bake a task's route into a plain stack of blocks. --format pt2 (default) "
         "saves it with torch.export: it loads with torch alone, "
         "`torch.export.load(path).module()`. --format safetensors saves its state dict "
-        "(model.safetensors) and config.json, rebuilt by modnet.export.load_safe. " + TRUST,
+        "(model.safetensors) and config.json, rebuilt by modnet.export.load_safe. Both carry "
+        "the task's preprocessing record (size, channels, resize, mean, std, class names), "
+        "read by modnet.export.load_transform. " + TRUST,
     )
     parser.add_argument("run_dir", help="run or model directory")
     parser.add_argument("--task", required=True, help="the task to export")
@@ -64,16 +66,17 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.out).is_file():
             raise ConfigError(f"--out {args.out} is a file: --format safetensors writes a folder")
         refuse_replacing([Path(args.out) / n for n in (SAFE_WEIGHTS, SAFE_CONFIG)], args.overwrite)
-    model, _ = load_model(args.run_dir, tasks=[args.task])
+    model, manifest = load_model(args.run_dir, tasks=[args.task])
     net = model.export(args.task).eval()
+    transform = manifest["tasks"][args.task].get("transform")
     if args.format == "safetensors":
         out = Path(args.out) if args.out else Path(args.run_dir) / "export" / args.task
-        path = save_safe(net, model.config, out)
+        path = save_safe(net, model.config, out, transform)
         print(f"exported task {args.task!r} to {path}")
         print(f"load it with: modnet.export.load_safe({str(path)!r})")
         return 0
     out = Path(args.out) if args.out else Path(args.run_dir) / "export" / f"{args.task}.pt2"
-    path = save_exported(net, out, batch_size=args.batch_size)
+    path = save_exported(net, out, batch_size=args.batch_size, transform=transform)
     print(f"exported task {args.task!r} to {path}")
     print(f"load it with: torch.export.load({str(path)!r}).module()  (trusted files only)")
     return 0
