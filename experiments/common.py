@@ -39,20 +39,57 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ExperimentParser(argparse.ArgumentParser):
+    """Parses an experiment's options and refuses, before any work, an ``--out``
+    whose ``results.md`` no experiment wrote (it would be replaced at the end)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        out = Path(parsed.out)
+        if (out / "results.md").exists() and not written_by_experiment(out):
+            self.error(
+                f"--out {out} holds a results.md that no experiment wrote: choose another --out"
+            )
+        return parsed
+
+
+def written_by_experiment(out: Path) -> bool:
+    """Whether ``out``'s results come from ``write_results`` (its ``results.json``
+    records the experiment's command)."""
+    try:
+        recorded = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    command = recorded.get("command") if isinstance(recorded, dict) else None
+    return isinstance(command, str) and command.startswith("python experiments/")
+
+
 def parser(
-    description: str, default_out: str, defaults: dict[str, str] | None = None
+    description: str,
+    default_out: str,
+    defaults: dict[str, str] | None = None,
+    training: bool = True,
 ) -> argparse.ArgumentParser:
     """The options every experiment shares; ``defaults`` words the defaults of
-    ``epochs`` and ``train_limit`` where the experiment resolves them itself."""
+    ``epochs`` and ``train_limit`` where the experiment resolves them itself.
+    ``training=False``: no data root and no training budget (the experiment makes
+    its own data and has its own steps)."""
     defaults = defaults or {}
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = ExperimentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--out", default=default_out, help="output folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="synthetic data, a tiny model, one seed: a smoke run of a minute or two",
+    )
+    if not training:
+        return p
     p.add_argument(
         "--data-root",
         default=os.environ.get("MODNET_DATA_ROOT"),
         help="folder with the real datasets (default: $MODNET_DATA_ROOT)",
     )
-    p.add_argument("--out", default=default_out, help="output folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     own = "the experiment's own"
     p.add_argument(
         "--epochs",
@@ -65,11 +102,6 @@ def parser(
         type=int,
         default=None,
         help=f"training images per task (default: {defaults.get('train_limit', own)})",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="synthetic data, a tiny model, one seed: a smoke run of a minute or two",
     )
     return p
 

@@ -15,7 +15,6 @@ per run) into ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import (  # noqa: E402
     QUICK_MODEL,
+    ExperimentParser,
     HelpFormatter,
     command_line,
     markdown_table,
@@ -89,7 +89,7 @@ def curves(runs: dict[str, dict[str, list[tuple[float, float]]]], path: Path) ->
 
 
 def main(argv=None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(
+    p = ExperimentParser(
         description="Convergence of training runs: curves and plateaus",
         formatter_class=HelpFormatter,
     )

@@ -286,19 +286,38 @@ def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main(argv=None) -> dict:
+def options(argv=None):
+    """The experiment's options, checked; ``.steps``: its training schedule."""
     p = parser(
-        "Schug et al. 2024: modular hypernetwork teacher-student", "runs/experiments/hypernet"
+        "Schug et al. 2024: modular hypernetwork teacher-student",
+        "runs/experiments/hypernet",
+        training=False,
+    )
+    p.add_argument(
+        "--outer-steps",
+        type=int,
+        help=f"meta-training steps (default: {FULL['outer_steps']}, {QUICK['outer_steps']} "
+        "with --quick)",
     )
     args = p.parse_args(argv)
-    options = QUICK if args.quick else FULL
+    args.steps = dict(QUICK if args.quick else FULL)
+    if args.outer_steps is not None:
+        if args.outer_steps < 1:
+            p.error(f"--outer-steps must be at least 1, got {args.outer_steps}")
+        args.steps["outer_steps"] = args.outer_steps
+    return args
+
+
+def main(argv=None) -> dict:
+    args = options(argv)
+    steps = args.steps
     results: dict[str, dict[str, list[dict]]] = {}
     elapsed = 0.0
     for kind in SUPPORTS:
         for student_kind in ("modular", "non-modular"):
             runs = []
             for seed in seeds(args):
-                result, seconds = timed(lambda: run(kind, student_kind, seed, options))  # noqa: B023
+                result, seconds = timed(lambda: run(kind, student_kind, seed, steps))  # noqa: B023
                 elapsed += seconds
                 runs.append(result)
                 print(
@@ -338,13 +357,13 @@ def main(argv=None) -> dict:
     table = markdown_table(header, rows)
     note = (
         f"Mean ± std over seeds {seeds(args)}. MSE of predicting zero (the teacher's output "
-        f"scale): {sum(zero) / len(zero):.3f}. Training: {options['outer_steps']} steps of "
-        f"{options['tasks_per_step']} of {options['train_tasks']} training tasks; test: "
-        f"{options['eval_tasks']} new tasks per split. Total wall time {elapsed:.0f} s."
+        f"scale): {sum(zero) / len(zero):.3f}. Training: {steps['outer_steps']} steps of "
+        f"{steps['tasks_per_step']} of {steps['train_tasks']} training tasks; test: "
+        f"{steps['eval_tasks']} new tasks per split. Total wall time {elapsed:.0f} s."
     )
     command = command_line(__file__, argv)
     sections = ["## Compositional generalisation, teacher-student", table, note]
-    data = dict(results=results, seeds=seeds(args), options=options, seconds=elapsed)
+    data = dict(results=results, seeds=seeds(args), options=steps, seconds=elapsed)
     write_results(Path(args.out), "Modular hypernetwork teacher-student", sections, data, command)
     print(table)
     print(note)

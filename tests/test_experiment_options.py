@@ -75,3 +75,28 @@ def test_transfer_report_only_refuses_options_that_would_not_apply(capsys):
     assert err.endswith("--epochs, --methods would not apply: leave them out")
     args = transfer.options(["--report-only", "--quick", "--out", "somewhere"])
     assert args.report_only and args.out == "somewhere"
+
+
+def test_an_out_folder_holding_someone_elses_results_is_refused_before_any_work(tmp_path, capsys):
+    from experiments import hypernet_teacher
+
+    (tmp_path / "results.md").write_text("my paper's numbers")
+    with pytest.raises(SystemExit) as stopped:
+        hypernet_teacher.main(["--quick", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.endswith(f"--out {tmp_path} holds a results.md that no experiment wrote: choose "
+                        "another --out")  # fmt: skip
+    assert (tmp_path / "results.md").read_text() == "my paper's numbers"
+    # an experiment's own results are replaced when it runs again
+    (tmp_path / "results.json").write_text(json.dumps({"command": "python experiments/x.py"}))
+    assert hypernet_teacher.options(["--out", str(tmp_path)]).out == str(tmp_path)
+
+
+def test_options_an_experiment_does_not_use_are_not_offered(capsys):
+    from experiments import hypernet_teacher
+
+    with pytest.raises(SystemExit):
+        hypernet_teacher.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--outer-steps" in text and "--data-root" not in text and "--epochs" not in text
