@@ -215,7 +215,8 @@ def _adapt(
             )
         if not overwrite:
             raise RunDirError(
-                f"{run_dir} already has a task {name!r}: pass --overwrite to adapt it again"
+                f"{run_dir} already has a task {name!r}: pass --overwrite (overwrite=True) "
+                "to adapt it again"
             )
         keep = [t for t in model.task_names if t != name]
         model, _ = io.load_model(latest, tasks=keep)

@@ -165,7 +165,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
         ):
             raise RunDirError(
                 f"{run_dir} already holds a finished run: choose another --out, or pass "
-                "--overwrite to replace it"
+                "--overwrite (overwrite=True) to replace it"
             )
         model, manifest = io.load_model(latest)
         specs = [manifest["tasks"][n]["dataset"] for n in model.task_names]
@@ -365,7 +365,8 @@ def _transfer(
         if name in model.task_names:
             if not overwrite:
                 raise RunDirError(
-                    f"{run_dir} already has a task {name!r}: pass --overwrite to retrain it"
+                    f"{run_dir} already has a task {name!r}: pass --overwrite (overwrite=True) "
+                    "to retrain it"
                 )
             model = _without_task(latest, name)
         source = init_from
