@@ -84,3 +84,15 @@ def test_smallest_batch_is_the_last_of_a_mixed_epoch():
     assert MultiTaskSchedule([10, 7], 4).smallest_batch == 1
     assert MultiTaskSchedule([10, 6], 4).smallest_batch == 4
     assert MultiTaskSchedule([10, 7], 4, mode="alternate").smallest_batch == 4
+
+
+def test_a_run_too_short_to_anneal_logs_nothing(caplog):
+    import logging
+
+    from modnet.train import cosine_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with caplog.at_level(logging.DEBUG):
+        cosine_schedule(optimizer, total_steps=1)
+        logging.getLogger("timm.scheduler.cosine_lr").warning("other messages still pass")
+    assert [r.getMessage() for r in caplog.records] == ["other messages still pass"]

@@ -6,8 +6,8 @@ have seen, and every data-parallel rank takes its own slice of the same batch.
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -109,9 +109,11 @@ def cosine_schedule(
         warmup_steps: Steps of linear warm-up from 0 (0: start at the peak).
     """
     warmup = max(1, warmup_steps)
-    with warnings.catch_warnings():
-        # A one-step run has nothing to anneal; timm warns about it, and that is expected.
-        warnings.filterwarnings("ignore", message="Cosine annealing scheduler will have no effect")
+    # A run of a step or two has nothing to anneal; timm logs that, and it is expected.
+    logger = logging.getLogger(CosineLRScheduler.__module__)
+    expected = _Without("will have no effect on the learning rate")
+    logger.addFilter(expected)
+    try:
         return CosineLRScheduler(
             optimizer,
             t_initial=max(1, total_steps - warmup + 1),
@@ -121,3 +123,16 @@ def cosine_schedule(
             warmup_prefix=True,
             t_in_epochs=False,
         )
+    finally:
+        logger.removeFilter(expected)
+
+
+class _Without(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
