@@ -353,7 +353,95 @@ def test_bench_inference_uses_the_family_micro_batch_unless_told(tmp_path):
     assert main([*args, *TINY_CLI, "--batch-size", "40", "--results-file", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["micro_batch"] == 16  # modnet.train.evaluate.MICRO_BATCH["conv"]
-    assert main([*args, *TINY_CLI, "--micro-batch", "0", "--results-file", str(out)]) == 0
+    again = [*TINY_CLI, "--micro-batch", "0", "--results-file", str(out), "--overwrite"]
+    assert main([*args, *again]) == 0
     (row,) = json.loads(out.read_text())
     assert row["micro_batch"] is None
     assert main([*args, "--micro-batch", "-1"]) == 2
+
+
+CONV_ARGS = ["--model-arg", *(f"{k}={v}" for k, v in TINY_CONV.items())]
+BAD_INPUTS = [
+    (["--model", "modnet_conv_tiny", "modnet_vit_tyni"], "unknown model 'modnet_vit_tyni'"),
+    (["--model", "vit_tiny_patch16_22"], "unknown model 'vit_tiny_patch16_22': give a modnet_*"),
+    (["--model", "resnet18"], "from_timm cannot convert a ResNet"),
+    (["--model-arg", "num_templates=0"], "model option num_templates must be >= 1, got 0"),
+    (
+        ["--model", "vit_tiny_patch16_224", "--model-arg", "img_sizee=32"],
+        "unknown model option 'img_sizee' for vit_tiny_patch16_224: check its spelling",
+    ),
+    (["--model-arg", "num_classes=3"], "give the classes as --num-classes instead"),
+    (["--batch-size", "8", "0"], "--batch-size 0 is not a batch size: give sizes of at least 1"),
+    (["--batch-size", "-1"], "--batch-size -1 is not a batch size"),
+    (["--rounds", "0"], "--rounds must be at least 1 (timed rounds per side), got 0"),
+    (["--warmup", "-1"], "--warmup must be at least 0"),
+    (["--min-time", "-0.5"], "--min-time must be a number of seconds >= 0"),
+    (["--min-time", "nan"], "--min-time must be a number of seconds >= 0"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--num-classes", "0"], "--num-classes must be at least 1"),
+    (["--img-size", "0"], "--img-size must be at least 1"),
+    (["--matmul-size", "0"], "--matmul-size must be at least 1"),
+    (["--micro-batch", "-1"], "--micro-batch must be at least 0"),
+    (["--device", "foo"], "--device 'foo' is not a device: use cpu or cuda"),
+    (["--device", "mps"], "unsupported device 'mps': use --device cpu or cuda"),
+]
+
+
+def one_error_line(capsys) -> str:
+    """The only output of a refused command: one stderr line (nothing measured or printed)."""
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("modnet bench: error: ")
+    return line.removeprefix("modnet bench: error: ")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"), BAD_INPUTS, ids=[" ".join(bad) for bad, _ in BAD_INPUTS]
+)
+def test_bench_checks_every_input_before_measuring(bad, message, tmp_path, capsys):
+    out = tmp_path / "rows.csv"
+    assert main(["bench", *TINY_CLI, "--no-memory", *bad, "--results-file", str(out)]) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_bench_names_a_misspelt_model_option_as_train_does(tmp_path, capsys):
+    typo = ["--model-arg", "num_templatess=3"]
+    assert main(["train", *typo, "--out", str(tmp_path / "run")]) == 2
+    trained = capsys.readouterr().err.strip().removeprefix("modnet train: error: ")
+    assert main(["bench", "--model", "modnet_conv_tiny", *typo]) == 2
+    assert one_error_line(capsys) == trained
+    assert "unknown model option 'num_templatess' for modnet_conv_tiny" in trained
+
+
+@pytest.mark.parametrize("name", ["rows.csv", "rows.json"])
+def test_bench_replaces_an_existing_results_file_only_with_overwrite(name, tmp_path, capsys):
+    out = tmp_path / name
+    mine = b"my own numbers,\r\n1,2\n"
+    out.write_bytes(mine)
+    args = ["bench", "--model", "modnet_conv_tiny", *CONV_ARGS, *TINY_CLI, "--no-memory"]
+    args += ["--results-file", str(out)]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert f"--results-file {out} exists" in line and "pass --overwrite to replace it" in line
+    assert out.read_bytes() == mine
+    assert main([*args, "--overwrite"]) == 0
+    rows = (
+        json.loads(out.read_text()) if out.suffix == ".json" else list(csv.DictReader(out.open()))
+    )
+    assert [row["model"] for row in rows] == ["modnet_conv_tiny"]
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+
+
+def test_bench_refuses_a_directory_as_results_file(tmp_path, capsys):
+    folder = tmp_path / "rows.csv"
+    folder.mkdir()
+    assert main(["bench", "--results-file", str(folder)]) == 2
+    assert "is a directory" in one_error_line(capsys)
+    assert list(folder.iterdir()) == []
+
+
+def test_bench_help_documents_overwrite():
+    help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    assert "--overwrite" in help_text and "replace an existing --results-file" in help_text

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..export import ExportedNet
 from ..model import ModularNet
 
@@ -30,13 +31,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
     """The device to measure on, refusing one that this machine cannot provide."""
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             "the cuda device was requested but CUDA is not available "
             "(torch.cuda.is_available() is False): measure on --device cpu, or use a machine "
             "with an NVIDIA GPU and a CUDA build of torch"
         )
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}: use 'cpu' or 'cuda'")
+        raise ConfigError(f"unsupported device {name!r}: use --device cpu or cuda (cuda:N)")
     return device
 
 
@@ -57,7 +58,7 @@ class Precision:
     @classmethod
     def parse(cls, name: str) -> Precision:
         if name not in PRECISIONS:
-            raise ValueError(f"unknown precision {name!r}: choose one of {PRECISIONS}")
+            raise ConfigError(f"unknown precision {name!r}: choose one of {PRECISIONS}")
         if name.startswith("amp_"):
             return cls(name, torch.float32, getattr(torch, name[4:]))
         return cls(name, getattr(torch, name), None)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +23,10 @@ import torch
 from torch import nn
 
 from .. import benchmark as bm
+from ..errors import ConfigError, ModnetError
 from ..factory import from_timm
+from ..families import timm_family
+from ..options import create_model, modnet_models
 from ._options import add_model_arg_option, parse_model_args
 
 COMPARE = {
@@ -108,26 +113,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default 2048 on CPU, 8192 on CUDA)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
-    parser.add_argument("--results-file", type=Path, default=None, help=".csv or .json")
+    parser.add_argument(
+        "--results-file",
+        type=Path,
+        default=None,
+        help=".csv or .json; an existing file is refused unless --overwrite is given",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --results-file"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        device = bm.resolve_device(args.device)
-        precision = bm.Precision.parse(args.precision)
-        kwargs = parse_kwargs(args.model_kwargs)
-        if args.results_file is not None and args.results_file.suffix not in (".csv", ".json"):
-            raise ValueError(
-                f"--results-file {args.results_file} must end in .csv or .json: the suffix "
-                "picks the format"
-            )
-    except ValueError as error:
-        print(f"modnet bench: {error}", file=sys.stderr)
-        return 2
-    if args.micro_batch is not None and args.micro_batch < 0:
-        print("modnet bench: --micro-batch must be >= 0 (0: one pass per batch)", file=sys.stderr)
-        return 2
+    device, precision, kwargs = check_options(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     benches = ("inference", "train") if args.bench == "both" else (args.bench,)
@@ -137,15 +136,122 @@ def run(args: argparse.Namespace) -> int:
         label = f"[{index}/{len(configs)}] {model_name} {bench} batch {batch_size}"
         try:
             row = measure(args, model_name, bench, batch_size, device, precision, kwargs, label)
+        except ModnetError:
+            raise  # the user's to fix: one line and exit 2 (modnet.cli)
         except (ValueError, TypeError, RuntimeError) as error:
             print(f"modnet bench: {model_name}: {error}", file=sys.stderr)
             return 1
         rows.append(row)
         print(bm.summary_line(row), flush=True)
     if args.results_file is not None:
+        check_results_file(args.results_file, args.overwrite)  # it may have appeared meanwhile
         bm.write_results(rows, args.results_file)
         print(f"wrote {len(rows)} rows to {args.results_file}", file=sys.stderr)
     return 0
+
+
+# ------------------------------------------------------------------------- checks
+
+
+def check_options(args: argparse.Namespace) -> tuple[torch.device, bm.Precision, dict[str, Any]]:
+    """Checks every option and model before anything is measured.
+
+    Returns:
+        The device, the precision and the ``--model-arg`` options.
+
+    Raises:
+        ConfigError: An option out of range, an unknown model or model option, or a
+            results file that exists (without ``--overwrite``); one line naming the
+            option, the value and the fix.
+    """
+    for size in args.batch_size:
+        if size < 1:
+            raise ConfigError(
+                f"--batch-size {size} is not a batch size: give sizes of at least 1 "
+                "(e.g. --batch-size 1 8 64)"
+            )
+    at_least = [
+        ("--rounds", args.rounds, 1, "timed rounds per side"),
+        ("--warmup", args.warmup, 0, "warm-up steps per side"),
+        ("--micro-batch", args.micro_batch, 0, "samples per forward pass; 0: one pass per batch"),
+        ("--threads", args.threads, 1, "torch CPU threads"),
+        ("--num-classes", args.num_classes, 1, "classes of the model's head"),
+        ("--img-size", args.img_size, 1, "input height and width"),
+        ("--matmul-size", args.matmul_size, 1, "side of the square matmul"),
+    ]
+    for option, value, low, meaning in at_least:
+        if value is not None and value < low:
+            raise ConfigError(f"{option} must be at least {low} ({meaning}), got {value}")
+    if not (math.isfinite(args.min_time) and args.min_time >= 0):
+        raise ConfigError(
+            f"--min-time must be a number of seconds >= 0 (0: one step per round), "
+            f"got {args.min_time}"
+        )
+    try:
+        device = bm.resolve_device(args.device)
+    except RuntimeError:  # torch.device() of a name it does not know
+        raise ConfigError(
+            f"--device {args.device!r} is not a device: use cpu or cuda (cuda:N)"
+        ) from None
+    precision = bm.Precision.parse(args.precision)
+    kwargs = parse_kwargs(args.model_kwargs)
+    for name in dict.fromkeys(args.model):
+        check_model(name, args, kwargs)
+    if args.results_file is not None:
+        if args.results_file.suffix not in (".csv", ".json"):
+            raise ConfigError(
+                f"--results-file {args.results_file} must end in .csv or .json: the suffix "
+                "picks the format"
+            )
+        check_results_file(args.results_file, args.overwrite)
+    return device, precision, kwargs
+
+
+def check_model(name: str, args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
+    """Checks a model name and its options by building it before anything is measured.
+
+    A ``modnet_*`` model is built on the CPU (they are small); a timm model on the
+    meta device (no memory, no initialisation), then checked for ``from_timm``.
+    """
+    if "num_classes" in kwargs:
+        raise ConfigError(
+            f"--model-arg num_classes={kwargs['num_classes']!r}: give the classes as "
+            "--num-classes instead"
+        )
+    options = dict(kwargs, num_classes=args.num_classes)
+    if args.img_size is not None:
+        options["img_size"] = args.img_size
+    if name.startswith("modnet_"):
+        create_model(name, options)
+        return
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"unknown model {name!r}: give a modnet_* model ({', '.join(modnet_models())}) "
+            "or a timm ViT/MLP-Mixer name such as vit_tiny_patch16_224"
+        )
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **options)
+    except TypeError as error:
+        if "unexpected keyword argument" not in str(error):
+            raise
+        found = re.search(r"argument '(\w+)'", str(error))
+        key = found.group(1) if found else str(error)
+        raise ConfigError(
+            f"unknown model option {key!r} for {name}: check its spelling (--model-arg KEY=VALUE)"
+        ) from None
+    timm_family(model)  # ConfigError for a class from_timm cannot convert
+
+
+def check_results_file(path: Path, overwrite: bool) -> None:
+    """Refuses a results file that exists, unless ``--overwrite`` says to replace it."""
+    if path.is_dir():
+        raise ConfigError(f"--results-file {path} is a directory: give a .csv or .json file")
+    if path.exists() and not overwrite:
+        raise ConfigError(
+            f"--results-file {path} exists and modnet does not replace a file it may not have "
+            "written: pass --overwrite to replace it, or give another file"
+        )
 
 
 # --------------------------------------------------------------------------- sides
