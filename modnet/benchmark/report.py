@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io.fs import atomic_write, atomic_write_text
+
 
 def progress_printer(label: str, stream=None) -> Callable[[int, int], None]:
     """A one-line progress counter on stderr for long measurements."""
@@ -45,17 +47,22 @@ def summary_line(row: dict[str, Any]) -> str:
 
 
 def write_results(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(list(rows), indent=2) + "\n")
+    """Writes ``rows`` as CSV or JSON (by ``path``'s suffix), atomically: a crash or a
+    full disk leaves any earlier file whole."""
+    if Path(path).suffix == ".json":
+        atomic_write_text(Path(path), json.dumps(list(rows), indent=2) + "\n")
         return
     fields: list[str] = []
     for row in rows:
         fields += [key for key in row if key not in fields]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(Path(path), write)
 
 
 def significant(value: float, digits: int = 4) -> float:
