@@ -445,3 +445,26 @@ def test_bench_refuses_a_directory_as_results_file(tmp_path, capsys):
 def test_bench_help_documents_overwrite():
     help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
     assert "--overwrite" in help_text and "replace an existing --results-file" in help_text
+
+
+@pytest.mark.slow  # a fresh process: kineto reads its log level once per process
+def test_bench_keeps_the_profilers_cpp_logging_off_stderr(tmp_path):
+    """kineto logs `USDT: ... profiler_start` and, without a GPU, `ERROR: ...
+    gpuGetDeviceCount failed` when the CPU memory profiler starts (once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    args = ["bench", *CONV_ARGS, *TINY_CLI, "--rounds", "1", "--warmup", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "modnet", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "peak" in done.stdout  # the memory profiler ran
+    assert all(line.startswith("[1/1] modnet_conv_tiny") for line in done.stderr.splitlines())

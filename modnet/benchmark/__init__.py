@@ -15,7 +15,7 @@ is split by concern:
 
 from .baselines import OutputMixingNet, plain_twin
 from .flops import count_flops, parameter_count
-from .memory import peak_memory, storage_bytes
+from .memory import peak_memory, quiet_profiler, storage_bytes
 from .report import progress_printer, significant, summary_line, write_results
 from .timing import Interleaver, Ratio, Target
 from .workloads import (
@@ -51,6 +51,7 @@ __all__ = [
     "place",
     "plain_twin",
     "progress_printer",
+    "quiet_profiler",
     "resolve_device",
     "significant",
     "storage_bytes",

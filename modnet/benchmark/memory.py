@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,6 +44,31 @@ def peak_memory(workload: Workload) -> int:
         synchronize(device)
         return resident + torch.cuda.max_memory_allocated(device) - before
     return resident + _cpu_transient_peak(workload.step)
+
+
+# Above every severity of kineto's logger (VERBOSE 0 up to USDT 5 in torch 2.14).
+KINETO_QUIET = "9"
+
+
+@contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Keeps the profiler's C++ side (kineto) from logging to stderr.
+
+    On the CPU, ``peak_memory`` runs ``torch.profiler``, whose kineto backend logs
+    lines such as ``USDT: ... profiler_start`` and, without a GPU, ``ERROR: ...
+    gpuGetDeviceCount failed``, none of which concern the measurement. Kineto reads
+    ``KINETO_LOG_LEVEL`` once, when a process first starts the profiler, so this
+    works only around that first use (as ``modnet bench`` does); a value the user
+    set is kept, and the environment is restored on exit.
+    """
+    before = os.environ.get("KINETO_LOG_LEVEL")
+    if before is None:
+        os.environ["KINETO_LOG_LEVEL"] = KINETO_QUIET
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("KINETO_LOG_LEVEL", None)
 
 
 def _cpu_transient_peak(step: Callable[[], Any]) -> int:

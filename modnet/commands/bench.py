@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     for index, (model_name, bench, batch_size) in enumerate(configs, 1):
         label = f"[{index}/{len(configs)}] {model_name} {bench} batch {batch_size}"
         try:
-            row = measure(args, model_name, bench, batch_size, device, precision, kwargs, label)
+            with bm.quiet_profiler():
+                row = measure(args, model_name, bench, batch_size, device, precision, kwargs, label)
         except ModnetError:
             raise  # the user's to fix: one line and exit 2 (modnet.cli)
         except (ValueError, TypeError, RuntimeError) as error:
