@@ -424,7 +424,9 @@ def test_bench_replaces_an_existing_results_file_only_with_overwrite(name, tmp_p
     args += ["--results-file", str(out)]
     assert main(args) == 2
     line = one_error_line(capsys)
-    assert f"--results-file {out} exists" in line and "pass --overwrite to replace it" in line
+    assert line.endswith(
+        f"{out} already exists: choose another --results-file, or pass --overwrite to replace it"
+    )
     assert out.read_bytes() == mine
     assert main([*args, "--overwrite"]) == 0
     rows = (

@@ -27,7 +27,7 @@ from ..errors import ConfigError, ModnetError
 from ..factory import from_timm
 from ..families import timm_family
 from ..options import create_model, modnet_models
-from ._options import add_model_arg_option, parse_model_args
+from ._options import add_model_arg_option, parse_model_args, refuse_replacing
 
 COMPARE = {
     "timm": "the plain timm model of the same shape (from_timm: the timm model itself)",
@@ -248,11 +248,7 @@ def check_results_file(path: Path, overwrite: bool) -> None:
     """Refuses a results file that exists, unless ``--overwrite`` says to replace it."""
     if path.is_dir():
         raise ConfigError(f"--results-file {path} is a directory: give a .csv or .json file")
-    if path.exists() and not overwrite:
-        raise ConfigError(
-            f"--results-file {path} exists and modnet does not replace a file it may not have "
-            "written: pass --overwrite to replace it, or give another file"
-        )
+    refuse_replacing([path], overwrite, "--results-file")
 
 
 # --------------------------------------------------------------------------- sides
