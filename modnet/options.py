@@ -166,6 +166,12 @@ def create_model(model: str, options: Mapping[str, Any]) -> nn.Module:
         ConfigError: A bad option, including one the model does not know.
     """
     check_model_options(model, options)
+    return timm_create(model, options)
+
+
+def timm_create(model: str, options: Mapping[str, Any]) -> nn.Module:
+    """``timm.create_model(model, **options)`` for any registered model, an option the
+    model does not know turned into a one-line ``ConfigError``."""
     try:
         return timm.create_model(model, **dict(options))
     except TypeError as error:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .. import benchmark as bm
 from ..errors import ConfigError, ModnetError
 from ..factory import from_timm
 from ..families import timm_family
-from ..options import create_model, modnet_models
+from ..options import create_model, modnet_models, timm_create
 from ._options import add_model_arg_option, parse_model_args, refuse_replacing
 
 COMPARE = {
@@ -230,17 +229,8 @@ def check_model(name: str, args: argparse.Namespace, kwargs: dict[str, Any]) -> 
             f"unknown model {name!r}: give a modnet_* model ({', '.join(modnet_models())}) "
             "or a timm ViT/MLP-Mixer name such as vit_tiny_patch16_224"
         )
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, **options)
-    except TypeError as error:
-        if "unexpected keyword argument" not in str(error):
-            raise
-        found = re.search(r"argument '(\w+)'", str(error))
-        key = found.group(1) if found else str(error)
-        raise ConfigError(
-            f"unknown model option {key!r} for {name}: check its spelling (--model-arg KEY=VALUE)"
-        ) from None
+    with torch.device("meta"):
+        model = timm_create(name, {**options, "pretrained": False})
     timm_family(model)  # ConfigError for a class from_timm cannot convert
 
 
