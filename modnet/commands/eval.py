@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--micro-batch",
         type=int,
         default=None,
-        help="images per forward pass (default: the model family's, measured to fit the caches)",
+        help="images per forward pass (default: the model family's, measured to fit the "
+        "caches); 0: one pass per --batch-size batch, as in modnet bench",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="loader processes for test images on disk"
@@ -43,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.micro_batch is not None and args.micro_batch < 1:
-        raise ConfigError(f"--micro-batch must be at least 1, got {args.micro_batch}")
+    if args.micro_batch is not None and args.micro_batch < 0:
+        raise ConfigError(
+            f"--micro-batch must be 0 (one pass per batch) or more, got {args.micro_batch}"
+        )
     model, manifest = io.load_model(args.run_dir, tasks=args.task)
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not bool(value.isfinite().all()):
@@ -56,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
     specs = [manifest["tasks"][name]["dataset"] for name in model.task_names]
     data = load_data(specs, model, config)
     accuracy = evaluate(
-        model, data, batch_size=args.batch_size, micro_batch=args.micro_batch, workers=args.workers
+        model,
+        data,
+        batch_size=args.batch_size,
+        micro_batch=args.micro_batch or (args.batch_size if args.micro_batch == 0 else None),
+        workers=args.workers,
     )
     if args.json:
         print(json.dumps(accuracy, indent=2))
