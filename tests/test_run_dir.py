@@ -434,6 +434,10 @@ def test_training_shared_parts_while_adding_a_task_needs_update_shared(run_copy,
     assert file_bytes(io.latest_checkpoint(run_copy)) == before
     args = transfer_args(run_copy, "synth_shape", "--train", "route,head,templates")
     assert main([*args, "--update-shared"]) == 0
+    assert (
+        "modnet: templates trained, so synth_color, synth_size changed too; the accuracies "
+        f"recorded for them are from before: `modnet eval {run_copy}` scores them now"
+    ) in capsys.readouterr().err
     model = io.load_model(run_copy)[0]
     with torch.no_grad():
         assert all(not torch.equal(model(x, task=t), old[t]) for t in old)  # as accepted

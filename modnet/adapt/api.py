@@ -28,7 +28,7 @@ from ..plot import route_matrix, save_run_figures
 from ..train import RunDirError, TrainConfig, evaluate, load_data, parse_parts
 from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
-from ..train.parts import check_shared
+from ..train.parts import changed_shared, check_shared
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
 from .objectives import make_objective, objective_class
@@ -324,6 +324,7 @@ def _finish(
         )
         save_run_figures(model, run_dir)
         _record(run_dir, phase, result, plan)
+        changed_shared(run_dir, plan["parts"], [n for n in model.task_names if n != name])
     return result
 
 

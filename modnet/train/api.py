@@ -23,7 +23,7 @@ from ..routing import SoftRoute, configured_route
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
-from .parts import ALL_PARTS, check_shared, parse_parts
+from .parts import ALL_PARTS, changed_shared, check_shared, parse_parts
 
 RESULTS_FILE = io.RESULTS_FILE
 NEAREST = "nearest"  # init_from: the source task the new task's images look most like
@@ -430,6 +430,7 @@ def _transfer(
     )
     if ctx.is_main:
         _record_results(run_dir, phase, result, model, extra=plan)
+        changed_shared(run_dir, plan["parts"], [n for n in model.task_names if n != name])
     return result
 
 

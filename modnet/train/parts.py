@@ -53,6 +53,18 @@ def check_shared(parts: frozenset[str], update_shared: bool) -> None:
         )
 
 
+def changed_shared(run_dir, parts: Iterable[str], others: list[str]) -> None:
+    """Says, after a phase that trained shared parts, that the run's other tasks changed."""
+    from .. import io
+
+    shared = sorted(set(parts) & SHARED_PARTS)
+    if shared and others:
+        io.run.note(
+            f"{', '.join(shared)} trained, so {', '.join(others)} changed too; the accuracies "
+            f"recorded for them are from before: `modnet eval {run_dir}` scores them now"
+        )
+
+
 def configure_trainable(
     model: ModularNet,
     parts: frozenset[str],
