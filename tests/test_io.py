@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,13 @@ def test_import_task_refuses_foreign_tensors_in_one_line(tmp_path):
         "missing [], unexpected ['pool.extra']"
     )
     assert target.task_names == ["a"]
+
+
+def test_every_file_written_follows_the_umask_safetensors_included(tmp_path):
+    from modnet.io.fs import FILE_MODE
+
+    model = tiny_conv(tasks={"a": 3})
+    directory = io.save_model(model, tmp_path / "model")
+    files = [p for p in Path(directory).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: FILE_MODE for p in files}

@@ -36,7 +36,7 @@ from ..errors import CheckpointError
 from ..factory import build_model
 from ..model import ModularNet
 from ..routing import route_from_spec
-from .fs import OLD_MARK, TMP_MARK, disk_full_names, fsync_path, fsync_tree
+from .fs import OLD_MARK, TMP_MARK, disk_full_names, follow_umask, fsync_path, fsync_tree
 
 FORMAT = "modnet-model/1"
 MANIFEST = "manifest.json"
@@ -176,6 +176,7 @@ def _write_model_dir(
     shared = {k: v for k, v in state.items() if _is_shared_key(k)}
     fingerprint = pool_fingerprint(shared)
     save_file(shared, tmp / SHARED_FILE, metadata={"pool_fingerprint": fingerprint})
+    follow_umask(tmp / SHARED_FILE)
     manifest = {"format": FORMAT, **describe(model), "pool_fingerprint": fingerprint}
     manifest.update(dict(extra or {}))
     manifest["pretrained_cfg"] = json.loads(json.dumps(model.pretrained_cfg, default=str))
@@ -189,6 +190,7 @@ def _write_model_dir(
             "pool_fingerprint": fingerprint,
         }
         save_file(tensors, tmp / TASK_DIR / f"{name}.safetensors", metadata=metadata)
+        follow_umask(tmp / TASK_DIR / f"{name}.safetensors")
         entry["file"] = f"{TASK_DIR}/{name}.safetensors"
         entry.update((task_info or {}).get(name, {}))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

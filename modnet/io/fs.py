@@ -81,6 +81,22 @@ def disk_full_names(path: Path) -> Iterator[None]:
         raise
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# What open() gives a new file under this process's umask: every file modnet writes has it.
+FILE_MODE = _file_mode()
+
+
+def follow_umask(path: Path) -> None:
+    """Gives a written file the mode ``open()`` would: safetensors creates 0600 files."""
+    if Path(path).is_file():
+        os.chmod(path, FILE_MODE)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Writes ``path`` through ``write(tmp_path)``, flushes it and renames it into place.
 
@@ -96,6 +112,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         with disk_full_names(path):
             write(tmp)
+            follow_umask(tmp)
             fsync_path(tmp)
             os.replace(tmp, path)
             fsync_path(path.parent)
