@@ -41,27 +41,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class ExperimentParser(argparse.ArgumentParser):
     """Parses an experiment's options and refuses, before any work, an ``--out``
-    whose ``results.md`` no experiment wrote (it would be replaced at the end)."""
+    whose ``results.md`` this experiment did not write (it would be replaced at the end).
+
+    Args:
+        script: The experiment's file (``__file__``).
+    """
+
+    def __init__(self, *args: Any, script: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.script = Path(script).name
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
         out = Path(parsed.out)
-        if (out / "results.md").exists() and not written_by_experiment(out):
+        if (out / "results.md").exists() and not written_by(out, self.script):
             self.error(
-                f"--out {out} holds a results.md that no experiment wrote: choose another --out"
+                f"--out {out} holds a results.md that {self.script} did not write: choose "
+                "another --out"
             )
         return parsed
 
 
-def written_by_experiment(out: Path) -> bool:
-    """Whether ``out``'s results come from ``write_results`` (its ``results.json``
-    records the experiment's command)."""
+def written_by(out: Path, script: str) -> bool:
+    """Whether ``out``'s results come from ``write_results`` of ``script`` (its
+    ``results.json`` records the experiment's command)."""
     try:
         recorded = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):
         return False
     command = recorded.get("command") if isinstance(recorded, dict) else None
-    return isinstance(command, str) and command.startswith("python experiments/")
+    return isinstance(command, str) and command.split(" ")[:2] == [
+        "python",
+        f"experiments/{script}",
+    ]
 
 
 def parser(
@@ -73,9 +85,10 @@ def parser(
     """The options every experiment shares; ``defaults`` words the defaults of
     ``epochs`` and ``train_limit`` where the experiment resolves them itself.
     ``training=False``: no data root and no training budget (the experiment makes
-    its own data and has its own steps)."""
+    its own data and has its own steps). The experiment is the caller's file."""
     defaults = defaults or {}
-    p = ExperimentParser(description=description, formatter_class=HelpFormatter)
+    script = sys._getframe(1).f_code.co_filename  # the experiment calling this
+    p = ExperimentParser(description=description, formatter_class=HelpFormatter, script=script)
     p.add_argument("--out", default=default_out, help="output folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument(

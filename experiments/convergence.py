@@ -90,6 +90,7 @@ def curves(runs: dict[str, dict[str, list[tuple[float, float]]]], path: Path) ->
 
 def main(argv=None) -> dict[str, Any]:
     p = ExperimentParser(
+        script=__file__,
         description="Convergence of training runs: curves and plateaus",
         formatter_class=HelpFormatter,
     )

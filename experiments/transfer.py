@@ -161,6 +161,11 @@ def options(argv) -> Any:
                 f"--report-only rebuilds the tables from the cells under --out as they were "
                 f"measured; {flags} would not apply: leave {them} out"
             )
+    if args.report_only and not any((Path(args.out) / "cells").glob("*/*-seed*.json")):
+        p.error(
+            f"--report-only found no measured cells under --out {args.out}: run the experiment "
+            "without --report-only first, or point --out at its folder"
+        )
     args.datasets = args.datasets or (QUICK_DATASETS if args.quick else DATASETS)
     args.held_out = args.held_out or (QUICK_HELD_OUT if args.quick else list(args.datasets))
     args.methods = args.methods or list(METHODS)

@@ -66,15 +66,17 @@ def test_route_analysis_runs_on_its_own(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_transfer_report_only_refuses_options_that_would_not_apply(capsys):
+def test_transfer_report_only_refuses_options_that_would_not_apply(tmp_path, capsys):
     # results.md records the command: a budget flag there would misstate the cells' budget
     with pytest.raises(SystemExit) as stopped:
         transfer.options(["--report-only", "--epochs", "5", "--methods", "route"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.endswith("--epochs, --methods would not apply: leave them out")
-    args = transfer.options(["--report-only", "--quick", "--out", "somewhere"])
-    assert args.report_only and args.out == "somewhere"
+    (tmp_path / "cells" / "mnist").mkdir(parents=True)
+    (tmp_path / "cells" / "mnist" / "route-seed0.json").write_text("{}")
+    args = transfer.options(["--report-only", "--quick", "--out", str(tmp_path)])
+    assert args.report_only and args.out == str(tmp_path)
 
 
 def test_an_out_folder_holding_someone_elses_results_is_refused_before_any_work(tmp_path, capsys):
@@ -85,12 +87,26 @@ def test_an_out_folder_holding_someone_elses_results_is_refused_before_any_work(
         hypernet_teacher.main(["--quick", "--out", str(tmp_path)])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.endswith(f"--out {tmp_path} holds a results.md that no experiment wrote: choose "
-                        "another --out")  # fmt: skip
+    assert err.endswith(f"--out {tmp_path} holds a results.md that hypernet_teacher.py did not "
+                        "write: choose another --out")  # fmt: skip
     assert (tmp_path / "results.md").read_text() == "my paper's numbers"
-    # an experiment's own results are replaced when it runs again
-    (tmp_path / "results.json").write_text(json.dumps({"command": "python experiments/x.py"}))
-    assert hypernet_teacher.options(["--out", str(tmp_path)]).out == str(tmp_path)
+    # nor another experiment's results; its own are replaced when it runs again
+    for command, refused in (("multitask.py --quick", True), ("hypernet_teacher.py", False)):
+        record = {"command": f"python experiments/{command}"}
+        (tmp_path / "results.json").write_text(json.dumps(record))
+        if refused:
+            with pytest.raises(SystemExit):
+                hypernet_teacher.options(["--out", str(tmp_path)])
+        else:
+            assert hypernet_teacher.options(["--out", str(tmp_path)]).out == str(tmp_path)
+
+
+def test_transfer_report_only_needs_measured_cells(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        transfer.options(["--report-only", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "--report-only found no measured cells under --out" in capsys.readouterr().err
+    assert not (tmp_path / "results.md").exists()
 
 
 def test_options_an_experiment_does_not_use_are_not_offered(capsys):
