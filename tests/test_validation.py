@@ -180,3 +180,6 @@ def test_a_run_records_relative_data_paths_so_it_evaluates_from_any_folder(
     capsys.readouterr()
     assert main(["eval", str(work / "run"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == trained["accuracy"]
+    # and the run's config.yaml trains it again from here
+    assert main(["train", "--config", str(work / "run" / "config.yaml"), "--out", "again"]) == 0
+    assert io.read_results(elsewhere / "again")["train"]["accuracy"] == trained["accuracy"]

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from .. import io
+from ..data import portable_spec
 from ..errors import ConfigError
 from ..train.config import OPTIMIZERS, PRECISIONS, TrainConfig
 from ..train.schedule import MIXING_MODES
@@ -299,7 +300,14 @@ def save_config(run_dir: str | Path, command: str, options: Mapping[str, Any], p
         f"# modnet {command}: the resolved options of this run. Run it again with\n"
         f"#   modnet {command} --config {path} {again}\n"
     )
-    body = yaml.safe_dump(_plain(dict(options)), sort_keys=False, default_flow_style=False)
+    options = dict(options)
+    # data paths relative to the current folder, made absolute: the file runs from anywhere
+    for key in ("task", "target"):
+        if isinstance(options.get(key), str):
+            options[key] = portable_spec(options[key])
+    if isinstance(options.get("tasks"), (list, tuple)):
+        options["tasks"] = [portable_spec(t) if isinstance(t, str) else t for t in options["tasks"]]
+    body = yaml.safe_dump(_plain(options), sort_keys=False, default_flow_style=False)
     io.atomic_write_text(path, header + body)
     return path
 
