@@ -109,6 +109,10 @@ def test_train_writes_figures_and_plot_redraws_them(run_dir, tmp_path, capsys):
         capsys.readouterr().err
     )
     assert (tmp_path / "curves.png").read_bytes() == b"mine"
+    for out in (tmp_path / "curves.png", tmp_path / "figs" / "file.png"):  # a file, not a folder
+        assert main(["routes", str(run_dir), "--out", str(out)]) == 2
+        assert f"--out {out} is a file name: give the folder" in capsys.readouterr().err
+    assert not (tmp_path / "figs").exists()
     assert main(["plot", str(run_dir), "--out", str(tmp_path), "--overwrite"]) == 0
     assert (tmp_path / "curves.png").read_bytes() != b"mine"
 

@@ -343,6 +343,21 @@ def refuse_replacing(paths: Iterable[Path], overwrite: bool, option: str = "--ou
         )
 
 
+def check_folder(out: str | Path) -> Path:
+    """``--out`` of commands that write several files into a folder, checked first.
+
+    Raises:
+        ConfigError: ``out`` is a file, or is named like one (``figs/routes.png``).
+    """
+    out = Path(out)
+    if out.is_file() or (not out.exists() and out.suffix.lower() in FILE_SUFFIXES):
+        raise ConfigError(f"--out {out} is a file name: give the folder the files are written into")
+    return out
+
+
+FILE_SUFFIXES = (".png", ".txt", ".pdf", ".svg", ".jpg", ".csv", ".json")
+
+
 def accuracy_table(accuracy: dict[str, float], classes: dict[str, int]) -> str:
     """The per-task accuracy table printed at the end of a run."""
     width = max([4, *map(len, accuracy)])

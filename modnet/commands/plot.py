@@ -26,9 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import io
     from ..plot import CURVES_PNG, route_files, save_run_figures
-    from ._options import refuse_replacing
+    from ._options import check_folder, refuse_replacing
 
     if args.out:
+        check_folder(args.out)
         files = [*route_files(args.out, args.task), Path(args.out) / CURVES_PNG]
         refuse_replacing(files, args.overwrite)
     model, _ = io.load_model(args.run_dir, tasks=args.task)

@@ -29,9 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import io
     from ..plot import route_files, save_route_figures
-    from ._options import refuse_replacing
+    from ._options import check_folder, refuse_replacing
 
     if args.out:
+        check_folder(args.out)
         refuse_replacing(route_files(args.out, args.task), args.overwrite)
     model, _ = io.load_model(args.run_dir, tasks=args.task)
     png, txt = save_route_figures(model, Path(args.out or args.run_dir), args.task)
