@@ -431,6 +431,12 @@ def test_training_shared_parts_while_adding_a_task_needs_update_shared(run_copy,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "so the run's existing tasks would change" in err
         assert "pass --update-shared (update_shared=True) to accept that" in err
+    # a part the run does not have trains nothing: said before any work
+    hyper = transfer_args(run_copy, "synth_shape", "--train", "hypernet", "--update-shared")
+    assert main(hyper) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--train hypernet: this run has no hypernetwork (its routes are softmax)" in err
     assert file_bytes(io.latest_checkpoint(run_copy)) == before
     args = transfer_args(run_copy, "synth_shape", "--train", "route,head,templates")
     assert main([*args, "--update-shared"]) == 0

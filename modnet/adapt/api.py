@@ -28,7 +28,7 @@ from ..plot import route_matrix, save_run_figures
 from ..train import RunDirError, TrainConfig, evaluate, load_data, parse_parts
 from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
-from ..train.parts import changed_shared, check_shared
+from ..train.parts import changed_shared, check_shared, present_parts
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
 from .objectives import make_objective, objective_class
@@ -183,6 +183,7 @@ def _adapt(
     if io.unfinished_phase(state) is not None and "adapt" not in state:
         io.refuse_other_phase(run_dir, state, "adapt")
     model, manifest = io.load_model(latest)
+    wanted = present_parts(wanted, model)
     plan = _resumable_plan(state, target)
     resuming = plan is not None
     if resuming:  # an interrupted adaptation of this target continues as it was started

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what adapts: route (default; the paper's claim), route,norm (also the "
         "target's norm statistics, re-estimated first), route,stem (also the shared stem; "
         "the sources keep their supervised loss; needs --update-shared), or any of route, "
-        "head, norm, stem, templates, trunk",
+        "head, norm, stem, templates, trunk, hypernet, all",
     )
     parser.add_argument(
         "--init",

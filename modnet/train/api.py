@@ -23,7 +23,7 @@ from ..routing import SoftRoute, configured_route
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
-from .parts import ALL_PARTS, changed_shared, check_shared, parse_parts
+from .parts import ALL_PARTS, changed_shared, check_shared, parse_parts, present_parts
 
 RESULTS_FILE = io.RESULTS_FILE
 NEAREST = "nearest"  # init_from: the source task the new task's images look most like
@@ -321,6 +321,7 @@ def _transfer(
     if io.unfinished_phase(state) == "train":
         io.refuse_other_phase(run_dir, state, "transfer")
     model, manifest = io.load_model(latest)
+    wanted = present_parts(wanted, model)
     data = load_data([task], model, config)
     name = next(iter(data))
     phase = f"transfer-{name}"

@@ -53,6 +53,24 @@ def check_shared(parts: frozenset[str], update_shared: bool) -> None:
         )
 
 
+def present_parts(parts: frozenset[str], model: ModularNet) -> frozenset[str]:
+    """``parts`` without those the model does not have (``hypernet`` of a model whose
+    routes no hypernetwork makes: ``all`` then means the rest).
+
+    Raises:
+        ConfigError: Nothing named is in the model, so nothing would train.
+    """
+    absent = {"hypernet"} if model.hypernet is None else set()
+    kept = parts - absent
+    if parts & absent and not kept - {"norm"}:
+        raise ConfigError(
+            f"--train {','.join(sorted(parts))}: this run has no hypernetwork (its routes are "
+            f"{model.route_kind}), so nothing would train: choose from route, head, norm, "
+            "templates, trunk, stem"
+        )
+    return frozenset(kept)
+
+
 def changed_shared(run_dir, parts: Iterable[str], others: list[str]) -> None:
     """Says, after a phase that trained shared parts, that the run's other tasks changed."""
     from .. import io
