@@ -110,7 +110,8 @@ def save_exported(
             takes any batch size).
         transform: The task's preprocessing record (its manifest's ``transform``:
             size, channels, resize, mean and std, class names), stored as the extra
-            file ``transform.json``; read it back with ``load_transform``.
+            file ``transform.json`` (without local paths, see ``shareable``); read it
+            back with ``load_transform``.
     """
     from .io import atomic_write
 
@@ -118,7 +119,7 @@ def save_exported(
     example = torch.randn(max(2, batch_size), channels, height, width)
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: batch},))
-    extra = {PT2_TRANSFORM: json.dumps(transform)} if transform is not None else None
+    extra = {PT2_TRANSFORM: json.dumps(shareable(transform))} if transform is not None else None
     atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp, extra_files=extra))
     return Path(path)
 
@@ -128,14 +129,37 @@ def load_transform(path: str | Path) -> dict | None:
     folder), for ``modnet.data.apply_transform`` and the mean and std that follow it;
     ``None`` when it was exported without one.
 
-    Reading a ``.pt2`` file's record loads the program too: trusted files only.
+    A ``.pt2`` file is read as the zip archive it is, without loading its program.
+
+    Raises:
+        CheckpointError: No such export, or not one (a damaged file).
     """
+    import zipfile
+
+    from .errors import CheckpointError
+
     path = Path(path)
-    if path.is_dir():
-        return json.loads((path / SAFE_CONFIG).read_text()).get("transform")
-    extra = {PT2_TRANSFORM: ""}
-    torch.export.load(str(path), extra_files=extra)
-    return json.loads(extra[PT2_TRANSFORM]) if extra[PT2_TRANSFORM] else None
+    try:
+        if path.is_dir():
+            return json.loads((path / SAFE_CONFIG).read_text()).get("transform")
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{PT2_TRANSFORM}")]
+            return json.loads(archive.read(names[0])) if names else None
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"cannot read an export at {path}: {error}") from None
+
+
+def shareable(transform: dict | None) -> dict | None:
+    """The record without the exporting machine's paths (a data root, a file): what
+    a preprocessing record needs is sizes, channels, resize, statistics and classes."""
+    if not isinstance(transform, dict):
+        return transform
+    out = {}
+    for key, value in transform.items():
+        if key in ("root", "path"):
+            continue
+        out[key] = shareable(value) if isinstance(value, dict) else value
+    return out
 
 
 SAFE_FORMAT = "modnet-exported/1"
@@ -180,7 +204,7 @@ def save_safe(
         input_size=list(net.input_size),
     )
     if transform is not None:
-        config["transform"] = transform
+        config["transform"] = shareable(transform)
     write_json(directory / SAFE_CONFIG, config)
     return directory
 

@@ -13,8 +13,8 @@ import torch
 
 from modnet import io
 from modnet.cli import main
-from modnet.errors import DivergenceError
-from modnet.export import load_safe, load_transform
+from modnet.errors import CheckpointError, DivergenceError
+from modnet.export import load_safe, load_transform, shareable
 from modnet.train import TrainConfig
 from modnet.train.divergence import DivergenceGuard
 from tests.conftest import images, tiny_conv
@@ -177,6 +177,11 @@ def test_safe_export_round_trips_the_logits(finished, tmp_path, capsys):  # noqa
     pt2 = tmp_path / "color.pt2"
     assert main(["export", str(finished), "--task", "synth_color", "--out", str(pt2)]) == 0
     assert load_transform(pt2) == record
+    with pytest.raises(CheckpointError, match="cannot read an export at"):
+        load_transform(tmp_path / "nothing.pt2")
+    # an export leaves out the exporting machine's paths
+    local = {"mean": [0.5], "source": {"dataset": "usps", "root": "/data", "base": {"path": "/d"}}}
+    assert shareable(local) == {"mean": [0.5], "source": {"dataset": "usps", "base": {}}}
 
 
 def test_export_never_replaces_a_file_at_out_unless_told(finished, tmp_path, capsys):  # noqa: F811
