@@ -49,7 +49,7 @@ def summary_line(row: dict[str, Any]) -> str:
 def write_results(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Writes ``rows`` as CSV or JSON (by ``path``'s suffix), atomically: a crash or a
     full disk leaves any earlier file whole."""
-    if Path(path).suffix == ".json":
+    if Path(path).suffix.lower() == ".json":
         atomic_write_text(Path(path), json.dumps(list(rows), indent=2) + "\n")
         return
     fields: list[str] = []

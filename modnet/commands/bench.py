@@ -198,7 +198,7 @@ def check_options(args: argparse.Namespace) -> tuple[torch.device, bm.Precision,
     for name in dict.fromkeys(args.model):
         check_model(name, args, kwargs)
     if args.results_file is not None:
-        if args.results_file.suffix not in (".csv", ".json"):
+        if args.results_file.suffix.lower() not in (".csv", ".json"):
             raise ConfigError(
                 f"--results-file {args.results_file} must end in .csv or .json: the suffix "
                 "picks the format"
