@@ -77,12 +77,8 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: l
         if item.startswith("--"):
             close = difflib.get_close_matches(item.split("=", 1)[0], known, n=1)
             hints += [(item.split("=", 1)[0], close[0])] if close else []
-    if len(hints) == 1:
-        hint = f"; did you mean {hints[0][1]}?"
-    else:
-        hint = (
-            "; did you mean " + ", ".join(f"{b} for {a}" for a, b in hints) + "?" if hints else ""
-        )
+    words = [b if len(hints) == 1 else f"{b} for {a}" for a, b in hints]
+    hint = f"; did you mean {', '.join(words)}?" if words else ""
     own.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 

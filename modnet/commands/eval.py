@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         data,
         batch_size=args.batch_size,
-        micro_batch=args.micro_batch or (args.batch_size if args.micro_batch == 0 else None),
+        micro_batch=args.batch_size if args.micro_batch == 0 else args.micro_batch,
         workers=args.workers,
     )
     if args.json:
