@@ -2,6 +2,7 @@
 divergence stops a run; exports say what they trust."""
 
 import errno
+import importlib
 import json
 import math
 import subprocess
@@ -55,16 +56,30 @@ def test_bad_training_options_are_one_line_before_any_work(tmp_path, capsys, ext
     assert not out.exists()
 
 
-def test_eval_and_export_errors_are_one_line(finished, tmp_path, capsys):  # noqa: F811
+def test_eval_and_export_errors_are_one_line(finished, tmp_path, capsys, monkeypatch):  # noqa: F811
     assert main(["eval", str(finished), "--batch-size", "0"]) == 2
     assert "--batch-size must be at least 1" in one_line_error(capsys, "eval")
     assert main(["eval", str(finished), "--micro-batch", "-1"]) == 2
     assert "--micro-batch must be 0 (one pass per batch) or more" in one_line_error(capsys, "eval")
     # 0: each batch in one pass, as in modnet bench; the same accuracy as micro-batches
+    evaluate_module = importlib.import_module("modnet.train.evaluate")
+
+    passes, predict = [], evaluate_module.predict
+    monkeypatch.setattr(
+        evaluate_module,
+        "predict",
+        lambda model, x, task, micro, precision: (
+            passes.append(micro) or predict(model, x, task, micro, precision)
+        ),
+    )
     accuracy = []
     for micro in ("0", "16"):
-        assert main(["eval", str(finished), "--micro-batch", micro, "--json"]) == 0
+        assert (
+            main(["eval", str(finished), "--micro-batch", micro, "--batch-size", "8", "--json"])
+            == 0
+        )
         accuracy.append(json.loads(capsys.readouterr().out))
+    assert set(passes) == {8, 16}  # 0 -> the whole --batch-size batch in one pass
     assert accuracy[0] == accuracy[1]
     model_dir = tmp_path / "model"
     io.save_model(tiny_conv(tasks={"a": 3}), model_dir)
