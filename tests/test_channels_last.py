@@ -41,12 +41,37 @@ def test_to_channels_last_keeps_the_logits(build, route):
     assert torch.isfinite(model(x, "a")).all()
 
 
-def test_conv_family_runs_channels_last_by_default_with_equal_logits():
-    model = moved_off_init(tiny_conv(tasks={"a": 3})).eval()
+def _layout(x: torch.Tensor) -> str:
+    return {(True, False): "NHWC", (False, True): "NCHW"}.get(
+        (x.is_contiguous(memory_format=CL), x.is_contiguous()), "other"
+    )
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_conv_family_runs_channels_last_by_default_with_equal_logits(in_chans, monkeypatch):
+    # A one-channel image is both NCHW and NHWC; the stem then wrote NCHW, and
+    # every layer after it kept that layout (grey digits ran the slower one).
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 3}, in_chans=in_chans)).eval()
     x = images(model)
+    layouts = []
+    conv2d = F.conv2d
+
+    def recording(inp, weight, *args, **kwargs):
+        # The stem's input may be either; a mixed batch's depthwise convolution
+        # folds its samples into channels (one image of T * C channels).
+        if inp.shape[0] > 1 and inp.shape[1] > 1:
+            layouts.append(_layout(inp))
+        return conv2d(inp, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", recording)
     with torch.no_grad():
         features = model.forward_features(x, "a")
-        assert features.is_contiguous(memory_format=CL)
+        assert _layout(features) == "NHWC"
+        model(x, torch.tensor([0, 1, 0, 1]))  # a batch of two tasks
+        model.train()(x, "a")
+        model.eval()
+    assert len(layouts) >= 3 * model.depth and set(layouts) == {"NHWC"}
+    with torch.no_grad():
         default = model(x, "a")
         model.trunk.memory_format = torch.contiguous_format
         nchw = model(x, "a")

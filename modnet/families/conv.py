@@ -72,7 +72,10 @@ class ConvTrunk(Trunk):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         # Under torch.func transforms (vmap: per-sample Fisher) only the default layout exists.
         if torch.compiler.is_compiling() or not is_functorch_wrapped_tensor(x):
+            # The stem's output too: a one-channel image is both NCHW and NHWC, and
+            # the convolution then writes NCHW, which every layer after it would keep.
             x = x.contiguous(memory_format=self.memory_format)
+            return self.stem(x).contiguous(memory_format=self.memory_format)
         return self.stem(x)
 
     def feature_size(self, size: tuple[int, int]) -> tuple[int, int]:
