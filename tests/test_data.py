@@ -245,6 +245,14 @@ def test_apply_transform_reproduces_the_stored_preprocessing(tmp_path):
     pil = [Image.fromarray(a) for a in arrays["test_x"][:3]]
     assert torch.equal(apply_transform(record, pil), task.test_x[:3])
     assert record["resize"] == "bicubic" and record["img_size"] == 32
+    hwc = list(arrays["test_x"][:3])  # a sequence of [H, W, C] arrays
+    assert torch.equal(apply_transform(record, hwc, channels_last=True), task.test_x[:3])
+    one = arrays["test_x"][0]
+    with pytest.raises(DataError, match=r"one \[H, W, C\] image or \[N, H, W\].*images\[None\]"):
+        apply_transform(record, one, channels_last=True)  # was read as 20 grey images
+    assert torch.equal(apply_transform(record, one[None], channels_last=True), task.test_x[:1])
+    grey = np.zeros((2, 20, 20), np.uint8)  # no channel axis: the flag changes nothing
+    assert apply_transform(record, grey, channels_last=True).shape == (2, 1, 32, 32)
 
 
 # ----------------------------------------------------------------------- subsets

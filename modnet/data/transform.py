@@ -57,6 +57,11 @@ def as_nchw(images: torch.Tensor | np.ndarray, channels_last: bool = False) -> t
             "(e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1])"
         )
     if x.ndim == 3:
+        if channels_last and x.shape[-1] in (1, 3, 4):
+            raise DataError(
+                f"images have shape {tuple(x.shape)} with channels_last: one [H, W, C] image "
+                "or [N, H, W] grayscale images? Give one image a batch axis (images[None])"
+            )
         return x.unsqueeze(1)
     if x.ndim != 4:
         raise DataError(
@@ -111,8 +116,11 @@ def _resize(x: torch.Tensor, img_size: int, mode: str, antialias: bool) -> torch
     return F.interpolate(x, size=(img_size, img_size), mode=mode)
 
 
-def image_to_tensor(image: Any) -> torch.Tensor:
-    """One PIL image or [C, H, W] / [H, W] uint8 tensor/array as a uint8 [C, H, W] tensor."""
+def image_to_tensor(image: Any, channels_last: bool = False) -> torch.Tensor:
+    """One PIL image or [C, H, W] / [H, W] uint8 tensor/array as a uint8 [C, H, W] tensor.
+
+    With ``channels_last`` a 3-D array or tensor is read as [H, W, C].
+    """
     if hasattr(image, "getbands"):  # a PIL image
         if image.mode in ("1", "I", "I;16", "F"):
             image = image.convert("L")
@@ -121,8 +129,15 @@ def image_to_tensor(image: Any) -> torch.Tensor:
         array = np.asarray(image, dtype=np.uint8)
         tensor = torch.from_numpy(array.copy())
         return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    tensor = as_nchw(image[None] if getattr(image, "ndim", 0) in (2, 3) else image)
-    return tensor[0]
+    ndim = getattr(image, "ndim", 0)
+    if ndim == 2:
+        return as_nchw(image[None])[0]
+    if ndim == 3:
+        return as_nchw(image[None], channels_last)[0]
+    raise DataError(
+        f"an image must be a PIL image or a [C, H, W] / [H, W] uint8 array, got "
+        f"{type(image).__name__} with {ndim} dimensions"
+    )
 
 
 def convert_images(
@@ -138,13 +153,20 @@ def convert_images(
     Args:
         images: A uint8 tensor or array ([N, H, W], [N, C, H, W], or [N, H, W, C]
             with ``channels_last``), or a sequence of PIL images / [C, H, W]
-            tensors, which may differ in size (each size group is resized in batches).
+            tensors ([H, W, C] with ``channels_last``), which may differ in size
+            (each size group is resized in batches).
         img_size: Output side.
         in_chans: Output channels (1 or 3).
         resize: Interpolation mode used when the size differs.
         antialias: Low-pass filter when shrinking (bilinear and bicubic), so that
             shrinking large images does not alias.
-        channels_last: The array is [N, H, W, C].
+        channels_last: The array is [N, H, W, C] (each image of a sequence [H, W, C]).
+
+    Raises:
+        DataError: Images that are not uint8, of a shape none of the above, or a
+            3-D array with ``channels_last`` whose last axis could be channels
+            (one [H, W, C] image or [N, H, W] grayscale images: give one image a
+            batch axis).
     """
     if in_chans not in CHANNELS:
         raise DataError(f"in_chans must be 1 or 3, got {in_chans}")
@@ -154,7 +176,7 @@ def convert_images(
         return _convert_tensor(
             as_nchw(images, channels_last), img_size, in_chans, resize, antialias
         )
-    tensors = [image_to_tensor(image) for image in images]
+    tensors = [image_to_tensor(image, channels_last) for image in images]
     out = torch.empty(len(tensors), in_chans, img_size, img_size, dtype=torch.uint8)
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, tensor in enumerate(tensors):
@@ -227,7 +249,8 @@ def apply_transform(
         record: A task's ``transform`` record (``TaskData.transform``, or as saved
             with a checkpoint).
         images: Raw uint8 images, in any form ``convert_images`` takes.
-        channels_last: The array is [N, H, W, C] (numpy's usual layout).
+        channels_last: The array is [N, H, W, C] (numpy's usual layout); each
+            image of a sequence is [H, W, C].
 
     Returns:
         A uint8 [N, in_chans, img_size, img_size] tensor; ``TaskData.normalize``
