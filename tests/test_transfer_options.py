@@ -142,14 +142,28 @@ def test_bad_route_options_are_refused_before_work_starts(run):
         transfer(run, "synth_shape", route_init="random", config=config())
     with pytest.raises(ConfigError, match="--init-from 'synth_cat' is not a task.*'nearest'"):
         transfer(run, "synth_shape", init_from="synth_cat", config=config())
+    # parts by the names --train takes, not the model's internal ones
+    with pytest.raises(
+        ConfigError,
+        match=r"^unknown part 'rout' to train \(did you mean route\?\): choose from route, "
+        r"head, norm, templates, trunk, stem, hypernet, all$",
+    ):
+        transfer(run, "synth_shape", parts="rout", config=config())
+    with pytest.raises(ConfigError, match=r"new_templates: .* when --grow N \(grow=N\) adds"):
+        transfer(run, "synth_shape", parts="route,new_templates", config=config())
+    # ``all`` on a run without a hypernetwork: the refusal names what the run shares
+    with pytest.raises(ConfigError, match=r"^--train templates,trunk trains what every task"):
+        transfer(run, "synth_shape", parts="all", config=config())
 
 
 def test_a_frozen_head_that_would_stay_random_is_named_in_a_warning(run):
     # synth_shape has 4 classes; synth_color-bg's head has 6: nothing to copy, head frozen
-    with pytest.warns(UserWarning, match="route leaves the head of 'synth_shape' .* add head"):
+    with pytest.warns(UserWarning, match="--train norm,route leaves the head of 'synth_shape'"):
         transfer(
             run, "synth_shape", parts="route,norm", init_from="synth_color-bg", config=config()
         )
+    with pytest.warns(UserWarning, match="^--train norm,route leaves the head"):  # --grow's
+        transfer(run, "synth_shape", parts="route", grow=1, overwrite=True, config=config())
     # a source with the same classes lends its head: a frozen head is then no mistake
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*random and frozen")

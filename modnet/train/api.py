@@ -23,7 +23,14 @@ from ..routing import SoftRoute, configured_route
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
 from .loop import Trainer
-from .parts import ALL_PARTS, changed_shared, check_shared, parse_parts, present_parts
+from .parts import (
+    ALL_PARTS,
+    changed_shared,
+    check_shared,
+    parse_parts,
+    present_parts,
+    shown,
+)
 
 RESULTS_FILE = io.RESULTS_FILE
 NEAREST = "nearest"  # init_from: the source task the new task's images look most like
@@ -289,7 +296,6 @@ def transfer(
     if isinstance(grow, bool) or not isinstance(grow, int) or grow < 0:
         raise ConfigError(f"--grow must be an integer >= 0, got {grow!r}")
     wanted = parse_parts(parts)
-    check_shared(wanted, update_shared)
     if route is not None and route not in ROUTE_KINDS:
         raise ConfigError(f"unknown --route {route!r}: leave it out or use one of {ROUTE_KINDS}")
     if route_init is not None and route_init not in ROUTE_INITS:
@@ -306,13 +312,15 @@ def transfer(
     with io.open_run(run_dir, "modnet transfer", enabled=ctx.is_main):
         barrier(ctx)
         return _transfer(
-            run_dir, task, wanted, grow, config, init_from, overwrite, shape, ctx, route_options
-        )
+            run_dir, task, wanted, grow, config, init_from, overwrite, shape, ctx, route_options,
+            update_shared,
+        )  # fmt: skip
 
 
 def _transfer(
-    run_dir, task, wanted, grow, config, init_from, overwrite, shape, ctx, route_options=None
-) -> TrainResult:
+    run_dir, task, wanted, grow, config, init_from, overwrite, shape, ctx, route_options,
+    update_shared,
+) -> TrainResult:  # fmt: skip
     latest, state = io.run_state(run_dir, repair=ctx.is_main)
     if latest is None:
         raise RunDirError(
@@ -322,6 +330,7 @@ def _transfer(
         io.refuse_other_phase(run_dir, state, "transfer")
     model, manifest = io.load_model(latest)
     wanted = present_parts(wanted, model)
+    check_shared(wanted, update_shared)
     data = load_data([task], model, config)
     name = next(iter(data))
     phase = f"transfer-{name}"
@@ -380,7 +389,7 @@ def _transfer(
         if "heads" not in wanted and (source is None or model.task_classes[source] != classes):
             where = f"{source!r} has {model.task_classes[source]}" if source else "no --init-from"
             warnings.warn(
-                f"--train {','.join(sorted(p.removesuffix('s') for p in wanted))} leaves the "
+                f"--train {shown(wanted)} leaves the "
                 f"head of {name!r} ({classes} "
                 f"classes) random and frozen ({where}): add head to --train, or --init-from "
                 f"a task with {classes} classes",

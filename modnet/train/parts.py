@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Iterable
 
@@ -17,24 +18,47 @@ ALL_PARTS = frozenset({"templates", "trunk", "routes", "hypernet", "heads", "nor
 SHARED_PARTS = frozenset({"templates", "trunk", "stem", "hypernet"})
 
 
+# Parts as --train names them (singular); ``new_templates`` is not one: --grow adds it.
+CLI_PARTS = ("route", "head", "norm", "templates", "trunk", "stem", "hypernet")
+_ALIASES = {"route": "routes", "head": "heads", "template": "templates"}
+
+
 def parse_parts(text: str | Iterable[str]) -> frozenset[str]:
-    """``"route,head"`` -> ``{"routes", "heads"}``; singular and plural both accepted."""
+    """``"route,head"`` -> ``{"routes", "heads"}``; singular and plural both accepted.
+
+    Raises:
+        ConfigError: An unknown part (the closest name is suggested), nothing named,
+            or ``new_templates``, which only ``--grow`` adds.
+    """
     items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
-    aliases = {"route": "routes", "head": "heads", "template": "templates", "all": "all"}
     parts = set()
     for item in filter(None, items):
-        item = aliases.get(item, item)
+        item = _ALIASES.get(item, item)
         if item == "all":
             parts |= ALL_PARTS
+        elif item == "new_templates":
+            raise ConfigError(
+                "--train new_templates: the new templates train when --grow N (grow=N) adds "
+                "them; pass --grow and leave new_templates out of --train"
+            )
         elif item in PARTS:
             parts.add(item)
         else:
+            close = difflib.get_close_matches(item, [*CLI_PARTS, "all"], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(
-                f"unknown part {item!r} to train: choose from {', '.join(PARTS)}, all"
+                f"unknown part {item!r} to train{hint}: choose from {', '.join(CLI_PARTS)}, all"
             )
     if not parts:
         raise ConfigError("nothing to train: name at least one part, e.g. route,head")
     return frozenset(parts)
+
+
+def shown(parts: Iterable[str]) -> str:
+    """Parts as ``--train`` takes them: ``{"routes", "heads"}`` -> ``"head,route"``
+    (``new_templates``, which ``--grow`` adds, left out)."""
+    names = {p.removesuffix("s") if p in ("routes", "heads") else p for p in parts}
+    return ",".join(sorted(names - {"new_templates"}))
 
 
 def check_shared(parts: frozenset[str], update_shared: bool) -> None:
@@ -44,10 +68,10 @@ def check_shared(parts: frozenset[str], update_shared: bool) -> None:
     Raises:
         ConfigError: ``parts`` holds one of ``SHARED_PARTS`` and not ``update_shared``.
     """
-    shared = sorted(parts & SHARED_PARTS)
+    shared = parts & SHARED_PARTS
     if shared and not update_shared:
         raise ConfigError(
-            f"--train {','.join(shared)} trains what every task of the run shares, so the "
+            f"--train {shown(shared)} trains what every task of the run shares, so the "
             "run's existing tasks would change too: pass --update-shared (update_shared=True) "
             "to accept that, train into a copy of the run, or leave it out of --train"
         )
@@ -64,7 +88,7 @@ def present_parts(parts: frozenset[str], model: ModularNet) -> frozenset[str]:
     kept = parts - absent
     if parts & absent and not kept - {"norm"}:
         raise ConfigError(
-            f"--train {','.join(sorted(parts))}: this run has no hypernetwork (its routes are "
+            f"--train {shown(parts)}: this run has no hypernetwork (its routes are "
             f"{model.route_kind}), so nothing would train: choose from route, head, norm, "
             "templates, trunk, stem"
         )
