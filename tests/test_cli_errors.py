@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,12 +48,37 @@ def one_line_error(capsys, command: str) -> str:
         (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
         (["--grad-clip", "-1"], "--grad-clip must be > 0"),
         (["--model", "resnet18"], "unknown model 'resnet18'"),
+        (["--tasks", "synth_color, synth_color"], "'synth_color' is listed twice"),
     ],
 )
 def test_bad_training_options_are_one_line_before_any_work(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert main([*train_args(out), *extra]) == 2
     assert message in one_line_error(capsys, "train")
+    assert not out.exists()
+
+
+def test_two_files_of_one_name_are_refused_naming_both(tmp_path, capsys):
+    generator = np.random.default_rng(0)
+    specs = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        arrays = {
+            f"{split}_{kind}": (
+                generator.integers(0, 256, (n, 8, 8), dtype=np.uint8) if kind == "x" else
+                np.arange(n) % 2
+            )
+            for split, n in (("train", 8), ("test", 4))
+            for kind in ("x", "y")
+        }  # fmt: skip
+        np.savez(tmp_path / folder / "digits.npz", **arrays)
+        specs.append(f"npz:{tmp_path / folder / 'digits.npz'}")
+    out = tmp_path / "run"
+    assert main([*train_args(out), "--tasks", ",".join(specs)]) == 2
+    assert (
+        f"{specs[0]!r} and {specs[1]!r} are both task 'digits' (a file or folder task takes "
+        "its file's or folder's name): rename one of them"
+    ) in one_line_error(capsys, "train")
     assert not out.exists()
 
 

@@ -54,7 +54,11 @@ class TrainResult:
 def load_data(specs: list[str], model: ModularNet, config: TrainConfig) -> dict[str, TaskData]:
     """Loads every task at the model's input size and channel count."""
     channels, height, _ = model.pretrained_cfg["input_size"]
+    repeated = sorted({s.strip() for s in specs if [t.strip() for t in specs].count(s.strip()) > 1})
+    if repeated:
+        raise ConfigError(f"{repeated[0]!r} is listed twice: list each task once")
     data: dict[str, TaskData] = {}
+    given: dict[str, str] = {}
     for spec in specs:
         task = load_task(
             spec,
@@ -69,8 +73,12 @@ def load_data(specs: list[str], model: ModularNet, config: TrainConfig) -> dict[
             in_memory_mb=config.in_memory_mb,
         )
         if task.name in data:
-            raise ConfigError(f"task {task.name!r} is listed twice: each task needs its own name")
+            raise ConfigError(
+                f"{given[task.name]!r} and {spec!r} are both task {task.name!r} (a file or folder "
+                "task takes its file's or folder's name): rename one of them"
+            )
         data[task.name] = task
+        given[task.name] = spec
     return data
 
 
