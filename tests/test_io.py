@@ -1,6 +1,7 @@
 """Checkpoints: one pool file, one file per task, a manifest; atomic and verified."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modnet import io
+from modnet.io import fs
 from tests.conftest import images, moved_off_init, tiny_conv, tiny_vit
 
 
@@ -243,11 +245,15 @@ def test_import_task_refuses_foreign_tensors_in_one_line(tmp_path):
     assert target.task_names == ["a"]
 
 
-def test_every_file_written_follows_the_umask_safetensors_included(tmp_path):
-    from modnet.io.fs import FILE_MODE
-
-    model = tiny_conv(tasks={"a": 3})
-    directory = io.save_model(model, tmp_path / "model")
+def test_every_file_written_follows_the_umask_safetensors_included(tmp_path, monkeypatch):
+    # A umask of 022 whatever the caller's: under 077 every file would be 0600, which
+    # is what safetensors writes anyway, and the test could not fail.
+    previous = os.umask(0o022)
+    monkeypatch.setattr(fs, "FILE_MODE", 0o644)  # what importing under 022 records
+    try:
+        directory = io.save_model(tiny_conv(tasks={"a": 3}), tmp_path / "model")
+    finally:
+        os.umask(previous)
     files = [p for p in Path(directory).rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files)
-    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: FILE_MODE for p in files}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
