@@ -183,3 +183,19 @@ def test_a_run_records_relative_data_paths_so_it_evaluates_from_any_folder(
     # and the run's config.yaml trains it again from here
     assert main(["train", "--config", str(work / "run" / "config.yaml"), "--out", "again"]) == 0
     assert io.read_results(elsewhere / "again")["train"]["accuracy"] == trained["accuracy"]
+    # data that moved: eval says how to point at it, and --data does
+    (work / "data" / "digits.npz").rename(elsewhere / "moved.npz")
+    capsys.readouterr()
+    assert main(["eval", str(work / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("modnet eval: error: no npz file at")
+    assert err.endswith("; if the data moved, pass --data digits=SPEC")
+    assert main(["eval", str(work / "run"), "--data", "digits=npz:moved.npz", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == trained["accuracy"]
+    for bad, message in [
+        ("digits", "--data expects TASK=SPEC (e.g. mnist=npz:data/mnist.npz), got 'digits'"),
+        ("cats=npz:moved.npz", f"--data cats=...: {work / 'run'} has no task 'cats'"),
+        ("digits=synth_color", "--data digits=synth_color has 6 classes, task 'digits' 4"),
+    ]:
+        assert main(["eval", str(work / "run"), "--data", bad]) == 2
+        assert message in capsys.readouterr().err

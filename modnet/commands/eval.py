@@ -18,6 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--task", action="append", help="task to evaluate (repeatable; default all)"
     )
     parser.add_argument("--data-root", help="folder with the datasets (default: $MODNET_DATA_ROOT)")
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="TASK=SPEC",
+        help="evaluate TASK on the test split of SPEC instead of the dataset the run recorded "
+        "(data that moved: --data digits=npz:new/place/digits.npz; repeatable)",
+    )
     parser.add_argument("--test-limit", type=int, help="at most this many test images per task")
     parser.add_argument(
         "--batch-size", type=int, default=256, help="images read and normalised at a time"
@@ -38,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import io
+    from ..data import DataError
     from ..errors import ConfigError
     from ..train import TrainConfig, evaluate, load_data
     from ._options import accuracy_table
@@ -48,7 +56,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--micro-batch must be 0 (one pass per batch) or more, got {args.micro_batch}"
         )
+    moved = _moved_data(args.data or [])
     model, manifest = io.load_model(args.run_dir, tasks=args.task)
+    unknown = sorted(set(moved) - set(model.task_names))
+    if unknown:
+        raise ConfigError(
+            f"--data {unknown[0]}=...: {args.run_dir} has no task {unknown[0]!r} to evaluate "
+            f"(its tasks: {', '.join(model.task_names)})"
+        )
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not bool(value.isfinite().all()):
             raise io.CheckpointError(
@@ -56,8 +71,20 @@ def run(args: argparse.Namespace) -> int:
                 "its accuracy means nothing; train it again with a lower --lr"
             )
     config = TrainConfig(data_root=args.data_root, test_limit=args.test_limit, train_limit=1)
-    specs = [manifest["tasks"][name]["dataset"] for name in model.task_names]
-    data = load_data(specs, model, config)
+    data = {}
+    for name in model.task_names:
+        spec = moved.get(name, manifest["tasks"][name]["dataset"])
+        try:
+            (data[name],) = load_data([spec], model, config).values()
+        except DataError as error:
+            if name in moved:
+                raise
+            raise DataError(f"{error}; if the data moved, pass --data {name}=SPEC") from None
+        if name in moved and data[name].num_classes != model.task_classes[name]:
+            raise ConfigError(
+                f"--data {name}={moved[name]} has {data[name].num_classes} classes, task "
+                f"{name!r} {model.task_classes[name]}: give a copy of the task's own dataset"
+            )
     accuracy = evaluate(
         model,
         data,
@@ -70,3 +97,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(accuracy_table(accuracy, model.task_classes))
     return 0
+
+
+def _moved_data(items: list[str]) -> dict[str, str]:
+    """``["mnist=npz:new.npz"]`` -> ``{"mnist": "npz:new.npz"}``; a malformed item is refused."""
+    from ..errors import ConfigError
+
+    moved = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise ConfigError(
+                f"--data expects TASK=SPEC (e.g. mnist=npz:data/mnist.npz), got {item!r}"
+            )
+        if name.strip() in moved:
+            raise ConfigError(f"--data names task {name.strip()!r} twice: give it once")
+        moved[name.strip()] = spec.strip()
+    return moved
