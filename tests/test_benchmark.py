@@ -384,6 +384,15 @@ BAD_INPUTS = [
     (["--micro-batch", "-1"], "--micro-batch must be at least 0"),
     (["--device", "foo"], "--device 'foo' is not a device: use cpu or cuda"),
     (["--device", "mps"], "unsupported device 'mps': use --device cpu or cuda"),
+    # output mixing needs soft coefficients: refused before the first model is measured
+    (
+        ["--model", "modnet_conv_tiny", "vit_tiny_patch16_224", "--compare", "moe"],
+        "--compare moe with vit_tiny_patch16_224: from_timm runs a timm model's blocks in order",
+    ),
+    (
+        ["--model-arg", "route=hard", "--compare", "moe"],
+        "--compare moe with modnet_conv_tiny --model-arg route=hard: output mixing needs",
+    ),
 ]
 
 

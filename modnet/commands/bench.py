@@ -222,7 +222,16 @@ def check_model(name: str, args: argparse.Namespace, kwargs: dict[str, Any]) -> 
     if args.img_size is not None:
         options["img_size"] = args.img_size
     if name.startswith("modnet_"):
-        create_model(name, options)
+        model = create_model(name, options)
+        if args.compare == "moe":
+            try:  # output mixing needs [L, K] coefficients: a soft, isotropic route
+                bm.OutputMixingNet(model, TASK).coefficients()
+            except ValueError:
+                raise ConfigError(
+                    f"--compare moe with {name} --model-arg route={kwargs.get('route')}: output "
+                    "mixing needs one mixing coefficient per layer and template; leave the "
+                    "route option out (softmax)"
+                ) from None
         return
     if not timm.is_model(name):
         raise ConfigError(
@@ -232,6 +241,12 @@ def check_model(name: str, args: argparse.Namespace, kwargs: dict[str, Any]) -> 
     with torch.device("meta"):
         model = timm_create(name, {**options, "pretrained": False})
     timm_family(model)  # ConfigError for a class from_timm cannot convert
+    if args.compare == "moe":
+        raise ConfigError(
+            f"--compare moe with {name}: from_timm runs a timm model's blocks in order (a hard "
+            "route), so there are no mixing coefficients to mix outputs with; compare a "
+            "modnet_* model"
+        )
 
 
 def check_results_file(path: Path, overwrite: bool) -> None:
