@@ -403,7 +403,11 @@ class HyperRoute(Route):
     def plan(self, hypernet: HyperNetwork | None = None) -> RoutePlan:
         if hypernet is None:
             raise ValueError("a HyperRoute needs the model's HyperNetwork to resolve")
-        logits = hypernet(self.embedding)
+        # Without grad the embedding goes in detached (nothing would flow to it anyway):
+        # torch's module tracker (FlopCounterMode) fails on a leaf that requires grad
+        # as a module's input under inference_mode.
+        embedding = self.embedding if torch.is_grad_enabled() else self.embedding.detach()
+        logits = hypernet(embedding)
         if self.extra is not None:
             logits = torch.cat([logits, self.extra.to(logits.dtype)], dim=1)
         if hypernet.normalize == "softmax":

@@ -111,6 +111,16 @@ def test_soft_route_flops_include_mixing_the_templates():
     assert mixed - plain == mixing
 
 
+@pytest.mark.parametrize("build", [tiny_conv, tiny_vit])
+def test_hypernetwork_routes_count_their_flops_under_inference_mode(build):
+    # torch's module tracker failed on the route embedding, a leaf that requires grad,
+    # going into the hypernetwork under inference_mode (a traceback in modnet bench)
+    model = build(tasks={"a": 4}, route="hyper")
+    x = images(model, batch=1)
+    plain = bm.count_flops(bm.inference_workload(model.export("a"), x))
+    assert bm.count_flops(bm.inference_workload(model, x, task="a")) > plain > 0
+
+
 def test_storage_bytes_counts_a_shared_storage_once():
     base = torch.zeros(256)
     assert bm.storage_bytes([base, base[:10], base.view(16, 16)]) == 256 * 4
