@@ -87,6 +87,11 @@ def test_eval_and_export_errors_are_one_line(finished, tmp_path, capsys, monkeyp
     assert "--batch-size must be at least 1" in one_line_error(capsys, "eval")
     assert main(["eval", str(finished), "--micro-batch", "-1"]) == 2
     assert "--micro-batch must be 0 (one pass per batch) or more" in one_line_error(capsys, "eval")
+    assert main(["eval", str(finished), "--task", "synth_color", "--data", "synth_size=x"]) == 2
+    assert (
+        "--data synth_size=...: task 'synth_size' is not evaluated (--task synth_color): add "
+        "--task synth_size"
+    ) in one_line_error(capsys, "eval")
     # 0: each batch in one pass, as in modnet bench; the same accuracy as micro-batches
     evaluate_module = importlib.import_module("modnet.train.evaluate")
 

@@ -152,7 +152,9 @@ def test_bad_route_options_are_refused_before_work_starts(run):
     with pytest.raises(ConfigError, match=r"new_templates: .* when --grow N \(grow=N\) adds"):
         transfer(run, "synth_shape", parts="route,new_templates", config=config())
     # ``all`` on a run without a hypernetwork: the refusal names what the run shares
-    with pytest.raises(ConfigError, match=r"^--train templates,trunk trains what every task"):
+    with pytest.raises(
+        ConfigError, match=r"^--train all \(templates,trunk\) trains what every task"
+    ):
         transfer(run, "synth_shape", parts="all", config=config())
 
 

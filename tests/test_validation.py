@@ -199,3 +199,12 @@ def test_a_run_records_relative_data_paths_so_it_evaluates_from_any_folder(
     ]:
         assert main(["eval", str(work / "run"), "--data", bad]) == 2
         assert message in capsys.readouterr().err
+    # another file of the same name is not the task to retrain: said so, not --overwrite
+    (elsewhere / "other").mkdir()
+    _npz(elsewhere / "other" / "digits.npz", list(range(4)) * 16, list(range(4)) * 8)
+    assert main(["transfer", str(work / "run"), "--task", "npz:other/digits.npz"]) == 2
+    assert (
+        f"already has a task 'digits', from npz:{work / 'data' / 'digits.npz'}, not "
+        "npz:other/digits.npz: a file or folder task takes its file's or folder's name, so "
+        "rename this one"
+    ) in capsys.readouterr().err

@@ -59,10 +59,15 @@ def run(args: argparse.Namespace) -> int:
     moved = _moved_data(args.data or [])
     model, manifest = io.load_model(args.run_dir, tasks=args.task)
     unknown = sorted(set(moved) - set(model.task_names))
+    if unknown and unknown[0] in manifest["tasks"]:
+        raise ConfigError(
+            f"--data {unknown[0]}=...: task {unknown[0]!r} is not evaluated (--task "
+            f"{' --task '.join(model.task_names)}): add --task {unknown[0]}"
+        )
     if unknown:
         raise ConfigError(
             f"--data {unknown[0]}=...: {args.run_dir} has no task {unknown[0]!r} to evaluate "
-            f"(its tasks: {', '.join(model.task_names)})"
+            f"(its tasks: {', '.join(manifest['tasks'])})"
         )
     for name, value in model.state_dict().items():
         if value.is_floating_point() and not bool(value.isfinite().all()):

@@ -381,6 +381,12 @@ def _transfer(
         )  # fmt: skip
     else:
         if name in model.task_names:
+            recorded = manifest["tasks"][name].get("dataset")
+            if not overwrite and recorded not in (None, portable_spec(task)):
+                raise RunDirError(
+                    f"{run_dir} already has a task {name!r}, from {recorded}, not {task}: a file "
+                    "or folder task takes its file's or folder's name, so rename this one"
+                )
             if not overwrite:
                 raise RunDirError(
                     f"{run_dir} already has a task {name!r}: pass --overwrite (overwrite=True) "

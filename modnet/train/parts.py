@@ -70,8 +70,9 @@ def check_shared(parts: frozenset[str], update_shared: bool) -> None:
     """
     shared = parts & SHARED_PARTS
     if shared and not update_shared:
+        named = f"all ({shown(shared)})" if ALL_PARTS - {"hypernet"} <= parts else shown(shared)
         raise ConfigError(
-            f"--train {shown(shared)} trains what every task of the run shares, so the "
+            f"--train {named} trains what every task of the run shares, so the "
             "run's existing tasks would change too: pass --update-shared (update_shared=True) "
             "to accept that, train into a copy of the run, or leave it out of --train"
         )
