@@ -135,6 +135,22 @@ def test_anisotropic_transfer_trains_its_route_and_leaves_every_other_task_bit_i
             assert torch.equal(after(x, task), output), task
 
 
+def test_retraining_a_task_drops_the_templates_grown_for_it(pool, run, tmp_path):
+    base = io.load_model(run)[0].pool.num_templates
+    transfer(run, "synth_shape", grow=1, config=config())
+    transfer(run, "synth_shape", grow=1, overwrite=True, config=config())
+    model = io.load_model(run)[0]
+    assert [chunk.num_templates for chunk in model.pool.chunks] == [base, 1]  # not [base, 1, 1]
+    again = transfer(run, "synth_shape", overwrite=True, config=config())
+    assert again.model.pool.num_templates == base
+    fresh = tmp_path / "fresh"
+    shutil.copytree(pool, fresh)
+    first = transfer(fresh, "synth_shape", config=config())
+    assert again.accuracy == first.accuracy
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+
+
 def test_bad_route_options_are_refused_before_work_starts(run):
     with pytest.raises(ConfigError, match="unknown --route 'diagonal'.*anisotropic"):
         transfer(run, "synth_shape", route="diagonal", config=config())

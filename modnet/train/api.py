@@ -536,9 +536,16 @@ def _copy_frozen_head(model: ModularNet, source: str, target: str) -> None:
 
 
 def _without_task(checkpoint: Path, name: str) -> ModularNet:
+    """The run's model without task ``name``, nor the templates grown for it that no
+    other task's route reaches: retraining a task starts from the pool its first
+    transfer saw, however often it is retrained."""
     manifest = io.read_manifest(checkpoint)
     keep = [n for n in manifest["tasks"] if n != name]
     model, _ = io.load_model(checkpoint, tasks=keep)
+    widest = max((route.num_templates for route in model.routes.values()), default=0)
+    chunks = model.pool.chunks
+    while len(chunks) > 1 and model.pool.num_templates - chunks[-1].num_templates >= widest:
+        del chunks[-1]
     return model
 
 
