@@ -283,3 +283,11 @@ def test_a_mistyped_option_is_named_by_its_command_with_the_closest_option(capsy
             main(argv)
         assert stopped.value.code == 2
         assert capsys.readouterr().err.strip() == expected
+
+
+def test_model_args_read_true_and_false_in_any_case_as_yaml_does():
+    from modnet.commands._options import parse_model_args
+
+    parsed = parse_model_args(["anisotropic=true", "straight_through=FALSE", "depth=8"])
+    assert parsed == {"anisotropic": True, "straight_through": False, "depth": 8}
+    assert parse_model_args(["route=hard", "drop_rate=0.1"]) == {"route": "hard", "drop_rate": 0.1}

@@ -227,7 +227,8 @@ def parse_key_values(items: Iterable[str] | None, option: str = "--model-arg") -
     """``["depth=8", "route=hard"]`` -> ``{"depth": 8, "route": "hard"}``.
 
     Values are Python literals where they parse (``8``, ``4.5``, ``True``,
-    ``(1, 2)``) and strings otherwise; a later key wins.
+    ``(1, 2)``), ``true``/``false`` in any case are booleans (as in YAML config
+    files), and anything else is a string; a later key wins.
 
     Raises:
         ConfigError: for an item that is not ``KEY=VALUE``.
@@ -237,6 +238,9 @@ def parse_key_values(items: Iterable[str] | None, option: str = "--model-arg") -
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):
+            parsed[key] = value.lower() == "true"
+            continue
         try:
             parsed[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
