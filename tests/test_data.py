@@ -369,7 +369,7 @@ def test_corrupt_files_ask_for_a_fresh_copy(tmp_path):
          "the test split is empty"),
         (dict(train_y=np.arange(40) % 4 - 1), r"labels span -1\.\.3, outside 0\.\.3.*remap"),
         (dict(train_x=np.zeros((40, 5), np.uint8)), r"train_x: .*shape \(40, 5\).*\[N, H, W, C\]"),
-        (dict(train_x=np.zeros((40, 8, 8, 3), np.float32)), r"must be uint8.*astype\(np\.uint8\)"),
+        (dict(train_x=np.zeros((40, 8, 8, 3), np.float32)), r"got float32.*astype"),
         (dict(train_x=np.zeros((40, 8, 8, 7), np.uint8)), r"7 channels.*1, 3 or 4"),
         (dict(train_y=np.zeros(40) + 0.5), r"integer class indices"),
         (dict(test_y=np.arange(19) % 4), r"test_x has 20 images but test_y has 19 labels"),

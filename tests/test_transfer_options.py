@@ -19,6 +19,7 @@ from modnet.cli import main
 from modnet.errors import ConfigError
 from modnet.train import TrainConfig, train, transfer
 from modnet.train.api import nearest_source
+from modnet.train.parts import parse_parts
 from tests.conftest import images, tiny_train_config
 
 pytestmark = pytest.mark.slow  # trains a real (tiny) pool
@@ -156,7 +157,10 @@ def test_bad_route_options_are_refused_before_work_starts(run):
         transfer(run, "synth_shape", route="diagonal", config=config())
     with pytest.raises(ConfigError, match="unknown --route-init 'random'.*uniform"):
         transfer(run, "synth_shape", route_init="random", config=config())
-    with pytest.raises(ConfigError, match="--init-from 'synth_cat' is not a task.*'nearest'"):
+    with pytest.raises(
+        ConfigError,
+        match="'synth_cat' is not a task of the run: one of synth_color-bg, .* or nearest$",
+    ):
         transfer(run, "synth_shape", init_from="synth_cat", config=config())
     # parts by the names --train takes, not the model's internal ones
     with pytest.raises(
@@ -165,6 +169,7 @@ def test_bad_route_options_are_refused_before_work_starts(run):
         r"head, norm, templates, trunk, stem, hypernet, all$",
     ):
         transfer(run, "synth_shape", parts="rout", config=config())
+    assert parse_parts("ROUTE,Head") == {"routes", "heads"}
     with pytest.raises(ConfigError, match=r"new_templates: .* when --grow N \(grow=N\) adds"):
         transfer(run, "synth_shape", parts="route,new_templates", config=config())
     # ``all`` on a run without a hypernetwork: the refusal names what the run shares

@@ -227,10 +227,13 @@ def check_model(name: str, args: argparse.Namespace, kwargs: dict[str, Any]) -> 
             try:  # output mixing needs [L, K] coefficients: a soft, isotropic route
                 bm.OutputMixingNet(model, TASK).coefficients()
             except ValueError:
+                given = " ".join(
+                    f"{k}={kwargs[k]}" for k in ("route", "anisotropic") if k in kwargs
+                )
                 raise ConfigError(
-                    f"--compare moe with {name} --model-arg route={kwargs.get('route')}: output "
-                    "mixing needs one mixing coefficient per layer and template; leave the "
-                    "route option out (softmax)"
+                    f"--compare moe with {name} --model-arg {given}: output mixing needs one "
+                    "mixing coefficient per layer and template (a soft route, not anisotropic); "
+                    "leave route and anisotropic out"
                 ) from None
         return
     if not timm.is_model(name):

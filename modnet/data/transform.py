@@ -52,8 +52,9 @@ def as_nchw(images: torch.Tensor | np.ndarray, channels_last: bool = False) -> t
     if not torch.is_tensor(x):
         raise DataError(f"expected a tensor or numpy array of images, got {type(images).__name__}")
     if x.dtype != torch.uint8:
+        given = images.dtype if isinstance(images, np.ndarray) else x.dtype
         raise DataError(
-            f"images must be uint8 (0..255), got {x.dtype}: convert them first "
+            f"images must be uint8 (0..255), got {given}: convert them first "
             "(e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1])"
         )
     if x.ndim == 3:

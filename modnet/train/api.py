@@ -345,8 +345,8 @@ def _transfer(
     io.refuse_other_phase(run_dir, state, phase)
     if init_from not in (None, NEAREST, *model.task_names):
         raise ConfigError(
-            f"--init-from {init_from!r} is not a task of the run: one of {model.task_names} "
-            f"or {NEAREST!r}"
+            f"--init-from {init_from!r} is not a task of the run: one of "
+            f"{', '.join(model.task_names)} or {NEAREST}"
         )
     if route_options:  # a bad option fails here, before any training
         known = init_from in model.task_names

@@ -33,7 +33,7 @@ def parse_parts(text: str | Iterable[str]) -> frozenset[str]:
     items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
     parts = set()
     for item in filter(None, items):
-        item = _ALIASES.get(item, item)
+        item = _ALIASES.get(item.lower(), item.lower())
         if item == "all":
             parts |= ALL_PARTS
         elif item == "new_templates":
