@@ -20,7 +20,16 @@ from .errors import ModnetError
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+    """An argument parser whose errors are one line (the usage is one ``--help`` away).
+
+    Abbreviated options are not taken: an abbreviation binds silently to whichever
+    option it prefixes today (``--data`` meant ``--data-root`` before ``--data``
+    existed); a mistyped option gets the closest name instead (``_unrecognized``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

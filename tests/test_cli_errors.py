@@ -278,6 +278,9 @@ def test_a_mistyped_option_is_named_by_its_command_with_the_closest_option(capsy
         (["eval", "run", "--tset-limit=3", "--jsn"], "modnet eval: error: unrecognized "
          "arguments: --tset-limit=3 --jsn; did you mean --test-limit for --tset-limit, --json "
          "for --jsn? (see modnet eval --help)"),
+        # an abbreviation is not taken: it would bind to whatever option it prefixes
+        (["train", "--epoch", "1"], "modnet train: error: unrecognized arguments: --epoch 1; "
+         "did you mean --epochs? (see modnet train --help)"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit) as stopped:
             main(argv)
