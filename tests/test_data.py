@@ -251,8 +251,9 @@ def test_apply_transform_reproduces_the_stored_preprocessing(tmp_path):
     with pytest.raises(DataError, match=r"one \[H, W, C\] image or \[N, H, W\].*images\[None\]"):
         apply_transform(record, one, channels_last=True)  # was read as 20 grey images
     assert torch.equal(apply_transform(record, one[None], channels_last=True), task.test_x[:1])
-    grey = np.zeros((2, 20, 20), np.uint8)  # no channel axis: the flag changes nothing
-    assert apply_transform(record, grey, channels_last=True).shape == (2, 1, 32, 32)
+    grey = arrays["test_x"][:2, :, :, 0]  # no channel axis: the flag changes nothing
+    grey_out = apply_transform(record, grey, channels_last=True)
+    assert grey_out.shape == (2, 1, 32, 32) and torch.equal(grey_out, apply_transform(record, grey))
 
 
 # ----------------------------------------------------------------------- subsets

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ class TrainResult:
 def load_data(specs: list[str], model: ModularNet, config: TrainConfig) -> dict[str, TaskData]:
     """Loads every task at the model's input size and channel count."""
     channels, height, _ = model.pretrained_cfg["input_size"]
-    repeated = sorted({s.strip() for s in specs if [t.strip() for t in specs].count(s.strip()) > 1})
+    repeated = [spec for spec, n in Counter(s.strip() for s in specs).items() if n > 1]
     if repeated:
         raise ConfigError(f"{repeated[0]!r} is listed twice: list each task once")
     data: dict[str, TaskData] = {}
@@ -387,7 +388,7 @@ def _transfer(
                     f"{run_dir} already has a task {name!r}, from {recorded}, not {task}: a file "
                     "or folder task takes its file's or folder's name, so rename this one"
                 )
-            if not overwrite:
+            if not overwrite:  # the same dataset: retraining it is what --overwrite is for
                 raise RunDirError(
                     f"{run_dir} already has a task {name!r}: pass --overwrite (overwrite=True) "
                     "to retrain it"

@@ -90,8 +90,8 @@ def present_parts(parts: frozenset[str], model: ModularNet) -> frozenset[str]:
     if parts & absent and not kept - {"norm"}:
         raise ConfigError(
             f"--train {shown(parts)}: this run has no hypernetwork (its routes are "
-            f"{model.route_kind}), so nothing would train: choose from route, head, norm, "
-            "templates, trunk, stem"
+            f"{model.route_kind}), so nothing would train: choose from "
+            f"{', '.join(p for p in CLI_PARTS if p not in absent)}"
         )
     return frozenset(kept)
 
