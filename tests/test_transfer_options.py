@@ -16,7 +16,7 @@ import torch
 
 from modnet import io
 from modnet.cli import main
-from modnet.errors import ConfigError
+from modnet.errors import ConfigError, RunDirError
 from modnet.train import TrainConfig, train, transfer
 from modnet.train.api import nearest_source
 from modnet.train.parts import parse_parts
@@ -148,6 +148,19 @@ def test_retraining_a_task_drops_the_templates_grown_for_it(pool, run, tmp_path)
     assert again.accuracy == first.accuracy
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[name], tensor), name
+
+
+def test_a_task_the_pool_was_trained_with_is_never_replaced_by_transfer(run):
+    before = {k: v.clone() for k, v in io.load_model(run)[0].state_dict().items()}
+    listing = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for overwrite in (False, True):
+        with pytest.raises(
+            RunDirError, match=r"'synth_size', one that `modnet train` trained its pool with"
+        ):
+            transfer(run, "synth_size", overwrite=overwrite, config=config())
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == listing
+    after = io.load_model(run)[0].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_bad_route_options_are_refused_before_work_starts(run):

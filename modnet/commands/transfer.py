@@ -67,7 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="let --train name what every task shares (templates, trunk, stem, hypernet): "
         "the run's existing tasks then change too",
     )
-    parser.add_argument("--overwrite", action="store_true", help="retrain the task if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain the task if an earlier transfer added it "
+        "(tasks the pool was trained with are never replaced)",
+    )
     add_training_options(parser)
     keys = [*DEFAULTS, *(f for f in TRAIN_FIELDS if f not in MODEL_FIELDS)]
     add_config_option(parser, keys)

@@ -279,7 +279,9 @@ def transfer(
             look most like, chosen without their labels
             (``modnet.adapt.selection.source_distances`` on 512 images per domain);
             ``results.json`` records the choice (``nearest``) and the distances.
-        overwrite: Replace the task if the run already has it.
+        overwrite: Replace the task if the run already has it from an earlier
+            transfer. A task of ``train`` (one the pool was trained with) is never
+            replaced: its route and head could not be recovered.
         route: ``None``: a route of the run's kind (a copy of ``init_from``'s);
             ``"anisotropic"``: a soft route with one coefficient per (layer,
             template, parameter tensor), ``[L, K, G]``, starting from the
@@ -299,7 +301,8 @@ def transfer(
     Raises:
         ConfigError: A bad option, or a shared part without ``update_shared``.
         RunDirError: No trained run, another writer, an unfinished other phase, an
-            unfinished transfer of this task with other options, or the task exists.
+            unfinished transfer of this task with other options, the task exists
+            (without ``overwrite``), or it is a task the pool was trained with.
     """
     config = config or TrainConfig()
     if isinstance(grow, bool) or not isinstance(grow, int) or grow < 0:
@@ -382,6 +385,12 @@ def _transfer(
         )  # fmt: skip
     else:
         if name in model.task_names:
+            if name in io.read_results(run_dir).get("train", {}).get("accuracy", {}):
+                raise RunDirError(
+                    f"{run_dir} already has a task {name!r}, one that `modnet train` trained "
+                    "its pool with: retraining it by transfer would replace its route, head "
+                    f"and statistics for good; transfer into a copy (cp -r {run_dir} NEW_RUN)"
+                )
             recorded = manifest["tasks"][name].get("dataset")
             if not overwrite and recorded not in (None, portable_spec(task)):
                 raise RunDirError(
