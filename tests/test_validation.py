@@ -208,3 +208,15 @@ def test_a_run_records_relative_data_paths_so_it_evaluates_from_any_folder(
         "npz:other/digits.npz: a file or folder task takes its file's or folder's name, so "
         "rename this one"
     ) in capsys.readouterr().err
+    # --init-from nearest reads every source's images: a moved one is named, with the way out
+    _npz(elsewhere / "letters.npz", list(range(4)) * 16, list(range(4)) * 8)
+    args = ["transfer", str(work / "run"), "--task", "npz:letters.npz", "--init-from"]
+    assert main([*args, "nearest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no npz file at" in err
+    assert err.startswith(
+        "modnet transfer: error: --init-from nearest compares the new task with every task's "
+        "images, and task 'digits''s cannot be read ("
+    )
+    assert err.endswith("); name the source instead (--init-from TASK)")
+    assert not list((work / "run" / "checkpoints").glob("transfer-*"))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import io
-from ..data import SYNTHETIC_DEFAULT_TASKS, TaskData, load_task, portable_spec
+from ..data import SYNTHETIC_DEFAULT_TASKS, DataError, TaskData, load_task, portable_spec
 from ..errors import ConfigError, RunDirError
 from ..model import ModularNet
 from ..options import check_model_options, create_model
@@ -385,17 +385,17 @@ def _transfer(
         )  # fmt: skip
     else:
         if name in model.task_names:
-            if name in io.read_results(run_dir).get("train", {}).get("accuracy", {}):
-                raise RunDirError(
-                    f"{run_dir} already has a task {name!r}, one that `modnet train` trained "
-                    "its pool with: retraining it by transfer would replace its route, head "
-                    f"and statistics for good; transfer into a copy (cp -r {run_dir} NEW_RUN)"
-                )
             recorded = manifest["tasks"][name].get("dataset")
             if not overwrite and recorded not in (None, portable_spec(task)):
                 raise RunDirError(
                     f"{run_dir} already has a task {name!r}, from {recorded}, not {task}: a file "
                     "or folder task takes its file's or folder's name, so rename this one"
+                )
+            if name in io.read_results(run_dir).get("train", {}).get("accuracy", {}):
+                raise RunDirError(
+                    f"{run_dir} already has a task {name!r}, one that `modnet train` trained "
+                    "its pool with: retraining it by transfer would replace its route, head "
+                    f"and statistics for good; transfer into a copy (cp -r {run_dir} NEW_RUN)"
                 )
             if not overwrite:  # the same dataset: retraining it is what --overwrite is for
                 raise RunDirError(
@@ -513,7 +513,16 @@ def _source_distances(
             "dataset for any task: name the source task instead"
         )
     small = dataclasses.replace(config, train_limit=NEAREST_SAMPLE, augment=False)
-    sources = {n: next(iter(load_data([spec], model, small).values())) for n, spec in specs.items()}
+    sources = {}
+    for name, spec in specs.items():
+        try:
+            (sources[name],) = load_data([spec], model, small).values()
+        except DataError as error:
+            raise DataError(
+                f"--init-from {NEAREST} compares the new task with every task's images, and "
+                f"task {name!r}'s cannot be read ({error}); name the source instead "
+                f"(--init-from TASK)"
+            ) from None
     unlabelled = dataclasses.replace(target, train_y=torch.zeros_like(target.train_y))
     return source_distances(model, sources, unlabelled, sample=NEAREST_SAMPLE, seed=config.seed)
 
