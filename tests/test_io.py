@@ -95,10 +95,11 @@ def test_corrupted_and_mismatched_checkpoints_raise_clear_errors(tmp_path):
     (tmp_path / "m" / "manifest.json").write_text("{not json")
     with pytest.raises(io.CheckpointError, match="corrupted"):
         io.load_model(tmp_path / "m")
-    with pytest.raises(
-        io.CheckpointError, match="not a modnet model or run directory|no modnet checkpoint"
-    ):
+    with pytest.raises(io.CheckpointError, match="nothing does not exist: give a run directory"):
         io.load_model(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(io.CheckpointError, match="empty holds no modnet checkpoint"):
+        io.load_model(tmp_path / "empty")
 
 
 def two_runs(tmp_path):

@@ -258,7 +258,12 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / MANIFEST).is_file():
         return path
-    if path.exists() and not path.is_dir():
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} does not exist: give a run directory of `modnet train` (or a model "
+            "directory inside it)"
+        )
+    if not path.is_dir():
         raise CheckpointError(f"{path} is a file: give a run or model directory")
     latest = latest_checkpoint(path)
     if latest is None:
