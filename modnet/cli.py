@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader left (``modnet routes RUN | head``): stop quietly
+        _silence_stdout()
+        return 1
     except (ModnetError, OSError) as error:
         if os.environ.get("MODNET_DEBUG") or not _is_user_error(error):
             raise
@@ -84,11 +87,23 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: l
     hints = []
     for item in extra:
         if item.startswith("--"):
-            close = difflib.get_close_matches(item.split("=", 1)[0], known, n=1)
-            hints += [(item.split("=", 1)[0], close[0])] if close else []
+            name = item.split("=", 1)[0]
+            # an abbreviation: the options it begins (argparse would have guessed)
+            close = sorted(o for o in known if o.startswith(name))[:3]
+            close = close or difflib.get_close_matches(name, known, n=1)
+            hints += [(name, " or ".join(close))] if close else []
     words = [b if len(hints) == 1 else f"{b} for {a}" for a, b in hints]
     hint = f"; did you mean {', '.join(words)}?" if words else ""
     own.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
+def _silence_stdout() -> None:
+    """Points stdout at the null device, so Python's flush at exit finds no closed pipe
+    (the recipe of the ``signal`` module's docs for SIGPIPE)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor: nothing to flush
+        pass
 
 
 def _is_user_error(error: BaseException) -> bool:

@@ -72,6 +72,20 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
         torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_output_to_a_reader_that_left_ends_quietly(run_dir):
+    # ``modnet routes RUN | head -1``: the pipe closes before modnet writes
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modnet", "routes", str(run_dir), "--out", str(run_dir / "p")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).parents[1],
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 1
+    assert stderr == "", stderr
+
+
 def test_console_entry_point_and_help():
     done = subprocess.run(
         [sys.executable, "-m", "modnet", "--help"], capture_output=True, text=True

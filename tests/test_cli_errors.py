@@ -281,6 +281,11 @@ def test_a_mistyped_option_is_named_by_its_command_with_the_closest_option(capsy
         # an abbreviation is not taken: it would bind to whatever option it prefixes
         (["train", "--epoch", "1"], "modnet train: error: unrecognized arguments: --epoch 1; "
          "did you mean --epochs? (see modnet train --help)"),
+        # an abbreviation gets the options it begins, not the nearest spelling (--help)
+        (["train", "--ep", "1"], "modnet train: error: unrecognized arguments: --ep 1; "
+         "did you mean --epochs? (see modnet train --help)"),
+        (["train", "--t", "x"], "modnet train: error: unrecognized arguments: --t x; "
+         "did you mean --tasks or --test-limit or --train-limit? (see modnet train --help)"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit) as stopped:
             main(argv)
