@@ -50,6 +50,9 @@ def test_train_prints_the_accuracy_table(run_dir, capsys):
 def test_transfer_eval_routes_and_export(run_dir, capsys):
     assert main(["transfer", str(run_dir), "--task", "synth_shape", "--grow", "1", *FAST]) == 0
     capsys.readouterr()
+    # the run's own route figure and table now show the new task, with its template
+    assert "task synth_shape" in (run_dir / "routes.txt").read_text()
+    assert "T4" in (run_dir / "routes.txt").read_text()
     assert main(["eval", str(run_dir), "--json", "--test-limit", "40"]) == 0
     accuracy = json.loads(capsys.readouterr().out)
     assert set(accuracy) == {"synth_color", "synth_size", "synth_shape"}

@@ -241,8 +241,7 @@ def _complete_outputs(
     result = TrainResult(model.eval(), accuracy, run_dir, latest, count, ctx.is_main)
     if ctx.is_main:
         _record_results(run_dir, phase, result, model, extra=plan)
-        if phase == "train":
-            save_run_figures(model, run_dir)
+        save_run_figures(model, run_dir)
         io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 
@@ -464,6 +463,7 @@ def _transfer(
     )
     if ctx.is_main:
         _record_results(run_dir, phase, result, model, extra=plan)
+        save_run_figures(model, run_dir)  # the routes now include the new task
         changed_shared(run_dir, plan["parts"], [n for n in model.task_names if n != name])
     return result
 
