@@ -199,6 +199,7 @@ class TrainBatches:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if self.workers else None,
+            generator=_own_generator(self.seed),
         )
 
     def close(self) -> None:
@@ -227,8 +228,18 @@ def eval_batches(
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=torch.device(device).type == "cuda",
+        generator=_own_generator(0),
     )
     start = 0
     for x in loader:
         yield x, task.test_y[start : start + len(x)]
         start += len(x)
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """A generator for a DataLoader's worker seeds, so that starting its iterator
+    leaves the global RNG alone: without one, every new iterator draws from it, and
+    drop path (which does draw from it) would differ between a resumed run, whose
+    iterator starts mid-way, an uninterrupted one, and one with its data in memory.
+    The seeds themselves are unused: augmentation is seeded per sample."""
+    return torch.Generator().manual_seed(seed)
