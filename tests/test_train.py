@@ -7,6 +7,7 @@ import torch
 
 from modnet import io
 from modnet.data import DataError
+from modnet.errors import ConfigError
 from modnet.train import RunDirError, TrainConfig, train, transfer
 from tests.conftest import images, tiny_train_config
 
@@ -148,3 +149,25 @@ def test_a_transfer_depends_on_its_seed_alone(trained_run, tmp_path):
         results.append(transfer(target, "synth_shape", config=config).model)
     first, second = (m.state_dict() for m in results)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every, scored", [(2, [2.0, 3.0]), (0, [3.0])])
+def test_scoring_the_test_splits_less_often_trains_the_same_model(
+    trained_run, tmp_path, every, scored
+):
+    result, run_dir = trained_run
+    less = train(tiny_config(eval_every=every), tmp_path / "less")
+    assert less.accuracy == result.accuracy
+    expected = result.model.state_dict()
+    for name, value in less.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    records = [json.loads(line) for line in (tmp_path / "less" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records if "accuracy" in r] == scored
+    every_epoch = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in every_epoch if "accuracy" in r] == [1.0, 2.0, 3.0]
+
+
+def test_eval_every_is_checked_before_any_work():
+    with pytest.raises(ConfigError, match="^--eval-every must be at least 0, got -1$"):
+        tiny_config(eval_every=-1)

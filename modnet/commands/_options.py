@@ -87,6 +87,12 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--train-limit", type=int, help="at most this many training images per task")
     add("--test-limit", type=int, help="at most this many test images per task")
+    add(
+        "--eval-every",
+        type=int,
+        help="epochs between scoring the test splits (the learning curves); 0: only at the "
+        "end, which the last epoch always is" + _default("eval_every"),
+    )
     add("--eval-batch-size", type=int, help=_default("eval_batch_size"))
     add("--checkpoint-every", type=int, help="steps between checkpoints (default: every epoch)")
     add("--log-every", type=int, help="steps between logged records" + _default("log_every"))

@@ -22,6 +22,7 @@ RESULT_NEUTRAL = frozenset(
         "log",
         "checkpoint_every",
         "eval_batch_size",
+        "eval_every",
         "device",
         "data_root",
         "download",
@@ -66,6 +67,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch
     log_every: int = 25
     log: str = "jsonl"  # metrics.jsonl; "tensorboard" adds TensorBoard event files
+    eval_every: int = 1  # epochs between test evaluations (the last step always); 0: last only
     eval_batch_size: int = 256
     eval_micro_batch: int | None = None  # images per forward pass; None: the family's default
     augment: bool = False  # the dataset's training augmentation (modnet.data.augment)
@@ -86,6 +88,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every", "eval_batch_size"):
             _integer(name, getattr(self, name), minimum=1)
         _integer("checkpoint_every", self.checkpoint_every, minimum=0)
+        _integer("eval_every", self.eval_every, minimum=0)
         if self.eval_micro_batch is not None:
             _integer("eval_micro_batch", self.eval_micro_batch, minimum=1)
         if self.data_workers is not None:

@@ -184,7 +184,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
                 self._log(record)
                 window_loss, window_steps, seen, started = 0.0, 0, 0, time.perf_counter()
-            if self.step % steps_per_epoch == 0 or self.step == self.total_steps:
+            if self._evaluates_at(self.step):
                 accuracy = self._evaluate()
                 self._log(
                     dict(step=self.step, epoch=self.step / steps_per_epoch, accuracy=accuracy)
@@ -194,6 +194,13 @@ class Trainer:
                 self.checkpoint(done=self.step == self.total_steps)
         bar.close()
         return self.history[-1]["accuracy"] if self.history else self._evaluate()
+
+    def _evaluates_at(self, step: int) -> bool:
+        """Whether the test splits are scored after ``step``: every ``eval_every``
+        epochs, and after the last step."""
+        epoch, rest = divmod(step, self.schedule.steps_per_epoch)
+        every = self.config.eval_every
+        return step == self.total_steps or (rest == 0 and every > 0 and epoch % every == 0)
 
     def _train_step(self, step: int) -> tuple[float, int]:
         config = self.config
