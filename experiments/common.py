@@ -48,6 +48,7 @@ class ExperimentParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, script: str, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)  # as `modnet`: no option taken by a prefix
         super().__init__(*args, **kwargs)
         self.script = Path(script).name
 

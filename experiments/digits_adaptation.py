@@ -632,6 +632,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--out", default="runs/experiments/digits_adaptation", help="output folder")
     parser.add_argument(

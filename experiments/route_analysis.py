@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Prints the route measures of a run or model directory's tasks (markdown)."""
     p = argparse.ArgumentParser(
         description="Print route entropy per layer, each task's top templates and the "
-        "route similarity between tasks, for a trained run or model directory."
+        "route similarity between tasks, for a trained run or model directory.",
+        allow_abbrev=False,
     )
     p.add_argument("run_dir", help="run or model directory")
     args = p.parse_args(argv)

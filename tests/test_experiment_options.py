@@ -20,6 +20,17 @@ def test_experiment_help_shows_each_default_once(module, capsys):
     assert "MODNET_DATA_ROOT) (default:" not in text  # a default the help names is not repeated
 
 
+@pytest.mark.parametrize(
+    "module, prefix", [(transfer, "--epoch"), (convergence, "--crit"), (digits_adaptation, "--ou")]
+)
+def test_experiments_take_no_abbreviated_option(module, prefix, capsys):
+    # an abbreviation would bind to whichever option it prefixes, silently
+    with pytest.raises(SystemExit) as stopped:
+        module.main([prefix, "1"])
+    assert stopped.value.code == 2
+    assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err
+
+
 def test_the_transfer_budget_is_a_flag_else_the_transfer_config_else_the_default(tmp_path):
     config = tmp_path / "transfer.yaml"
     config.write_text("epochs: 5\ntrain_limit: 100\nhead_lr: 0.01\n")
