@@ -442,8 +442,13 @@ def test_training_shared_parts_while_adding_a_task_needs_update_shared(run_copy,
     assert main([*args, "--update-shared"]) == 0
     assert (
         "modnet: templates trained, so synth_color, synth_size changed too; the accuracies "
-        f"recorded for them are from before: `modnet eval {run_copy}` scores them now"
+        "recorded for them are from before (results.json marks them outdated): "
+        f"`modnet eval {run_copy}` scores them now"
     ) in capsys.readouterr().err
+    recorded = io.read_results(run_copy)
+    outdated = dict.fromkeys(["synth_color", "synth_size"], "transfer-synth_shape")
+    assert recorded["train"]["outdated"] == outdated
+    assert "outdated" not in recorded["transfer-synth_shape"]
     model = io.load_model(run_copy)[0]
     with torch.no_grad():
         assert all(not torch.equal(model(x, task=t), old[t]) for t in old)  # as accepted

@@ -325,7 +325,7 @@ def _finish(
         )
         save_run_figures(model, run_dir)
         _record(run_dir, phase, result, plan)
-        changed_shared(run_dir, plan["parts"], [n for n in model.task_names if n != name])
+        changed_shared(run_dir, phase, plan["parts"], [n for n in model.task_names if n != name])
     return result
 
 

@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -455,6 +455,22 @@ def record_results(run_dir: Path, phase: str, entry: Mapping[str, Any]) -> None:
     write_json(Path(run_dir) / RESULTS_FILE, results)
 
 
+def mark_outdated(run_dir: Path, tasks: Iterable[str], phase: str) -> None:
+    """Marks the accuracies that ``results.json`` holds for ``tasks`` from phases before
+    ``phase`` as outdated: ``phase`` changed what those tasks share (``--update-shared``).
+
+    Each such entry gains ``"outdated": {task: phase}``; its accuracies stay as they were.
+    """
+    results = read_results(run_dir)
+    for name, entry in results.items():
+        if name == phase or not isinstance(entry, dict):
+            continue
+        hit = [t for t in tasks if t in entry.get("accuracy", {})]
+        if hit:
+            entry["outdated"] = {**entry.get("outdated", {}), **dict.fromkeys(hit, phase)}
+    write_json(Path(run_dir) / RESULTS_FILE, results)
+
+
 def note(message: str) -> None:
     """A one-line notice on stderr for what a command did on its own (recovered, completed)."""
     print(f"modnet: {message}", file=sys.stderr)
@@ -478,6 +494,7 @@ __all__ = [
     "is_run_dir",
     "latest_checkpoint",
     "load_trainer_state",
+    "mark_outdated",
     "modnet_checkpoints",
     "open_run",
     "read_results",

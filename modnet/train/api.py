@@ -464,7 +464,7 @@ def _transfer(
     if ctx.is_main:
         _record_results(run_dir, phase, result, model, extra=plan)
         save_run_figures(model, run_dir)  # the routes now include the new task
-        changed_shared(run_dir, plan["parts"], [n for n in model.task_names if n != name])
+        changed_shared(run_dir, phase, plan["parts"], [n for n in model.task_names if n != name])
     return result
 
 

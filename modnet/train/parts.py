@@ -96,15 +96,18 @@ def present_parts(parts: frozenset[str], model: ModularNet) -> frozenset[str]:
     return frozenset(kept)
 
 
-def changed_shared(run_dir, parts: Iterable[str], others: list[str]) -> None:
-    """Says, after a phase that trained shared parts, that the run's other tasks changed."""
+def changed_shared(run_dir, phase: str, parts: Iterable[str], others: list[str]) -> None:
+    """After ``phase`` trained shared parts: marks the accuracies ``results.json`` holds
+    for the run's other tasks as outdated (``io.mark_outdated``) and says so."""
     from .. import io
 
     shared = sorted(set(parts) & SHARED_PARTS)
     if shared and others:
+        io.mark_outdated(run_dir, others, phase)
         io.run.note(
             f"{', '.join(shared)} trained, so {', '.join(others)} changed too; the accuracies "
-            f"recorded for them are from before: `modnet eval {run_dir}` scores them now"
+            f"recorded for them are from before (results.json marks them outdated): "
+            f"`modnet eval {run_dir}` scores them now"
         )
 
 
