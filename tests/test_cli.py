@@ -54,7 +54,15 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     assert "task synth_shape" in (run_dir / "routes.txt").read_text()
     assert "T4" in (run_dir / "routes.txt").read_text()
     assert main(["eval", str(run_dir), "--json", "--test-limit", "40"]) == 0
-    accuracy = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    accuracy = json.loads(out)
+    assert err == ""
+    # the whole test split is not what the run scored: said, with how to repeat the run's
+    assert main(["eval", str(run_dir), "--task", "synth_color"]) == 0
+    assert capsys.readouterr().err == (
+        "modnet: scoring the whole test splits; `modnet train` scored at most 40 test images "
+        "per task (--test-limit 40 repeats that)\n"
+    )
     assert set(accuracy) == {"synth_color", "synth_size", "synth_shape"}
     results = json.loads((run_dir / "results.json").read_text())
     assert accuracy["synth_shape"] == pytest.approx(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.run_dir} holds non-finite values ({name}): its training diverged, so "
                 "its accuracy means nothing; train it again with a lower --lr"
             )
+    if args.test_limit is None:
+        _note_recorded_limit(args.run_dir)
     config = TrainConfig(data_root=args.data_root, test_limit=args.test_limit, train_limit=1)
     data = {}
     for name in model.task_names:
@@ -102,6 +105,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(accuracy_table(accuracy, model.task_classes))
     return 0
+
+
+def _note_recorded_limit(run_dir: str) -> None:
+    """Says that the run's own scores (``results.json``) came from fewer test images,
+    when its ``config.yaml`` records a ``--test-limit``: the figures then differ."""
+    from .. import io
+    from ._options import CONFIG_FILE, read_config
+
+    path = Path(run_dir) / CONFIG_FILE
+    limit = read_config(path).get("test_limit") if path.is_file() else None
+    if limit:
+        io.run.note(
+            f"scoring the whole test splits; `modnet train` scored at most {limit} test "
+            f"images per task (--test-limit {limit} repeats that)"
+        )
 
 
 def _moved_data(items: list[str]) -> dict[str, str]:
