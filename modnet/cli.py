@@ -68,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a reader that left is found here, not at exit
+            return code
     except BrokenPipeError:  # the reader left (``modnet routes RUN | head``): stop quietly
         _silence_stdout()
         return 1
