@@ -94,7 +94,7 @@ def test_transfer_trains_only_the_new_route_head_and_stats(trained_run, tmp_path
 @pytest.mark.slow
 def test_transfer_refuses_an_existing_task_and_a_missing_run(trained_run, tmp_path):
     _, run_dir = trained_run
-    with pytest.raises(RunDirError, match="already has a task 'synth_color'.*--overwrite"):
+    with pytest.raises(RunDirError, match="already has a task 'synth_color', one that `modnet"):
         transfer(run_dir, "synth_color", config=tiny_config())
     with pytest.raises(RunDirError, match="holds no trained run"):
         transfer(tmp_path / "nothing", "synth_color", config=tiny_config())
@@ -152,20 +152,31 @@ def test_a_transfer_depends_on_its_seed_alone(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("every, scored", [(2, [2.0, 3.0]), (0, [3.0])])
-def test_scoring_the_test_splits_less_often_trains_the_same_model(
-    trained_run, tmp_path, every, scored
-):
+def test_scoring_the_test_splits_only_at_the_end_trains_the_same_model(trained_run, tmp_path):
     result, run_dir = trained_run
-    less = train(tiny_config(eval_every=every), tmp_path / "less")
+    less = train(tiny_config(eval_every=0), tmp_path / "less")
     assert less.accuracy == result.accuracy
     expected = result.model.state_dict()
     for name, value in less.model.state_dict().items():
         assert torch.equal(value, expected[name]), name
-    records = [json.loads(line) for line in (tmp_path / "less" / "metrics.jsonl").open()]
-    assert [r["epoch"] for r in records if "accuracy" in r] == scored
-    every_epoch = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    assert [r["epoch"] for r in every_epoch if "accuracy" in r] == [1.0, 2.0, 3.0]
+    for run, scored in ((tmp_path / "less", [3.0]), (run_dir, [1.0, 2.0, 3.0])):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        assert [r["epoch"] for r in records if "accuracy" in r] == scored
+
+
+@pytest.mark.parametrize("every, epochs", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (0, [5])])
+def test_eval_every_scores_every_n_epochs_and_after_the_last_step(every, epochs):
+    from types import SimpleNamespace
+
+    from modnet.train.loop import Trainer
+
+    trainer = SimpleNamespace(
+        schedule=SimpleNamespace(steps_per_epoch=4),
+        total_steps=18,  # the last epoch is short
+        config=tiny_config(eval_every=every),
+    )
+    scored = [s for s in range(1, 19) if Trainer._evaluates_at(trainer, s)]
+    assert scored == [min(4 * e, 18) for e in epochs]
 
 
 def test_eval_every_is_checked_before_any_work():
