@@ -76,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.run_dir} holds non-finite values ({name}): its training diverged, so "
                 "its accuracy means nothing; train it again with a lower --lr"
             )
-    if args.test_limit is None:
-        _note_recorded_limit(args.run_dir)
     config = TrainConfig(data_root=args.data_root, test_limit=args.test_limit, train_limit=1)
     data = {}
     for name in model.task_names:
@@ -93,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--data {name}={moved[name]} has {data[name].num_classes} classes, task "
                 f"{name!r} {model.task_classes[name]}: give a copy of the task's own dataset"
             )
+    if args.test_limit is None:  # said once the data is found, before the scoring
+        _note_recorded_limit(args.run_dir)
     accuracy = evaluate(
         model,
         data,
