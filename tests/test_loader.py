@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -21,16 +22,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_tiny_folder(root: Path, train: int, test: int, classes: int = 4, size: int = 8) -> Path:
-    """``train``/``test`` PNGs of ``size`` pixels, written quickly (one array per split)."""
+    """``train``/``test`` PNGs of ``size`` pixels, written quickly: at most 256 distinct
+    images per split are encoded, image ``i`` is the ``i % 256``-th."""
     from PIL import Image
 
     generator = np.random.default_rng(0)
     for split, count in (("train", train), ("test", test)):
-        pixels = generator.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+        pixels = generator.integers(0, 256, (min(count, 256), size, size, 3), dtype=np.uint8)
+        encoded = []
+        for image in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
         for c in range(classes):
             (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            Image.fromarray(pixels[i]).save(root / split / f"c{i % classes}" / f"{i:06d}.png")
+            path = root / split / f"c{i % classes}" / f"{i:06d}.png"
+            path.write_bytes(encoded[i % len(encoded)])
     return root
 
 
