@@ -1,14 +1,12 @@
 """``--config run.yaml``: values from the file, overridden by flags; one model-option spelling."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import modnet
-from modnet.cli import build_parser
+from modnet.cli import build_parser, main
 from modnet.commands import adapt, train, transfer
 from modnet.commands.bench import parse_kwargs
 from modnet.errors import ConfigError
@@ -131,11 +129,11 @@ def test_one_spelling_for_model_options_in_train_and_bench(capsys):
         train.options(parse("train", "--model-arg", "depth"))
 
 
-def test_version_is_the_package_version():
-    out = subprocess.run(
-        [sys.executable, "-m", "modnet", "--version"], capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == f"modnet {modnet.__version__}"
+def test_version_is_the_package_version(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.strip() == f"modnet {modnet.__version__}"
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert pyproject["project"]["dynamic"] == ["version"]  # one source: modnet.__version__
