@@ -18,7 +18,7 @@ from modnet import io
 from modnet.adapt import AdaptationError, adapt, add_target_task
 from modnet.cli import main
 from modnet.data import DataError
-from modnet.train import RunDirError, TrainConfig, train
+from modnet.train import RunDirError, TrainConfig, train, transfer
 from tests.conftest import tiny_train_config
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (python -m pytest -m slow)
@@ -144,6 +144,23 @@ def test_the_adapted_target_works_with_eval_routes_and_export(route_only, tmp_pa
     out = tmp_path / "target.pt2"
     assert main(["export", str(run_dir), "--task", TARGET, "--out", str(out)]) == 0
     assert out.is_file()
+
+
+def test_what_a_run_records_about_each_task_survives_later_phases(route_only, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(route_only[0], run_dir)
+    before = io.load_model(run_dir)[1]["tasks"]
+    assert (
+        before[TARGET]["adapted_from"] == SOURCES and before[TARGET]["phase"] == f"adapt-{TARGET}"
+    )
+    assert {before[s]["phase"] for s in SOURCES} == {"train"}
+    transfer(run_dir, "synth_shape", config=config(epochs=1, train_limit=64, test_limit=32))
+    after = io.load_model(run_dir)[1]["tasks"]
+    structure = {"num_classes", "route", "file"}
+    for name, entry in before.items():  # the adapted target is still known as adapted
+        assert after[name] == entry, name
+        assert set(entry) - structure >= {"dataset", "transform", "phase"}
+    assert after["synth_shape"]["phase"] == "transfer-synth_shape"
 
 
 def test_the_adapt_command_prints_source_only_and_adapted_side_by_side(run, capsys):

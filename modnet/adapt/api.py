@@ -500,15 +500,11 @@ def _load_sources(
 
 
 def _task_info(manifest, model, sources, spec, target: TaskData, objective, parts):
-    info = {
-        n: {k: manifest["tasks"][n][k] for k in ("dataset", "transform", "adapted_from", "adapt")
-            if k in manifest["tasks"].get(n, {})}
-        for n in model.task_names
-        if n != target.name
-    }  # fmt: skip
+    info = io.recorded_task_info(manifest, [n for n in model.task_names if n != target.name])
     info[target.name] = {
         "dataset": portable_spec(spec),
         "transform": target.transform,
+        "phase": f"adapt-{target.name}",
         "adapted_from": list(sources),
         "adapt": {"objective": objective, "parts": sorted(parts)},
     }

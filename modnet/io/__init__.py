@@ -21,6 +21,7 @@ from .checkpoint import (
     load_state_into,
     pool_fingerprint,
     read_manifest,
+    recorded_task_info,
     save_model,
 )
 from .fs import atomic_write, atomic_write_text, fsync_path, write_json
@@ -81,6 +82,7 @@ __all__ = [
     "open_run",
     "pool_fingerprint",
     "read_manifest",
+    "recorded_task_info",
     "read_results",
     "record_results",
     "refuse_other_phase",

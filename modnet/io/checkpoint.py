@@ -58,6 +58,7 @@ __all__ = [
     "load_state_into",
     "pool_fingerprint",
     "read_manifest",
+    "recorded_task_info",
     "save_model",
 ]
 
@@ -72,6 +73,19 @@ def describe(model: ModularNet) -> dict[str, Any]:
             name: {"num_classes": model.task_classes[name], "route": model.routes[name].spec()}
             for name in model.task_names
         },
+    }
+
+
+def recorded_task_info(
+    manifest: Mapping[str, Any], names: Iterable[str]
+) -> dict[str, dict[str, Any]]:
+    """What ``manifest`` records about each of ``names`` beyond its structure (dataset,
+    transform, the phase that trained it, how it was adapted): the ``task_info`` a
+    later checkpoint of the run carries over, whole, for the tasks it did not train."""
+    structure = {"num_classes", "route", "file"}
+    return {
+        name: {k: v for k, v in manifest["tasks"].get(name, {}).items() if k not in structure}
+        for name in names
     }
 
 
@@ -144,7 +158,8 @@ def save_model(
     Args:
         model: The model to save.
         directory: Target directory; replaced if it exists.
-        task_info: Per task, JSON-able facts to keep with it (dataset spec, transform).
+        task_info: Per task, JSON-able facts to keep with it (dataset spec, transform,
+            the phase that trained it).
         extra: Further JSON-able entries for the manifest.
 
     Raises:

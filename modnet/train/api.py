@@ -83,8 +83,8 @@ def load_data(specs: list[str], model: ModularNet, config: TrainConfig) -> dict[
     return data
 
 
-def _task_info(spec: str, task: TaskData) -> dict[str, Any]:
-    return {"dataset": portable_spec(spec), "transform": task.transform}
+def _task_info(spec: str, task: TaskData, phase: str) -> dict[str, Any]:
+    return {"dataset": portable_spec(spec), "transform": task.transform, "phase": phase}
 
 
 def check_resume_options(
@@ -205,7 +205,10 @@ def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
         run_dir,
         "train",
         ctx,
-        {name: _task_info(spec, data[name]) for spec, name in zip(specs, data, strict=True)},
+        {
+            name: _task_info(spec, data[name], "train")
+            for spec, name in zip(specs, data, strict=True)
+        },
         resume_state=state,
         extra_manifest={"model_name": config.model},
     )
@@ -390,11 +393,12 @@ def _transfer(
                     f"{run_dir} already has a task {name!r}, from {recorded}, not {task}: a file "
                     "or folder task takes its file's or folder's name, so rename this one"
                 )
-            if name in io.read_results(run_dir).get("train", {}).get("accuracy", {}):
+            if _trained_with_pool(run_dir, manifest, name):
                 raise RunDirError(
                     f"{run_dir} already has a task {name!r}, one that `modnet train` trained "
-                    "its pool with: retraining it by transfer would replace its route, head "
-                    f"and statistics for good; transfer into a copy (cp -r {run_dir} NEW_RUN)"
+                    "its pool with: transfer never replaces such a task (its route, head and "
+                    "statistics would be lost for good); to learn it again on this pool, "
+                    "transfer a copy of its data under another file name"
                 )
             if not overwrite:  # the same dataset: retraining it is what --overwrite is for
                 raise RunDirError(
@@ -435,16 +439,8 @@ def _transfer(
             model.grow(grow, task=name)
     model.set_trainable(name, plan["parts"], plan["first_new_chunk"])
     broadcast_state(model, ctx)
-    info = {
-        n: {
-            k: manifest["tasks"][n][k]
-            for k in ("dataset", "transform")
-            if k in manifest["tasks"][n]
-        }
-        for n in model.task_names
-        if n != name
-    }
-    info[name] = _task_info(task, data[name])
+    info = io.recorded_task_info(manifest, [n for n in model.task_names if n != name])
+    info[name] = _task_info(task, data[name], phase)
     trainer = Trainer(
         model,
         data,
@@ -552,6 +548,15 @@ def _copy_frozen_head(model: ModularNet, source: str, target: str) -> None:
     """A head that will not train is useless at random: take the source's if labels match."""
     if model.task_classes[source] == model.task_classes[target]:
         model.heads[target].load_state_dict(model.heads[source].state_dict())
+
+
+def _trained_with_pool(run_dir: Path, manifest: Mapping[str, Any], name: str) -> bool:
+    """Whether ``modnet train`` trained task ``name`` (the manifest's ``phase``; for
+    runs saved before it was recorded, whether ``results.json``'s train phase scored it)."""
+    phase = manifest["tasks"][name].get("phase")
+    if phase is not None:
+        return phase == "train"
+    return name in io.read_results(run_dir).get("train", {}).get("accuracy", {})
 
 
 def _without_task(checkpoint: Path, name: str) -> ModularNet:

@@ -74,7 +74,8 @@ def check_shared(parts: frozenset[str], update_shared: bool) -> None:
         raise ConfigError(
             f"--train {named} trains what every task of the run shares, so the "
             "run's existing tasks would change too: pass --update-shared (update_shared=True) "
-            "to accept that, train into a copy of the run, or leave it out of --train"
+            "to accept that (in a copy of the run, to keep this one as it is), or leave it "
+            "out of --train"
         )
 
 
