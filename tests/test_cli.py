@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from modnet import io
 from modnet.cli import main
 
 TINY = [
@@ -59,10 +60,14 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     assert err == ""
     # the whole test split is not what the run scored: said, with how to repeat the run's
     assert main(["eval", str(run_dir), "--task", "synth_color"]) == 0
-    assert capsys.readouterr().err == (
-        "modnet: scoring the whole test splits; `modnet train` scored at most 40 test images "
-        "per task (--test-limit 40 repeats that)\n"
+    note = (
+        "modnet: scoring the whole test splits; the run scored a subset of at most 40 test "
+        "images per task (its --test-limit), so these figures differ from its results.json\n"
     )
+    assert capsys.readouterr().err == note
+    checkpoint = io.latest_checkpoint(run_dir)  # a checkpoint of the run: the same note
+    assert main(["eval", str(checkpoint), "--task", "synth_color"]) == 0
+    assert capsys.readouterr().err == note
     assert set(accuracy) == {"synth_color", "synth_size", "synth_shape"}
     results = json.loads((run_dir / "results.json").read_text())
     assert accuracy["synth_shape"] == pytest.approx(
@@ -75,8 +80,6 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     out = run_dir / "color.pt2"
     assert main(["export", str(run_dir), "--task", "synth_color", "--out", str(out)]) == 0
     program = torch.export.load(str(out)).module()
-    from modnet import io
-
     model, _ = io.load_model(run_dir, tasks=["synth_color"])
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():

@@ -216,7 +216,7 @@ def test_a_run_records_relative_data_paths_so_it_evaluates_from_any_folder(
     assert len(err.splitlines()) == 1 and "no npz file at" in err
     assert err.startswith(
         "modnet transfer: error: --init-from nearest compares the new task with every task's "
-        "images, and task 'digits''s cannot be read ("
+        "images, and the images of task 'digits' cannot be read: no npz file at"
     )
-    assert err.endswith("); name the source instead (--init-from TASK)")
+    assert err.endswith("; name the source instead (--init-from TASK)")
     assert not list((work / "run" / "checkpoints").glob("transfer-*"))

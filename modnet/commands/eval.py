@@ -107,18 +107,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_recorded_limit(run_dir: str) -> None:
-    """Says that the run's own scores (``results.json``) came from fewer test images,
-    when its ``config.yaml`` records a ``--test-limit``: the figures then differ."""
+def _note_recorded_limit(path: str) -> None:
+    """Says that the run's own scores (``results.json``) came from a subset of the test
+    images, when a phase's saved options (``config*.yaml``) record a ``--test-limit``."""
     from .. import io
-    from ._options import CONFIG_FILE, read_config
+    from ._options import read_config
 
-    path = Path(run_dir) / CONFIG_FILE
-    limit = read_config(path).get("test_limit") if path.is_file() else None
-    if limit:
+    path = Path(path)
+    run = path.parent.parent if path.parent.name == io.CHECKPOINTS else path
+    limits = sorted(
+        {read_config(f).get("test_limit") for f in run.glob("config*.yaml")} - {None, 0}
+    )
+    if limits:
+        most = "-".join(str(n) for n in dict.fromkeys([limits[0], limits[-1]]))
         io.run.note(
-            f"scoring the whole test splits; `modnet train` scored at most {limit} test "
-            f"images per task (--test-limit {limit} repeats that)"
+            f"scoring the whole test splits; the run scored a subset of at most {most} test "
+            "images per task (its --test-limit), so these figures differ from its results.json"
         )
 
 

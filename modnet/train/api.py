@@ -516,8 +516,8 @@ def _source_distances(
         except DataError as error:
             raise DataError(
                 f"--init-from {NEAREST} compares the new task with every task's images, and "
-                f"task {name!r}'s cannot be read ({error}); name the source instead "
-                f"(--init-from TASK)"
+                f"the images of task {name!r} cannot be read: {error}; name the source "
+                "instead (--init-from TASK)"
             ) from None
     unlabelled = dataclasses.replace(target, train_y=torch.zeros_like(target.train_y))
     return source_distances(model, sources, unlabelled, sample=NEAREST_SAMPLE, seed=config.seed)
