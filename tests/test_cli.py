@@ -68,6 +68,10 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     checkpoint = io.latest_checkpoint(run_dir)  # a checkpoint of the run: the same note
     assert main(["eval", str(checkpoint), "--task", "synth_color"]) == 0
     assert capsys.readouterr().err == note
+    (run_dir / "config-broken.yaml").write_text("{not: [yaml")  # costs the note nothing else
+    assert main(["eval", str(run_dir), "--task", "synth_color"]) == 0
+    assert capsys.readouterr().err == note
+    (run_dir / "config-broken.yaml").unlink()
     assert set(accuracy) == {"synth_color", "synth_size", "synth_shape"}
     results = json.loads((run_dir / "results.json").read_text())
     assert accuracy["synth_shape"] == pytest.approx(

@@ -111,13 +111,18 @@ def _note_recorded_limit(path: str) -> None:
     """Says that the run's own scores (``results.json``) came from a subset of the test
     images, when a phase's saved options (``config*.yaml``) record a ``--test-limit``."""
     from .. import io
+    from ..errors import ConfigError
     from ._options import read_config
 
     path = Path(path)
     run = path.parent.parent if path.parent.name == io.CHECKPOINTS else path
-    limits = sorted(
-        {read_config(f).get("test_limit") for f in run.glob("config*.yaml")} - {None, 0}
-    )
+    recorded = set()
+    for file in run.glob("config*.yaml"):
+        try:
+            recorded.add(read_config(file).get("test_limit"))
+        except ConfigError:  # a damaged file: only this note is lost
+            continue
+    limits = sorted(n for n in recorded if isinstance(n, int) and n > 0)
     if limits:
         most = "-".join(str(n) for n in dict.fromkeys([limits[0], limits[-1]]))
         io.run.note(
