@@ -161,6 +161,8 @@ def assert_resumed_identically(monkeypatch, tmp_path, source: Path, run) -> None
     for key in set(ref_state) & {"objective"}:
         for name, value in ref_state[key].items():
             assert torch.equal(state[key][name], value), name
+    # what the phase reports (adapt's first loss, its curve) covers the steps before too
+    assert io.read_results(tmp_path / "killed") == io.read_results(tmp_path / "reference")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ pass over the target's training images.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -150,12 +151,19 @@ class AdaptationTrainer(Trainer):
         return [self.target] if self.adapt_norm else []
 
     def extra_trainer_state(self) -> dict[str, Any]:
-        return dict(objective=self.objective.state_dict())
+        # The loss trace and accuracy curve so far: a resumed phase reports them whole.
+        return dict(
+            objective=self.objective.state_dict(),
+            loss_trace=json.dumps(self.loss_trace),
+            curve=json.dumps(self.curve),
+        )
 
     def load_trainer_state(self, state: Mapping[str, Any]) -> None:
         super().load_trainer_state(state)
         if "objective" in state:
             self.objective.load_state_dict(state["objective"])
+        self.loss_trace = list(json.loads(state.get("loss_trace", "[]")))
+        self.curve = list(json.loads(state.get("curve", "[]")))
 
     def fit(self) -> dict[str, float]:
         if self.curve_every and self.step == 0:
