@@ -161,6 +161,10 @@ def test_what_a_run_records_about_each_task_survives_later_phases(route_only, tm
         assert after[name] == entry, name
         assert set(entry) - structure >= {"dataset", "transform", "phase"}
     assert after["synth_shape"]["phase"] == "transfer-synth_shape"
+    # an adapted task is adapted again, not replaced by a labelled transfer
+    with pytest.raises(RunDirError, match=f"'{TARGET}', one that `modnet adapt` adapted without"):
+        transfer(run_dir, TARGET, overwrite=True, config=config())
+    assert io.load_model(run_dir)[1]["tasks"] == after
 
 
 def test_the_adapt_command_prints_source_only_and_adapted_side_by_side(run, capsys):

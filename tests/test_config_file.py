@@ -90,6 +90,11 @@ def test_a_missing_config_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse("train", "--config", str(tmp_path / "nope.yaml"))
     assert f"cannot read config file {tmp_path / 'nope.yaml'}" in capsys.readouterr().err
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00bin")
+    with pytest.raises(SystemExit):
+        parse("train", "--config", str(tmp_path / "binary.yaml"))
+    err = capsys.readouterr().err
+    assert f"config file {tmp_path / 'binary.yaml'} is not a text file: give a YAML file" in err
 
 
 def test_transfer_and_adapt_take_their_own_options_from_the_file(tmp_path):

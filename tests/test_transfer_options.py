@@ -158,7 +158,7 @@ def test_a_task_the_pool_was_trained_with_is_never_replaced_by_transfer(run):
         with pytest.raises(
             RunDirError,
             match=r"'synth_size', one that `modnet train` trained its pool with: transfer never "
-            r"replaces such a task .* transfer a copy of its data under another file name$",
+            r"replaces such a task .* saved under another name, or train a new run$",
         ):
             transfer(run, "synth_size", overwrite=overwrite, config=config())
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == listing

@@ -189,13 +189,15 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The options in a YAML config file, keys with ``-`` spelt ``_``.
 
     Raises:
-        ConfigError: if the file is missing, is not YAML, or is not a mapping.
+        ConfigError: if the file is missing, is not text or not YAML, or is not a mapping.
     """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file: give a YAML file") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""

@@ -397,8 +397,15 @@ def _transfer(
                 raise RunDirError(
                     f"{run_dir} already has a task {name!r}, one that `modnet train` trained "
                     "its pool with: transfer never replaces such a task (its route, head and "
-                    "statistics would be lost for good); to learn it again on this pool, "
-                    "transfer a copy of its data under another file name"
+                    "statistics would be lost for good); transfer a copy of its data saved "
+                    "under another name, or train a new run"
+                )
+            if "adapted_from" in manifest["tasks"][name]:
+                raise RunDirError(
+                    f"{run_dir} already has a task {name!r}, one that `modnet adapt` adapted "
+                    "without labels: transfer does not replace it; adapt it again with "
+                    f"`modnet adapt {run_dir} --target {task} --overwrite`, or transfer "
+                    "into a copy of the run"
                 )
             if not overwrite:  # the same dataset: retraining it is what --overwrite is for
                 raise RunDirError(
