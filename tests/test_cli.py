@@ -61,17 +61,24 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     # the whole test split is not what the run scored: said, with how to repeat the run's
     assert main(["eval", str(run_dir), "--task", "synth_color"]) == 0
     note = (
-        "modnet: scoring the whole test splits; the run scored a subset of at most 40 test "
-        "images per task (its --test-limit), so these figures differ from its results.json\n"
+        "modnet: scoring the whole test splits; the run scored synth_color on a subset of at "
+        "most 40 test images each (its --test-limit), so these figures differ from its "
+        "results.json\n"
     )
     assert capsys.readouterr().err == note
     checkpoint = io.latest_checkpoint(run_dir)  # a checkpoint of the run: the same note
     assert main(["eval", str(checkpoint), "--task", "synth_color"]) == 0
     assert capsys.readouterr().err == note
-    (run_dir / "config-broken.yaml").write_text("{not: [yaml")  # costs the note nothing else
-    assert main(["eval", str(run_dir), "--task", "synth_color"]) == 0
+    # only the phases of the tasks scored count; an unreadable file costs only the note
+    saved = run_dir / "config-transfer-synth_shape.yaml"
+    text = saved.read_text()
+    saved.write_text(text.replace("test_limit: 40", "test_limit: null"))
+    assert main(["eval", str(run_dir), "--task", "synth_shape"]) == 0
+    assert capsys.readouterr().err == ""
+    saved.write_bytes(b"\xff\xfe\x00 not text")
+    assert main(["eval", str(run_dir), "--task", "synth_shape", "--task", "synth_color"]) == 0
     assert capsys.readouterr().err == note
-    (run_dir / "config-broken.yaml").unlink()
+    saved.write_text(text)
     assert set(accuracy) == {"synth_color", "synth_size", "synth_shape"}
     results = json.loads((run_dir / "results.json").read_text())
     assert accuracy["synth_shape"] == pytest.approx(

@@ -292,6 +292,12 @@ class DeprecatedExtend(argparse._ExtendAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def config_path(run_dir: str | Path, phase: str) -> Path:
+    """Where a phase's resolved options are saved: ``config.yaml`` for ``train``,
+    ``config-<phase>.yaml`` otherwise."""
+    return Path(run_dir) / (CONFIG_FILE if phase == "train" else f"config-{phase}.yaml")
+
+
 def save_config(run_dir: str | Path, command: str, options: Mapping[str, Any], phase: str) -> Path:
     """Writes a run's resolved options where ``--config`` reads them back.
 
@@ -305,8 +311,7 @@ def save_config(run_dir: str | Path, command: str, options: Mapping[str, Any], p
     Returns:
         The file written.
     """
-    name = CONFIG_FILE if phase == "train" else f"config-{phase}.yaml"
-    path = Path(run_dir) / name
+    path = config_path(run_dir, phase)
     again = "--out NEW_RUN" if command == "train" else f"{run_dir} --overwrite"
     header = (
         f"# modnet {command}: the resolved options of this run. Run it again with\n"

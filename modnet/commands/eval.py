@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{name!r} {model.task_classes[name]}: give a copy of the task's own dataset"
             )
     if args.test_limit is None:  # said once the data is found, before the scoring
-        _note_recorded_limit(args.run_dir)
+        _note_recorded_limit(args.run_dir, manifest, model.task_names)
     accuracy = evaluate(
         model,
         data,
@@ -107,28 +107,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_recorded_limit(path: str) -> None:
-    """Says that the run's own scores (``results.json``) came from a subset of the test
-    images, when a phase's saved options (``config*.yaml``) record a ``--test-limit``."""
+def _note_recorded_limit(path: str, manifest: dict, tasks: list[str]) -> None:
+    """Says which of ``tasks`` the run scored (``results.json``) on a subset of their
+    test images: those whose phase's saved options (``config*.yaml``) hold a
+    ``--test-limit``. The phase is the manifest's record of each task."""
     from .. import io
-    from ..errors import ConfigError
-    from ._options import read_config
+    from ._options import config_path
 
     path = Path(path)
     run = path.parent.parent if path.parent.name == io.CHECKPOINTS else path
-    recorded = set()
-    for file in run.glob("config*.yaml"):
-        try:
-            recorded.add(read_config(file).get("test_limit"))
-        except ConfigError:  # a damaged file: only this note is lost
-            continue
-    limits = sorted(n for n in recorded if isinstance(n, int) and n > 0)
-    if limits:
-        most = "-".join(str(n) for n in dict.fromkeys([limits[0], limits[-1]]))
+    limited = {}
+    for name in tasks:
+        phase = manifest["tasks"][name].get("phase")
+        if phase is None:  # saved before phases were recorded: the file that exists
+            found = [
+                p for p in (f"transfer-{name}", f"adapt-{name}") if config_path(run, p).is_file()
+            ]
+            phase = found[0] if found else "train"
+        limit = _recorded_limit(config_path(run, phase))
+        if limit:
+            limited[name] = limit
+    if limited:
+        bounds = sorted(set(limited.values()))
+        most = "-".join(str(n) for n in dict.fromkeys([bounds[0], bounds[-1]]))
         io.run.note(
-            f"scoring the whole test splits; the run scored a subset of at most {most} test "
-            "images per task (its --test-limit), so these figures differ from its results.json"
+            f"scoring the whole test splits; the run scored {', '.join(limited)} on a subset "
+            f"of at most {most} test images each (its --test-limit), so these figures "
+            "differ from its results.json"
         )
+
+
+def _recorded_limit(file: Path) -> int | None:
+    """The ``test_limit`` a saved options file holds (``None`` if none, or unreadable:
+    only the note is lost)."""
+    from ..errors import ConfigError
+    from ._options import read_config
+
+    if not file.is_file():
+        return None
+    try:
+        limit = read_config(file).get("test_limit")
+    except ConfigError:
+        return None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
 def _moved_data(items: list[str]) -> dict[str, str]:
