@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from . import __version__, commands
 from .errors import ModnetError
 
+RESUMABLE = ("train", "transfer", "adapt")  # commands whose interrupted runs resume
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (the usage is one ``--help`` away).
@@ -54,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs a subcommand.
 
     Problems with the user's input (``ModnetError``, argument errors) and a full disk
-    end as one line on stderr with exit code 2; anything else is a bug or a failure
-    of a library and keeps its traceback. Set ``MODNET_DEBUG=1`` to see the
-    traceback of a user error too.
+    end as one line on stderr with exit code 2, Ctrl-C as one line with exit code 130;
+    anything else is a bug or a failure of a library and keeps its traceback. Set
+    ``MODNET_DEBUG=1`` to see the traceback of a user error too.
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -74,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (``modnet routes RUN | head``): stop quietly
         _silence_stdout()
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch
+        if os.environ.get("MODNET_DEBUG"):
+            raise
+        resumable = args.command in RESUMABLE
+        hint = "; the run keeps its last checkpoint: the same command resumes it" * resumable
+        print(f"modnet {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     except (ModnetError, OSError) as error:
         if os.environ.get("MODNET_DEBUG") or not _is_user_error(error):
             raise

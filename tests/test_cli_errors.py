@@ -299,3 +299,23 @@ def test_model_args_read_true_and_false_in_any_case_as_yaml_does():
     parsed = parse_model_args(["anisotropic=true", "straight_through=FALSE", "depth=8"])
     assert parsed == {"anisotropic": True, "straight_through": False, "depth": 8}
     assert parse_model_args(["route=hard", "drop_rate=0.1"]) == {"route": "hard", "drop_rate": 0.1}
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ("train", "modnet train: interrupted; the run keeps its last checkpoint: the same "
+         "command resumes it"),
+        ("eval", "modnet eval: interrupted"),
+    ],
+)  # fmt: skip
+def test_ctrl_c_is_one_line_and_says_how_a_run_resumes(command, expected, capsys, monkeypatch):
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"modnet.commands.{command}"), "run", interrupted)
+    argv = [command, "runs/x"] if command == "eval" else [command]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.splitlines() == [expected]
