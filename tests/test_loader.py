@@ -194,28 +194,40 @@ print(json.dumps(dict(own=own, workers=workers)))
 """
 
 
-def peak_rss(script: str, *args: str) -> dict[str, int]:
-    """Peak RSS in KiB of ``script`` run alone with ``args``: its own and its largest child's.
+def peak_rss(script: str, *runs: list[str]) -> list[dict[str, int]]:
+    """Peak RSS in KiB of ``script`` run once per argument list of ``runs``, each in its
+    own process (side by side: a process's peak is its own): its own and its largest
+    child's.
 
     ``script`` imports ``json``, ``resource`` and ``sys``; the report is appended."""
-    done = subprocess.run(
-        [sys.executable, "-c", script + REPORT_PEAKS, *args],
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script + REPORT_PEAKS, *args],
+            cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in runs
+    ]
+    reports = []
+    for process in processes:
+        out, err = process.communicate()
+        assert process.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
 
 
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     """One epoch over 2,000 and over 20,000 images on disk: the same peak RSS within 10 %."""
-    peaks = {}
-    for count in (2_000, 20_000):
-        root = write_tiny_folder(tmp_path / f"n{count}", train=count, test=64)
-        peaks[count] = peak_rss(PEAK_RSS, str(root), str(tmp_path / f"run{count}"))
+    counts = (2_000, 20_000)
+    runs = [
+        [str(write_tiny_folder(tmp_path / f"n{n}", train=n, test=64)), str(tmp_path / f"run{n}")]
+        for n in counts
+    ]
+    peaks = dict(zip(counts, peak_rss(PEAK_RSS, *runs), strict=True))
     print(f"peak RSS in KiB (own process, largest loader worker): {peaks}")
     for side in ("own", "workers"):
         small, large = peaks[2_000][side], peaks[20_000][side]

@@ -242,10 +242,9 @@ assert seen == len(task.train_y) >= 1000
 @pytest.mark.slow
 def test_peak_memory_reading_shards_does_not_grow_with_the_number_of_images(tmp_path):
     """Index and read every image of 1,000 and of 10,000: the same peak RSS within 10 %."""
-    peaks = {}
-    for count in (1_000, 10_000):
-        root = write_tiny_shards(tmp_path / f"n{count}", train=count, test=64)
-        peaks[count] = peak_rss(READ_ALL, str(root))
+    counts = (1_000, 10_000)
+    runs = [[str(write_tiny_shards(tmp_path / f"n{n}", train=n, test=64))] for n in counts]
+    peaks = dict(zip(counts, peak_rss(READ_ALL, *runs), strict=True))
     print(f"peak RSS in KiB (own process, largest loader worker): {peaks}")
     for side in ("own", "workers"):
         assert peaks[10_000][side] <= 1.1 * peaks[1_000][side], (side, peaks)
