@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch
         if os.environ.get("MODNET_DEBUG"):
             raise
-        resumable = args.command in RESUMABLE
-        hint = "; the run keeps its last checkpoint: the same command resumes it" * resumable
+        resumes = "; the run keeps its last checkpoint: the same command resumes it"
+        hint = resumes if args.command in RESUMABLE else ""
         print(f"modnet {args.command}: interrupted{hint}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     except (ModnetError, OSError) as error:

@@ -258,3 +258,11 @@ def test_every_file_written_follows_the_umask_safetensors_included(tmp_path, mon
     files = [p for p in Path(directory).rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files)
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
+
+
+def test_the_phase_of_a_task_comes_from_the_manifest_or_for_older_runs_from_results(tmp_path):
+    manifest = {"tasks": {"a": {"phase": "transfer-a"}, "b": {}, "c": {"adapted_from": ["b"]}}}
+    manifest["tasks"]["d"] = {}
+    io.record_results(tmp_path, "train", {"accuracy": {"b": 0.9}})
+    phases = [io.task_phase(tmp_path, manifest, name) for name in "abcd"]
+    assert phases == ["transfer-a", "train", "adapt-c", "transfer-d"]

@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _note_recorded_limit(path: str, manifest: dict, tasks: list[str]) -> None:
     """Says which of ``tasks`` the run scored (``results.json``) on a subset of their
-    test images: those whose phase's saved options (``config*.yaml``) hold a
-    ``--test-limit``. The phase is the manifest's record of each task."""
+    test images: those whose training phase (``io.task_phase``) saved its options
+    (``config*.yaml``) with a ``--test-limit``."""
     from .. import io
     from ._options import config_path
 
@@ -118,13 +118,7 @@ def _note_recorded_limit(path: str, manifest: dict, tasks: list[str]) -> None:
     run = path.parent.parent if path.parent.name == io.CHECKPOINTS else path
     limited = {}
     for name in tasks:
-        phase = manifest["tasks"][name].get("phase")
-        if phase is None:  # saved before phases were recorded: the file that exists
-            found = [
-                p for p in (f"transfer-{name}", f"adapt-{name}") if config_path(run, p).is_file()
-            ]
-            phase = found[0] if found else "train"
-        limit = _recorded_limit(config_path(run, phase))
+        limit = _recorded_limit(config_path(run, io.task_phase(run, manifest, name)))
         if limit:
             limited[name] = limit
     if limited:

@@ -47,6 +47,7 @@ from .run import (
     resolve_model_dir,
     run_state,
     save_checkpoint,
+    task_phase,
     unfinished_phase,
 )
 
@@ -90,6 +91,7 @@ __all__ = [
     "run_state",
     "save_checkpoint",
     "save_model",
+    "task_phase",
     "unfinished_phase",
     "write_json",
 ]

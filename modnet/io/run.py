@@ -455,6 +455,18 @@ def record_results(run_dir: Path, phase: str, entry: Mapping[str, Any]) -> None:
     write_json(Path(run_dir) / RESULTS_FILE, results)
 
 
+def task_phase(run_dir: Path, manifest: Mapping[str, Any], name: str) -> str:
+    """The phase that trained task ``name``: ``"train"``, ``"transfer-<name>"`` or
+    ``"adapt-<name>"``, as the manifest records it; for runs saved before it did,
+    ``train`` if ``results.json``'s train phase scored the task, else by ``adapted_from``."""
+    entry = manifest["tasks"][name]
+    if entry.get("phase") is not None:
+        return entry["phase"]
+    if name in read_results(run_dir).get("train", {}).get("accuracy", {}):
+        return "train"
+    return f"adapt-{name}" if "adapted_from" in entry else f"transfer-{name}"
+
+
 def mark_outdated(run_dir: Path, tasks: Iterable[str], phase: str) -> None:
     """Marks the accuracies that ``results.json`` holds for ``tasks`` from phases before
     ``phase`` as outdated: ``phase`` changed what those tasks share (``--update-shared``).
@@ -495,6 +507,7 @@ __all__ = [
     "latest_checkpoint",
     "load_trainer_state",
     "mark_outdated",
+    "task_phase",
     "modnet_checkpoints",
     "open_run",
     "read_results",

@@ -393,14 +393,15 @@ def _transfer(
                     f"{run_dir} already has a task {name!r}, from {recorded}, not {task}: a file "
                     "or folder task takes its file's or folder's name, so rename this one"
                 )
-            if _trained_with_pool(run_dir, manifest, name):
+            trained_in = io.task_phase(run_dir, manifest, name)
+            if trained_in == "train":
                 raise RunDirError(
                     f"{run_dir} already has a task {name!r}, one that `modnet train` trained "
                     "its pool with: transfer never replaces such a task (its route, head and "
                     "statistics would be lost for good); transfer a copy of its data saved "
                     "under another name, or train a new run"
                 )
-            if "adapted_from" in manifest["tasks"][name]:
+            if trained_in.startswith("adapt-"):
                 raise RunDirError(
                     f"{run_dir} already has a task {name!r}, one that `modnet adapt` adapted "
                     "without labels: transfer does not replace it; adapt it again with "
@@ -555,15 +556,6 @@ def _copy_frozen_head(model: ModularNet, source: str, target: str) -> None:
     """A head that will not train is useless at random: take the source's if labels match."""
     if model.task_classes[source] == model.task_classes[target]:
         model.heads[target].load_state_dict(model.heads[source].state_dict())
-
-
-def _trained_with_pool(run_dir: Path, manifest: Mapping[str, Any], name: str) -> bool:
-    """Whether ``modnet train`` trained task ``name`` (the manifest's ``phase``; for
-    runs saved before it was recorded, whether ``results.json``'s train phase scored it)."""
-    phase = manifest["tasks"][name].get("phase")
-    if phase is not None:
-        return phase == "train"
-    return name in io.read_results(run_dir).get("train", {}).get("accuracy", {})
 
 
 def _without_task(checkpoint: Path, name: str) -> ModularNet:
