@@ -29,6 +29,8 @@ ROUTES_PNG = "routes.png"
 ROUTES_TXT = "routes.txt"
 CURVES_PNG = "curves.png"
 METRICS_FILE = "metrics.jsonl"
+# The record a phase writes when it starts afresh (see ``read_metrics``).
+START_EVENT = "start"
 COLORMAP = "Blues"
 MAX_COLUMNS = 6  # route panels per row
 
@@ -205,7 +207,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file, in order.
 
     A record repeated by a resumed run (same phase, step and kind) keeps its last
-    value. A torn last line (a run killed mid-write) is skipped.
+    value. A phase started afresh (``{"phase": P, "event": "start"}``, written when
+    ``transfer --overwrite`` retrains a task, or a phase interrupted before its
+    first checkpoint runs again) replaces every earlier record of ``P``: the curves
+    show the attempt whose weights the run holds. The start records themselves are
+    not returned. A torn last line (a run killed mid-write) is skipped.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -217,6 +223,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            continue
+        if record.get("event") == START_EVENT:
+            phase = record.get("phase")
+            records = {k: r for k, r in records.items() if k[0] != phase}
             continue
         key = (record.get("phase"), record.get("step"), "accuracy" in record)
         records.pop(key, None)

@@ -91,6 +91,19 @@ def test_read_metrics_keeps_the_last_of_a_resumed_record_and_skips_a_torn_line(t
     assert [r.get("loss") for r in records] == [2.0, 1.25, None, 1.0, None]
 
 
+def test_read_metrics_keeps_only_the_last_fresh_start_of_each_phase(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    longer = [
+        dict(phase="transfer-c", step=s, epoch=s / 3, loss=9.0, lr=1e-4, samples_per_s=1.0)
+        for s in (3, 6)
+    ]
+    start = dict(phase="transfer-c", event="start")
+    write_metrics(path, [dict(phase="train", event="start"), *RECORDS[:3], start, *longer])
+    assert [r["loss"] for r in read_metrics(path) if r["phase"] == "transfer-c"] == [9.0, 9.0]
+    write_metrics(path, [*RECORDS[:3], start, *longer, start, *RECORDS[3:]])
+    assert read_metrics(path) == RECORDS  # step 6 of the replaced attempt is gone
+
+
 def test_learning_curves_draw_loss_accuracy_and_lr_with_phases_in_sequence():
     figure = curves_figure(RECORDS)
     loss, accuracy, lr = figure.axes

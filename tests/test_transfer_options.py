@@ -17,6 +17,7 @@ import torch
 from modnet import io
 from modnet.cli import main
 from modnet.errors import ConfigError, RunDirError
+from modnet.plot import read_metrics
 from modnet.train import TrainConfig, train, transfer
 from modnet.train.api import nearest_source
 from modnet.train.parts import parse_parts
@@ -148,6 +149,27 @@ def test_retraining_a_task_drops_the_templates_grown_for_it(pool, run, tmp_path)
     assert again.accuracy == first.accuracy
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[name], tensor), name
+
+
+def test_the_curves_of_a_retrained_task_show_the_retrained_attempt_only(pool, run, tmp_path):
+    transfer(run, "synth_shape", config=config(epochs=2))
+    transfer(run, "synth_shape", overwrite=True, config=config())
+    fresh = tmp_path / "fresh"
+    shutil.copytree(pool, fresh)
+    transfer(fresh, "synth_shape", config=config())
+
+    def curves(run_dir):
+        records = read_metrics(run_dir / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records]
+
+    retried = curves(run)
+    assert retried == curves(fresh)  # the first attempt ran twice as many epochs
+    phase = "transfer-synth_shape"
+    assert [r["epoch"] for r in retried if r["phase"] == phase and "accuracy" in r] == [1.0]
+    # nothing was removed from the file: the replaced attempt's records are still there
+    raw = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in raw if r.get("phase") == phase and "accuracy" in r]
+    assert epochs == [1.0, 2.0, 1.0]
 
 
 def test_a_task_the_pool_was_trained_with_is_never_replaced_by_transfer(run):

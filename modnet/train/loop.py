@@ -112,6 +112,8 @@ class Trainer:
             self.load_trainer_state(resume_state)
         self.divergence = DivergenceGuard(config, phase)
         self.logger = make_logger(config.log, self.run_dir, phase) if ctx.is_main else None
+        if self.logger is not None and resume_state is None:
+            self.logger.start()
 
     # ------------------------------------------------------------------ hooks
     def make_schedule(self) -> MultiTaskSchedule:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..plot import METRICS_FILE, route_figure, route_kind, route_matrix
+from ..plot import METRICS_FILE, START_EVENT, route_figure, route_kind, route_matrix
 
 TENSORBOARD_DIR = "tensorboard"
 LOGGERS = ("jsonl", "tensorboard")
@@ -37,6 +37,17 @@ class MetricsLogger:
     def log(self, record: dict[str, Any], model=None) -> None:
         """Writes one record: ``step`` with ``loss``/``lr``/``samples_per_s``, or with
         ``accuracy`` (task -> test accuracy). ``model`` is the model being trained."""
+        self._append(record)
+
+    def start(self) -> None:
+        """Marks a fresh start of the phase (not a resume): the record
+        ``{"phase": ..., "event": "start"}``, after which ``modnet.plot.read_metrics``
+        drops the phase's earlier records. A retried phase (``transfer --overwrite``)
+        appends its records after the replaced attempt's; the file is only appended
+        to, so a crash at any moment keeps every record written."""
+        self._append({"phase": self.phase, "event": START_EVENT})
+
+    def _append(self, record: dict[str, Any]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
