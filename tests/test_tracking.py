@@ -102,6 +102,17 @@ def test_train_writes_figures_and_plot_redraws_them(run_dir, tmp_path, capsys):
     assert main(["plot", str(run_dir), "--task", "synth_size"]) == 0
     assert "synth_color" in (run_dir / "routes.txt").read_text()
     assert (run_dir / "routes-synth_size.png").is_file()
+    # a figure of some tasks in the run may be the user's: replaced only with --overwrite
+    (run_dir / "routes-synth_color.txt").write_text("mine")
+    for command in ("plot", "routes"):
+        assert main([command, str(run_dir), "--task", "synth_color"]) == 2
+        assert capsys.readouterr().err.endswith(
+            f"{run_dir / 'routes-synth_color.txt'} already exists: choose another --out, or "
+            "pass --overwrite to replace it\n"
+        )
+    assert (run_dir / "routes-synth_color.txt").read_text() == "mine"
+    assert main(["routes", str(run_dir), "--task", "synth_color", "--overwrite"]) == 0
+    assert "synth_color" in (run_dir / "routes-synth_color.txt").read_text()
     # nor a file the user has where --out points, unless --overwrite
     (tmp_path / "curves.png").write_bytes(b"mine")
     assert main(["plot", str(run_dir), "--out", str(tmp_path)]) == 2

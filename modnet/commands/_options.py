@@ -360,6 +360,39 @@ def refuse_replacing(paths: Iterable[Path], overwrite: bool, option: str = "--ou
         )
 
 
+def figure_folder(
+    run_dir: str | Path, out: str | None, tasks: list[str] | None, overwrite: bool, curves=False
+) -> Path:
+    """Where ``modnet routes`` / ``modnet plot`` write their figures, checked first.
+
+    A run's own ``routes.png``, ``routes.txt`` and ``curves.png`` (its outputs) are
+    redrawn in place; any other figure file that exists, in ``--out``, a model folder
+    or the run (``routes-<task>.png`` with ``--task``), may be the user's and is
+    replaced only with ``--overwrite``.
+
+    Args:
+        run_dir: The run or model directory the command reads.
+        out: ``--out``, or ``None`` for ``run_dir``.
+        tasks: ``--task`` (``None``: every task).
+        overwrite: ``--overwrite``.
+        curves: Whether ``curves.png`` is written too (``modnet plot``).
+
+    Raises:
+        ConfigError: ``out`` names a file, or a figure would replace a file that
+            modnet did not write.
+    """
+    from .. import io
+    from ..plot import CURVES_PNG, route_files
+
+    folder = check_folder(out) if out else Path(run_dir)
+    run_outputs = not out and io.is_run_dir(folder)
+    files = [] if run_outputs and not tasks else list(route_files(folder, tasks))
+    if curves and not run_outputs:
+        files.append(folder / CURVES_PNG)
+    refuse_replacing(files, overwrite)
+    return folder
+
+
 def check_folder(out: str | Path) -> Path:
     """``--out`` of commands that write several files into a folder, checked first.
 

@@ -18,21 +18,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", action="append", help="task whose route to draw (repeatable)")
     parser.add_argument("--out", help="folder for the figures (default: run_dir)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace those figures in --out if they exist"
+        "--overwrite",
+        action="store_true",
+        help="replace those figures if they exist (a run's own routes.png, routes.txt "
+        "and curves.png are always redrawn)",
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import io
-    from ..plot import CURVES_PNG, route_files, save_run_figures
-    from ._options import check_folder, refuse_replacing
+    from ..plot import save_run_figures
+    from ._options import figure_folder
 
-    if args.out:
-        check_folder(args.out)
-        files = [*route_files(args.out, args.task), Path(args.out) / CURVES_PNG]
-        refuse_replacing(files, args.overwrite)
+    folder = figure_folder(args.run_dir, args.out, args.task, args.overwrite, curves=True)
     model, _ = io.load_model(args.run_dir, tasks=args.task)
-    for path in save_run_figures(model, Path(args.run_dir), args.out, args.task):
+    for path in save_run_figures(model, Path(args.run_dir), folder, args.task):
         print(path)
     return 0

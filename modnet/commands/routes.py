@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,21 +20,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: run_dir)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace those files in --out if they exist"
+        "--overwrite",
+        action="store_true",
+        help="replace those files if they exist (a run's own routes.png / routes.txt are "
+        "always redrawn)",
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import io
-    from ..plot import route_files, save_route_figures
-    from ._options import check_folder, refuse_replacing
+    from ..plot import save_route_figures
+    from ._options import figure_folder
 
-    if args.out:
-        check_folder(args.out)
-        refuse_replacing(route_files(args.out, args.task), args.overwrite)
+    folder = figure_folder(args.run_dir, args.out, args.task, args.overwrite)
     model, _ = io.load_model(args.run_dir, tasks=args.task)
-    png, txt = save_route_figures(model, Path(args.out or args.run_dir), args.task)
+    png, txt = save_route_figures(model, folder, args.task)
     print(txt.read_text())
     print(f"heatmap: {png}")
     return 0
