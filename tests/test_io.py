@@ -50,6 +50,19 @@ def test_model_directory_round_trips_exactly(tmp_path, build, route):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_saving_the_same_model_twice_writes_the_same_bytes(tmp_path):
+    model = trained_like()
+    for name in "xy":
+        io.save_model(model, tmp_path / name, task_info={"a": {"dataset": "synth_shape"}})
+    files = sorted(p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*.*"))
+    assert len(files) == 5
+    for file in files:  # safetensors writes metadata in hash-map order: sorted here
+        assert (tmp_path / "x" / file).read_bytes() == (tmp_path / "y" / file).read_bytes(), file
+    with safe_open(str(tmp_path / "x" / "tasks" / "c.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+        assert metadata["task"] == "c" and metadata["num_classes"] == "5"
+
+
 def test_loading_a_subset_of_tasks(tmp_path):
     model = trained_like()
     io.save_model(model, tmp_path / "m")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from ..errors import CheckpointError
 from ..factory import build_model
@@ -204,12 +204,30 @@ def _write_model_dir(
             "route": json.dumps(entry["route"]),
             "pool_fingerprint": fingerprint,
         }
-        save_file(tensors, tmp / TASK_DIR / f"{name}.safetensors", metadata=metadata)
+        (tmp / TASK_DIR / f"{name}.safetensors").write_bytes(_task_file(tensors, metadata))
         follow_umask(tmp / TASK_DIR / f"{name}.safetensors")
         entry["file"] = f"{TASK_DIR}/{name}.safetensors"
         entry.update((task_info or {}).get(name, {}))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     fsync_tree(tmp)
+
+
+def _task_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A task's safetensors file, the same bytes whenever its tensors and metadata are.
+
+    ``safetensors`` writes the metadata in hash-map order, which changes from one
+    call to the next; the header (8-byte length, then JSON) is rewritten here with
+    the metadata keys sorted. The rewrite has the same length, so the tensors'
+    offsets hold; where it would not, the file is kept as written.
+    """
+    data = save(dict(tensors), metadata=dict(metadata))
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:
+        return data
+    return data[:8] + text.ljust(length) + data[8 + length :]
 
 
 def _replace_dir(tmp: Path, directory: Path) -> None:
