@@ -99,6 +99,11 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: l
     for item in extra:
         if item.startswith("--"):
             name = item.split("=", 1)[0]
+            if name in MODEL_OPTIONS and _reads_a_run(own):
+                own.error(
+                    f"{name} is an option of `modnet train`: `modnet {command}` takes the "
+                    "model (family, depth, width, pool) from the run it is given"
+                )
             # an abbreviation: the options it begins (argparse would have guessed)
             close = sorted(o for o in known if o.startswith(name))[:3]
             close = close or difflib.get_close_matches(name, known, n=1)
@@ -106,6 +111,14 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: l
     words = [b if len(hints) == 1 else f"{b} for {a}" for a, b in hints]
     hint = f"; did you mean {', '.join(words)}?" if words else ""
     own.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
+# What builds a model in ``modnet train``; every command given a run reads it from there.
+MODEL_OPTIONS = ("--model", "--model-arg")
+
+
+def _reads_a_run(parser: argparse.ArgumentParser) -> bool:
+    return any(a.dest == "run_dir" for a in parser._positionals._group_actions)
 
 
 def _silence_stdout() -> None:

@@ -286,6 +286,13 @@ def test_a_mistyped_option_is_named_by_its_command_with_the_closest_option(capsy
          "did you mean --epochs? (see modnet train --help)"),
         (["train", "--t", "x"], "modnet train: error: unrecognized arguments: --t x; "
          "did you mean --tasks or --test-limit or --train-limit? (see modnet train --help)"),
+        # a model option given to a command that reads the model from a run
+        (["transfer", "run", "--task", "t", "--model-arg", "depth=4"], "modnet transfer: error: "
+         "--model-arg is an option of `modnet train`: `modnet transfer` takes the model "
+         "(family, depth, width, pool) from the run it is given (see modnet transfer --help)"),
+        (["adapt", "run", "--target", "t", "--model=modnet_vit_tiny"], "modnet adapt: error: "
+         "--model is an option of `modnet train`: `modnet adapt` takes the model "
+         "(family, depth, width, pool) from the run it is given (see modnet adapt --help)"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit) as stopped:
             main(argv)
