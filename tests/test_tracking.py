@@ -173,6 +173,30 @@ def test_a_transfer_saves_its_config_and_trains_again_from_it(run_dir, tmp_path)
     assert second["accuracy"] == first["accuracy"]
 
 
+def test_tensorboard_shows_only_the_last_attempt_of_a_retried_or_resumed_phase(tmp_path):
+    event_accumulator = pytest.importorskip(EVENT_ACCUMULATOR)
+
+    def attempt(first_step, steps, loss):
+        logger = make_logger("tensorboard", tmp_path, "transfer-a", first_step)
+        for step in steps:
+            logger.log(dict(phase="transfer-a", step=step, loss=loss))
+        logger.close()
+
+    def logged():
+        accumulator = event_accumulator.EventAccumulator(
+            str(tmp_path / "tensorboard" / "transfer-a")
+        )
+        accumulator.Reload()
+        return scalars(accumulator, "loss")
+
+    attempt(0, [2, 4, 6, 8], 1.0)
+    attempt(0, [2, 4], 0.5)  # transfer --overwrite: a fresh start with fewer steps
+    assert logged() == [(2, 0.5), (4, 0.5)]
+    attempt(0, [2, 4, 6], 0.25)  # killed after step 6 and its checkpoint at step 4 ...
+    attempt(5, [6, 8], 0.125)  # ... resumed: the first step it logs is 5
+    assert logged() == [(2, 0.25), (4, 0.25), (6, 0.125), (8, 0.125)]
+
+
 def test_tensorboard_logger_writes_scalars_and_route_images_tensorboard_reads(tmp_path):
     event_accumulator = pytest.importorskip(EVENT_ACCUMULATOR)
     model = tiny_conv()

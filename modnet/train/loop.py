@@ -111,7 +111,11 @@ class Trainer:
         if resume_state is not None:
             self.load_trainer_state(resume_state)
         self.divergence = DivergenceGuard(config, phase)
-        self.logger = make_logger(config.log, self.run_dir, phase) if ctx.is_main else None
+        # Records up to the resumed step are kept: its log and evaluation precede its checkpoint.
+        first_step = 0 if resume_state is None else self.step + 1
+        self.logger = (
+            make_logger(config.log, self.run_dir, phase, first_step) if ctx.is_main else None
+        )
         if self.logger is not None and resume_state is None:
             self.logger.start()
 

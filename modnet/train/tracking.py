@@ -59,16 +59,25 @@ class MetricsLogger:
 class TensorBoardLogger(MetricsLogger):
     """``metrics.jsonl`` plus TensorBoard scalars and route heatmaps for one phase.
 
+    Args:
+        run_dir: The run directory.
+        phase: The training phase; its events go to ``run_dir/tensorboard/<phase>/``.
+        step: The first step this attempt logs (0 for a fresh start, the resumed
+            checkpoint's step + 1): events of an earlier attempt from this step on are
+            purged in TensorBoard (``SummaryWriter(purge_step=...)``).
+
     Raises:
         ConfigError: if TensorBoard is not installed (it is the optional extra
             ``modnet[tensorboard]``).
     """
 
-    def __init__(self, run_dir: str | Path, phase: str):
+    def __init__(self, run_dir: str | Path, phase: str, step: int = 0):
         super().__init__(run_dir, phase)
         summary_writer = require_tensorboard()
         self.log_dir = self.run_dir / TENSORBOARD_DIR / phase
-        self.writer = summary_writer(log_dir=str(self.log_dir))
+        # TensorBoard hides the events an earlier attempt of the phase logged at or
+        # after ``step``: a retried phase (0) or the steps after a resumed checkpoint.
+        self.writer = summary_writer(log_dir=str(self.log_dir), purge_step=step)
 
     def log(self, record: dict[str, Any], model=None) -> None:
         super().log(record, model)
@@ -87,15 +96,16 @@ class TensorBoardLogger(MetricsLogger):
         self.writer.close()
 
 
-def make_logger(kind: str, run_dir: str | Path, phase: str) -> MetricsLogger:
-    """The logger for ``--log KIND``: ``"jsonl"`` (the default) or ``"tensorboard"``.
+def make_logger(kind: str, run_dir: str | Path, phase: str, step: int = 0) -> MetricsLogger:
+    """The logger for ``--log KIND``: ``"jsonl"`` (the default) or ``"tensorboard"``,
+    for an attempt of a phase whose first logged step is ``step`` (see ``TensorBoardLogger``).
 
     Raises:
         ConfigError: for an unknown kind, or ``"tensorboard"`` without TensorBoard.
     """
     check_logger(kind)
     if kind == "tensorboard":
-        return TensorBoardLogger(run_dir, phase)
+        return TensorBoardLogger(run_dir, phase, step)
     return MetricsLogger(run_dir, phase)
 
 
