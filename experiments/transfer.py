@@ -62,7 +62,7 @@ from modnet.train.api import nearest_source  # noqa: E402
 
 DATASETS = ["mnist", "fashion_mnist", "usps", "mnist_m", "cifar10"]
 POOL_CONFIG = Path(__file__).resolve().parent / "configs" / "converged_pool.yaml"
-QUICK_DATASETS = ["synth_color-bg", "synth_size", "synth_shape"]
+QUICK_DATASETS = ["synth_color-bg", "synth_position", "synth_shape"]
 QUICK_HELD_OUT = ["synth_shape"]
 QUICK_POOL = dict(
     model="modnet_conv_tiny",
