@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from modnet.io import atomic_write_text
 from modnet.train import TrainConfig
 
 # A tiny conv model for quick modes: trains on the synthetic suite in seconds.
@@ -169,10 +170,9 @@ def write_results(
     hardware = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, fp32"
     text = [f"# {title}", "", f"Command: `{command}`", "", f"Hardware: {hardware}", ""]
     text += [s.rstrip() + "\n" for s in sections]
-    (out / "results.md").write_text("\n".join(text))
-    (out / "results.json").write_text(
-        json.dumps(dict(data, command=command, hardware=hardware), indent=2) + "\n"
-    )
+    atomic_write_text(out / "results.md", "\n".join(text))
+    results = dict(data, command=command, hardware=hardware)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -92,7 +92,7 @@ def _train_or_read(config, run_dir: Path):
     started = time.perf_counter()
     result = train(config, run_dir, overwrite=True)
     seconds = time.perf_counter() - started
-    timing.write_text(f"{seconds!r}\n")
+    io.atomic_write_text(timing, f"{seconds!r}\n")
     return result.model, result.accuracy, seconds
 
 

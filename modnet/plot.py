@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .io.fs import atomic_write, atomic_write_text
 from .model import ModularNet
 from .routing import HardRoute
 
@@ -199,7 +200,7 @@ def save_route_figures(
     tasks = list(tasks or model.task_names)
     matrices = {t: route_matrix(model, t) for t in tasks}
     png = route_heatmap(matrices, png_path, {t: route_kind(model, t) for t in tasks})
-    txt.write_text(route_table(matrices))
+    atomic_write_text(txt, route_table(matrices))
     return png, txt
 
 
@@ -360,7 +361,8 @@ def _new_figure(**options) -> Figure:
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
+    """Writes ``figure`` under a temporary name and renames it into place, so a crash
+    mid-write keeps the figure that was there (the format follows the suffix)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    atomic_write(path, figure.savefig)
     return path

@@ -37,7 +37,7 @@ def test_transfer_quick(tmp_path, capsys):
     assert trained["route-head"] == trained["route-head-norm"] < trained["aniso-route-head"]
     assert trained["route-head-norm"] < trained["grow1"] < trained["grow2"] < trained["full"]
     assert trained["full"] == trained["scratch"]
-    assert held["nearest"] == ["synth_position"]  # the plain-background source, not the textured one
+    assert held["nearest"] == ["synth_position"]  # the plain-background source, not textured
     assert all(0.0 <= v["accuracy"][0] <= 1.0 for v in held["methods"].values())
     assert len(capsys.readouterr().out.splitlines()) >= len(transfer.METHODS)
     # A killed run continues: only the missing cells train; the pool run is only read.

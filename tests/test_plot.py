@@ -127,3 +127,23 @@ def test_save_learning_curves_reads_a_run_directory(tmp_path):
         assert image.format == "PNG" and image.width > 600
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         save_learning_curves(tmp_path / "empty")
+
+
+def test_a_figure_redrawn_by_a_process_that_dies_mid_write_keeps_the_old_one(
+    tmp_path, monkeypatch
+):
+    from matplotlib.figure import Figure
+
+    model = model_with_tasks()
+    png, txt = save_route_figures(model, tmp_path)
+    before = png.read_bytes()
+
+    def torn(self, path, **kwargs):  # half a file, then the process dies
+        open(path, "wb").write(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", torn)
+    with pytest.raises(KeyboardInterrupt):
+        save_route_figures(model, tmp_path)
+    assert png.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [png.name, txt.name]  # no leftover
