@@ -129,9 +129,7 @@ def test_save_learning_curves_reads_a_run_directory(tmp_path):
         save_learning_curves(tmp_path / "empty")
 
 
-def test_a_figure_redrawn_by_a_process_that_dies_mid_write_keeps_the_old_one(
-    tmp_path, monkeypatch
-):
+def test_a_figure_redrawn_by_a_process_that_dies_mid_write_keeps_the_old_one(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
     model = model_with_tasks()
