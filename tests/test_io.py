@@ -63,6 +63,33 @@ def test_saving_the_same_model_twice_writes_the_same_bytes(tmp_path):
         assert metadata["task"] == "c" and metadata["num_classes"] == "5"
 
 
+def test_saving_never_replaces_what_modnet_did_not_write(tmp_path, monkeypatch):
+    model = trained_like()
+    mine = tmp_path / "mine"
+    (mine / "inner").mkdir(parents=True)
+    (mine / "inner" / "keep.txt").write_text("mine")
+    with pytest.raises(io.CheckpointError, match=r"mine holds inner, which modnet did not write"):
+        io.save_model(model, mine)
+    with pytest.raises(io.CheckpointError, match=r"keep.txt is a file, not a model directory"):
+        io.save_model(model, mine / "inner" / "keep.txt")
+    monkeypatch.chdir(mine)
+    with pytest.raises(io.CheckpointError, match=r"mine holds inner, which modnet did not write"):
+        io.save_model(model, ".")
+    assert (mine / "inner" / "keep.txt").read_text() == "mine"
+    # a model directory modnet wrote is replaced, but not with a file of the user's in it
+    io.save_model(model, tmp_path / "m")
+    io.save_model(model, tmp_path / "m")
+    for extra in ("notes.md", "tasks/notes.md"):
+        (tmp_path / "m" / extra).write_text("mine")
+        with pytest.raises(io.CheckpointError, match=f"holds {extra}, which modnet did not"):
+            io.save_model(model, tmp_path / "m")
+        (tmp_path / "m" / extra).unlink()
+    io.save_model(model, tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").write_text("{}")  # not a modnet manifest
+    with pytest.raises(io.CheckpointError, match="holds manifest.json, which modnet did not"):
+        io.save_model(model, tmp_path / "m")
+
+
 def test_loading_a_subset_of_tasks(tmp_path):
     model = trained_like()
     io.save_model(model, tmp_path / "m")

@@ -36,12 +36,23 @@ from ..errors import CheckpointError
 from ..factory import build_model
 from ..model import ModularNet
 from ..routing import route_from_spec
-from .fs import OLD_MARK, TMP_MARK, disk_full_names, follow_umask, fsync_path, fsync_tree
+from .fs import (
+    LEFTOVER,
+    OLD_MARK,
+    TMP_MARK,
+    disk_full_names,
+    follow_umask,
+    fsync_path,
+    fsync_tree,
+)
 
 FORMAT = "modnet-model/1"
 MANIFEST = "manifest.json"
 SHARED_FILE = "pool.safetensors"
 TASK_DIR = "tasks"
+# A checkpoint's trainer state, written into its model directory (see ``io.run``).
+TRAINER_STATE = "trainer_state.pt"
+MODEL_FILES = (MANIFEST, SHARED_FILE, TRAINER_STATE)
 TASK_PREFIXES = ("routes.", "heads.", "norm_stats.")
 
 __all__ = [
@@ -157,15 +168,22 @@ def save_model(
 
     Args:
         model: The model to save.
-        directory: Target directory; replaced if it exists.
+        directory: Target directory: new, empty, or a model directory modnet wrote,
+            which is replaced. A folder holding anything else is refused, so that
+            nothing modnet did not write is ever deleted.
         task_info: Per task, JSON-able facts to keep with it (dataset spec, transform,
             the phase that trained it).
         extra: Further JSON-able entries for the manifest.
 
     Raises:
+        CheckpointError: ``directory`` is a file, or a folder holding files modnet
+            did not write (the message names one).
         DiskFullError: The device is full (the message names the directory).
     """
     directory = Path(directory)
+    if directory.name in ("", ".", ".."):  # the folder's own name, for its siblings' names
+        directory = directory.resolve()
+    _check_replaceable(directory)
     tmp = directory.with_name(f".{directory.name}{TMP_MARK}{os.getpid()}")
     with disk_full_names(directory):
         try:
@@ -175,6 +193,42 @@ def save_model(
             if tmp.exists():  # a failed write leaves nothing behind
                 shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Refuses a target ``save_model`` must not replace (see its docstring)."""
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"{directory} is a file, not a model directory: save the model to a new or empty folder"
+        )
+    foreign = _foreign_entries(directory) if directory.is_dir() else []
+    if foreign:
+        raise CheckpointError(
+            f"{directory} holds {foreign[0].relative_to(directory)}, which modnet did not "
+            "write: save the model to a new or empty folder (modnet replaces only its own "
+            "model folders)"
+        )
+
+
+def _foreign_entries(directory: Path) -> list[Path]:
+    """What in ``directory`` is not part of a model directory modnet wrote: everything,
+    unless it holds a modnet manifest; then anything but the model's files, a
+    checkpoint's trainer state and the leftovers of a killed write."""
+    entries = sorted(directory.iterdir())
+    try:
+        owned = json.loads((directory / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        owned = False
+    if not owned:
+        return entries
+    foreign = []
+    for entry in entries:
+        if entry.name == TASK_DIR and entry.is_dir():
+            files = sorted(entry.iterdir())
+            foreign += [f for f in files if not (f.is_file() and f.suffix == ".safetensors")]
+        elif entry.name not in MODEL_FILES and not LEFTOVER.match(entry.name):
+            foreign.append(entry)
+    return foreign
 
 
 def _write_model_dir(

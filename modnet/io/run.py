@@ -40,7 +40,7 @@ import torch
 
 from ..errors import CheckpointError, RunDirError
 from ..model import ModularNet
-from .checkpoint import FORMAT, MANIFEST, save_model
+from .checkpoint import FORMAT, MANIFEST, TRAINER_STATE, save_model
 from .fs import (
     LOCK_FILE,
     LOCK_INFO,
@@ -55,7 +55,6 @@ MARKER = ".modnet-run"
 RUN_FORMAT = "modnet-run/1"
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
-TRAINER_STATE = "trainer_state.pt"
 RESULTS_FILE = "results.json"
 # The files modnet writes at the top of a run directory: all that --overwrite removes.
 OUTPUTS = (
