@@ -63,7 +63,7 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     note = (
         "modnet: scoring the whole test splits; the run scored synth_color on a subset of at "
         "most 40 test images each (its --test-limit), so these figures differ from its "
-        "results.json\n"
+        "results.json; --test-limit 40 scores that subset\n"
     )
     assert capsys.readouterr().err == note
     checkpoint = io.latest_checkpoint(run_dir)  # a checkpoint of the run: the same note
@@ -126,3 +126,28 @@ def test_adapt_takes_transfers_spelling_of_where_the_route_starts():
     for spelling in ("--init", "--init-from"):
         args = build_parser().parse_args(["adapt", "runs/x", "--target", "t", spelling, "nearest"])
         assert args.init == "nearest"
+
+
+def test_eval_scores_the_test_set_the_run_drew_with_its_seed(tmp_path, capsys):
+    out = tmp_path / "seed1"
+    argv = ["train", "--tasks", "synth_color,synth_size", *TINY, *FAST, "--seed", "1", "--out"]
+    assert main([*argv, str(out)]) == 0
+    recorded = json.loads((out / "results.json").read_text())["train"]["accuracy"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--test-limit", "40", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == recorded  # synthetic images and subset alike
+
+
+def test_eval_of_a_model_saved_without_datasets_asks_for_them(tmp_path, capsys):
+    import timm
+
+    model = timm.create_model("modnet_conv_tiny", tasks={"a": 4}, depth=2, width=8, img_size=16)
+    io.save_model(model, tmp_path / "saved")  # no task_info: no dataset recorded
+    assert main(["eval", str(tmp_path / "saved")]) == 2
+    assert capsys.readouterr().err == (
+        f"modnet eval: error: {tmp_path / 'saved'} records no dataset for task 'a' (a model "
+        "saved without task_info): pass --data a=SPEC\n"
+    )
+    argv = ["eval", str(tmp_path / "saved"), "--data", "a=synth_shape", "--test-limit", "8"]
+    assert main([*argv, "--json"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["a"] <= 1.0

@@ -247,6 +247,17 @@ def test_an_unfinished_phase_blocks_the_others_and_discard_keeps_finished_tasks(
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "unfinished phase 'transfer-synth_shape'" in err and "modnet discard" in err
+    # what reads the run says which task is partly trained: eval notes it, export refuses it
+    partly = (
+        f"the phase 'transfer-synth_shape' of {run_copy} is unfinished, so synth_shape is partly "
+        f"trained: run its command again to finish it, or `modnet discard {run_copy}`"
+    )
+    assert main(["eval", str(run_copy), "--test-limit", "8", "--json"]) == 0
+    assert f"modnet: {partly}\n" in capsys.readouterr().err
+    assert main(["export", str(run_copy), "--task", "synth_shape"]) == 2
+    assert capsys.readouterr().err.endswith(f"task 'synth_shape' is not exported: {partly}\n")
+    assert main(["eval", str(run_copy), "--task", "synth_color", "--test-limit", "8"]) == 0
+    assert "partly" not in capsys.readouterr().err  # the pool it shares did not change
     assert main(["discard", str(run_copy)]) == 0
     assert f"continues from {base.name}" in capsys.readouterr().out
     assert io.latest_checkpoint(run_copy) == base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -76,12 +77,25 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.run_dir} holds non-finite values ({name}): its training diverged, so "
                 "its accuracy means nothing; train it again with a lower --lr"
             )
+    specs = {
+        name: moved.get(name, manifest["tasks"][name].get("dataset")) for name in model.task_names
+    }
+    unrecorded = [name for name, spec in specs.items() if spec is None]
+    if unrecorded:
+        raise ConfigError(
+            f"{args.run_dir} records no dataset for task {unrecorded[0]!r} (a model saved "
+            f"without task_info): pass --data {unrecorded[0]}=SPEC"
+        )
+    partly = io.partly_trained(args.run_dir, manifest, model.task_names)
+    if partly:
+        io.run.note(partly)
     config = TrainConfig(data_root=args.data_root, test_limit=args.test_limit, train_limit=1)
     data = {}
-    for name in model.task_names:
-        spec = moved.get(name, manifest["tasks"][name]["dataset"])
+    for name, spec in specs.items():
+        # the seed the run drew its subsets (and synthetic images) with: the same test set
+        task_config = replace(config, seed=_recorded_seed(manifest["tasks"][name]))
         try:
-            (data[name],) = load_data([spec], model, config).values()
+            (data[name],) = load_data([spec], model, task_config).values()
         except DataError as error:
             if name in moved:
                 raise
@@ -124,11 +138,19 @@ def _note_recorded_limit(path: str, manifest: dict, tasks: list[str]) -> None:
     if limited:
         bounds = sorted(set(limited.values()))
         most = "-".join(str(n) for n in dict.fromkeys([bounds[0], bounds[-1]]))
+        same = f"; --test-limit {bounds[0]} scores that subset" if len(bounds) == 1 else ""
         io.run.note(
             f"scoring the whole test splits; the run scored {', '.join(limited)} on a subset "
             f"of at most {most} test images each (its --test-limit), so these figures "
-            "differ from its results.json"
+            f"differ from its results.json{same}"
         )
+
+
+def _recorded_seed(record: dict) -> int:
+    """The seed a task's data was loaded with (its transform's ``subset`` record), else 0."""
+    subset = (record.get("transform") or {}).get("subset") or {}
+    seed = subset.get("seed", 0) if isinstance(subset, dict) else 0
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
 def _recorded_limit(file: Path) -> int | None:

@@ -48,9 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
+    from ..errors import ConfigError, RunDirError
     from ..export import SAFE_CONFIG, SAFE_WEIGHTS, save_exported, save_safe
-    from ..io import load_model
+    from ..io import load_model, partly_trained
     from ._options import refuse_replacing
 
     if args.batch_size < 1:
@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out {args.out} is a file: --format safetensors writes a folder")
         refuse_replacing([Path(args.out) / n for n in (SAFE_WEIGHTS, SAFE_CONFIG)], args.overwrite)
     model, manifest = load_model(args.run_dir, tasks=[args.task])
+    partly = partly_trained(args.run_dir, manifest, [args.task])
+    if partly:
+        raise RunDirError(f"task {args.task!r} is not exported: {partly}")
     net = model.export(args.task).eval()
     transform = manifest["tasks"][args.task].get("transform")
     if args.format == "safetensors":

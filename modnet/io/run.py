@@ -361,6 +361,46 @@ def unfinished_phase(state: Mapping[str, Any] | None) -> str | None:
     return str(state["phase"])
 
 
+def partly_trained(
+    path: str | Path, manifest: Mapping[str, Any], tasks: Iterable[str] | None = None
+) -> str | None:
+    """Which tasks of a loaded model an unfinished phase left partly trained, said in
+    a sentence for eval's note and export's refusal; ``None`` when none is.
+
+    The tasks are those the unfinished phase trains (each task's manifest record
+    names its phase); when the phase has already changed the shared pool (its
+    fingerprint differs from the last finished checkpoint's), every task is.
+
+    Args:
+        path: The run, or a checkpoint inside it, that ``manifest`` was loaded from.
+        manifest: The loaded checkpoint's manifest (``load_model``).
+        tasks: The tasks in question (default: all of the manifest's).
+    """
+    record = manifest.get("checkpoint")
+    if not isinstance(record, dict) or record.get("done", True):
+        return None
+    phase = str(record.get("phase"))
+    path = Path(path)
+    run = path.parent.parent if path.parent.name == CHECKPOINTS else path
+    records = manifest.get("tasks", {})
+    names = [n for n, t in records.items() if isinstance(t, dict) and t.get("phase") == phase]
+    finished = [
+        c for c in modnet_checkpoints(run) if (checkpoint_record(c) or {}).get("done", False)
+    ]
+    if finished and phase != "train":
+        before = json.loads((finished[-1] / MANIFEST).read_text()).get("pool_fingerprint")
+        if before != manifest.get("pool_fingerprint"):
+            names = list(records)
+    names = [n for n in names if tasks is None or n in set(tasks)]
+    if not names:
+        return None
+    return (
+        f"the phase {phase!r} of {run} is unfinished, so {', '.join(names)} "
+        f"{'is' if len(names) == 1 else 'are'} partly trained: run its command again to "
+        f"finish it, or `modnet discard {run}`"
+    )
+
+
 def refuse_other_phase(run_dir: Path, state: Mapping[str, Any] | None, phase: str) -> None:
     """Raises when the run has an unfinished phase other than ``phase``.
 
@@ -506,6 +546,7 @@ __all__ = [
     "latest_checkpoint",
     "load_trainer_state",
     "mark_outdated",
+    "partly_trained",
     "task_phase",
     "modnet_checkpoints",
     "open_run",
