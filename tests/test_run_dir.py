@@ -382,6 +382,8 @@ def test_a_task_file_imports_into_a_run_with_the_same_pool_only(tmp_path):
     x = images(source)
     assert io.import_task(target, tmp_path / "source" / "tasks" / "b.safetensors") == "b"
     assert io.import_task(target, tmp_path / "source", task="b", name="b_copy") == "b_copy"
+    with pytest.raises(CheckpointError, match=r"source has no task 'c'; it has \['a', 'b'\]$"):
+        io.import_task(target, tmp_path / "source", task="c")
     source.eval()
     with torch.no_grad():
         assert torch.equal(target(x, "b"), source(x, "b"))

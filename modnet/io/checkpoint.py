@@ -533,7 +533,11 @@ def import_task(
 
         if task is None:
             raise CheckpointError(f"{path} is a directory: name the task to import (task=...)")
-        path = resolve_model_dir(path) / TASK_DIR / f"{task}.safetensors"
+        directory = resolve_model_dir(path)
+        known = read_manifest(directory)["tasks"]
+        if task not in known:
+            raise CheckpointError(f"{path} has no task {task!r}; it has {sorted(known)}")
+        path = directory / known[task].get("file", f"{TASK_DIR}/{task}.safetensors")
     tensors, metadata = _read_file(path, "task file")
     needed = ("task", "num_classes", "route", "pool_fingerprint")
     if any(key not in metadata for key in needed):
