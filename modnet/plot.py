@@ -32,6 +32,8 @@ CURVES_PNG = "curves.png"
 METRICS_FILE = "metrics.jsonl"
 # The record a phase writes when it starts afresh (see ``read_metrics``).
 START_EVENT = "start"
+# The record ``modnet discard`` writes for the attempt of a phase it drops.
+DISCARD_EVENT = "discarded"
 COLORMAP = "Blues"
 MAX_COLUMNS = 6  # route panels per row
 
@@ -205,19 +207,23 @@ def save_route_figures(
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, in order.
+    """The records of a ``metrics.jsonl`` file, in order: those of the attempt of each
+    phase whose weights the run holds.
 
     A record repeated by a resumed run (same phase, step and kind) keeps its last
     value. A phase started afresh (``{"phase": P, "event": "start"}``, written when
     ``transfer --overwrite`` retrains a task, or a phase interrupted before its
-    first checkpoint runs again) replaces every earlier record of ``P``: the curves
-    show the attempt whose weights the run holds. The start records themselves are
-    not returned. A torn last line (a run killed mid-write) is skipped.
+    first checkpoint runs again) begins a new attempt that replaces the earlier
+    records of ``P``; ``modnet discard`` ends the attempt it drops (``"event":
+    "discarded"``), so the attempt before it counts again. The event records
+    themselves are not returned. A torn last line (a run killed mid-write) is skipped.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
     """
     records: dict[tuple, dict[str, Any]] = {}
+    attempts: dict[Any, list[int]] = {}  # per phase: its attempts, the current one last
+    started = 0
     for line in Path(path).read_text().splitlines():
         if not line.strip():
             continue
@@ -225,14 +231,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        phase = record.get("phase")
+        stack = attempts.setdefault(phase, [0])  # 0: records written before any start
         if record.get("event") == START_EVENT:
-            phase = record.get("phase")
-            records = {k: r for k, r in records.items() if k[0] != phase}
+            started += 1
+            stack.append(started)
             continue
-        key = (record.get("phase"), record.get("step"), "accuracy" in record)
+        if record.get("event") == DISCARD_EVENT:
+            if len(stack) > 1:
+                stack.pop()
+            continue
+        key = (phase, stack[-1], record.get("step"), "accuracy" in record)
         records.pop(key, None)
         records[key] = record
-    return list(records.values())
+    return [r for (phase, attempt, *_), r in records.items() if attempts[phase][-1] == attempt]
 
 
 def curves_figure(records: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:

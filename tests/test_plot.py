@@ -102,6 +102,12 @@ def test_read_metrics_keeps_only_the_last_fresh_start_of_each_phase(tmp_path):
     assert [r["loss"] for r in read_metrics(path) if r["phase"] == "transfer-c"] == [9.0, 9.0]
     write_metrics(path, [*RECORDS[:3], start, *longer, start, *RECORDS[3:]])
     assert read_metrics(path) == RECORDS  # step 6 of the replaced attempt is gone
+    # ``modnet discard`` drops the last attempt: the one before it counts again
+    discarded = dict(phase="transfer-c", event="discarded")
+    write_metrics(path, [*RECORDS[:3], start, *longer, start, RECORDS[3], discarded])
+    assert read_metrics(path) == [*RECORDS[:3], *longer]
+    write_metrics(path, [*RECORDS[:3], start, *longer, discarded, discarded])
+    assert read_metrics(path) == RECORDS[:3]
 
 
 def test_learning_curves_draw_loss_accuracy_and_lr_with_phases_in_sequence():

@@ -14,6 +14,7 @@ import torch
 from modnet import io
 from modnet.cli import main
 from modnet.errors import CheckpointError, RunDirError
+from modnet.plot import read_metrics
 from modnet.train import api as train_api
 from modnet.train.loop import Trainer
 from tests.conftest import images, moved_off_init, tiny_conv
@@ -236,7 +237,7 @@ def test_an_unfinished_phase_blocks_the_others_and_discard_keeps_finished_tasks(
     base = io.latest_checkpoint(run_copy)
     finished_files = file_bytes(base)
     with pytest.raises(Interrupt):
-        main(transfer_args(run_copy, "synth_shape", "--checkpoint-every", "1"))
+        main(transfer_args(run_copy, "synth_shape", "--checkpoint-every", "1", "--log-every", "1"))
     assert io.latest_checkpoint(run_copy).name.startswith("transfer-synth_shape-step")
     blocked = [
         transfer_args(run_copy, "synth_position"),
@@ -260,6 +261,8 @@ def test_an_unfinished_phase_blocks_the_others_and_discard_keeps_finished_tasks(
     assert "partly" not in capsys.readouterr().err  # the pool it shares did not change
     assert main(["discard", str(run_copy)]) == 0
     assert f"continues from {base.name}" in capsys.readouterr().out
+    assert {r["phase"] for r in read_metrics(run_copy / "metrics.jsonl")} == {"train"}
+    assert '"phase": "transfer-synth_shape", "step": 1' in (run_copy / "metrics.jsonl").read_text()
     assert io.latest_checkpoint(run_copy) == base
     assert file_bytes(base) == finished_files
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == [base.name]

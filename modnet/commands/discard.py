@@ -19,8 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import discard_unfinished
+    from ..train.tracking import MetricsLogger
 
     phase, base = discard_unfinished(args.run_dir)
+    MetricsLogger(args.run_dir, phase).discarded()  # the curves drop the discarded attempt
     where = f"the run continues from {base.name}" if base else "the run holds no checkpoint now"
     print(f"discarded the unfinished phase {phase!r}: {where}")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..plot import METRICS_FILE, START_EVENT, route_figure, route_kind, route_matrix
+from ..plot import DISCARD_EVENT, METRICS_FILE, START_EVENT, route_figure, route_kind, route_matrix
 
 TENSORBOARD_DIR = "tensorboard"
 LOGGERS = ("jsonl", "tensorboard")
@@ -46,6 +46,11 @@ class MetricsLogger:
         appends its records after the replaced attempt's; the file is only appended
         to, so a crash at any moment keeps every record written."""
         self._append({"phase": self.phase, "event": START_EVENT})
+
+    def discarded(self) -> None:
+        """Marks the phase's last attempt as dropped by ``modnet discard``: its records
+        stay in the file, and ``read_metrics`` goes back to the attempt before it."""
+        self._append({"phase": self.phase, "event": DISCARD_EVENT})
 
     def _append(self, record: dict[str, Any]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
