@@ -53,17 +53,21 @@ def add_target_task(
         head_init: Where the head starts; default: the same as ``init``.
         anisotropic: Give the target one coefficient per block parameter tensor
             (``[L, K, G]``), each starting at its template's share, so every
-            tensor of a layer can mix the templates differently.
+            tensor of a layer can mix the templates differently. Without it the
+            target's route is anisotropic only when its start is (``init`` an
+            anisotropic source, or every source anisotropic: see
+            ``average_route``).
 
     Raises:
-        AdaptationError: An unknown ``init``, or ``anisotropic`` with sources
-            whose routes are hypernetwork routes.
+        AdaptationError: An unknown ``init``, ``anisotropic`` with sources whose
+            routes are hypernetwork routes, or sources whose routes cannot be
+            averaged (see ``average_route``).
     """
     head_init = head_init or init
     check_init(init, sources)
     check_init(head_init, sources, "head init")
     if init == AVERAGE:
-        route = average_route(model, sources)
+        route = average_route(model, sources, anisotropic)
     else:
         route = learnable_route(model, model.routes[init], init)
     if anisotropic:
@@ -105,26 +109,56 @@ def anisotropic_route(route: Route, tensors: int) -> SoftRoute:
     return new.to(logits.device)
 
 
-def average_route(model: ModularNet, sources: Sequence[str]) -> Route:
+def average_route(model: ModularNet, sources: Sequence[str], anisotropic: bool = False) -> Route:
     """The sources' routes averaged, as a route of the same kind where that is exact.
 
-    Softmax routes average their coefficients (the logits are their log);
-    linear routes average their coefficients; hypernetwork routes average their
-    task embeddings; hard routes average their one-hot rows into a softmax route.
+    Softmax, sparsemax and hard routes (which may be mixed) average their
+    template shares (hard routes: one-hot rows) into a softmax route whose
+    logits are the log of the mean share; linear routes average their
+    coefficients into a linear route; hypernetwork routes average their task
+    embeddings. Sources that see fewer templates (made before the pool grew)
+    count 0 for the newer ones.
+
+    Isotropic (``[L, K]``) and anisotropic (``[L, K, G]``: one coefficient per
+    block parameter tensor) soft routes may be mixed. The average is
+    anisotropic when ``anisotropic`` is asked or every source is anisotropic;
+    isotropic sources then count their layer's share for every tensor
+    (``[L, K] -> [L, K, G]``, exact). Otherwise it is isotropic, and an
+    anisotropic source counts its per-layer template shares, the mean over its
+    tensors (``[L, K, G] -> [L, K]``, as ``modnet.plot.route_matrix`` reads it).
+
+    Args:
+        model: The model holding the source tasks.
+        sources: Source task names.
+        anisotropic: Average into ``[L, K, G]`` coefficients, ``G`` the pool's
+            block tensors, even when some (or all) sources are isotropic.
+
+    Returns:
+        A new route: a ``HyperRoute`` for hypernetwork sources, else a
+        ``SoftRoute`` of logits ``[L, K]`` or ``[L, K, G]`` with ``K`` the most
+        templates any source sees.
+
+    Raises:
+        AdaptationError: Sources whose routes cannot be averaged: hypernetwork or
+            linear routes together with other kinds, hypernetwork routes that see
+            different numbers of templates, or a hard route that skips layers.
     """
     routes = [model.routes[s] for s in sources]
-    kinds = {type(r).__name__ + getattr(r, "normalize", "") for r in routes}
-    if len(kinds) > 1:
+    families = {_family(r) for r in routes}
+    if len(families) > 1:
+        kinds = sorted({_kind(r) for r in routes})
         raise AdaptationError(
-            f"the sources {list(sources)} have routes of different kinds ({sorted(kinds)}): "
-            "start the target from one of them with init=<source>"
+            f"cannot average the routes of the sources {list(sources)}: they are of kinds "
+            f"{kinds}, and only softmax, sparsemax and hard routes average together; start "
+            "the target from one source (--init SOURCE) or name sources of one kind (--sources)"
         )
     first = routes[0]
     if isinstance(first, HyperRoute):
         if len({r.num_templates for r in routes}) > 1:
             raise AdaptationError(
                 "the sources' hypernetwork routes see different numbers of templates: "
-                "start the target from one of them with init=<source>"
+                "start the target from one of them (--init SOURCE) or name sources that "
+                "see the same templates (--sources)"
             )
         route = copy.deepcopy(first)
         with torch.no_grad():
@@ -132,16 +166,59 @@ def average_route(model: ModularNet, sources: Sequence[str]) -> Route:
             if route.extra is not None:
                 route.extra.copy_(torch.stack([r.extra for r in routes]).mean(0))
         return route
+    every = all(isinstance(r, SoftRoute) and r.anisotropic for r in routes)
+    tensors = model.pool.num_tensors if anisotropic or every else 1
     if isinstance(first, SoftRoute) and first.normalize == "linear":
-        count = max(r.num_templates for r in routes)
-        padded = [_pad_templates(r.logits.detach(), count) for r in routes]
-        return SoftRoute.from_coefficients(torch.stack(padded).mean(0))
-    shares = [
-        _hard_shares(model, r, s) if isinstance(r, HardRoute) else r.coefficients().detach()
-        for r, s in zip(routes, sources, strict=True)
-    ]
-    count = max(s.shape[1] for s in shares)
-    return _soft_from_shares(torch.stack([_pad_templates(s, count) for s in shares]).mean(0))
+        values = [_fit_tensors(r.logits.detach(), tensors) for r in routes]
+    else:
+        values = [
+            _fit_tensors(
+                _hard_shares(model, r, s)
+                if isinstance(r, HardRoute)
+                else r.coefficients().detach(),
+                tensors,
+            )
+            for r, s in zip(routes, sources, strict=True)
+        ]
+    count = max(v.shape[1] for v in values)
+    mean = torch.stack([_pad_templates(v, count) for v in values]).mean(0)
+    if isinstance(first, SoftRoute) and first.normalize == "linear":
+        return SoftRoute.from_coefficients(mean)
+    return _soft_from_shares(mean)
+
+
+def _family(route: Route) -> str:
+    """What ``average_route`` averages a route as: shares, linear coefficients or embeddings."""
+    if isinstance(route, HyperRoute):
+        return "hyper"
+    if isinstance(route, SoftRoute) and route.normalize == "linear":
+        return "linear"
+    return "shares"
+
+
+def _kind(route: Route) -> str:
+    if isinstance(route, SoftRoute):
+        return route.normalize
+    return route.spec().get("kind", type(route).__name__)
+
+
+def _fit_tensors(values: torch.Tensor, tensors: int) -> torch.Tensor:
+    """``[L, K]`` or ``[L, K, G]`` coefficients as ``[L, K]`` (``tensors`` 1) or ``[L, K, G]``.
+
+    Isotropic values are repeated over the tensors; anisotropic ones are averaged
+    over them.
+    """
+    if tensors == 1:
+        return values.mean(-1) if values.ndim == 3 else values
+    if values.ndim == 2:
+        return values.unsqueeze(-1).expand(*values.shape, tensors)
+    if values.shape[2] != tensors:
+        raise AdaptationError(
+            f"a source route has {values.shape[2]} coefficients per (layer, template) but "
+            f"the pool's blocks have {tensors} tensors: start the target from one source "
+            "(--init SOURCE)"
+        )
+    return values
 
 
 def _pad_templates(values: torch.Tensor, count: int) -> torch.Tensor:
