@@ -207,13 +207,13 @@ def _adapt(
     io.refuse_other_phase(run_dir, state, phase)
     if _finished_without_results(run_dir, state, phase, latest, target, config):
         return _complete_outputs(run_dir, phase, model, name, state, ctx)
-    source_names = _pick_sources(model, sources, target_data, plan)
+    labelled = (
+        plan is None
+        and name in model.task_names
+        and "adapted_from" not in manifest["tasks"].get(name, {})
+    )
+    source_names = _pick_sources(model, sources, target_data, plan, labelled)
     if plan is None and name in model.task_names:
-        if "adapted_from" not in manifest["tasks"][name]:
-            raise AdaptationError(
-                f"the target {name!r} is a task the run learned with labels: adaptation "
-                "needs a new domain; choose another --target"
-            )
         if not overwrite:
             raise RunDirError(
                 f"{run_dir} already has a task {name!r}: pass --overwrite (overwrite=True) "
@@ -445,8 +445,17 @@ def _as_list(sources: Sequence[str] | str | None) -> list[str]:
 
 
 def _pick_sources(
-    model: ModularNet, sources: Sequence[str] | str | None, target: TaskData, plan
+    model: ModularNet,
+    sources: Sequence[str] | str | None,
+    target: TaskData,
+    plan,
+    labelled: bool = False,
 ) -> list[str]:
+    """The source task names: the plan's, those named, or every task with the target's classes.
+
+    ``labelled``: the target is a task the run learned with labels (refused here,
+    before looking for sources, so that the refusal names the actual problem).
+    """
     if plan is not None:
         return list(plan["sources"])
     names = _as_list(sources)
@@ -454,6 +463,11 @@ def _pick_sources(
         raise AdaptationError(
             f"the target {target.name!r} is also a source: adaptation needs a new domain whose "
             "labels it does not use; choose another --target or drop it from --sources"
+        )
+    if labelled:
+        raise AdaptationError(
+            f"the target {target.name!r} is a task the run learned with labels: adaptation "
+            "needs a new domain; choose another --target"
         )
     if not names:
         names = [
