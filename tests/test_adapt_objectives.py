@@ -1,4 +1,4 @@
-"""Pseudo-labelling, sliced Wasserstein, anisotropic target routes and the route diagnosis.
+"""Pseudo-labelling, sliced Wasserstein, anisotropic and averaged target routes, the diagnosis.
 
 Tiny models and hand-made tensors: every test runs in well under a second.
 """
@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from modnet.adapt import (
     AdaptationError,
     add_target_task,
+    average_route,
     diagnose_objectives,
     make_objective,
 )
 from modnet.adapt.objectives import sliced_wasserstein
 from modnet.data import TaskData
+from modnet.routing import SoftRoute
 from tests.conftest import moved_off_init, tiny_conv
 
 SOURCES = ["a", "b"]
@@ -87,6 +89,75 @@ def test_an_anisotropic_target_route_starts_as_the_same_mixture():
     assert model.routes["u"].logits.numel() == model.routes["t"].logits.numel() * (
         model.pool.num_tensors
     )
+
+
+def _with_anisotropic(model, name: str = "c", normalize: str = "softmax", seed: int = 3):
+    """Adds a source ``name`` whose route has one random coefficient per block tensor."""
+    tensors = model.pool.num_tensors
+    generator = torch.Generator().manual_seed(seed)
+    route = SoftRoute(4, 3, tensors, normalize, init="uniform")
+    with torch.no_grad():
+        route.logits.copy_(torch.randn(4, 3, tensors, generator=generator))
+    model.add_task(name, 3, route=route)
+    return model
+
+
+def test_isotropic_and_anisotropic_sources_average_their_template_shares():
+    model = _with_anisotropic(_model())
+    shares = {s: model.routes[s].coefficients().detach() for s in ("a", "b", "c")}
+    assert shares["a"].shape == (4, 3) and shares["c"].shape == (4, 3, model.pool.num_tensors)
+    # an isotropic target: the anisotropic source counts its mean share over the tensors
+    expected = (shares["a"] + shares["b"] + shares["c"].mean(-1)) / 3
+    route = average_route(model, ["a", "b", "c"])
+    assert route.logits.shape == (4, 3)
+    torch.testing.assert_close(route.coefficients(), expected)
+    torch.testing.assert_close(route.coefficients().sum(1), torch.ones(4))
+    # an anisotropic target: every tensor of an isotropic source counts the layer's share
+    expected = (shares["a"].unsqueeze(-1) + shares["c"]) / 2
+    route = average_route(model, ["a", "c"], anisotropic=True)
+    assert route.logits.shape == (4, 3, model.pool.num_tensors)
+    torch.testing.assert_close(route.coefficients(), expected)
+    # every source anisotropic: the average stays anisotropic, as before
+    _with_anisotropic(model, "d", seed=4)
+    both = (shares["c"] + model.routes["d"].coefficients().detach()) / 2
+    torch.testing.assert_close(average_route(model, ["c", "d"]).coefficients(), both)
+    # the target task is added and runs
+    add_target_task(model, "t", 3, ["a", "c"])
+    add_target_task(model, "u", 3, ["a", "c"], anisotropic=True)
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x, task="t").shape == model(x, task="u").shape == (2, 3)
+
+
+def test_linear_sources_of_both_shapes_average_their_coefficients():
+    model = tiny_conv(tasks={"a": 3}, route="linear")
+    with torch.no_grad():
+        model.routes["a"].logits.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    _with_anisotropic(model, "c", normalize="linear")
+    a, c = model.routes["a"].logits.detach(), model.routes["c"].logits.detach()
+    route = average_route(model, ["a", "c"])
+    assert route.normalize == "linear"
+    torch.testing.assert_close(route.coefficients(), (a + c.mean(-1)) / 2)
+    route = average_route(model, ["a", "c"], anisotropic=True)
+    torch.testing.assert_close(route.coefficients(), (a.unsqueeze(-1) + c) / 2)
+
+
+def test_hard_and_soft_sources_average_their_shares_and_other_mixes_are_refused():
+    model = _with_anisotropic(_model())
+    model.add_task("h", 3, route=[0, 2, 1, 0])
+    one_hot = F.one_hot(torch.tensor([0, 2, 1, 0]), 3).float()
+    shares = model.routes["a"].coefficients().detach()
+    aniso = model.routes["c"].coefficients().detach().mean(-1)
+    route = average_route(model, ["a", "h", "c"])
+    torch.testing.assert_close(route.coefficients(), (shares + one_hot + aniso) / 3)
+    model.add_task("l", 3, route=torch.full((4, 3), 0.5))  # a linear route
+    with pytest.raises(
+        AdaptationError, match=r"kinds \['linear', 'softmax'\].*--init SOURCE.*--sources"
+    ):
+        average_route(model, ["a", "l"])
+    hyper = tiny_conv(tasks={"a": 3}, route="hyper")
+    hyper.add_task("s", 3, route=SoftRoute(4, 3))
+    with pytest.raises(AdaptationError, match=r"kinds \['hyper', 'softmax'\].*--init SOURCE"):
+        add_target_task(hyper, "t", 3, ["a", "s"])
 
 
 def _data(name: str, seed: int, shift: float = 0.0) -> TaskData:
