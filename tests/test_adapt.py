@@ -250,23 +250,9 @@ def test_the_adapt_command_trains_an_anisotropic_route_with_sliced_wasserstein(r
     assert results["first_loss"] > 0
 
 
-@pytest.fixture(scope="module")
-def two_label_spaces(tmp_path_factory):
-    """A tiny run of synth_color (6 classes) and synth_size (3): one 3-class task only."""
-    run_dir = tmp_path_factory.mktemp("two_label_spaces") / "run"
-    model = dict(depth=4, width=16, img_size=16, num_templates=3)
-    cfg = tiny_train_config(model, train_limit=256, test_limit=64, epochs=2)
-    train(dataclasses.replace(cfg, tasks=["synth_color", "synth_size"]), run_dir)
-    return run_dir
-
-
-def test_adapt_starts_from_the_average_of_an_anisotropic_and_an_isotropic_source(
-    two_label_spaces, tmp_path, capsys
-):
+def test_adapt_starts_from_the_average_of_an_anisotropic_and_an_isotropic_source(run, capsys):
     from modnet.plot import route_matrix
 
-    run = tmp_path / "run"
-    shutil.copytree(two_label_spaces, run)
     fast = ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--no-progress"]
     assert main(["adapt", str(run), "--target", "synth_size", *fast]) == 2
     err = capsys.readouterr().err
@@ -276,25 +262,19 @@ def test_adapt_starts_from_the_average_of_an_anisotropic_and_an_isotropic_source
     assert main([*args, "--train", "route,norm", *fast]) == 0
     model, _ = io.load_model(run)
     tensors = model.pool.num_tensors
-    iso = route_matrix(model, "synth_size")
+    iso = [route_matrix(model, s) for s in SOURCES]
     aniso = model.routes["synth_size-color"].coefficients().detach()
-    assert iso.shape == (4, 3) and aniso.shape == (4, 3, tensors)
+    assert iso[0].shape == (6, 4) and aniso.shape == (6, 4, tensors)
     # norm_stats trains no route: the targets keep the routes they start with
     keep = ["--objective", "norm_stats", *fast]
     assert main(["adapt", str(run), "--target", "synth_size-noise", *keep]) == 0
-    sources = ["--sources", "synth_size,synth_size-color"]
-    assert (
-        main(["adapt", str(run), "--target", "synth_size-bg", *sources, "--anisotropic", *keep])
-        == 0
-    )
+    sources = ["--sources", "synth_size,synth_size-color", "--anisotropic"]
+    assert main(["adapt", str(run), "--target", "synth_size-bg-noise", *sources, *keep]) == 0
     model, manifest = io.load_model(run)
-    assert manifest["tasks"]["synth_size-noise"]["adapted_from"] == [
-        "synth_size",
-        "synth_size-color",
-    ]
+    assert manifest["tasks"]["synth_size-noise"]["adapted_from"] == [*SOURCES, "synth_size-color"]
     route = model.routes["synth_size-noise"].coefficients().detach()
-    assert route.shape == (4, 3)
-    torch.testing.assert_close(route, (iso + aniso.mean(-1)) / 2)
-    route = model.routes["synth_size-bg"].coefficients().detach()
-    assert route.shape == (4, 3, tensors)
-    torch.testing.assert_close(route, (iso.unsqueeze(-1) + aniso) / 2)
+    assert route.shape == (6, 4)
+    torch.testing.assert_close(route, (iso[0] + iso[1] + aniso.mean(-1)) / 3)
+    route = model.routes["synth_size-bg-noise"].coefficients().detach()
+    assert route.shape == (6, 4, tensors)
+    torch.testing.assert_close(route, (iso[0].unsqueeze(-1) + aniso) / 2)
