@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, ModnetError
 from .routing import NORMALIZATIONS, ROUTE_KINDS
 
 # option: (kind, low, high); kind "int" or "float"; bounds inclusive, None for open.
@@ -75,7 +76,7 @@ def check_model_options(model: str, options: Mapping[str, Any]) -> None:
         elif key in BOOLEAN and not isinstance(value, bool):
             raise ConfigError(f"model option {key} must be True or False, got {value!r}")
         elif key == "route_options":
-            _check_route_options(value, options)
+            _check_route_options(model, value, options)
     _check_hyper_options(options)
     _check_divisible(model, options)
 
@@ -131,7 +132,7 @@ def _check_hyper_options(options: Mapping[str, Any]) -> None:
             )
 
 
-def _check_route_options(value: Any, options: Mapping[str, Any]) -> None:
+def _check_route_options(model: str, value: Any, options: Mapping[str, Any]) -> None:
     from .model import _check_route_options as check
 
     if not isinstance(value, Mapping):
@@ -139,10 +140,23 @@ def _check_route_options(value: Any, options: Mapping[str, Any]) -> None:
             f"model option route_options must be a dict such as {{'temperature': 0.5}}, "
             f"got {value!r}"
         )
-    count = options.get("num_templates") or value.get("top_k") or 1
+    resolve, _ = _resolver(model, options)
+    count = resolve("num_templates")
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+        count = None  # a family without a pool size: top_k is checked when it is built
+    top_k = value.get("top_k")
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        or (count is not None and top_k > count)
+    ):  # fmt: skip
+        accepted = f"in 1..num_templates={count}" if count else ">= 1"
+        raise ConfigError(
+            f"model option route_options: top_k must be an integer {accepted} (the templates "
+            f"each layer keeps), got {top_k!r}"
+        )
     try:
-        check(options.get("route", "softmax"), value, count)
-    except ValueError as error:
+        check(options.get("route", "softmax"), value, count or top_k or 1)
+    except (ValueError, TypeError) as error:
         raise ConfigError(f"model option route_options: {error}") from None
 
 
@@ -169,16 +183,76 @@ def create_model(model: str, options: Mapping[str, Any]) -> nn.Module:
     return timm_create(model, options)
 
 
+def check_model_builds(model: str, options: Mapping[str, Any]) -> None:
+    """``create_model`` once, its result discarded (and the random state kept), so that
+    a value only the model's construction refuses (``act=nosuch``) is named before any
+    work starts. Nothing is built without ``options``: the model's defaults build.
+
+    Raises:
+        ConfigError: As ``create_model``.
+    """
+    if not options:
+        check_model_options(model, options)
+        return
+    with torch.random.fork_rng(devices=[]):
+        create_model(model, options)
+
+
 def timm_create(model: str, options: Mapping[str, Any]) -> nn.Module:
     """``timm.create_model(model, **options)`` for any registered model, an option the
-    model does not know turned into a one-line ``ConfigError``."""
+    model does not know, or a value that its construction refuses, turned into a
+    one-line ``ConfigError``.
+
+    A failure is the options' fault only if the model builds without them; otherwise
+    (a bug in the model itself) it keeps its traceback.
+    """
     try:
         return timm.create_model(model, **dict(options))
-    except TypeError as error:
-        if "unexpected keyword argument" not in str(error):
+    except ModnetError:
+        raise
+    except BUILD_ERRORS as error:
+        if isinstance(error, TypeError) and "unexpected keyword argument" in str(error):
+            found = re.search(r"argument '(\w+)'", str(error))
+            name = found.group(1) if found else str(error)
+            raise ConfigError(
+                f"unknown model option {name!r} for {model}: check its spelling "
+                "(--model-arg KEY=VALUE)"
+            ) from None
+        if not options or not _builds_without_options(model):
             raise
-        found = re.search(r"argument '(\w+)'", str(error))
-        name = found.group(1) if found else str(error)
-        raise ConfigError(
-            f"unknown model option {name!r} for {model}: check its spelling (--model-arg KEY=VALUE)"
-        ) from None
+        raise ConfigError(_refused_message(model, options, error)) from error
+
+
+# What a model's construction raises for a value it refuses (timm's ``get_act_layer``
+# a KeyError for an unknown activation, a family a ValueError or an assertion, ...).
+BUILD_ERRORS = (
+    KeyError, ValueError, TypeError, AssertionError, AttributeError, IndexError, RuntimeError,
+    NotImplementedError,
+)  # fmt: skip
+
+
+def _builds_without_options(model: str) -> bool:
+    try:
+        timm.create_model(model)
+    except Exception:
+        return False
+    return True
+
+
+def _refused_message(model: str, options: Mapping[str, Any], error: BaseException) -> str:
+    """Names the options the error mentions (every option given if it names none)."""
+    text = " ".join(str(error).split())
+    named = [
+        key
+        for key, value in options.items()
+        if re.search(rf"\b{re.escape(key)}\b", text)
+        or (isinstance(value, str) and value and value in text)
+    ] or list(options)
+    given = ", ".join(f"{key}={options[key]!r}" for key in named)
+    which = "option" if len(named) == 1 else "options"
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return (
+        f"{model} cannot be built with the model {which} {given} ({type(error).__name__}: "
+        f"{text}): give another value (--model-arg KEY=VALUE)"
+    )

@@ -5,6 +5,7 @@ import errno
 import importlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +327,54 @@ def test_ctrl_c_is_one_line_and_says_how_a_run_resumes(command, expected, capsys
     argv = [command, "runs/x"] if command == "eval" else [command]
     assert main(argv) == 130
     assert capsys.readouterr().err.splitlines() == [expected]
+
+
+# ------------------------------------------------ model values, output paths, file kinds
+# no num_templates given: top_k is checked against the model's own (4)
+SMALL = ["train", "--tasks", "synth_color", "--model-arg", "depth=2", "width=8", "img_size=16"]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("route_options={'top_k': 9}", "model option route_options: top_k must be an integer "
+         "in 1..num_templates=4 (the templates each layer keeps), got 9"),
+        ("route_options={'top_k': 2.5}", "model option route_options: top_k must be an integer "
+         "in 1..num_templates=4 (the templates each layer keeps), got 2.5"),
+        ("act=nosuch", "modnet_conv_tiny cannot be built with the model option act='nosuch' "
+         "(KeyError: 'nosuch'): give another value (--model-arg KEY=VALUE)"),
+    ],
+)  # fmt: skip
+def test_a_value_the_model_refuses_is_one_line_before_any_work(tmp_path, capsys, value, message):
+    out = tmp_path / "run"
+    assert main([*SMALL, "--model-arg", value, *FAST, "--out", str(out)]) == 2
+    assert one_line_error(capsys, "train") == f"modnet train: error: {message}"
+    assert not out.exists()
+
+
+def test_a_value_the_model_refuses_leaves_an_existing_run_and_bench_alone(
+    finished,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = io.latest_checkpoint(run)
+    assert main([*train_args(run), "--overwrite", "--model-arg", "act=nosuch"]) == 2
+    assert "cannot be built with the model option act='nosuch'" in one_line_error(capsys, "train")
+    assert io.latest_checkpoint(run) == before  # --overwrite cleared nothing
+    bench = ["bench", "--model", "modnet_conv_tiny", "--batch-size", "2", "--rounds", "1"]
+    assert main([*bench, "--warmup", "0", "--model-arg", "act=nosuch"]) == 2
+    assert one_line_error(capsys, "bench") == (
+        "modnet bench: error: modnet_conv_tiny cannot be built with the model option "
+        "act='nosuch' (KeyError: 'nosuch'): give another value (--model-arg KEY=VALUE)"
+    )
+
+    # a model that fails to build whatever its options is a bug: it keeps its traceback
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in the family")
+
+    monkeypatch.setattr("modnet.options.timm.create_model", broken)
+    with pytest.raises(KeyError, match="a bug in the family"):
+        main([*SMALL, "--model-arg", "act=gelu", *FAST, "--out", str(tmp_path / "other")])

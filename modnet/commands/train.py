@@ -64,10 +64,13 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..options import check_model_builds
     from ..train import TrainConfig, train
 
     resolved = options(args)
-    result = train(TrainConfig(**resolved), args.out, overwrite=args.overwrite)
+    config = TrainConfig(**resolved)
+    check_model_builds(config.model, config.model_kwargs)
+    result = train(config, args.out, overwrite=args.overwrite)
     if result.is_main:
         save_config(result.run_dir, "train", resolved, "train")
     print_summary(result)
