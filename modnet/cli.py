@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import os
 import pkgutil
@@ -55,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs a subcommand.
 
-    Problems with the user's input (``ModnetError``, argument errors) and a full disk
-    end as one line on stderr with exit code 2, Ctrl-C as one line with exit code 130;
+    Problems with the user's input (``ModnetError``, argument errors), a full disk and
+    a path the file system refuses (through a file, no permission, read-only) end as
+    one line on stderr with exit code 2, Ctrl-C as one line with exit code 130;
     anything else is a bug or a failure of a library and keeps its traceback. Set
     ``MODNET_DEBUG=1`` to see the traceback of a user error too.
     """
@@ -133,12 +135,28 @@ def _silence_stdout() -> None:
 def _is_user_error(error: BaseException) -> bool:
     from .io.fs import disk_full
 
-    return isinstance(error, ModnetError) or disk_full(error)
+    return isinstance(error, ModnetError) or disk_full(error) or _path_refused(error)
+
+
+# What the file system says of a path it will not let this process use: a path
+# through a file, a missing permission, a read-only file system. The commands check
+# their output paths first (``check_writable``); this is the last resort.
+PATH_ERRNOS = (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _path_refused(error: BaseException) -> bool:
+    return (
+        isinstance(error, OSError)
+        and error.errno in PATH_ERRNOS
+        and bool(getattr(error, "filename", None))
+    )
 
 
 def _message(error: BaseException) -> str:
     if isinstance(error, ModnetError):
         return str(error)
+    if _path_refused(error):
+        return f"cannot use {error.filename} ({error.strerror}): check the path or choose another"
     where = f" while writing {error.filename}" if getattr(error, "filename", None) else ""
     return f"no space left on device{where}: free some space or write elsewhere"
 

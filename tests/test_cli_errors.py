@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -378,3 +379,69 @@ def test_a_value_the_model_refuses_leaves_an_existing_run_and_bench_alone(
     monkeypatch.setattr("modnet.options.timm.create_model", broken)
     with pytest.raises(KeyError, match="a bug in the family"):
         main([*SMALL, "--model-arg", "act=gelu", *FAST, "--out", str(tmp_path / "other")])
+
+
+def test_an_output_path_that_cannot_be_created_is_refused_before_any_work(
+    finished,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    inside = f"{afile} is a file, not a folder: choose a path that is not inside {afile}"
+    for command, argv, option, path in [
+        ("routes", ["routes", str(finished)], "--out", afile / "sub"),
+        ("plot", ["plot", str(finished)], "--out", afile / "sub"),
+        ("train", train_args(tmp_path / "unused")[:-2], "--out", afile / "sub"),
+        ("export", ["export", str(finished), "--task", "synth_color"], "--out", afile / "x.pt2"),
+        ("export", ["export", str(finished), "--task", "synth_color", "--format",
+                    "safetensors"], "--out", afile / "x"),
+        ("bench", ["bench", "--model", "modnet_conv_tiny", "--batch-size", "2", "--rounds",
+                   "1", "--warmup", "1"], "--results-file", afile / "x.csv"),
+    ]:  # fmt: skip
+        started = time.perf_counter()
+        assert main([*argv, option, str(path)]) == 2, command
+        assert time.perf_counter() - started < 1.0, command  # nothing trained or measured
+        captured = capsys.readouterr()
+        assert captured.out == "", command
+        assert captured.err == (
+            f"modnet {command}: error: {option} {path} cannot be created: {inside}\n"
+        )
+    assert main([*train_args(afile)]) == 2
+    assert one_line_error(capsys, "train") == (
+        f"modnet train: error: --out {afile} is a file, not a folder: choose another --out"
+    )
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    if Path("/proc/self").is_dir():  # a folder in which nothing can be created
+        assert main(["routes", str(finished), "--out", "/proc/nope"]) == 2
+        assert one_line_error(capsys, "routes") == (
+            "modnet routes: error: --out /proc/nope cannot be written: nothing can be created "
+            "in /proc (No such file or directory): choose a folder you can write to"
+        )
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    from modnet.commands._options import check_writable
+
+    assert check_writable(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
+    assert check_writable(tmp_path) == tmp_path
+    assert list(tmp_path.iterdir()) == []  # its trial folder is gone
+
+
+def test_a_path_the_file_system_refuses_is_one_line_as_a_last_resort(capsys, monkeypatch):
+    def refused(args):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", "afile/sub")
+
+    monkeypatch.setattr(importlib.import_module("modnet.commands.discard"), "run", refused)
+    assert main(["discard", "runs/x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "modnet discard: error: cannot use afile/sub (Not a directory): check the path or "
+        "choose another"
+    ]
+
+    def missing(args):  # a missing file may be modnet's own: a bug keeps its traceback
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    monkeypatch.setattr(importlib.import_module("modnet.commands.discard"), "run", missing)
+    with pytest.raises(FileNotFoundError):
+        main(["discard", "runs/x"])

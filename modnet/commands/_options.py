@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import os
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -343,16 +346,20 @@ def _default(name: str) -> str:
 
 
 def refuse_replacing(paths: Iterable[Path], overwrite: bool, option: str = "--out") -> None:
-    """Refuses, before any work, to replace a file the user pointed ``option`` at.
+    """Refuses, before any work, to replace a file the user pointed ``option`` at, or
+    to write one where it cannot be created (``check_writable``).
 
     A command's default outputs live in the run directory and are modnet's own; a
     file at a place the user chose may be theirs, so it is replaced only with
     ``--overwrite``.
 
     Raises:
-        ConfigError: Naming the first of ``paths`` that exists.
+        ConfigError: Naming the first of ``paths`` that exists or cannot be written.
     """
-    existing = [] if overwrite else [p for p in map(Path, paths) if p.exists()]
+    paths = list(map(Path, paths))
+    for folder in dict.fromkeys(p.parent for p in paths):
+        check_writable(folder, option, shown=next(p for p in paths if p.parent == folder))
+    existing = [] if overwrite else [p for p in paths if p.exists()]
     if existing:
         raise ConfigError(
             f"{existing[0]} already exists: choose another {option}, or pass --overwrite "
@@ -385,6 +392,8 @@ def figure_folder(
     from ..plot import CURVES_PNG, route_files
 
     folder = check_folder(out) if out else Path(run_dir)
+    if not out and folder.is_dir():  # a missing run is named when it is read
+        check_writable(folder, "run directory", fix="pass --out FOLDER to write them elsewhere")
     run_outputs = not out and io.is_run_dir(folder)
     files = [] if run_outputs and not tasks else list(route_files(folder, tasks))
     if curves and not run_outputs:
@@ -397,12 +406,83 @@ def check_folder(out: str | Path) -> Path:
     """``--out`` of commands that write several files into a folder, checked first.
 
     Raises:
-        ConfigError: ``out`` is a file, or is named like one (``figs/routes.png``).
+        ConfigError: ``out`` is a file, or is named like one (``figs/routes.png``), or
+            cannot be created or written (``check_writable``).
     """
     out = Path(out)
     if out.is_file() or (not out.exists() and out.suffix.lower() in FILE_SUFFIXES):
         raise ConfigError(f"--out {out} is a file name: give the folder the files are written into")
-    return out
+    return check_writable(out)
+
+
+def check_writable(
+    folder: str | Path,
+    option: str = "--out",
+    shown: str | Path | None = None,
+    fix: str = "choose a folder you can write to",
+) -> Path:
+    """Refuses, before any work, a folder that outputs cannot be written into.
+
+    The folder, or where it does not exist yet its nearest existing ancestor, must be
+    a folder in which this process can create entries: it is tried by creating (and
+    removing) an empty hidden folder there, which also catches what permission bits
+    do not say (a read-only file system, ``/proc``, a user that bypasses them).
+
+    Args:
+        folder: Where the outputs go (created with its parents if missing).
+        option: The option that named it, for the message (``--out``).
+        shown: The path the user gave, if not ``folder`` (a file inside it).
+        fix: What to do when nothing can be created there.
+
+    Returns:
+        ``folder`` as a ``Path``.
+
+    Raises:
+        ConfigError: The nearest existing ancestor is a file (or not a folder), or
+            nothing can be created in it; the message names both paths and the fix.
+    """
+    folder = Path(folder)
+    shown = folder if shown is None else Path(shown)
+    ancestor = next(
+        (p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), Path(".")
+    )
+    kind = "a file" if ancestor.is_file() else "not a folder"
+    if not ancestor.is_dir() and ancestor == shown:
+        raise ConfigError(f"{option} {shown} is {kind}, not a folder: choose another {option}")
+    if not ancestor.is_dir():
+        raise ConfigError(
+            f"{option} {shown} cannot be created: {ancestor} is {kind}, not a folder: "
+            f"choose a path that is not inside {ancestor}"
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=".modnet-write-test-", dir=ancestor)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(
+            f"{option} {shown} cannot be written: nothing can be created in {ancestor} "
+            f"({reason}): {fix}"
+        ) from None
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
+    return folder
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """The run directory ``transfer`` / ``adapt`` add a task to, checked before any work:
+    not a file, and writable where it exists (a missing run is named when it is read).
+
+    Raises:
+        ConfigError: ``run_dir`` is a file, or nothing can be created in it.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(
+            f"{run_dir} is a file, not a run directory: give the folder that "
+            "`modnet train --out` wrote"
+        )
+    if run_dir.is_dir():
+        check_writable(run_dir, "run directory", fix="copy the run to a folder you can write to")
+    return run_dir
 
 
 FILE_SUFFIXES = (".png", ".txt", ".pdf", ".svg", ".jpg", ".csv", ".json")

@@ -10,6 +10,7 @@ from ._options import (
     TRAIN_FIELDS,
     add_config_option,
     add_training_options,
+    check_run_dir,
     parse_key_values,
     save_config,
     training_options,
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adapt import adapt, summary_lines
     from ..train import TrainConfig
 
+    check_run_dir(args.run_dir)
     resolved = options(args)
     own = {k: resolved.pop(k) for k in DEFAULTS}
     result = adapt(

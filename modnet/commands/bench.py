@@ -194,16 +194,16 @@ def check_options(args: argparse.Namespace) -> tuple[torch.device, bm.Precision,
             f"--device {args.device!r} is not a device: use cpu or cuda (cuda:N)"
         ) from None
     precision = bm.Precision.parse(args.precision)
-    kwargs = parse_kwargs(args.model_kwargs)
-    for name in dict.fromkeys(args.model):
-        check_model(name, args, kwargs)
-    if args.results_file is not None:
+    if args.results_file is not None:  # before the models are built: it costs nothing
         if args.results_file.suffix.lower() not in (".csv", ".json"):
             raise ConfigError(
                 f"--results-file {args.results_file} must end in .csv or .json: the suffix "
                 "picks the format"
             )
         check_results_file(args.results_file, args.overwrite)
+    kwargs = parse_kwargs(args.model_kwargs)
+    for name in dict.fromkeys(args.model):
+        check_model(name, args, kwargs)
     return device, precision, kwargs
 
 
@@ -253,7 +253,8 @@ def check_model(name: str, args: argparse.Namespace, kwargs: dict[str, Any]) -> 
 
 
 def check_results_file(path: Path, overwrite: bool) -> None:
-    """Refuses a results file that exists, unless ``--overwrite`` says to replace it."""
+    """Refuses a results file that exists, unless ``--overwrite`` says to replace it, or
+    one that cannot be created (a file on its path, a folder it cannot be written in)."""
     if path.is_dir():
         raise ConfigError(f"--results-file {path} is a directory: give a .csv or .json file")
     refuse_replacing([path], overwrite, "--results-file")

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, RunDirError
     from ..export import SAFE_CONFIG, SAFE_WEIGHTS, save_exported, save_safe
     from ..io import load_model, partly_trained
-    from ._options import refuse_replacing
+    from ._options import check_writable, refuse_replacing
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.out:
         if Path(args.out).is_file():
             raise ConfigError(f"--out {args.out} is a file: --format safetensors writes a folder")
+        check_writable(args.out)
         refuse_replacing([Path(args.out) / n for n in (SAFE_WEIGHTS, SAFE_CONFIG)], args.overwrite)
     model, manifest = load_model(args.run_dir, tasks=[args.task])
     partly = partly_trained(args.run_dir, manifest, [args.task])

@@ -66,7 +66,9 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from ..options import check_model_builds
     from ..train import TrainConfig, train
+    from ._options import check_writable
 
+    check_writable(args.out)
     resolved = options(args)
     config = TrainConfig(**resolved)
     check_model_builds(config.model, config.model_kwargs)

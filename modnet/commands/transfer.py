@@ -10,6 +10,7 @@ from ._options import (
     TRAIN_FIELDS,
     add_config_option,
     add_training_options,
+    check_run_dir,
     save_config,
     training_options,
 )
@@ -92,6 +93,7 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, transfer
 
+    check_run_dir(args.run_dir)
     resolved = options(args)
     own = {k: resolved.pop(k) for k in DEFAULTS}
     result = transfer(
