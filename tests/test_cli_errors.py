@@ -445,3 +445,25 @@ def test_a_path_the_file_system_refuses_is_one_line_as_a_last_resort(capsys, mon
     monkeypatch.setattr(importlib.import_module("modnet.commands.discard"), "run", missing)
     with pytest.raises(FileNotFoundError):
         main(["discard", "runs/x"])
+
+
+def test_a_file_given_for_a_run_a_data_root_or_an_archive_is_named_a_file(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not data")
+    assert main(["transfer", str(afile), "--task", "synth_shape", *FAST]) == 2
+    assert one_line_error(capsys, "transfer") == (
+        f"modnet transfer: error: {afile} is a file, not a run directory: give the folder "
+        "that `modnet train --out` wrote"
+    )
+    out = tmp_path / "run"
+    assert main([*train_args(out), "--tasks", "mnist", "--data-root", str(afile)]) == 2
+    assert f"the data root {afile} is a file, not a folder: pass --data-root DIR" in (
+        one_line_error(capsys, "train")
+    )
+    assert main([*train_args(out), "--tasks", f"npz:{afile}"]) == 2
+    assert one_line_error(capsys, "train") == (
+        f"modnet train: error: cannot read {afile} as an npz archive: it is not one (not a zip "
+        "file of arrays): write it with numpy.savez(path, train_x=..., train_y=..., "
+        "test_x=..., test_y=...)"
+    )
+    assert not out.exists()

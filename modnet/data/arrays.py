@@ -51,6 +51,11 @@ def load_npz(
             f"no npz file at {path}: check the path (relative paths are read from the current "
             "folder, then from the data root)"
         )
+    if not zipfile.is_zipfile(path):  # np.load would try it as .npy or a pickle
+        raise DataError(
+            f"cannot read {path} as an npz archive: it is not one (not a zip file of arrays): "
+            "write it with numpy.savez(path, train_x=..., train_y=..., test_x=..., test_y=...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}

@@ -128,6 +128,11 @@ def load_root_dataset(name: str, options: LoadOptions) -> TaskData:
             f"{_fetch_hint(dataset)}"
         )
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"the data root {root} is a file, not a folder: {ROOT_HINT} to the folder that "
+            f"holds {wanted} (and the rest of {dataset.title}'s files)"
+        )
     present = bool(dataset.files) and all((root / f).is_file() for f in dataset.files)
     if present or (dataset.torchvision and options.download and not _first_npz(root, dataset)):
         return _load_torchvision(dataset, root, options)
