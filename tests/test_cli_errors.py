@@ -409,7 +409,7 @@ def test_an_output_path_that_cannot_be_created_is_refused_before_any_work(
         )
     assert main([*train_args(afile)]) == 2
     assert one_line_error(capsys, "train") == (
-        f"modnet train: error: --out {afile} is a file, not a folder: choose another --out"
+        f"modnet train: error: {afile} is a file, not a run directory: choose another --out"
     )
     assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     if Path("/proc/self").is_dir():  # a folder in which nothing can be created

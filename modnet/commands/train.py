@@ -64,10 +64,12 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import check_run_target
     from ..options import check_model_builds
     from ..train import TrainConfig, train
     from ._options import check_writable
 
+    check_run_target(args.out)  # a file, or a folder modnet did not write
     check_writable(args.out)
     resolved = options(args)
     config = TrainConfig(**resolved)
