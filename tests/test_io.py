@@ -72,9 +72,12 @@ def test_saving_never_replaces_what_modnet_did_not_write(tmp_path, monkeypatch):
         io.save_model(model, mine)
     with pytest.raises(io.CheckpointError, match=r"keep.txt is a file, not a model directory"):
         io.save_model(model, mine / "inner" / "keep.txt")
-    monkeypatch.chdir(mine)
-    with pytest.raises(io.CheckpointError, match=r"mine holds inner, which modnet did not write"):
-        io.save_model(model, ".")
+    with pytest.raises(io.CheckpointError, match=r"keep.txt is a file, not a folder: choose a"):
+        io.save_model(model, mine / "inner" / "keep.txt" / "m")
+    monkeypatch.chdir(mine / "inner")
+    for here in (".", "..", str(mine / "inner")):
+        with pytest.raises(io.CheckpointError, match=r"is the current folder \(or holds it\)"):
+            io.save_model(model, here)
     assert (mine / "inner" / "keep.txt").read_text() == "mine"
     # a model directory modnet wrote is replaced, but not with a file of the user's in it
     io.save_model(model, tmp_path / "m")

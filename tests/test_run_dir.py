@@ -106,6 +106,25 @@ def test_overwrite_replaces_a_damaged_run_and_only_what_modnet_wrote(run_copy, c
     assert set(json.loads((run_copy / "results.json").read_text())) == {"train"}
 
 
+def test_overwrite_with_data_that_cannot_be_loaded_leaves_the_run_as_it_was(run_copy, capsys):
+    before = sorted(p.relative_to(run_copy) for p in run_copy.rglob("*"))
+    for tasks in ("synth_color,nosuchtask", "npz:nowhere.npz"):
+        argv = ["train", "--tasks", tasks, *TINY, *FAST, "--out", str(run_copy), "--overwrite"]
+        assert main(argv) == 2
+        assert "modnet train: error:" in capsys.readouterr().err
+        assert sorted(p.relative_to(run_copy) for p in run_copy.rglob("*")) == before
+
+
+def test_save_model_never_replaces_a_run_or_its_checkpoints(run_copy):
+    model, _ = io.load_model(run_copy)
+    latest = io.latest_checkpoint(run_copy)
+    with pytest.raises(CheckpointError, match=r"run is a modnet run directory: save the model"):
+        io.save_model(model, run_copy)
+    with pytest.raises(CheckpointError, match=f"{latest.name} is a checkpoint of the run"):
+        io.save_model(model, latest)
+    assert io.load_trainer_state(latest) is not None
+
+
 def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
     target = tmp_path / "file.txt"
     target.write_text("keep")

@@ -31,6 +31,7 @@ import yaml
 from .. import io
 from ..data import portable_spec
 from ..errors import ConfigError
+from ..io.fs import existing_ancestor
 from ..train.config import OPTIMIZERS, PRECISIONS, TrainConfig
 from ..train.schedule import MIXING_MODES
 from ..train.tracking import LOGGERS, check_logger
@@ -443,9 +444,7 @@ def check_writable(
     """
     folder = Path(folder)
     shown = folder if shown is None else Path(shown)
-    ancestor = next(
-        (p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), Path(".")
-    )
+    ancestor = existing_ancestor(folder)
     kind = "a file" if ancestor.is_file() else "not a folder"
     if not ancestor.is_dir() and ancestor == shown:
         raise ConfigError(f"{option} {shown} is {kind}, not a folder: choose another {option}")

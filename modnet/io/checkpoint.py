@@ -41,6 +41,7 @@ from .fs import (
     OLD_MARK,
     TMP_MARK,
     disk_full_names,
+    existing_ancestor,
     follow_umask,
     fsync_path,
     fsync_tree,
@@ -181,9 +182,17 @@ def save_model(
         DiskFullError: The device is full (the message names the directory).
     """
     directory = Path(directory)
-    if directory.name in ("", ".", ".."):  # the folder's own name, for its siblings' names
-        directory = directory.resolve()
     _check_replaceable(directory)
+    return _save_model_dir(model, directory, task_info, extra)
+
+
+def _save_model_dir(
+    model: ModularNet,
+    directory: Path,
+    task_info: Mapping[str, Mapping[str, Any]] | None,
+    extra: Mapping[str, Any] | None,
+) -> Path:
+    """``save_model`` without its checks: also replaces a run's checkpoint (``io.run``)."""
     tmp = directory.with_name(f".{directory.name}{TMP_MARK}{os.getpid()}")
     with disk_full_names(directory):
         try:
@@ -197,6 +206,30 @@ def save_model(
 
 def _check_replaceable(directory: Path) -> None:
     """Refuses a target ``save_model`` must not replace (see its docstring)."""
+    from .run import CHECKPOINTS, is_run_dir
+
+    ancestor = existing_ancestor(directory)
+    if ancestor != directory and not ancestor.is_dir():
+        raise CheckpointError(
+            f"{directory} cannot be created: {ancestor} is a file, not a folder: choose a path "
+            f"that is not inside {ancestor}"
+        )
+    here = Path.cwd().resolve()
+    if directory.resolve() in (here, *here.parents):
+        raise CheckpointError(
+            f"{directory} is the current folder (or holds it): save_model replaces its folder "
+            "as a whole, so give it a folder of its own, such as model/"
+        )
+    if directory.is_dir() and is_run_dir(directory):
+        raise CheckpointError(
+            f"{directory} is a modnet run directory: save the model to a new or empty folder "
+            "(a run's checkpoints are written by its training)"
+        )
+    if directory.parent.name == CHECKPOINTS and is_run_dir(directory.parent.parent):
+        raise CheckpointError(
+            f"{directory} is a checkpoint of the run {directory.parent.parent}: save the model "
+            "to a new or empty folder (a run's checkpoints are written by its training)"
+        )
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(
             f"{directory} is a file, not a model directory: save the model to a new or empty folder"

@@ -97,6 +97,13 @@ def follow_umask(path: Path) -> None:
         os.chmod(path, FILE_MODE)
 
 
+def existing_ancestor(path: str | Path) -> Path:
+    """``path`` itself if it exists, else its nearest ancestor that does (a link
+    counts, even a broken one): where creating ``path`` would start."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), Path("."))
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Writes ``path`` through ``write(tmp_path)``, flushes it and renames it into place.
 

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import CheckpointError, RunDirError
 from ..model import ModularNet
-from .checkpoint import FORMAT, MANIFEST, TRAINER_STATE, save_model
+from .checkpoint import FORMAT, MANIFEST, TRAINER_STATE, _save_model_dir
 from .fs import (
     LOCK_FILE,
     LOCK_INFO,
@@ -303,7 +303,7 @@ def save_checkpoint(
         done=bool(state.get("done", True)),
     )
     target = run_dir / CHECKPOINTS / name
-    save_model(model, target, task_info, {**dict(extra or {}), "checkpoint": record})
+    _save_model_dir(model, target, task_info, {**dict(extra or {}), "checkpoint": record})
     if trainer_state is not None:
         atomic_write(target / TRAINER_STATE, lambda tmp: torch.save(dict(trainer_state), tmp))
     atomic_write_text(run_dir / LATEST, name + "\n")

@@ -160,12 +160,24 @@ def train(
     check_model_options(config.model, config.model_kwargs)
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
+    fresh = None
+    if overwrite:  # what can refuse the new run (its data), before the old one is removed
+        io.check_run_target(run_dir)
+        fresh = _fresh_start(config)
     with io.open_run(run_dir, "modnet train", overwrite=overwrite, enabled=ctx.is_main):
         barrier(ctx)
-        return _train(config, run_dir, ctx)
+        return _train(config, run_dir, ctx, fresh)
 
 
-def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
+def _fresh_start(config: TrainConfig) -> tuple[ModularNet, list[str], dict[str, TaskData]]:
+    """A new run's model (seeded by ``config.seed``), its dataset specs and their data."""
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, config.model_kwargs)
+    specs = list(config.tasks or SYNTHETIC_DEFAULT_TASKS)
+    return model, specs, load_data(specs, model, config)
+
+
+def _train(config: TrainConfig, run_dir: Path, ctx, fresh=None) -> TrainResult:
     latest, state = io.run_state(run_dir, repair=ctx.is_main)
     io.refuse_other_phase(run_dir, state, "train")
     if latest is not None:
@@ -189,10 +201,10 @@ def _train(config: TrainConfig, run_dir: Path, ctx) -> TrainResult:
             return _complete_outputs(run_dir, "train", model, state, latest, ctx, ALL_PARTS)
     else:
         state = None
-        torch.manual_seed(config.seed)
-        model = create_model(config.model, config.model_kwargs)
-        specs = list(config.tasks or SYNTHETIC_DEFAULT_TASKS)
-    data = load_data(specs, model, config)
+    if state is None:
+        model, specs, data = fresh or _fresh_start(config)
+    else:
+        data = load_data(specs, model, config)
     if state is None:
         for name, task in data.items():
             model.add_task(name, task.num_classes)
