@@ -146,8 +146,15 @@ def test_eval_of_a_model_saved_without_datasets_asks_for_them(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "saved")]) == 2
     assert capsys.readouterr().err == (
         f"modnet eval: error: {tmp_path / 'saved'} records no dataset for task 'a' (a model "
-        "saved without task_info): pass --data a=SPEC\n"
+        "saved without task_info): pass --data a=SPEC, or save it with "
+        "io.save_model(..., task_info=manifest['tasks']) from io.load_model\n"
     )
     argv = ["eval", str(tmp_path / "saved"), "--data", "a=synth_shape", "--test-limit", "8"]
     assert main([*argv, "--json"]) == 0
-    assert 0.0 <= json.loads(capsys.readouterr().out)["a"] <= 1.0
+    out, err = capsys.readouterr()
+    assert 0.0 <= json.loads(out)["a"] <= 1.0
+    assert err == (
+        "modnet: a: no preprocessing recorded (a model saved without task_info): scored with "
+        "the given data's own statistics and seed 0, which may differ from how the task was "
+        "trained\n"
+    )

@@ -84,7 +84,15 @@ def run(args: argparse.Namespace) -> int:
     if unrecorded:
         raise ConfigError(
             f"{args.run_dir} records no dataset for task {unrecorded[0]!r} (a model saved "
-            f"without task_info): pass --data {unrecorded[0]}=SPEC"
+            f"without task_info): pass --data {unrecorded[0]}=SPEC, or save it with "
+            "io.save_model(..., task_info=manifest['tasks']) from io.load_model"
+        )
+    unknown_preprocessing = [n for n in specs if not manifest["tasks"][n].get("transform")]
+    if unknown_preprocessing:
+        io.run.note(
+            f"{', '.join(unknown_preprocessing)}: no preprocessing recorded (a model saved "
+            "without task_info): scored with the given data's own statistics and seed 0, "
+            "which may differ from how the task was trained"
         )
     partly = io.partly_trained(args.run_dir, manifest, model.task_names)
     if partly:
