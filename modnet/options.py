@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 from .errors import ConfigError, ModnetError
@@ -181,21 +180,6 @@ def create_model(model: str, options: Mapping[str, Any]) -> nn.Module:
     """
     check_model_options(model, options)
     return timm_create(model, options)
-
-
-def check_model_builds(model: str, options: Mapping[str, Any]) -> None:
-    """``create_model`` once, its result discarded (and the random state kept), so that
-    a value only the model's construction refuses (``act=nosuch``) is named before any
-    work starts. Nothing is built without ``options``: the model's defaults build.
-
-    Raises:
-        ConfigError: As ``create_model``.
-    """
-    if not options:
-        check_model_options(model, options)
-        return
-    with torch.random.fork_rng(devices=[]):
-        create_model(model, options)
 
 
 def timm_create(model: str, options: Mapping[str, Any]) -> nn.Module:

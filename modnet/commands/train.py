@@ -65,16 +65,13 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import check_run_target
-    from ..options import check_model_builds
     from ..train import TrainConfig, train
     from ._options import check_writable
 
     check_run_target(args.out)  # a file, or a folder modnet did not write
     check_writable(args.out)
     resolved = options(args)
-    config = TrainConfig(**resolved)
-    check_model_builds(config.model, config.model_kwargs)
-    result = train(config, args.out, overwrite=args.overwrite)
+    result = train(TrainConfig(**resolved), args.out, overwrite=args.overwrite)
     if result.is_main:
         save_config(result.run_dir, "train", resolved, "train")
     print_summary(result)

@@ -160,9 +160,12 @@ def train(
     check_model_options(config.model, config.model_kwargs)
     run_dir = Path(run_dir)
     ctx = init_distributed(config.device)
+    io.check_run_target(run_dir)
     fresh = None
-    if overwrite:  # what can refuse the new run (its data), before the old one is removed
-        io.check_run_target(run_dir)
+    if overwrite or not io.modnet_checkpoints(run_dir):
+        # A new run: what can refuse it (a value only the model's construction
+        # refuses, data that cannot be loaded) fails before anything is written or,
+        # with overwrite, before the old run is removed.
         fresh = _fresh_start(config)
     with io.open_run(run_dir, "modnet train", overwrite=overwrite, enabled=ctx.is_main):
         barrier(ctx)
