@@ -113,6 +113,11 @@ def test_overwrite_with_data_that_cannot_be_loaded_leaves_the_run_as_it_was(run_
         assert main(argv) == 2
         assert "modnet train: error:" in capsys.readouterr().err
         assert sorted(p.relative_to(run_copy) for p in run_copy.rglob("*")) == before
+    fresh = run_copy.parent / "fresh"
+    argv = ["train", "--tasks", "synth_color,nosuchtask", *TINY, *FAST, "--out", str(fresh)]
+    assert main(argv) == 2
+    assert "unknown dataset 'nosuchtask'" in capsys.readouterr().err
+    assert not fresh.exists()  # a new run is refused before anything is written
 
 
 def test_save_model_never_replaces_a_run_or_its_checkpoints(run_copy):
