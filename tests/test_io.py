@@ -309,3 +309,26 @@ def test_the_phase_of_a_task_comes_from_the_manifest_or_for_older_runs_from_resu
     io.record_results(tmp_path, "train", {"accuracy": {"b": 0.9}})
     phases = [io.task_phase(tmp_path, manifest, name) for name in "abcd"]
     assert phases == ["transfer-a", "train", "adapt-c", "transfer-d"]
+
+
+def test_partly_trained_tasks_are_the_unfinished_phases_or_all_once_the_pool_moved(tmp_path):
+    def checkpoint(name, sequence, phase, done, fingerprint):
+        tasks = {"a": {"phase": "train"}, "b": {"phase": "train"}}
+        if phase != "train":
+            tasks["c"] = {"phase": phase}
+        manifest = dict(format=io.FORMAT, tasks=tasks, pool_fingerprint=fingerprint)
+        manifest["checkpoint"] = dict(sequence=sequence, phase=phase, done=done)
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "manifest.json").write_text(json.dumps(manifest))
+        return manifest
+
+    finished = checkpoint("train-step0000004", 1, "train", True, "p0")
+    assert io.partly_trained(tmp_path, finished) is None
+    new_task = checkpoint("transfer-c-step0000002", 2, "transfer-c", False, "p0")
+    said = io.partly_trained(tmp_path, new_task)
+    assert said.startswith(f"the phase 'transfer-c' of {tmp_path} is unfinished, so c is partly")
+    assert io.partly_trained(tmp_path, new_task, ["a", "b"]) is None  # the pool did not move
+    shared = checkpoint("transfer-c-step0000003", 3, "transfer-c", False, "p1")
+    assert ", so a, b, c are partly trained" in io.partly_trained(tmp_path, shared)
+    checkpoint_dir = tmp_path / "checkpoints" / "transfer-c-step0000003"  # also from inside
+    assert ", so a is partly trained" in io.partly_trained(checkpoint_dir, shared, ["a"])
