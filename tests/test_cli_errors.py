@@ -8,7 +8,6 @@ import math
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -399,11 +398,9 @@ def test_an_output_path_that_cannot_be_created_is_refused_before_any_work(
         ("bench", ["bench", "--model", "modnet_conv_tiny", "--batch-size", "2", "--rounds",
                    "1", "--warmup", "1"], "--results-file", afile / "x.csv"),
     ]:  # fmt: skip
-        started = time.perf_counter()
         assert main([*argv, option, str(path)]) == 2, command
-        assert time.perf_counter() - started < 1.0, command  # nothing trained or measured
         captured = capsys.readouterr()
-        assert captured.out == "", command
+        assert captured.out == "", command  # nothing trained or measured: nothing printed
         assert captured.err == (
             f"modnet {command}: error: {option} {path} cannot be created: {inside}\n"
         )

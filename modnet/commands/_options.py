@@ -389,7 +389,6 @@ def figure_folder(
         ConfigError: ``out`` names a file, or a figure would replace a file that
             modnet did not write.
     """
-    from .. import io
     from ..plot import CURVES_PNG, route_files
 
     folder = check_folder(out) if out else Path(run_dir)

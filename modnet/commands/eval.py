@@ -136,8 +136,7 @@ def _note_recorded_limit(path: str, manifest: dict, tasks: list[str]) -> None:
     from .. import io
     from ._options import config_path
 
-    path = Path(path)
-    run = path.parent.parent if path.parent.name == io.CHECKPOINTS else path
+    run = io.run_root(path)
     limited = {}
     for name in tasks:
         limit = _recorded_limit(config_path(run, io.task_phase(run, manifest, name)))

@@ -206,7 +206,7 @@ def _save_model_dir(
 
 def _check_replaceable(directory: Path) -> None:
     """Refuses a target ``save_model`` must not replace (see its docstring)."""
-    from .run import CHECKPOINTS, is_run_dir
+    from .run import is_run_dir, run_root
 
     ancestor = existing_ancestor(directory)
     if ancestor != directory and not ancestor.is_dir():
@@ -225,9 +225,10 @@ def _check_replaceable(directory: Path) -> None:
             f"{directory} is a modnet run directory: save the model to a new or empty folder "
             "(a run's checkpoints are written by its training)"
         )
-    if directory.parent.name == CHECKPOINTS and is_run_dir(directory.parent.parent):
+    run = run_root(directory)
+    if run != directory and is_run_dir(run):
         raise CheckpointError(
-            f"{directory} is a checkpoint of the run {directory.parent.parent}: save the model "
+            f"{directory} is a checkpoint of the run {run}: save the model "
             "to a new or empty folder (a run's checkpoints are written by its training)"
         )
     if directory.exists() and not directory.is_dir():

@@ -361,6 +361,13 @@ def unfinished_phase(state: Mapping[str, Any] | None) -> str | None:
     return str(state["phase"])
 
 
+def run_root(path: str | Path) -> Path:
+    """The run a path names: ``path`` itself, or the run of a checkpoint inside it
+    (``RUN/checkpoints/<name>``)."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == CHECKPOINTS else path
+
+
 def partly_trained(
     path: str | Path, manifest: Mapping[str, Any], tasks: Iterable[str] | None = None
 ) -> str | None:
@@ -380,8 +387,7 @@ def partly_trained(
     if not isinstance(record, dict) or record.get("done", True):
         return None
     phase = str(record.get("phase"))
-    path = Path(path)
-    run = path.parent.parent if path.parent.name == CHECKPOINTS else path
+    run = run_root(path)
     records = manifest.get("tasks", {})
     names = [n for n, t in records.items() if isinstance(t, dict) and t.get("phase") == phase]
     finished = [
@@ -391,7 +397,8 @@ def partly_trained(
         before = json.loads((finished[-1] / MANIFEST).read_text()).get("pool_fingerprint")
         if before != manifest.get("pool_fingerprint"):
             names = list(records)
-    names = [n for n in names if tasks is None or n in set(tasks)]
+    wanted = None if tasks is None else set(tasks)
+    names = [n for n in names if wanted is None or n in wanted]
     if not names:
         return None
     return (
@@ -546,16 +553,17 @@ __all__ = [
     "latest_checkpoint",
     "load_trainer_state",
     "mark_outdated",
-    "partly_trained",
-    "task_phase",
     "modnet_checkpoints",
     "open_run",
+    "partly_trained",
     "read_results",
     "record_results",
     "refuse_other_phase",
     "resolve_model_dir",
+    "run_root",
     "run_state",
     "save_checkpoint",
+    "task_phase",
     "tidy",
     "unfinished_phase",
 ]

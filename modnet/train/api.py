@@ -206,11 +206,10 @@ def _train(config: TrainConfig, run_dir: Path, ctx, fresh=None) -> TrainResult:
         state = None
     if state is None:
         model, specs, data = fresh or _fresh_start(config)
-    else:
-        data = load_data(specs, model, config)
-    if state is None:
         for name, task in data.items():
             model.add_task(name, task.num_classes)
+    else:
+        data = load_data(specs, model, config)
     model.set_trainable(list(data), ALL_PARTS)
     broadcast_state(model, ctx)
     trainer = Trainer(
