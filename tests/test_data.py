@@ -332,6 +332,25 @@ def test_unknown_dataset_lists_known_names_and_path_forms():
         load_task("mnsit")
 
 
+def test_unknown_dataset_message_folds_variants_and_still_names_every_dataset():
+    with pytest.raises(DataError) as error:
+        load_task("imagenet")
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 500  # was 717 characters, 16 of them names
+    assert "mnist, usps each also as NAME-colorize, -scale, -shear, -shot_noise" in message
+    for name in list_datasets():  # every name is spelt out or folded into its base
+        base, _, suffix = name.partition("-")
+        assert name in message or (base in message and f"-{suffix}" in message), name
+
+
+def test_summarize_names_folds_only_suffixes_that_several_bases_share():
+    from modnet.data.registry import summarize_names
+
+    names = ["a", "a-x", "b", "b-x", "c", "c-y", "d-x"]
+    assert summarize_names(names) == "a, b, c, c-y, d-x (a, b each also as NAME-x)"
+    assert summarize_names(["a", "b"]) == "a, b"
+
+
 def test_missing_root_says_how_to_set_it_and_download():
     with pytest.raises(
         DataError, match=r"MNIST needs a data root.*--data-root.*MODNET_DATA_ROOT.*--download"

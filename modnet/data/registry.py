@@ -220,12 +220,36 @@ def _dispatch(spec: str, options: LoadOptions) -> TaskData:
     close = difflib.get_close_matches(name, known + list(ALIASES), n=1)
     hint = f" (did you mean {ALIASES.get(close[0], close[0])!r}?)" if close else ""
     raise DataError(
-        f"unknown dataset {spec!r}{hint}: known datasets are {', '.join(known)}; or give an npz "
-        "archive as 'npz:PATH.npz', an image folder as 'folder:DIR' (with train/ and test/ "
-        "class subfolders), WebDataset tar shards as 'shards:DIR', or a synthetic task "
-        "'synth_<attribute>[-bg][-color][-noise][-holdout]'; register others with "
-        "modnet.data.register_dataset"
+        f"unknown dataset {spec!r}{hint}: known are {summarize_names(known)}; or give "
+        "'npz:PATH.npz', 'folder:DIR' (train/ and test/ class subfolders) or 'shards:DIR' "
+        "(WebDataset tars); synthetic tasks take modifiers -bg, -color, -noise, -holdout; "
+        "register others with modnet.data.register_dataset"
     )
+
+
+def summarize_names(names: list[str]) -> str:
+    """Dataset names for a one-line message, variants folded into their bases.
+
+    ``mnist, mnist-shear, usps, usps-shear`` reads ``mnist, usps (each also as
+    NAME-shear)``: the corrupted digit sets alone are 16 names.
+    """
+    bases = set(names)
+    variants: dict[str, set[str]] = {}
+    for name in names:
+        base, dash, suffix = name.partition("-")
+        if dash and base in bases:
+            variants.setdefault(suffix, set()).add(base)
+    folded = {f"{b}-{s}" for s, group in variants.items() if len(group) > 1 for b in group}
+    shown = [n for n in names if n not in folded]
+    parts = []
+    by_bases: dict[tuple[str, ...], list[str]] = {}
+    for suffix, group in sorted(variants.items()):
+        if len(group) > 1:
+            by_bases.setdefault(tuple(sorted(group)), []).append(suffix)
+    for group, suffixes in by_bases.items():
+        endings = ", -".join(suffixes)
+        parts.append(f"{', '.join(group)} each also as NAME-{endings}")
+    return ", ".join(shown) + "".join(f" ({p})" for p in parts)
 
 
 def _resolve_path(text: str, root: Path | None) -> Path:
