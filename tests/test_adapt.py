@@ -199,6 +199,11 @@ def test_bad_input_gives_clear_errors(run, tmp_path):
         adapt(run, f"npz:{empty}", SOURCES, config=fast)
     with pytest.raises(AdaptationError, match="unknown source task.*synth_color"):
         adapt(run, TARGET, ["synth_color"], config=fast)
+    # named sources are refused before any data is read (an unknown dataset fails later)
+    with pytest.raises(AdaptationError, match="unknown source task.*synth_color"):
+        adapt(run, "nosuchset", ["synth_color"], config=fast)
+    with pytest.raises(AdaptationError, match="a source is listed twice"):
+        adapt(run, "nosuchset", [SOURCES[0], SOURCES[0]], config=fast)
     with pytest.raises(AdaptationError, match="norm alone trains no parameter"):
         adapt(run, TARGET, SOURCES, parts="norm", config=fast)
     with pytest.raises(RunDirError, match="holds no trained run"):

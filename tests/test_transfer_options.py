@@ -190,6 +190,11 @@ def test_bad_route_options_are_refused_before_work_starts(run):
         match="'synth_cat' is not a task of the run: one of synth_color-bg, .* or nearest$",
     ):
         transfer(run, "synth_shape", init_from="synth_cat", config=config())
+    # refused before the data is read: an unknown dataset would fail later
+    with pytest.raises(ConfigError, match="'synth_cat' is not a task of the run"):
+        transfer(run, "nosuchset", init_from="synth_cat", config=config())
+    with pytest.raises(ConfigError, match="route_options: unknown route option 'tau'"):
+        transfer(run, "nosuchset", route_options={"tau": 1}, config=config())
     # parts by the names --train takes, not the model's internal ones
     with pytest.raises(
         ConfigError,

@@ -200,6 +200,8 @@ def _adapt(
         check_resume_options(
             run_dir, f"adapt of {target}", json.loads(state["config"]), config, plan, asked
         )
+    if plan is None:  # named sources are checked before any data is read
+        _check_source_names(model, _as_list(sources))
     loader = _Loader(model, config, preloaded)
     target_data = _load_target(target, loader)
     name = target_data.name
@@ -480,14 +482,7 @@ def _pick_sources(
                 f"no task of the run has the target's {target.num_classes} classes: name the "
                 f"sources with --sources (the run's tasks are {model.task_names})"
             )
-    unknown = [s for s in names if s not in model.task_names]
-    if unknown:
-        raise AdaptationError(
-            f"unknown source task(s) {unknown}: sources are tasks of the run, one of "
-            f"{model.task_names}"
-        )
-    if len(set(names)) != len(names):
-        raise AdaptationError(f"a source is listed twice in {names}")
+    _check_source_names(model, names)
     for source in names:
         if model.task_classes[source] != target.num_classes:
             raise AdaptationError(
@@ -496,6 +491,18 @@ def _pick_sources(
                 "label space"
             )
     return names
+
+
+def _check_source_names(model: ModularNet, names: list[str]) -> None:
+    """Refuses sources that are not tasks of the run, or listed twice."""
+    unknown = [s for s in names if s not in model.task_names]
+    if unknown:
+        raise AdaptationError(
+            f"unknown source task(s) {unknown}: sources are tasks of the run, one of "
+            f"{model.task_names}"
+        )
+    if len(set(names)) != len(names):
+        raise AdaptationError(f"a source is listed twice in {names}")
 
 
 def _load_sources(

@@ -359,22 +359,22 @@ def _transfer(
     model, manifest = io.load_model(latest)
     wanted = present_parts(wanted, model)
     check_shared(wanted, update_shared)
-    data = load_data([task], model, config)
-    name = next(iter(data))
-    phase = f"transfer-{name}"
-    io.refuse_other_phase(run_dir, state, phase)
     if init_from not in (None, NEAREST, *model.task_names):
         raise ConfigError(
             f"--init-from {init_from!r} is not a task of the run: one of "
             f"{', '.join(model.task_names)} or {NEAREST}"
         )
-    if route_options:  # a bad option fails here, before any training
+    if route_options:  # a bad option fails here, before the data is read
         known = init_from in model.task_names
         source = model.routes[init_from] if known else model._default_route()
         try:
             configured_route(source, route_options)
         except ValueError as error:
             raise ConfigError(f"route_options: {error}") from None
+    data = load_data([task], model, config)
+    name = next(iter(data))
+    phase = f"transfer-{name}"
+    io.refuse_other_phase(run_dir, state, phase)
     if init_from is None or "norm" in wanted:
         wanted = wanted | {"norm"}
     if grow:
