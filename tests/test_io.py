@@ -63,6 +63,26 @@ def test_saving_the_same_model_twice_writes_the_same_bytes(tmp_path):
         assert metadata["task"] == "c" and metadata["num_classes"] == "5"
 
 
+@pytest.mark.parametrize("build", [tiny_conv, tiny_vit])
+def test_a_loaded_model_saves_the_manifest_it_was_loaded_from(tmp_path, build):
+    model = trained_like(build)
+    model.set_normalization("b", [0.1, 0.2, 0.3], [0.4, 0.5, 0.6])  # no transform record
+    io.save_model(model, tmp_path / "x", task_info={"a": {"dataset": "synth_shape"}})
+    loaded, recorded = io.load_model(tmp_path / "x")
+    io.save_model(loaded, tmp_path / "y", io.recorded_task_info(recorded, loaded.task_names))
+    manifest = (tmp_path / "x" / "manifest.json").read_text()
+    assert (tmp_path / "y" / "manifest.json").read_text() == manifest
+    # timm's registry fields survive; the normalisation set without a transform too
+    assert loaded.pretrained_cfg == model.pretrained_cfg
+    assert loaded.pretrained_cfg["architecture"] == model.pretrained_cfg["architecture"]
+    assert loaded.task_normalization == model.task_normalization
+    # what the model derives is its own: a task without normalisation gets the family's
+    only_c, _ = io.load_model(tmp_path / "x", tasks=["c", "b"])
+    assert only_c.pretrained_cfg["classifier"] == "heads.c"
+    assert only_c.pretrained_cfg["mean"] == build(tasks={"c": 5}).pretrained_cfg["mean"]
+    assert only_c.task_normalization == {"b": {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}}
+
+
 def test_saving_never_replaces_what_modnet_did_not_write(tmp_path, monkeypatch):
     model = trained_like()
     mine = tmp_path / "mine"

@@ -78,13 +78,17 @@ __all__ = [
 # ------------------------------------------------------------------------- structure
 def describe(model: ModularNet) -> dict[str, Any]:
     """The model's structure, without values: what ``build`` needs to recreate it."""
+    tasks = {}
+    for name in model.task_names:
+        tasks[name] = {"num_classes": model.task_classes[name], "route": model.routes[name].spec()}
+        if name in model.task_normalization:  # set_normalization's values, without a transform
+            tasks[name]["normalization"] = {
+                k: list(v) for k, v in model.task_normalization[name].items()
+            }
     return {
         "config": dict(model.config),
         "pool_chunks": [chunk.num_templates for chunk in model.pool.chunks],
-        "tasks": {
-            name: {"num_classes": model.task_classes[name], "route": model.routes[name].spec()}
-            for name in model.task_names
-        },
+        "tasks": tasks,
     }
 
 
@@ -94,7 +98,7 @@ def recorded_task_info(
     """What ``manifest`` records about each of ``names`` beyond its structure (dataset,
     transform, the phase that trained it, how it was adapted): the ``task_info`` a
     later checkpoint of the run carries over, whole, for the tasks it did not train."""
-    structure = {"num_classes", "route", "file"}
+    structure = {"num_classes", "route", "file", "normalization"}
     return {
         name: {k: v for k, v in manifest["tasks"].get(name, {}).items() if k not in structure}
         for name in names
@@ -118,6 +122,13 @@ def build(structure: Mapping[str, Any], tasks: Iterable[str] | None = None) -> M
             raise CheckpointError(f"the checkpoint has no task {name!r}; it has {sorted(known)}")
         entry = known[name]
         model.add_task(name, entry["num_classes"], route=route_from_spec(entry["route"]))
+    recorded = structure.get("pretrained_cfg")
+    if recorded:
+        # timm's registry fields (architecture, license, ...) come back as saved, in
+        # their order; what the model derives (sizes, normalisation, names) is its own.
+        fresh = model.pretrained_cfg
+        cfg = {k: fresh.get(k, tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()}
+        model.pretrained_cfg = {**cfg, **fresh}
     return model
 
 
@@ -520,11 +531,14 @@ def load_model(
 
 
 def _record_normalization(model: ModularNet, info: Mapping[str, Mapping[str, Any]]) -> None:
-    """Gives the model each task's input mean/std from its transform record, if any."""
+    """Gives the model each task's input mean/std from its transform record, or else from
+    the normalisation a manifest records (``describe``), if any."""
     for name in model.task_names:
-        transform = (info.get(name) or {}).get("transform") or {}
-        if transform.get("mean") is not None and transform.get("std") is not None:
-            model.set_normalization(name, transform["mean"], transform["std"])
+        entry = info.get(name) or {}
+        for record in (entry.get("transform") or {}, entry.get("normalization") or {}):
+            if record.get("mean") is not None and record.get("std") is not None:
+                model.set_normalization(name, record["mean"], record["std"])
+                break
 
 
 def load_state_into(model: ModularNet, state: Mapping[str, torch.Tensor], source: str) -> None:
