@@ -75,6 +75,17 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     saved.write_text(text.replace("test_limit: 40", "test_limit: null"))
     assert main(["eval", str(run_dir), "--task", "synth_shape"]) == 0
     assert capsys.readouterr().err == ""
+    # a --test-limit other than the run's is said too, for limited and whole splits alike
+    assert main(["eval", str(run_dir), "--task", "synth_color", "--test-limit", "20"]) == 0
+    assert capsys.readouterr().err == note.replace(
+        "the whole test splits", "at most 20 test images"
+    )
+    assert main(["eval", str(run_dir), "--task", "synth_shape", "--test-limit", "20"]) == 0
+    assert capsys.readouterr().err == (
+        "modnet: scoring at most 20 test images per task; the run scored synth_shape on the "
+        "whole test split, so these figures differ from its results.json; leave out "
+        "--test-limit to score what it scored\n"
+    )
     saved.write_bytes(b"\xff\xfe\x00 not text")
     assert main(["eval", str(run_dir), "--task", "synth_shape", "--task", "synth_color"]) == 0
     assert capsys.readouterr().err == note

@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--data {name}={moved[name]} has {data[name].num_classes} classes, task "
                 f"{name!r} {model.task_classes[name]}: give a copy of the task's own dataset"
             )
-    if args.test_limit is None:  # said once the data is found, before the scoring
-        _note_recorded_limit(args.run_dir, manifest, model.task_names)
+    # said once the data is found, before the scoring
+    _note_recorded_limit(args.run_dir, manifest, model.task_names, args.test_limit)
     accuracy = evaluate(
         model,
         data,
@@ -129,27 +129,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_recorded_limit(path: str, manifest: dict, tasks: list[str]) -> None:
-    """Says which of ``tasks`` the run scored (``results.json``) on a subset of their
-    test images: those whose training phase (``io.task_phase``) saved its options
-    (``config*.yaml``) with a ``--test-limit``."""
+def _note_recorded_limit(path: str, manifest: dict, tasks: list[str], asked: int | None) -> None:
+    """Says which of ``tasks`` the run scored (``results.json``) on another number of test
+    images than ``asked`` (``--test-limit``; None: the whole split): a task's limit is the
+    one its training phase (``io.task_phase``) saved in its options (``config*.yaml``)."""
     from .. import io
     from ._options import config_path
 
     run = io.run_root(path)
-    limited = {}
-    for name in tasks:
-        limit = _recorded_limit(config_path(run, io.task_phase(run, manifest, name)))
-        if limit:
-            limited[name] = limit
+    recorded = {
+        n: _recorded_limit(config_path(run, io.task_phase(run, manifest, n))) for n in tasks
+    }
+    limited = {n: limit for n, (_, limit) in recorded.items() if limit and limit != asked}
     if limited:
         bounds = sorted(set(limited.values()))
         most = "-".join(str(n) for n in dict.fromkeys([bounds[0], bounds[-1]]))
         same = f"; --test-limit {bounds[0]} scores that subset" if len(bounds) == 1 else ""
+        scoring = "the whole test splits" if asked is None else f"at most {asked} test images"
         io.run.note(
-            f"scoring the whole test splits; the run scored {', '.join(limited)} on a subset "
+            f"scoring {scoring}; the run scored {', '.join(limited)} on a subset "
             f"of at most {most} test images each (its --test-limit), so these figures "
             f"differ from its results.json{same}"
+        )
+    whole = [n for n, (known, limit) in recorded.items() if known and limit is None]
+    if asked is not None and whole:
+        io.run.note(
+            f"scoring at most {asked} test images per task; the run scored {', '.join(whole)} "
+            "on the whole test split, so these figures differ from its results.json; leave "
+            "out --test-limit to score what it scored"
         )
 
 
@@ -160,19 +167,20 @@ def _recorded_seed(record: dict) -> int:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
-def _recorded_limit(file: Path) -> int | None:
-    """The ``test_limit`` a saved options file holds (``None`` if none, or unreadable:
-    only the note is lost)."""
+def _recorded_limit(file: Path) -> tuple[bool, int | None]:
+    """Whether a saved options file could be read, and the ``test_limit`` it holds
+    (``None``: the whole split). A missing or unreadable file costs only the note."""
     from ..errors import ConfigError
     from ._options import read_config
 
     if not file.is_file():
-        return None
+        return False, None
     try:
         limit = read_config(file).get("test_limit")
     except ConfigError:
-        return None
-    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+        return False, None
+    valid = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+    return True, limit if valid else None
 
 
 def _moved_data(items: list[str]) -> dict[str, str]:
