@@ -116,8 +116,9 @@ def test_train_writes_figures_and_plot_redraws_them(run_dir, tmp_path, capsys):
     # nor a file the user has where --out points, unless --overwrite
     (tmp_path / "curves.png").write_bytes(b"mine")
     assert main(["plot", str(run_dir), "--out", str(tmp_path)]) == 2
-    assert f"{tmp_path / 'routes.png'} already exists: choose another --out, or pass " in (
-        capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(
+        f"{tmp_path / 'routes.png'}, routes.txt and curves.png already exist: choose another "
+        "--out, or pass --overwrite to replace them\n"
     )
     assert (tmp_path / "curves.png").read_bytes() == b"mine"
     for out in (tmp_path / "curves.png", tmp_path / "figs" / "file.png"):  # a file, not a folder

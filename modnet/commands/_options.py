@@ -355,16 +355,20 @@ def refuse_replacing(paths: Iterable[Path], overwrite: bool, option: str = "--ou
     ``--overwrite``.
 
     Raises:
-        ConfigError: Naming the first of ``paths`` that exists or cannot be written.
+        ConfigError: Naming every one of ``paths`` that exists, or the first that
+            cannot be written.
     """
     paths = list(map(Path, paths))
     for folder in dict.fromkeys(p.parent for p in paths):
         check_writable(folder, option, shown=next(p for p in paths if p.parent == folder))
     existing = [] if overwrite else [p for p in paths if p.exists()]
     if existing:
+        first, *rest = existing
+        names = [str(first), *(p.name if p.parent == first.parent else str(p) for p in rest)]
+        listed = f"{', '.join(names[:-1])} and {names[-1]} already exist" if rest else ""
         raise ConfigError(
-            f"{existing[0]} already exists: choose another {option}, or pass --overwrite "
-            "to replace it"
+            f"{listed or f'{first} already exists'}: choose another {option}, or pass "
+            f"--overwrite to replace {'them' if rest else 'it'}"
         )
 
 
