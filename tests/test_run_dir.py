@@ -106,6 +106,33 @@ def test_overwrite_replaces_a_damaged_run_and_only_what_modnet_wrote(run_copy, c
     assert set(json.loads((run_copy / "results.json").read_text())) == {"train"}
 
 
+def test_clearing_a_run_removes_modnet_files_only_even_in_its_folders(tmp_path):
+    from modnet.io.run import clear_run
+
+    run = tmp_path / "run"
+    modnet_files = [
+        "LATEST", "results.json", "metrics.jsonl", "routes.png", "curves.png",
+        "transfer-b-routes.png", "export/a.pt2", "export/a/model.safetensors",
+        "export/a/config.json", "tensorboard/train/events.out.tfevents.1.host.2.0",
+    ]  # fmt: skip
+    users = [
+        "export/notes.txt", "export/a/README.md", "tensorboard/train/mine.csv",
+        "config-sweep.yaml", "notes.txt",
+    ]  # fmt: skip
+    for name in modnet_files + users:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    (run / "config.yaml").write_text("# modnet train: the resolved options of this run.\n")
+    (run / "config-transfer-b.yaml").write_text("# modnet transfer: the resolved options\n")
+    (run / "config-adapt-c.yaml").write_text("lr: 0.1  # a file of the user's, named alike\n")
+    (run / "tensorboard" / "adapt-c").mkdir()
+    (run / "tensorboard" / "adapt-c" / "events.out.tfevents.3.host.4.0").write_text("x")
+    clear_run(run)
+    left = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
+    assert left == sorted([*users, "config-adapt-c.yaml"])
+    assert not (run / "tensorboard" / "adapt-c").exists()  # emptied folders go too
+
+
 def test_overwrite_with_data_that_cannot_be_loaded_leaves_the_run_as_it_was(run_copy, capsys):
     before = sorted(p.relative_to(run_copy) for p in run_copy.rglob("*"))
     for tasks in ("synth_color,nosuchtask", "npz:nowhere.npz"):

@@ -8,12 +8,14 @@ A *run directory* holds::
     checkpoints/<phase>-step<N>/   model directories (see ``checkpoint``) plus
                            ``trainer_state.pt`` for resuming
     LATEST                 the name of the newest complete checkpoint
-    results.json, metrics.jsonl, routes.png, routes.txt, <phase>-routes.png, export/
+    results.json, metrics.jsonl, routes.png, routes.txt, <phase>-routes.png,
+    config*.yaml, export/, tensorboard/
 
 Rules:
 
 - modnet deletes or prunes only what it wrote: checkpoint folders with its naming
-  pattern and a manifest inside, and the output files listed in ``OUTPUTS``.
+  pattern and a manifest inside, the output files listed in ``OUTPUTS`` and
+  ``PHASE_OUTPUT``, and its own files in the folders of ``OUTPUT_FOLDERS``.
 - One writer at a time (``open_run`` takes an OS lock, released when the process
   dies, so a killed run never blocks its resume).
 - A missing or damaged ``LATEST`` is recovered from the newest complete checkpoint,
@@ -65,13 +67,19 @@ OUTPUTS = (
     "routes.txt",
     "curves.png",
     "config.yaml",
-    "tensorboard",
-    "export",
 )
 # Per-phase outputs: adapt's relation figure, a phase's saved options.
 PHASE_OUTPUT = re.compile(
-    r"^((transfer|adapt)-[A-Za-z0-9_\-]+-routes\.png|config-[A-Za-z0-9_\-]+\.yaml)$"
+    r"^((transfer|adapt)-[A-Za-z0-9_\-]+-routes\.png|config-(transfer|adapt)-[A-Za-z0-9_\-]+\.yaml)$"
 )
+# Folders that hold modnet's files among whatever else the user keeps there: per
+# folder, the names of modnet's files in it (``export/<task>.pt2``,
+# ``export/<task>/model.safetensors`` and ``config.json``, TensorBoard event files).
+OUTPUT_FOLDERS = {
+    "export": re.compile(r"^([^/]+\.pt2|[^/]+/(model\.safetensors|config\.json))$"),
+    "tensorboard": re.compile(r"^([^/]+/)?events\.out\.tfevents\.[^/]+$"),
+}
+SAVED_OPTIONS_HEADER = "# modnet "  # the first line of every options file modnet saves
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*-step\d{7}$")
 
 
@@ -157,16 +165,27 @@ def tidy(path: Path) -> list[Path]:
 
 
 def clear_run(path: Path) -> None:
-    """Removes every output and checkpoint modnet wrote in the run; leaves anything else."""
-    for name in OUTPUTS:
-        target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
+    """Removes every output and checkpoint modnet wrote in the run; leaves anything else.
+
+    Saved options files count as modnet's only with the header modnet writes; in
+    ``export/`` and ``tensorboard/`` only modnet's file names go, and then the
+    folders left empty."""
     for entry in path.iterdir():
-        if PHASE_OUTPUT.match(entry.name) and entry.is_file():
-            entry.unlink()
+        if entry.name in OUTPUTS or PHASE_OUTPUT.match(entry.name):
+            if entry.is_symlink() or (entry.is_file() and _written_by_modnet(entry)):
+                entry.unlink()
+    for name, pattern in OUTPUT_FOLDERS.items():
+        folder = path / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for file in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+            inside = file.relative_to(folder).as_posix()
+            if file.is_file() and not file.is_symlink() and pattern.match(inside):
+                file.unlink()
+            elif file.is_dir() and not file.is_symlink() and not any(file.iterdir()):
+                file.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
     checkpoints = path / CHECKPOINTS
     if checkpoints.is_dir():
         for entry in checkpoints.iterdir():
@@ -174,6 +193,18 @@ def clear_run(path: Path) -> None:
                 shutil.rmtree(entry)
         if not any(checkpoints.iterdir()):
             checkpoints.rmdir()
+
+
+def _written_by_modnet(file: Path) -> bool:
+    """A run's top-level output that modnet wrote: any of its names, except saved
+    options files without modnet's header (a user's ``config.yaml``)."""
+    if file.suffix != ".yaml":
+        return True
+    try:
+        with open(file, encoding="utf-8", errors="replace") as handle:
+            return handle.readline().startswith(SAVED_OPTIONS_HEADER)
+    except OSError:
+        return False
 
 
 # -------------------------------------------------------------------- checkpoints
