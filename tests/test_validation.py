@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from modnet.cli import main
 from modnet.data import DataError, LoadOptions, load_npz
@@ -127,6 +128,22 @@ def test_a_stray_label_far_above_the_others_is_reported_at_load(tmp_path):
         load_npz(path, LoadOptions(img_size=8, in_chans=3))
     fine = _npz(tmp_path / "gaps.npz", [0, 1, 3, 4, 5], [0, 3, 5])  # a missing class is fine
     assert load_npz(fine, LoadOptions(img_size=8, in_chans=3)).num_classes == 6
+
+
+def test_labels_counted_from_one_are_refused_unless_the_classes_are_given(tmp_path):
+    labels = [1, 2, 3] * 4  # 3 classes: inferred as 4 with an empty class 0, chance 1/4
+    path = _npz(tmp_path / "onebased.npz", labels, labels)
+    with pytest.raises(DataError, match=r"no sample has label 0 \(labels span 1..3\).*subtract 1"):
+        load_npz(path, LoadOptions(img_size=8, in_chans=3))
+    from modnet.data import task_from_arrays
+
+    x = torch.zeros(len(labels), 3, 8, 8, dtype=torch.uint8)
+    y = torch.tensor(labels)
+    options = LoadOptions(img_size=8, in_chans=3)
+    kept = task_from_arrays(  # an empty class 0 on purpose
+        "onebased", x, y, x, y, options, source={}, num_classes=4
+    )
+    assert kept.num_classes == 4
 
 
 def test_an_overlong_task_name_is_refused_when_the_data_is_loaded(tmp_path, capsys):
