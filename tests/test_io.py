@@ -81,6 +81,9 @@ def test_a_loaded_model_saves_the_manifest_it_was_loaded_from(tmp_path, build):
     assert only_c.pretrained_cfg["classifier"] == "heads.c"
     assert only_c.pretrained_cfg["mean"] == build(tasks={"c": 5}).pretrained_cfg["mean"]
     assert only_c.task_normalization == {"b": {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}}
+    # one name is a task, not its letters; a name given twice is loaded once
+    assert io.load_model(tmp_path / "x", tasks="c")[0].task_names == ["c"]
+    assert io.load_model(tmp_path / "x", tasks=["c", "a", "c"])[0].task_names == ["c", "a"]
 
 
 def test_saving_never_replaces_what_modnet_did_not_write(tmp_path, monkeypatch):

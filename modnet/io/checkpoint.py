@@ -460,7 +460,8 @@ def load_model(
 ) -> tuple[ModularNet, dict[str, Any]]:
     """Loads a model directory (or a run's latest checkpoint), optionally only some tasks.
 
-    Every file must belong to this checkpoint: the pool file and each task file
+    ``tasks`` is a task name or names (each loaded once, in the order given); None
+    loads every task. Every file must belong to this checkpoint: the pool file and each task file
     carry the pool fingerprint the manifest records, and a file copied in from
     another run is refused before the model is built. (A checkpoint written before
     fingerprints existed has none in its manifest and loads unchecked.)
@@ -477,7 +478,9 @@ def load_model(
     directory = resolve_model_dir(directory)
     manifest = read_manifest(directory)
     known = manifest["tasks"]
-    selected = list(known) if tasks is None else list(tasks)
+    if isinstance(tasks, str):  # one name, not its letters
+        tasks = [tasks]
+    selected = list(known) if tasks is None else list(dict.fromkeys(tasks))
     for name in selected:
         if name not in known:
             raise CheckpointError(f"the checkpoint has no task {name!r}; it has {sorted(known)}")
