@@ -40,6 +40,10 @@ def test_a_second_writer_fails_naming_the_holder_and_a_killed_holder_does_not_bl
         assert "is being written by another process" in err
         assert f"pid {holder.pid} on {socket.gethostname()}" in err and "modnet train" in err
         assert io.latest_checkpoint(out) is None  # the second writer wrote nothing
+        # the refused command is named as the one waiting, not as the one writing
+        assert main(["discard", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "`modnet train` since" in err and "before this modnet discard:" in err
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

@@ -175,7 +175,8 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
     except Timeout:
         raise RunDirError(
             f"{directory} is being written by another process ({_holder(directory)}): wait for "
-            f"it to finish or stop it; one {what} at a time can write a run directory"
+            f"it to finish or stop it before this {what}: one process at a time writes a run "
+            "directory"
         ) from None
     try:
         info = dict(pid=os.getpid(), host=socket.gethostname(), command=what, since=time.time())
