@@ -54,7 +54,8 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     # the run's own route figure and table now show the new task, with its template
     assert "task synth_shape" in (run_dir / "routes.txt").read_text()
     assert "T4" in (run_dir / "routes.txt").read_text()
-    assert main(["eval", str(run_dir), "--json", "--test-limit", "40"]) == 0
+    # --download, which the missing-data message suggests, is an option of eval too
+    assert main(["eval", str(run_dir), "--json", "--test-limit", "40", "--download"]) == 0
     out, err = capsys.readouterr()
     accuracy = json.loads(out)
     assert err == ""

@@ -21,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data-root", help="folder with the datasets (default: $MODNET_DATA_ROOT)")
     parser.add_argument(
+        "--download",
+        action="store_true",
+        help="let torchvision download a missing dataset into --data-root",
+    )
+    parser.add_argument(
         "--data",
         action="append",
         metavar="TASK=SPEC",
@@ -97,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     partly = io.partly_trained(args.run_dir, manifest, model.task_names)
     if partly:
         io.run.note(partly)
-    config = TrainConfig(data_root=args.data_root, test_limit=args.test_limit, train_limit=1)
+    config = TrainConfig(
+        data_root=args.data_root, download=args.download, test_limit=args.test_limit, train_limit=1
+    )
     data = {}
     for name, spec in specs.items():
         # the seed the run drew its subsets (and synthetic images) with: the same test set
