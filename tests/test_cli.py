@@ -159,7 +159,8 @@ def test_eval_of_a_model_saved_without_datasets_asks_for_them(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"modnet eval: error: {tmp_path / 'saved'} records no dataset for task 'a' (a model "
         "saved without task_info): pass --data a=SPEC, or save it with "
-        "io.save_model(..., task_info=manifest['tasks']) from io.load_model\n"
+        "io.save_model(..., task_info=io.recorded_task_info(manifest, tasks)) with the "
+        "manifest io.load_model returned for the model the task came from\n"
     )
     argv = ["eval", str(tmp_path / "saved"), "--data", "a=synth_shape", "--test-limit", "8"]
     assert main([*argv, "--json"]) == 0

@@ -430,7 +430,9 @@ def test_checkpoint_files_and_folders_are_fsynced_before_they_are_published(tmp_
 def test_a_task_file_imports_into_a_run_with_the_same_pool_only(tmp_path):
     source = moved_off_init(tiny_conv(tasks={"a": 3, "b": 5}))
     source.set_route("b", torch.randn(4, 3))
-    io.save_model(source, tmp_path / "source")
+    io.save_model(
+        source, tmp_path / "source", {"b": {"transform": {"mean": [0.1] * 3, "std": [0.2] * 3}}}
+    )
     target, manifest = io.load_model(tmp_path / "source", tasks=["a"])
     assert manifest["pool_fingerprint"] == io.pool_fingerprint(source)
     x = images(source)
@@ -443,6 +445,10 @@ def test_a_task_file_imports_into_a_run_with_the_same_pool_only(tmp_path):
         assert torch.equal(target(x, "b"), source(x, "b"))
         assert torch.equal(target(x, "b_copy"), source(x, "b"))
         assert torch.equal(target(x, "a"), source(x, "a"))
+    # the task's input normalisation comes with it, from a file or a directory alike
+    assert target.task_normalization == {
+        name: {"mean": (0.1,) * 3, "std": (0.2,) * 3} for name in ("b", "b_copy")
+    }
     other = moved_off_init(tiny_conv(tasks={"a": 3}), scale=0.3)
     assert io.pool_fingerprint(other) != io.pool_fingerprint(source)
     with pytest.raises(CheckpointError, match="trained with another pool"):

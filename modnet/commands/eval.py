@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.run_dir} records no dataset for task {unrecorded[0]!r} (a model saved "
             f"without task_info): pass --data {unrecorded[0]}=SPEC, or save it with "
-            "io.save_model(..., task_info=manifest['tasks']) from io.load_model"
+            "io.save_model(..., task_info=io.recorded_task_info(manifest, tasks)) with the "
+            "manifest io.load_model returned for the model the task came from"
         )
     unknown_preprocessing = [n for n in specs if not manifest["tasks"][n].get("transform")]
     if unknown_preprocessing:

@@ -561,7 +561,9 @@ def import_task(
     The task file carries the fingerprint of the pool it was trained with; it is
     imported only when ``model``'s pool has the same fingerprint, so the imported
     task computes exactly what it computed where it was trained. Existing tasks
-    are untouched.
+    are untouched. The task's input normalisation comes with it from its model
+    directory's manifest (``model.task_normalization``); its dataset and transform
+    records stay there: pass them to ``save_model`` as ``task_info`` to keep them.
 
     Args:
         model: The model to add the task to.
@@ -579,6 +581,7 @@ def import_task(
         ValueError: ``model`` already has a task of that name.
     """
     path = Path(source)
+    record: Mapping[str, Any] = {}
     if path.is_dir():
         from .run import resolve_model_dir
 
@@ -588,8 +591,11 @@ def import_task(
         known = read_manifest(directory)["tasks"]
         if task not in known:
             raise CheckpointError(f"{path} has no task {task!r}; it has {sorted(known)}")
-        path = directory / known[task].get("file", f"{TASK_DIR}/{task}.safetensors")
+        record = known[task]
+        path = directory / record.get("file", f"{TASK_DIR}/{task}.safetensors")
     tensors, metadata = _read_file(path, "task file")
+    if not record:  # a task file inside a model directory: its manifest's record
+        record = _sibling_record(path, metadata.get("task"))
     needed = ("task", "num_classes", "route", "pool_fingerprint")
     if any(key not in metadata for key in needed):
         raise CheckpointError(
@@ -625,4 +631,19 @@ def import_task(
             f"task file {path} does not hold the tensors of a task of this model: {problem}"
         )
     model.load_state_dict(renamed, strict=False)
+    _record_normalization(model, {new: record})
     return new
+
+
+def _sibling_record(path: Path, task: str | None) -> Mapping[str, Any]:
+    """What the manifest of the model directory holding task file ``path`` records
+    about ``task`` (empty when the file stands alone or the manifest cannot be read)."""
+    manifest = path.parent.parent / MANIFEST
+    if task is None or path.parent.name != TASK_DIR or not manifest.is_file():
+        return {}
+    try:
+        entry = json.loads(manifest.read_text()).get("tasks", {}).get(task, {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    file = entry.get("file", f"{TASK_DIR}/{task}.safetensors") if isinstance(entry, dict) else None
+    return entry if file == f"{TASK_DIR}/{path.name}" else {}
