@@ -95,6 +95,13 @@ def test_modnet_eval_takes_a_micro_batch_and_gives_the_same_accuracy(tmp_path, c
         results.append(json.loads(capsys.readouterr().out))
     assert set(results[0]) == {"synth_color", "synth_size"}
     assert results[0] == results[1] == results[2]
+    # scoring shows a bar per task when asked (by default only on a terminal)
+    assert capsys.readouterr().err == ""
+    assert main(["eval", str(tmp_path), "--json", "--test-limit", "40", "--progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == results[0]
+    assert "score synth_color" in captured.err and "score synth_size" in captured.err
+    assert "0/40 [" in captured.err  # counted in images of the task's test split
 
 
 def test_the_trainers_evaluation_uses_the_configured_micro_batch(tmp_path, monkeypatch):

@@ -191,6 +191,7 @@ class AdaptationTrainer(Trainer):
             self.config.resolved_precision(self.model),
             micro_batch=self.config.eval_micro_batch,
             workers=self.config.data_workers,
+            progress=self.config.progress and self.ctx.is_main,
         )
         if self._source_accuracy is None:
             self._source_accuracy = {n: measured[n] for n in self.source_names}

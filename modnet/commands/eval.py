@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(data that moved: --data digits=npz:new/place/digits.npz; repeatable)",
     )
     parser.add_argument("--test-limit", type=int, help="at most this many test images per task")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="a progress bar per task while scoring (default: when stderr is a terminal)",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=256, help="images read and normalised at a time"
     )
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         micro_batch=args.batch_size if args.micro_batch == 0 else args.micro_batch,
         workers=args.workers,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
     if args.json:
         print(json.dumps(accuracy, indent=2))

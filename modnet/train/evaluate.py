@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import TaskData, eval_batches
 
@@ -102,6 +103,7 @@ def evaluate(
     precision: str = "fp32",
     micro_batch: int | None = None,
     workers: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Top-1 accuracy on each task's test split, in eval mode (the mode is restored).
 
@@ -114,13 +116,20 @@ def evaluate(
         precision: ``"fp32"`` or ``"bf16"``.
         micro_batch: Images per forward pass (see ``predict``).
         workers: Loader processes for test splits on disk.
+        progress: Show a progress bar per task (images scored; cleared when done):
+            scoring a full test split on a CPU takes minutes.
     """
     accuracy = {}
     for name, task in data.items():
         correct = 0
-        for images, labels in eval_batches(task, batch_size, workers, device):
-            x = task.normalize(images.to(device))
-            logits = predict(model, x, name, micro_batch, precision)
-            correct += int((logits.argmax(-1) == labels.to(device)).sum())
-        accuracy[name] = correct / max(1, len(task.test_y))
+        total = len(task.test_y)
+        with tqdm(
+            total=total, desc=f"score {name}", unit="img", leave=False, disable=not progress
+        ) as bar:
+            for images, labels in eval_batches(task, batch_size, workers, device):
+                x = task.normalize(images.to(device))
+                logits = predict(model, x, name, micro_batch, precision)
+                correct += int((logits.argmax(-1) == labels.to(device)).sum())
+                bar.update(len(labels))
+        accuracy[name] = correct / max(1, total)
     return accuracy

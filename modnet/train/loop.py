@@ -270,6 +270,7 @@ class Trainer:
             self.config.resolved_precision(self.model),
             micro_batch=self.config.eval_micro_batch,
             workers=self.config.data_workers,
+            progress=self.config.progress and self.ctx.is_main,
         )
 
     def _log(self, record: dict[str, Any]) -> None:
