@@ -343,6 +343,15 @@ def test_unknown_dataset_message_folds_variants_and_still_names_every_dataset():
         assert name in message or (base in message and f"-{suffix}" in message), name
 
 
+def test_a_bare_file_or_folder_name_is_pointed_at_its_reader(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=r"unknown dataset 'digits\.npz' \(.*did you mean 'npz:"):
+        load_task("digits.npz")  # not even there: the suffix says what it is
+    with pytest.raises(DataError, match=r"'images' \(a folder .*'folder:images' or 'shards:"):
+        load_task("images")
+
+
 def test_summarize_names_folds_only_suffixes_that_several_bases_share():
     from modnet.data.registry import summarize_names
 

@@ -219,6 +219,11 @@ def _dispatch(spec: str, options: LoadOptions) -> TaskData:
     known = list_datasets()
     close = difflib.get_close_matches(name, known + list(ALIASES), n=1)
     hint = f" (did you mean {ALIASES.get(close[0], close[0])!r}?)" if close else ""
+    path = _resolve_path(spec, options.root)
+    if spec.lower().endswith(".npz") or path.is_file():
+        hint = f" (a file is given with its reader: did you mean 'npz:{spec}'?)"
+    elif path.is_dir():
+        hint = f" (a folder is given with its reader: 'folder:{spec}' or 'shards:{spec}')"
     raise DataError(
         f"unknown dataset {spec!r}{hint}: known are {summarize_names(known)}; or give "
         "'npz:PATH.npz', 'folder:DIR' (train/ and test/ class subfolders) or 'shards:DIR' "
