@@ -215,3 +215,15 @@ def test_diagnosis_measures_the_gradient_and_where_each_objective_is_lowest():
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def test_an_unknown_objective_option_names_the_options_the_objective_takes():
+    with pytest.raises(
+        AdaptationError,
+        match=r"^unknown option 'thresh' for the 'pseudo_label' objective \(did you mean "
+        r"threshold\?\): it takes threshold$",
+    ):
+        make_objective("pseudo_label", 8, 2, thresh=0.9)
+    with pytest.raises(AdaptationError, match="'norm_stats' objective: it takes none$"):
+        make_objective("norm_stats", 8, 2, threshold=0.9)
+    assert make_objective("pseudo_label", 8, 2, threshold=0.5).threshold == 0.5

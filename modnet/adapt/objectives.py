@@ -13,6 +13,8 @@ new ones. Every constructor takes ``features`` (feature width) and
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -88,6 +90,21 @@ def make_objective(
 ) -> AdaptationObjective:
     """Builds a registered objective; unknown options are reported with the accepted ones."""
     cls = objective_class(name)
+    accepted = [
+        p.name
+        for p in list(inspect.signature(cls).parameters.values())[2:]  # after features, sources
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    unknown = [key for key in options if key not in accepted]
+    if unknown and not any(
+        p.kind == p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values()
+    ):
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
+        raise AdaptationError(
+            f"unknown option {unknown[0]!r} for the {name!r} objective{hint}: {takes}"
+        )
     try:
         return cls(features, num_sources, **options)
     except TypeError as error:
