@@ -157,3 +157,18 @@ def test_a_saved_config_reads_back_to_the_same_options(tmp_path):
     path = save_config(tmp_path / "run", "transfer", transfer_options, "transfer-synth_shape")
     assert path.name == "config-transfer-synth_shape.yaml"
     assert transfer.options(parse("transfer", "RUN", "--config", str(path))) == transfer_options
+
+
+def test_every_training_option_has_a_flag_that_its_errors_name(tmp_path, capsys):
+    """A config key without a flag made its error name a flag that did not exist."""
+    from dataclasses import fields
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for field in fields(TrainConfig):
+        if field.name not in ("model", "model_kwargs", "tasks"):  # --model, --model-arg, --tasks
+            assert f"--{field.name.replace('_', '-')}" in help_text, field.name
+    options = train.options(parse("train", "--in-memory-mb", "0", "--eval-micro-batch", "8"))
+    assert options["in_memory_mb"] == 0.0 and options["eval_micro_batch"] == 8
+    assert main(["train", "--data-workers", "-1", "--out", str(tmp_path / "run")]) == 2
+    assert "--data-workers must be" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -98,6 +98,23 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "end, which the last epoch always is" + _default("eval_every"),
     )
     add("--eval-batch-size", type=int, help=_default("eval_batch_size"))
+    add(
+        "--eval-micro-batch",
+        type=int,
+        help="images per forward pass when scoring (default: the model family's, measured to "
+        "fit the caches)",
+    )
+    add(
+        "--data-workers",
+        type=int,
+        help="DataLoader workers for image folders and shards read from disk (default: automatic)",
+    )
+    add(
+        "--in-memory-mb",
+        type=float,
+        help="image folders and shards larger than this (MiB at the model's size) stay on "
+        "disk and are decoded on demand" + _default("in_memory_mb"),
+    )
     add("--checkpoint-every", type=int, help="steps between checkpoints (default: every epoch)")
     add("--log-every", type=int, help="steps between logged records" + _default("log_every"))
     add(
