@@ -88,9 +88,12 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
 
     resumed = run_cli(tmp_path / "killed")
     reference = run_cli(tmp_path / "reference")
+    outputs = []
     for process in (resumed, reference):
-        output = process.communicate(timeout=300)[0].decode()
-        assert process.returncode == 0, output
+        outputs.append(process.communicate(timeout=300)[0].decode())
+        assert process.returncode == 0, outputs[-1]
+    said = f"modnet: resuming the interrupted train from its checkpoint at step {interrupted_at} of"
+    assert said in outputs[0] and "resuming" not in outputs[1]  # said, even without a bar
     params, optimizer = final_state(tmp_path / "killed")
     ref_params, ref_optimizer = final_state(tmp_path / "reference")
     for key, value in ref_params.items():

@@ -110,6 +110,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if resume_state is not None:
             self.load_trainer_state(resume_state)
+            if ctx.is_main:  # said even without a progress bar
+                io.run.note(
+                    f"resuming the interrupted {phase} from its checkpoint at step {self.step} "
+                    f"of {self.total_steps}"
+                )
         self.divergence = DivergenceGuard(config, phase)
         # Records up to the resumed step are kept: its log and evaluation precede its checkpoint.
         first_step = 0 if resume_state is None else self.step + 1
