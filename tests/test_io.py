@@ -91,7 +91,9 @@ def test_saving_never_replaces_what_modnet_did_not_write(tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     (mine / "inner").mkdir(parents=True)
     (mine / "inner" / "keep.txt").write_text("mine")
-    with pytest.raises(io.CheckpointError, match=r"mine holds inner, which modnet did not write"):
+    with pytest.raises(
+        io.CheckpointError, match=r"mine holds inner, which is not part of a saved model"
+    ):
         io.save_model(model, mine)
     with pytest.raises(io.CheckpointError, match=r"keep.txt is a file, not a model directory"):
         io.save_model(model, mine / "inner" / "keep.txt")
@@ -107,12 +109,12 @@ def test_saving_never_replaces_what_modnet_did_not_write(tmp_path, monkeypatch):
     io.save_model(model, tmp_path / "m")
     for extra in ("notes.md", "tasks/notes.md"):
         (tmp_path / "m" / extra).write_text("mine")
-        with pytest.raises(io.CheckpointError, match=f"holds {extra}, which modnet did not"):
+        with pytest.raises(io.CheckpointError, match=f"holds {extra}, which is not part of"):
             io.save_model(model, tmp_path / "m")
         (tmp_path / "m" / extra).unlink()
     io.save_model(model, tmp_path / "m")
     (tmp_path / "m" / "manifest.json").write_text("{}")  # not a modnet manifest
-    with pytest.raises(io.CheckpointError, match="holds manifest.json, which modnet did not"):
+    with pytest.raises(io.CheckpointError, match="holds manifest.json, which is not part of"):
         io.save_model(model, tmp_path / "m")
 
 

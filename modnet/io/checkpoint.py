@@ -249,9 +249,9 @@ def _check_replaceable(directory: Path) -> None:
     foreign = _foreign_entries(directory) if directory.is_dir() else []
     if foreign:
         raise CheckpointError(
-            f"{directory} holds {foreign[0].relative_to(directory)}, which modnet did not "
-            "write: save the model to a new or empty folder (modnet replaces only its own "
-            "model folders)"
+            f"{directory} holds {foreign[0].relative_to(directory)}, which is not part of a "
+            "saved model (saving replaces the whole folder): save the model to a new or empty "
+            "folder, or move that out first"
         )
 
 
