@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from modnet import io
 from modnet.adapt import AdaptationError, adapt, add_target_task
@@ -168,11 +169,14 @@ def test_what_a_run_records_about_each_task_survives_later_phases(route_only, tm
 
 
 def test_the_adapt_command_prints_source_only_and_adapted_side_by_side(run, capsys):
-    args = ["adapt", str(run), "--sources", ",".join(SOURCES), "--target", TARGET]
+    args = ["adapt", str(run), "--target", TARGET]  # sources: every task with its classes
     fast = ["--objective", "entropy", "--epochs", "1", "--train-limit", "300", "--no-progress"]
     fast += ["--init", "nearest"]
     assert main([*args, *fast, "--test-limit", "100", "--batch-size", "32"]) == 0
     out = capsys.readouterr().out
+    # the saved options name the sources used, which a run grown since would not repeat
+    saved = yaml.safe_load((run / f"config-adapt-{TARGET}.yaml").read_text())
+    assert saved["sources"] == ",".join(SOURCES)
     for line in (f"source-only {SOURCES[0]}", f"source-only {SOURCES[1]}", "adapted"):
         assert line in out
     assert "trained parameters: 24" in out

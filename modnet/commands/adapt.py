@@ -142,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
         update_shared=own["update_shared"],
     )
     if result.is_main:
-        save_config(result.run_dir, "adapt", {**own, **resolved}, f"adapt-{result.target}")
+        # the sources it used, not "every task with the target's classes": the run may grow
+        used = {**own, "sources": ",".join(result.sources), **resolved}
+        save_config(result.run_dir, "adapt", used, f"adapt-{result.target}")
         print("\n".join(summary_lines(result)))
         print(f"run directory: {result.run_dir}  (checkpoint {result.checkpoint.name})")
     return 0
