@@ -138,6 +138,11 @@ def test_adapt_takes_transfers_spelling_of_where_the_route_starts():
     for spelling in ("--init", "--init-from"):
         args = build_parser().parse_args(["adapt", "runs/x", "--target", "t", spelling, "nearest"])
         assert args.init == "nearest"
+    # and transfer's spelling of an anisotropic route
+    for spelling in (["--anisotropic"], ["--route", "anisotropic"]):
+        args = build_parser().parse_args(["adapt", "runs/x", "--target", "t", *spelling])
+        assert args.anisotropic is True
+    assert build_parser().parse_args(["adapt", "runs/x", "--target", "t"]).anisotropic is None
 
 
 def test_eval_scores_the_test_set_the_run_drew_with_its_seed(tmp_path, capsys):

@@ -93,6 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "starting at its template's share",
     )
     parser.add_argument(
+        "--route",
+        choices=["anisotropic"],
+        dest="anisotropic",
+        action=_Anisotropic,
+        help="--route anisotropic: transfer's spelling of --anisotropic",
+    )
+    parser.add_argument(
         "--update-shared",
         action="store_true",
         default=None,
@@ -104,6 +111,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keys = [*DEFAULTS, *(f for f in TRAIN_FIELDS if f not in MODEL_FIELDS)]
     add_config_option(parser, keys)
     parser.set_defaults(func=run)
+
+
+class _Anisotropic(argparse.Action):
+    """``--route anisotropic`` sets ``--anisotropic``, as ``transfer --route`` reads."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
