@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -310,7 +311,16 @@ def test_an_unfinished_phase_blocks_the_others_and_discard_keeps_finished_tasks(
     assert capsys.readouterr().err.endswith(f"task 'synth_shape' is not exported: {partly}\n")
     assert main(["eval", str(run_copy), "--task", "synth_color", "--test-limit", "8"]) == 0
     assert "partly" not in capsys.readouterr().err  # the pool it shares did not change
+    # TensorBoard's files of the phase: an attempt from before the base stays, the
+    # discarded one goes (files are named after the second they were created)
+    board = run_copy / "tensorboard" / "transfer-synth_shape"
+    board.mkdir(parents=True)
+    earlier = board / "events.out.tfevents.1000000000.host.1.0"
+    discarded = board / f"events.out.tfevents.{int(time.time()) + 1}.host.2.0"
+    for file in (earlier, discarded, board / "notes.txt"):
+        file.write_text("x")
     assert main(["discard", str(run_copy)]) == 0
+    assert sorted(p.name for p in board.iterdir()) == [earlier.name, "notes.txt"]
     assert f"continues from {base.name}" in capsys.readouterr().out
     assert {r["phase"] for r in read_metrics(run_copy / "metrics.jsonl")} == {"train"}
     assert '"phase": "transfer-synth_shape", "step": 1' in (run_copy / "metrics.jsonl").read_text()

@@ -215,3 +215,17 @@ def test_tensorboard_logger_writes_scalars_and_route_images_tensorboard_reads(tm
     (image,) = accumulator.Images("routes")
     assert image.step == 5 and image.width > 100
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # still written
+
+
+def test_discarding_every_attempt_removes_the_phases_event_files_and_folder(tmp_path):
+    from modnet.train.tracking import discard_events
+
+    board = tmp_path / "tensorboard" / "adapt-x"
+    board.mkdir(parents=True)
+    files = [board / f"events.out.tfevents.{t}.host.1.0" for t in (100, 200)]
+    for file in files:
+        file.write_text("x")
+    assert discard_events(tmp_path, "adapt-x", since=150) == [files[1]]
+    assert discard_events(tmp_path, "adapt-x", since=None) == [files[0]]
+    assert not board.exists()
+    assert discard_events(tmp_path, "never-logged", since=None) == []

@@ -22,6 +22,34 @@ LOGGERS = ("jsonl", "tensorboard")
 EXTRA_HINT = 'pip install "modnet[tensorboard]"'
 
 
+def discard_events(run_dir: str | Path, phase: str, since: float | None) -> list[Path]:
+    """Removes the TensorBoard event files of ``phase``'s attempts started after
+    ``since`` (seconds since the epoch; None: every attempt), for ``modnet discard``.
+
+    ``SummaryWriter`` names each file after the second it was created
+    (``events.out.tfevents.<time>.<host>...``), so an attempt started after the
+    checkpoint a run goes back to is told from a finished attempt before it; the
+    earlier attempt's curves, hidden by the discarded one's purge, show again. Only
+    event files go (and the phase's folder, once empty).
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(run_dir) / TENSORBOARD_DIR / phase
+    if not folder.is_dir():
+        return []
+    removed = []
+    for file in sorted(folder.glob("events.out.tfevents.*")):
+        parts = file.name.split(".")
+        created = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else None
+        if file.is_file() and created is not None and (since is None or created > since):
+            file.unlink()
+            removed.append(file)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return removed
+
+
 class MetricsLogger:
     """Appends every record to ``run_dir/metrics.jsonl``.
 
