@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -733,12 +734,24 @@ class ModularNet(nn.Module):
             new = copy.deepcopy(route)
         elif torch.is_tensor(route) and route.dtype.is_floating_point:
             new = SoftRoute.from_coefficients(route.detach())
+        elif route is None or isinstance(route, (str, bytes, Mapping, int, float)):
+            raise ValueError(
+                f"the route for task {task!r} must be a list of template indices, a "
+                f"coefficient tensor [L, K] or [L, K, G], or a Route; got {route!r}"
+            )
         else:
             new = HardRoute(route, count)
         if new.num_templates > count:
             raise ValueError(
                 f"the route for task {task!r} uses {new.num_templates} templates but the "
                 f"pool has {count}: grow the pool with model.grow(...) first"
+            )
+        covered = list(itertools.accumulate(c.num_templates for c in self.pool.chunks))
+        if new.num_templates not in covered:  # a route made before growth covers whole chunks
+            raise ValueError(
+                f"the route for task {task!r} covers {new.num_templates} templates, but the "
+                f"pool's templates come in chunks covering {covered}: give coefficients for "
+                f"{count} templates"
             )
         if isinstance(new, HardRoute):
             self._check_hard_route(new, task)

@@ -55,6 +55,19 @@ def test_soft_route_of_wrong_shape(model):
         model.set_route("digits", torch.rand(4, 5))
     with pytest.raises(ValueError, match="one per block tensor"):
         model.set_route("digits", torch.rand(4, 3, 2))
+    # fewer templates than the pool: only what a route made before the pool grew covers
+    with pytest.raises(ValueError, match=r"covers 2 templates, but .* chunks covering \[3\]"):
+        model.set_route("digits", torch.rand(4, 2))
+    model.grow(2)
+    model.set_route("digits", torch.rand(4, 3))  # the first chunk: a route from before growth
+    with pytest.raises(ValueError, match=r"covers 4 templates.*\[3, 5\]: give coefficients for 5"):
+        model.set_route("digits", torch.rand(4, 4))
+
+
+def test_a_route_of_the_wrong_kind_is_one_clear_error(model):
+    for value in ("abc", None, 3, {"route": [0]}):
+        with pytest.raises(ValueError, match=r"must be a list of template indices, a coeff"):
+            model.set_route("digits", value)
 
 
 def test_images_of_wrong_size_channels_or_rank():
