@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -82,7 +84,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _construct(
-    family_fn: Callable[..., Family], defaults: Mapping[str, Any], **kwargs: Any
+    family_fn: Callable[..., Family], defaults: Mapping[str, Any], variant: str, **kwargs: Any
 ) -> ModularNet:
     device = kwargs.pop("device", None)
     dtype = kwargs.pop("dtype", None)
@@ -93,11 +95,31 @@ def _construct(
     if tasks is None:
         tasks = {"default": num_classes} if num_classes is not None else {}
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
+    _check_family_options(variant, family_fn, options)
     family = family_fn(**options)
     model = ModularNet(family, depth=depth, tasks=tasks, **model_options)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model
+
+
+def _check_family_options(
+    variant: str, family_fn: Callable[..., Family], options: Mapping[str, Any]
+) -> None:
+    """Refuses an option neither the family nor the model takes, as the CLI does (a
+    ``TypeError`` from deep inside timm's builder before)."""
+    parameters = inspect.signature(family_fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [key for key in options if key not in parameters]
+    if unknown:
+        valid = sorted({*parameters, "depth", "tasks", "num_classes", *_MODEL_OPTIONS})
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"unknown model option {unknown[0]!r} for {variant}{hint}: check its spelling "
+            f"(--model-arg KEY=VALUE); it takes {', '.join(valid)}"
+        )
 
 
 def _create(
@@ -125,7 +147,7 @@ def _create(
     # timm fills num_classes from the default cfg; only a caller's own value makes a task.
     kwargs_filter = () if kwargs.get("num_classes") is not None else ("num_classes",)
     model = build_model_with_cfg(
-        partial(_construct, family_fn, defaults),
+        partial(_construct, family_fn, defaults, variant),
         variant,
         pretrained=False,
         feature_cfg=dict(out_indices=DEFAULT_FEATURE_LAYERS, feature_cls=ModnetFeatures),

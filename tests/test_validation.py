@@ -91,6 +91,14 @@ def test_unknown_model_and_unknown_option():
         create_model("modnet_conv_tiny", dict(widht=8))
     model = create_model("modnet_conv_tiny", dict(width=8, depth=2, img_size=8))
     assert model.config["width"] == 8 and model.depth == 2
+    # timm.create_model itself says the same in one line, with the options it takes
+    import timm
+
+    with pytest.raises(
+        ConfigError, match=r"'embed_dimm' for modnet_vit_tiny \(did you mean embed_dim\?\).*"
+        r"it takes .*embed_dim.*num_templates"
+    ):  # fmt: skip
+        timm.create_model("modnet_vit_tiny", embed_dimm=8)
     # every normalisation a hypernetwork has is accepted as a model option
     options = dict(width=8, depth=2, img_size=8, route="hyper", hyper_normalize="sparsemax")
     check_model_options("modnet_conv_tiny", options)
