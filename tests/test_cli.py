@@ -132,7 +132,7 @@ def test_console_entry_point_and_help():
         assert command in done.stdout
 
 
-def test_adapt_takes_transfers_spelling_of_where_the_route_starts():
+def test_adapt_and_transfer_take_each_others_spellings():
     from modnet.cli import build_parser
 
     for spelling in ("--init", "--init-from"):
@@ -143,6 +143,12 @@ def test_adapt_takes_transfers_spelling_of_where_the_route_starts():
         args = build_parser().parse_args(["adapt", "runs/x", "--target", "t", *spelling])
         assert args.anisotropic is True
     assert build_parser().parse_args(["adapt", "runs/x", "--target", "t"]).anisotropic is None
+    # and transfer takes adapt's spellings, eval the training commands' --data-workers
+    args = build_parser().parse_args(["transfer", "runs/x", "--task", "t", "--init", "nearest"])
+    assert args.init_from == "nearest" and args.route is None
+    args = build_parser().parse_args(["transfer", "runs/x", "--task", "t", "--anisotropic"])
+    assert args.route == "anisotropic"
+    assert build_parser().parse_args(["eval", "runs/x", "--data-workers", "0"]).workers == 0
 
 
 def test_eval_scores_the_test_set_the_run_drew_with_its_seed(tmp_path, capsys):

@@ -22,7 +22,9 @@ def progress_printer(label: str, stream=None) -> Callable[[int, int], None]:
             end = "\n" if done == total else ""
             print(f"\r{label}: round {done}/{total}", end=end, file=stream, flush=True)
         elif done == total:
-            print(f"{label}: {total} rounds done", file=stream, flush=True)
+            print(
+                f"{label}: {total} round{'' if total == 1 else 's'} done", file=stream, flush=True
+            )
 
     return report
 

@@ -50,7 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "caches); 0: one pass per --batch-size batch, as in modnet bench",
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="loader processes for test images on disk"
+        "--workers",
+        "--data-workers",  # the training commands' spelling
+        dest="workers",
+        type=int,
+        default=None,
+        help="loader processes for test images on disk",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)

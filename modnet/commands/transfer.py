@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--grow", type=int, help="add N templates that only the new task uses")
     parser.add_argument(
         "--init-from",
+        "--init",  # adapt's spelling of the same choice
+        dest="init_from",
         help="start route and norm statistics from this task, or from 'nearest': the task "
         "whose network the new task's images look most like (chosen without labels)",
     )
@@ -55,6 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["anisotropic"],
         help="anisotropic: one coefficient per (layer, template, parameter tensor), "
         "starting from the --init-from route repeated",
+    )
+    parser.add_argument(
+        "--anisotropic",  # adapt's spelling
+        dest="route",
+        action="store_const",
+        const="anisotropic",
+        help="the same as --route anisotropic",
     )
     parser.add_argument(
         "--route-init",
