@@ -58,6 +58,8 @@ def test_task_vector_arithmetic(family):
     assert torch.equal((-a)[name], -a[name])
     assert torch.equal((2 * a)[name], (a * 2)[name])
     assert torch.equal((a / 2)[name], a[name] * 0.5)
+    with pytest.raises(ZeroDivisionError, match="task vector divided by zero"):
+        a / 0  # as for numbers, not a vector of inf and nan
     assert torch.equal(sum([a, b, c])[name], a[name] + b[name] + c[name])
     assert torch.equal(TaskVector.mean([a, b])[name], (a[name] + b[name]) / 2)
     assert (a - a).norm() == 0.0

@@ -233,6 +233,8 @@ class TaskVector:
     def __truediv__(self, scale: Number) -> TaskVector:
         if not isinstance(scale, Number):
             return NotImplemented
+        if scale == 0:  # as for numbers: not a vector of inf and nan
+            raise ZeroDivisionError("a task vector divided by zero")
         return TaskVector({n: t / scale for n, t in self.items()})
 
     # ----------------------------------------------------------------- applying
