@@ -131,3 +131,8 @@ def test_the_trainers_evaluation_uses_the_configured_micro_batch(tmp_path, monke
     )
     train(config, tmp_path / "run")
     assert seen and set(seen) == {3}
+    # 0: one pass per evaluation batch, as `modnet eval --micro-batch 0`
+    seen.clear()
+    config.eval_micro_batch, config.eval_batch_size = 0, 8
+    train(config, tmp_path / "whole")
+    assert seen and set(seen) == {8}

@@ -271,7 +271,7 @@ def _adapt(
             {**source_data, name: target_data},
             config.eval_batch_size,
             ctx.device,
-            micro_batch=config.eval_micro_batch,
+            micro_batch=config.resolved_eval_micro_batch(),
         )
         if ctx.is_main:
             io.save_checkpoint(
@@ -565,7 +565,7 @@ def _start(
     else:
         rule = init
     add_target_task(model, name, target.num_classes, sources, init, head_init, anisotropic)
-    micro = config.eval_micro_batch
+    micro = config.resolved_eval_micro_batch()
     source_only = evaluate(model, {s: target for s in sources}, batch, device, micro_batch=micro)
     start_accuracy = evaluate(model, {name: target}, batch, device, micro_batch=micro)[name]
     gaps: list[float] = []

@@ -189,7 +189,7 @@ class AdaptationTrainer(Trainer):
             self.config.eval_batch_size,
             self.ctx.device,
             self.config.resolved_precision(self.model),
-            micro_batch=self.config.eval_micro_batch,
+            micro_batch=self.config.resolved_eval_micro_batch(),
             workers=self.config.data_workers,
             progress=self.config.progress and self.ctx.is_main,
         )
@@ -203,7 +203,7 @@ class AdaptationTrainer(Trainer):
             {self.target: self._curve_data},
             self.config.eval_batch_size,
             self.ctx.device,
-            micro_batch=self.config.eval_micro_batch,
+            micro_batch=self.config.resolved_eval_micro_batch(),
         )[self.target]
         self.curve.append(dict(step=step, accuracy=accuracy))
 
@@ -290,7 +290,7 @@ class AdaptationTrainer(Trainer):
             chunks = [
                 self.pooled_features(task.normalize(x).to(self.ctx.device), name).float()
                 for x in task.train_x.split(
-                    self.config.eval_micro_batch or default_micro_batch(model)
+                    self.config.resolved_eval_micro_batch() or default_micro_batch(model)
                 )
             ]
             model.train(was_training)

@@ -102,7 +102,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--eval-micro-batch",
         type=int,
         help="images per forward pass when scoring (default: the model family's, measured to "
-        "fit the caches)",
+        "fit the caches); 0: one pass per --eval-batch-size batch, as eval --micro-batch 0",
     )
     add(
         "--data-workers",

@@ -69,7 +69,9 @@ class TrainConfig:
     log: str = "jsonl"  # metrics.jsonl; "tensorboard" adds TensorBoard event files
     eval_every: int = 1  # epochs between test evaluations (the last step always); 0: last only
     eval_batch_size: int = 256
-    eval_micro_batch: int | None = None  # images per forward pass; None: the family's default
+    # images per forward pass when scoring; None: the family's default; 0: one pass per
+    # eval batch (as ``modnet eval --micro-batch 0``)
+    eval_micro_batch: int | None = None
     augment: bool = False  # the dataset's training augmentation (modnet.data.augment)
     data_workers: int | None = None  # DataLoader workers for data on disk; None: automatic
     in_memory_mb: float | None = 1024.0  # image folders and shards above this stay on disk
@@ -90,7 +92,7 @@ class TrainConfig:
         _integer("checkpoint_every", self.checkpoint_every, minimum=0)
         _integer("eval_every", self.eval_every, minimum=0)
         if self.eval_micro_batch is not None:
-            _integer("eval_micro_batch", self.eval_micro_batch, minimum=1)
+            _integer("eval_micro_batch", self.eval_micro_batch, minimum=0)
         if self.data_workers is not None:
             _integer("data_workers", self.data_workers, minimum=0)
         if self.in_memory_mb is not None:
@@ -131,6 +133,10 @@ class TrainConfig:
     def result_options(self) -> dict[str, Any]:
         """The options that determine what the run computes (all but ``RESULT_NEUTRAL``)."""
         return {k: v for k, v in self.to_dict().items() if k not in RESULT_NEUTRAL}
+
+    def resolved_eval_micro_batch(self) -> int | None:
+        """``eval_micro_batch`` for ``evaluate``: 0 resolved to ``eval_batch_size``."""
+        return self.eval_batch_size if self.eval_micro_batch == 0 else self.eval_micro_batch
 
     def resolved_precision(self, model: Any) -> str:
         """``precision``, with ``"auto"`` resolved to ``model.default_precision``."""

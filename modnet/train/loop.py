@@ -273,7 +273,7 @@ class Trainer:
             self.config.eval_batch_size,
             self.ctx.device,
             self.config.resolved_precision(self.model),
-            micro_batch=self.config.eval_micro_batch,
+            micro_batch=self.config.resolved_eval_micro_batch(),
             workers=self.config.data_workers,
             progress=self.config.progress and self.ctx.is_main,
         )
