@@ -90,15 +90,10 @@ def make_objective(
 ) -> AdaptationObjective:
     """Builds a registered objective; unknown options are reported with the accepted ones."""
     cls = objective_class(name)
-    accepted = [
-        p.name
-        for p in list(inspect.signature(cls).parameters.values())[2:]  # after features, sources
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    parameters = list(inspect.signature(cls).parameters.values())[2:]  # after features, sources
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = [key for key in options if key not in accepted]
-    if unknown and not any(
-        p.kind == p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values()
-    ):
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters):
         close = difflib.get_close_matches(unknown[0], accepted, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"

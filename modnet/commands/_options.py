@@ -335,7 +335,8 @@ def save_config(run_dir: str | Path, command: str, options: Mapping[str, Any], p
     path = config_path(run_dir, phase)
     again = "--out NEW_RUN" if command == "train" else f"{run_dir} --overwrite"
     header = (
-        f"# modnet {command}: the resolved options of this run. Run it again with\n"
+        f"{io.run.SAVED_OPTIONS_HEADER}{command}: the resolved options of this run. Run it "
+        "again with\n"
         f"#   modnet {command} --config {path} {again}\n"
     )
     options = dict(options)

@@ -244,17 +244,16 @@ def summarize_names(names: list[str]) -> str:
         base, dash, suffix = name.partition("-")
         if dash and base in bases:
             variants.setdefault(suffix, set()).add(base)
-    folded = {f"{b}-{s}" for s, group in variants.items() if len(group) > 1 for b in group}
-    shown = [n for n in names if n not in folded]
-    parts = []
+    shared = {s: group for s, group in sorted(variants.items()) if len(group) > 1}
+    folded = {f"{b}-{s}" for s, group in shared.items() for b in group}
     by_bases: dict[tuple[str, ...], list[str]] = {}
-    for suffix, group in sorted(variants.items()):
-        if len(group) > 1:
-            by_bases.setdefault(tuple(sorted(group)), []).append(suffix)
-    for group, suffixes in by_bases.items():
-        endings = ", -".join(suffixes)
-        parts.append(f"{', '.join(group)} each also as NAME-{endings}")
-    return ", ".join(shown) + "".join(f" ({p})" for p in parts)
+    for suffix, group in shared.items():
+        by_bases.setdefault(tuple(sorted(group)), []).append(suffix)
+    parts = "".join(
+        f" ({', '.join(group)} each also as NAME-{', -'.join(suffixes)})"
+        for group, suffixes in by_bases.items()
+    )
+    return ", ".join(n for n in names if n not in folded) + parts
 
 
 def _resolve_path(text: str, root: Path | None) -> Path:

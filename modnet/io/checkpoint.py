@@ -461,9 +461,9 @@ def load_model(
     """Loads a model directory (or a run's latest checkpoint), optionally only some tasks.
 
     ``tasks`` is a task name or names (each loaded once, in the order given); None
-    loads every task. Every file must belong to this checkpoint: the pool file and each task file
-    carry the pool fingerprint the manifest records, and a file copied in from
-    another run is refused before the model is built. (A checkpoint written before
+    loads every task. Every file must belong to this checkpoint: the pool file and
+    each task file carry the pool fingerprint the manifest records, and a file
+    copied in from another run is refused before the model is built. (A checkpoint written before
     fingerprints existed has none in its manifest and loads unchecked.)
 
     Returns:
@@ -638,12 +638,11 @@ def import_task(
 def _sibling_record(path: Path, task: str | None) -> Mapping[str, Any]:
     """What the manifest of the model directory holding task file ``path`` records
     about ``task`` (empty when the file stands alone or the manifest cannot be read)."""
-    manifest = path.parent.parent / MANIFEST
-    if task is None or path.parent.name != TASK_DIR or not manifest.is_file():
+    if task is None or path.parent.name != TASK_DIR:
         return {}
     try:
-        entry = json.loads(manifest.read_text()).get("tasks", {}).get(task, {})
-    except (OSError, ValueError, AttributeError):
+        entry = read_manifest(path.parent.parent)["tasks"].get(task, {})
+    except (CheckpointError, OSError):
         return {}
-    file = entry.get("file", f"{TASK_DIR}/{task}.safetensors") if isinstance(entry, dict) else None
+    file = entry.get("file", f"{TASK_DIR}/{task}.safetensors")
     return entry if file == f"{TASK_DIR}/{path.name}" else {}

@@ -75,9 +75,10 @@ PHASE_OUTPUT = re.compile(
 # Folders that hold modnet's files among whatever else the user keeps there: per
 # folder, the names of modnet's files in it (``export/<task>.pt2``,
 # ``export/<task>/model.safetensors`` and ``config.json``, TensorBoard event files).
+EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's SummaryWriter files
 OUTPUT_FOLDERS = {
     "export": re.compile(r"^([^/]+\.pt2|[^/]+/(model\.safetensors|config\.json))$"),
-    "tensorboard": re.compile(r"^([^/]+/)?events\.out\.tfevents\.[^/]+$"),
+    "tensorboard": re.compile(rf"^([^/]+/)?{re.escape(EVENT_FILE_PREFIX)}[^/]+$"),
 }
 SAVED_OPTIONS_HEADER = "# modnet "  # the first line of every options file modnet saves
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*-step\d{7}$")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..io.run import EVENT_FILE_PREFIX
 from ..plot import DISCARD_EVENT, METRICS_FILE, START_EVENT, route_figure, route_kind, route_matrix
 
 TENSORBOARD_DIR = "tensorboard"
@@ -39,7 +40,7 @@ def discard_events(run_dir: str | Path, phase: str, since: float | None) -> list
     if not folder.is_dir():
         return []
     removed = []
-    for file in sorted(folder.glob("events.out.tfevents.*")):
+    for file in sorted(folder.glob(f"{EVENT_FILE_PREFIX}*")):
         parts = file.name.split(".")
         created = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else None
         if file.is_file() and created is not None and (since is None or created > since):
