@@ -734,10 +734,15 @@ class ModularNet(nn.Module):
             new = copy.deepcopy(route)
         elif torch.is_tensor(route) and route.dtype.is_floating_point:
             new = SoftRoute.from_coefficients(route.detach())
-        elif route is None or isinstance(route, (str, bytes, Mapping, int, float)):
+        elif (
+            route is None
+            or isinstance(route, (str, bytes, Mapping, int, float))
+            or (torch.is_tensor(route) and route.dtype == torch.bool)
+            or (not torch.is_tensor(route) and any(isinstance(i, (bool, float)) for i in route))
+        ):  # not silently rounded or read as 0/1: a hard route is integer indices
             raise ValueError(
-                f"the route for task {task!r} must be a list of template indices, a "
-                f"coefficient tensor [L, K] or [L, K, G], or a Route; got {route!r}"
+                f"the route for task {task!r} must be a list of integer template indices, a "
+                f"float coefficient tensor [L, K] or [L, K, G], or a Route; got {route!r}"
             )
         else:
             new = HardRoute(route, count)

@@ -65,8 +65,8 @@ def test_soft_route_of_wrong_shape(model):
 
 
 def test_a_route_of_the_wrong_kind_is_one_clear_error(model):
-    for value in ("abc", None, 3, {"route": [0]}):
-        with pytest.raises(ValueError, match=r"must be a list of template indices, a coeff"):
+    for value in ("abc", None, 3, {"route": [0]}, [0.5, 1.9], [True, False], torch.ones(2) > 0):
+        with pytest.raises(ValueError, match=r"must be a list of integer template indices, a"):
             model.set_route("digits", value)
 
 

@@ -117,7 +117,7 @@ def test_empty_task_list_is_an_error_not_the_default_suite(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def _npz(path, train_y, test_y):
+def _npz(path, train_y, test_y, **extra):
     rng = np.random.default_rng(0)
     np.savez(
         path,
@@ -125,6 +125,7 @@ def _npz(path, train_y, test_y):
         train_y=np.asarray(train_y),
         test_x=rng.integers(0, 255, (len(test_y), 8, 8, 3), dtype=np.uint8),
         test_y=np.asarray(test_y),
+        **extra,
     )
     return path
 
@@ -152,6 +153,14 @@ def test_labels_counted_from_one_are_refused_unless_the_classes_are_given(tmp_pa
         "onebased", x, y, x, y, options, source={}, num_classes=4
     )
     assert kept.num_classes == 4
+    # named classes are the classes (as for image folders): 4 names keep class 0 empty
+    named = _npz(tmp_path / "named.npz", labels, labels, classes=np.array(["-", "a", "b", "c"]))
+    assert load_npz(named, options).num_classes == 4
+    fewer = _npz(tmp_path / "fewer.npz", labels, labels, classes=np.array(["a", "b"]))
+    with pytest.raises(DataError, match=r"labels span 1..3, outside 0..1"):
+        load_npz(fewer, options)
+    with pytest.raises(DataError, match="2 class names for 4 classes"):
+        task_from_arrays("x", x, y, x, y, options, source={}, num_classes=4, classes=["a", "b"])
 
 
 def test_an_overlong_task_name_is_refused_when_the_data_is_loaded(tmp_path, capsys):

@@ -80,9 +80,10 @@ def check_labels(
     num_classes: int | None,
     classes: Sequence[str] | None = None,
 ) -> int:
-    """Checks that both splits are non-empty, labels are 0..K-1 (with K inferred, some
-    sample has label 0) and every test class has training samples (a head cannot
-    learn a class it never sees); returns K."""
+    """Checks that both splits are non-empty, labels are 0..K-1 (K: the named classes,
+    ``num_classes``, or else inferred, when some sample must have label 0) and every
+    test class has training samples (a head cannot learn a class it never sees);
+    returns K."""
     for split, y in (("train", train_y), ("test", test_y)):
         if len(y) == 0:
             raise DataError(
@@ -90,12 +91,20 @@ def check_labels(
             )
     low = int(min(train_y.min(), test_y.min()))
     high = int(max(train_y.max(), test_y.max()))
+    if classes is not None:  # named classes are the classes, as for image folders
+        if num_classes is not None and num_classes != len(classes):
+            raise DataError(
+                f"{name}: {len(classes)} class names for {num_classes} classes: give one name "
+                "per class"
+            )
+        num_classes = len(classes)
     if num_classes is None:
         if low > 0:  # class 0 empty in both splits: labels counted from 1, most likely
             raise DataError(
                 f"{name}: no sample has label 0 (labels span {low}..{high}), so class 0 would "
                 "be empty and chance wrong: labels must be class indices 0..K-1 (subtract "
-                f"{low} if they start at {low}), or pass num_classes to keep empty classes"
+                f"{low} if they start at {low}), or name every class to keep empty ones (a "
+                "'classes' array in an npz archive, classes= or num_classes= in Python)"
             )
         num_classes = high + 1
         check_label_outliers(name, torch.cat([train_y, test_y]))
