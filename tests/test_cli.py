@@ -81,6 +81,15 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     assert capsys.readouterr().err == note.replace(
         "the whole test splits", "at most 20 test images"
     )
+    # a test split no larger than both limits scores the same: nothing to say
+    from modnet.commands.eval import _note_recorded_limit
+
+    manifest = io.load_model(run_dir)[1]
+    _note_recorded_limit(str(run_dir), manifest, {"synth_color": 40}, None)
+    _note_recorded_limit(str(run_dir), manifest, {"synth_color": 35}, 50)
+    assert capsys.readouterr().err == ""
+    _note_recorded_limit(str(run_dir), manifest, {"synth_color": 41}, None)
+    assert "the run scored synth_color on a subset of at most 40" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--task", "synth_shape", "--test-limit", "20"]) == 0
     assert capsys.readouterr().err == (
         "modnet: scoring at most 20 test images per task; the run scored synth_shape on the "

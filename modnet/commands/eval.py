@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{name!r} {model.task_classes[name]}: give a copy of the task's own dataset"
             )
     # said once the data is found, before the scoring
-    _note_recorded_limit(args.run_dir, manifest, model.task_names, args.test_limit)
+    sizes = {name: len(task.test_y) for name, task in data.items()}
+    _note_recorded_limit(args.run_dir, manifest, sizes, args.test_limit)
     accuracy = evaluate(
         model,
         data,
@@ -149,17 +150,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_recorded_limit(path: str, manifest: dict, tasks: list[str], asked: int | None) -> None:
-    """Says which of ``tasks`` the run scored (``results.json``) on another number of test
+def _note_recorded_limit(
+    path: str, manifest: dict, sizes: dict[str, int], asked: int | None
+) -> None:
+    """Says which tasks the run scored (``results.json``) on another number of test
     images than ``asked`` (``--test-limit``; None: the whole split): a task's limit is the
-    one its training phase (``io.task_phase``) saved in its options (``config*.yaml``)."""
+    one its training phase (``io.task_phase``) saved in its options (``config*.yaml``).
+    ``sizes``: each task's test images as loaded now; where both limits cover the
+    whole split (fewer images than either), the figures are the same and nothing is said."""
     from .. import io
     from ._options import config_path
 
     run = io.run_root(path)
-    recorded = {
-        n: _recorded_limit(config_path(run, io.task_phase(run, manifest, n))) for n in tasks
-    }
+    recorded = {}
+    for n, size in sizes.items():
+        known, limit = _recorded_limit(config_path(run, io.task_phase(run, manifest, n)))
+        if (asked is None or size < asked) and (limit is None or limit >= size):
+            continue  # both scored the whole split: the same figures
+        recorded[n] = (known, limit)
     limited = {n: limit for n, (_, limit) in recorded.items() if limit and limit != asked}
     if limited:
         bounds = sorted(set(limited.values()))
