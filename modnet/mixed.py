@@ -60,6 +60,16 @@ def split(
     order = torch.argsort(ids, stable=True)
     sizes = [c for c in counts if c]
     present = [names[i] for i, c in enumerate(counts) if c]
+    if not sizes:  # an empty batch: the first task's empty output, as wide as any batch's
+        sizes, present = [0], names[:1]
+    if pad:
+        headless = [n for n in present if not model.task_classes[n]]
+        if headless and len(headless) < len(present):
+            raise ValueError(
+                f"tasks {headless} have no head, so their outputs would be features beside "
+                "other tasks' logits: run them in batches of their own, or call "
+                "forward_features for all"
+            )
     outputs = [fn(chunk, name) for chunk, name in zip(x[order].split(sizes), present, strict=True)]
     if pad:
         width = max(*model.task_classes.values(), *(o.shape[-1] for o in outputs))

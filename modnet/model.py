@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -166,6 +167,8 @@ class ModularNet(nn.Module):
             key: _per_channel(getattr(family, key), self.trunk.in_chans) for key in ("mean", "std")
         }
         self.task_normalization: dict[str, dict[str, tuple[float, ...]]] = {}
+        # The task normalisation pretrained_cfg took last: replaced once no task gives it.
+        self._cfg_task_normalization: dict[str, tuple[float, ...]] | None = None
         self._pretrained_cfg: dict[str, Any] = dict(
             interpolation="bilinear", crop_pct=1.0, num_classes=0
         )
@@ -212,13 +215,12 @@ class ModularNet(nn.Module):
             init_from: Copy the route and norm statistics of this existing task.
 
         Raises:
-            ValueError: An invalid or taken name, ``num_classes < 0``, or a route that
-                does not fit the pool or the depth.
+            ValueError: An invalid or taken name, ``num_classes`` not a whole number
+                ``>= 0``, or a route that does not fit the pool or the depth.
             KeyError: ``init_from`` names no task.
         """
         self._check_new_task_name(name)
-        if num_classes < 0:
-            raise ValueError(f"task {name!r} needs num_classes >= 0, got {num_classes}")
+        num_classes = _class_count(num_classes, name)
         if init_from is not None:
             self._task(init_from)
         if route is not None:
@@ -242,9 +244,10 @@ class ModularNet(nn.Module):
         """Replaces a task's route.
 
         Args:
-            route: A list of template indices (a hard route: any length up to
-                ``depth``, repeats allowed), a coefficient tensor ``[L, K]`` or
-                ``[L, K, G]`` (a linear soft route starting there), or a ``Route``.
+            route: A list or 1-D integer tensor of template indices (a hard route:
+                any length up to ``depth``, repeats allowed), a float coefficient
+                tensor ``[L, K]`` or ``[L, K, G]`` (a linear soft route starting
+                there), or a ``Route``.
                 A hard route of the same length as the current one is updated in
                 place, so a compiled model runs it without recompiling. The model
                 keeps its own copy: later changes to ``route`` do not reach the task.
@@ -278,9 +281,10 @@ class ModularNet(nn.Module):
             KeyError: ``task`` is unknown.
             ValueError: ``count < 1`` or an unknown ``init``.
         """
+        if task is not None:
+            self._task(task)  # before the pool changes: a failed call changes nothing
         new = self.pool.grow(count, init=init)
         if task is not None:
-            self._task(task)
             self._widen_route(task)
         return new
 
@@ -324,6 +328,7 @@ class ModularNet(nn.Module):
             ValueError: Several tasks and no ``task``, or an unsupported pooling.
         """
         name = self._single_task(task)
+        num_classes = _class_count(num_classes, name)
         if global_pool is not None:
             self._set_global_pool(global_pool, name)
         reference = self._reference_tensor()
@@ -385,8 +390,9 @@ class ModularNet(nn.Module):
 
         Args:
             x: Images ``[B, C, H, W]`` in the model's dtype.
-            task: A task name or index (optional with one task), or per-sample task
-                ids (a 1-D integer tensor or a list of names/indices, length ``B``).
+            task: A task name or index (a Python or numpy integer; optional with one
+                task), or per-sample task ids (a 1-D integer tensor or a list of
+                names/indices, length ``B``; an empty batch gives empty logits).
             route: Runs this call with another route instead of the task's own, and
                 changes no state (for trying block orders, in the spirit of
                 x-transformers' execution order as a forward argument): a list of
@@ -400,7 +406,9 @@ class ModularNet(nn.Module):
             ``[B, head_hidden_size]`` for a task without a head.
 
         Raises:
-            ValueError: A wrong input shape, an unknown task index, or a route that
+            ValueError: A wrong input shape, an integer input or a float dtype other
+                than the weights' outside ``torch.autocast``, an unknown task index, a
+                batch mixing tasks without heads with tasks with heads, or a route that
                 does not fit the model; ``ConfigError`` for a route with per-sample
                 tasks.
             KeyError: An unknown task name.
@@ -622,7 +630,7 @@ class ModularNet(nn.Module):
         if single is not None:
             return fn(x, single)
         ids = self._task_ids(task, x.shape[0], x.device)
-        if grouped is not None and _mixed.mode(self) != "split":
+        if grouped is not None and ids.shape[0] and _mixed.mode(self) != "split":
             return grouped(x, _mixed.task_groups(self, ids))
         return _mixed.split(self, x, ids, fn, pad)
 
@@ -631,7 +639,8 @@ class ModularNet(nn.Module):
             return self._single_task(None)
         if isinstance(task, str):
             return self._task(task)
-        if isinstance(task, int):
+        if not torch.is_tensor(task) and hasattr(type(task), "__index__"):
+            task = operator.index(task)  # a Python or numpy integer
             names = self.task_names
             if not 0 <= task < len(names):
                 raise ValueError(f"task index {task} is out of range: the tasks are {names}")
@@ -700,6 +709,17 @@ class ModularNet(nn.Module):
         if not torch.is_tensor(x) or x.ndim != 4:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"expected a batch of images [B, C, H, W], got {shape}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(
+                f"expected float images, got dtype {x.dtype}: convert them, e.g. "
+                "(x.float() / 255 - mean) / std with the task's normalisation"
+            )
+        dtype = self._reference_tensor().dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"the input is {x.dtype} but the model's weights are {dtype}: pass "
+                f"x.to({dtype}), or run under torch.autocast for mixed precision"
+            )
         channels = self.trunk.in_chans
         if x.shape[1] != channels:
             raise ValueError(
@@ -743,6 +763,12 @@ class ModularNet(nn.Module):
             raise ValueError(
                 f"the route for task {task!r} must be a list of integer template indices, a "
                 f"float coefficient tensor [L, K] or [L, K, G], or a Route; got {route!r}"
+            )
+        elif torch.is_tensor(route) and route.ndim != 1:
+            raise ValueError(
+                f"an integer route tensor for task {task!r} must be 1-D template indices, got "
+                f"shape {tuple(route.shape)}: pass coefficients [L, K] as a float tensor "
+                "(e.g. route.float() for one-hot rows)"
             )
         else:
             new = HardRoute(route, count)
@@ -996,13 +1022,33 @@ class ModularNet(nn.Module):
         cfg["fixed_input_size"] = size is not None
         first = self.task_names[0] if len(self.heads) else None
         channels = self.trunk.in_chans
+        taken = self._cfg_task_normalization
+        stale = taken is not None and all(tuple(cfg.get(k) or ()) == taken[k] for k in taken)
+        self._cfg_task_normalization = None
         if first in self.task_normalization:
             cfg.update(self.task_normalization[first])
-        elif len(cfg.get("mean") or ()) != channels or len(cfg.get("std") or ()) != channels:
+            self._cfg_task_normalization = dict(self.task_normalization[first])
+        elif stale or any(len(cfg.get(k) or ()) != channels for k in ("mean", "std")):
+            # a deleted or reordered first task's values, or none of the right length
             cfg.update(self._family_normalization)
         cfg["pool_size"] = self.trunk.feature_size(cfg["input_size"][1:])
         cfg["first_conv"] = "trunk." + self.trunk.first_conv
         cfg["classifier"] = f"heads.{first or 'default'}"
+
+
+def _class_count(num_classes: Any, task: str) -> int:
+    """``num_classes`` as an int; a float, bool or negative count is refused."""
+    try:
+        if isinstance(num_classes, bool):
+            raise TypeError
+        num_classes = operator.index(num_classes)  # int, numpy or 0-d tensor integers
+    except TypeError:
+        raise ValueError(
+            f"task {task!r} needs num_classes as a whole number >= 0, got {num_classes!r}"
+        ) from None
+    if num_classes < 0:
+        raise ValueError(f"task {task!r} needs num_classes >= 0, got {num_classes}")
+    return int(num_classes)
 
 
 def _head_classes(head: nn.Module) -> int:

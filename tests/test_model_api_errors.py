@@ -1,0 +1,93 @@
+"""Mistakes with the model's Python API: refused in one line, before anything changes."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import images, tiny_conv, tiny_vit
+
+
+@pytest.mark.parametrize("build", [tiny_conv, tiny_vit])
+def test_a_wrong_input_dtype_names_the_conversion(build):
+    model = build(tasks={"a": 3})
+    x = images(model, 2)
+    with pytest.raises(ValueError, match=r"^expected float images, got dtype torch.uint8: "):
+        model((x * 255).to(torch.uint8), task="a")
+    for dtype in (torch.float64, torch.float16):
+        message = f"the input is {dtype} but the model's weights are torch.float32: pass x.to"
+        with pytest.raises(ValueError, match=message):
+            model(x.to(dtype), task="a")
+        with pytest.raises(ValueError, match=message):
+            model.forward_features(x.to(dtype), task="a")
+    # mixed precision is what autocast is for: its input stays fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(x, task="a").float()).all()
+
+
+def test_a_failed_grow_leaves_the_pool_as_it_was():
+    model = tiny_conv(tasks={"a": 3})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyError, match="unknown task 'zz'"):
+        model.grow(1, task="zz")
+    assert model.pool.num_templates == 3
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert list(model.grow(1, task="a")) == [3]
+
+
+def test_deleting_the_first_task_drops_its_normalisation_from_the_data_config():
+    model = tiny_conv(tasks={"a": 3, "b": 2})
+    family = model.pretrained_cfg["mean"]
+    model.set_normalization("a", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert model.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+    model.delete_task("a")
+    assert model.pretrained_cfg["mean"] == family and model.pretrained_cfg["std"] == (0.5,) * 3
+    # values a user sets in pretrained_cfg are theirs: kept while no task gives others
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.2, 0.2, 0.2)}
+    model.delete_task("b")
+    assert model.pretrained_cfg["mean"] == (0.2, 0.2, 0.2)
+
+
+def test_task_indices_may_be_numpy_integers_and_class_counts_whole_numbers():
+    model = tiny_conv(tasks={"a": 3, "b": 5})
+    x = images(model, 2)
+    assert torch.equal(model(x, task=np.int64(1)), model(x, task="b"))
+    model.add_task("c", np.int64(2))
+    assert model.task_classes["c"] == 2
+    for bad in (2.5, True, "4"):
+        with pytest.raises(ValueError, match="task 'd' needs num_classes as a whole number"):
+            model.add_task("d", bad)
+        with pytest.raises(ValueError, match="task 'c' needs num_classes as a whole number"):
+            model.reset_classifier(bad, task="c")
+    assert "d" not in model.task_names and model.task_classes["c"] == 2
+
+
+def test_an_integer_route_tensor_must_be_one_dimensional():
+    model = tiny_conv(tasks={"a": 3})
+    one_hot = torch.eye(3, dtype=torch.long)[[0, 1, 2, 0]]
+    message = r"must be 1-D template indices, got shape \(4, 3\): pass coefficients"
+    with pytest.raises(ValueError, match=message):
+        model.set_route("a", one_hot)
+    with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
+        model.set_route("a", torch.tensor([[0, 1], [2, 0]]))
+    model.set_route("a", one_hot.float())  # the same rows as coefficients
+    assert torch.equal(model.routes["a"].plan(None).coefficients, one_hot.float())
+
+
+def test_an_empty_batch_with_per_sample_tasks_gives_empty_logits():
+    model = tiny_conv(tasks={"a": 3, "b": 5})
+    x = images(model, 2)[:0]
+    out = model(x, task=torch.tensor([], dtype=torch.long))
+    assert out.shape == (0, 5)
+    assert model.forward_features(x, task=[]).shape[0] == 0
+
+
+def test_a_mixed_batch_never_puts_features_beside_logits():
+    model = tiny_conv(tasks={"a": 3, "b": 5})
+    model.reset_classifier(0, task="a")
+    x = images(model, 2)
+    with pytest.raises(ValueError, match=r"^tasks \['a'\] have no head, so their outputs"):
+        model(x, task=["a", "b"])
+    # tasks alike may share a batch
+    assert torch.equal(model(x, task=["a", "a"]), model(x, task="a"))
