@@ -97,6 +97,11 @@ def _construct(
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
     _check_family_options(variant, family_fn, options)
     family = family_fn(**options)
+    # A head needs pooled features: refused here, not by the first forward.
+    classifier = isinstance(tasks, Mapping) and any(
+        isinstance(c, int) and c > 0 for c in tasks.values()
+    )
+    family.trunk.check_global_pool(classifier=classifier)
     model = ModularNet(family, depth=depth, tasks=tasks, **model_options)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
@@ -134,6 +139,11 @@ def _create(
     ``num_classes`` makes one task named ``"default"`` (0: no head, the forward
     returns pooled features); ``tasks={name: classes}`` makes several; neither
     makes a model without tasks, to which ``add_task`` adds them.
+
+    Raises:
+        ConfigError: Pretrained weights, both ``tasks`` and ``num_classes``, an unknown
+            option, or a ``global_pool`` the family does not take (``""`` only
+            without heads).
     """
     if pretrained:
         raise ConfigError(

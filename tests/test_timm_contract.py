@@ -25,6 +25,7 @@ from timm.models import FeatureInfo, get_pretrained_cfg
 
 import modnet  # noqa: F401  (registers the entry points)
 from modnet import benchmark, io
+from modnet.errors import ConfigError
 from tests.conftest import TINY_CONV, TINY_VIT
 
 NAMES = timm.list_models("modnet_*")
@@ -221,6 +222,61 @@ def test_global_pool_max_pools_the_features():
     assert torch.equal(model(x), maps.amax(dim=(2, 3)))
     model.reset_classifier(0, "catavgmax")
     assert model(x).shape == (2, 2 * model.num_features)
+
+
+NO_POOL_WITH_HEAD = (
+    "global_pool='' (no pooling) cannot feed a linear classifier, which needs pooled "
+    "features: use num_classes=0 to get the unpooled feature maps, or a pooling such as 'avg'"
+)
+
+
+def test_no_pooling_gives_unpooled_maps_without_a_head_and_is_refused_with_one():
+    # as timm: unpooled maps when the classifier is removed, refused at creation otherwise
+    model = create("modnet_conv_tiny", num_classes=0, global_pool="").eval()
+    x = batch(model)
+    maps = model(x)
+    assert maps.shape == (2, model.num_features, *model.pretrained_cfg["pool_size"])
+    assert torch.equal(maps, model.forward_features(x))
+    for classes in (dict(num_classes=5), dict(tasks={"a": 0, "b": 3})):
+        with pytest.raises(ConfigError) as error:
+            create("modnet_conv_tiny", global_pool="", **classes)
+        assert str(error.value) == NO_POOL_WITH_HEAD
+
+
+@pytest.mark.parametrize(
+    "name, choices",
+    [
+        ("modnet_conv_tiny", "'avg', 'max', 'avgmax', 'catavgmax'"),
+        ("modnet_vit_tiny", "'token', 'avg', 'avgmax', 'max', 'map', 'prr'"),
+    ],
+)
+def test_an_unknown_global_pool_is_refused_at_creation(name, choices):
+    with pytest.raises(ConfigError) as error:
+        create(name, num_classes=5, global_pool="bogus")
+    assert str(error.value) == (
+        f"unknown global_pool 'bogus': choose one of {choices}, or '' for no pooling"
+    )
+    assert create("modnet_conv_tiny", num_classes=5, global_pool="fastavg").num_classes == 5
+
+
+def test_trunks_check_a_new_pooling_before_it_is_set():
+    # what reset_classifier(..., global_pool=...) can ask before changing anything
+    conv = create("modnet_conv_tiny", num_classes=5).trunk
+    conv.check_global_pool("max", classifier=True)
+    conv.check_global_pool("", classifier=False)
+    with pytest.raises(ConfigError) as error:
+        conv.check_global_pool("", classifier=True)
+    assert str(error.value) == NO_POOL_WITH_HEAD
+    vit = create("modnet_vit_tiny", num_classes=5).trunk
+    vit.check_global_pool("", classifier=True)  # per-token logits, as timm's ViT
+    with pytest.raises(ConfigError) as error:
+        vit.check_global_pool("map")
+    assert str(error.value) == (
+        "global_pool='map' is an attention pool, which only creating the model builds: "
+        "create the model with global_pool='map'"
+    )
+    with pytest.raises(ConfigError, match="^unknown global_pool 7: choose one of 'token'"):
+        vit.check_global_pool(7)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,9 +9,56 @@ import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
+from ..errors import ConfigError
 from ..pool import TemplatePool
 
 STAGES = ("embed", "norm", "pre_logits")
+
+# The poolings of timm's ``SelectAdaptivePool2d`` ("" for none); it also takes a
+# ``fast`` variant of each, which stays accepted.
+ADAPTIVE_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
+
+
+def check_pool_name(global_pool: Any, choices: tuple[str, ...], accepted: bool = False) -> None:
+    """Refuses a ``global_pool`` that is not one of ``choices`` (or ``accepted`` anyway).
+
+    Raises:
+        ConfigError: Naming the value and the choices.
+    """
+    if isinstance(global_pool, str) and (accepted or global_pool in choices):
+        return
+    names = ", ".join(repr(c) for c in choices if c)
+    raise ConfigError(
+        f"unknown global_pool {global_pool!r}: choose one of {names}, or '' for no pooling"
+    )
+
+
+def check_adaptive_pool(global_pool: Any, classifier: bool = False) -> None:
+    """Refuses a pooling that timm's ``SelectAdaptivePool2d`` does not take, and no
+    pooling (``""``) in front of a linear classifier, which needs pooled features
+    (timm refuses it too: "Pooling can only be disabled if classifier is also removed").
+
+    Args:
+        global_pool: The pooling name.
+        classifier: Whether a task with classes (a linear head) takes the pooled features.
+
+    Raises:
+        ConfigError: An unknown pooling, or ``""`` with a classifier.
+    """
+    accepted = False
+    if isinstance(global_pool, str):
+        try:
+            SelectAdaptivePool2d(pool_type=global_pool)
+            accepted = True
+        except AssertionError:  # timm's way of refusing a pooling name
+            pass
+    check_pool_name(global_pool, ADAPTIVE_POOLS, accepted)
+    if classifier and not global_pool:
+        raise ConfigError(
+            "global_pool='' (no pooling) cannot feed a linear classifier, which needs pooled "
+            "features: use num_classes=0 to get the unpooled feature maps, or a pooling "
+            "such as 'avg'"
+        )
 
 
 class Trunk(nn.Module):
@@ -49,8 +96,25 @@ class Trunk(nn.Module):
         """Width of the pooled features with pooling ``global_pool``."""
         return self.num_features * SelectAdaptivePool2d(pool_type=global_pool).feat_mult()
 
+    def check_global_pool(self, global_pool: Any = None, classifier: bool = False) -> None:
+        """Refuses a pooling this trunk cannot use, before anything is changed.
+
+        Args:
+            global_pool: A pooling name (see ``set_global_pool``); ``None`` checks the
+                current one.
+            classifier: Whether a linear head (a task with classes) takes the pooled
+                features.
+
+        Raises:
+            ConfigError: An unknown pooling, or no pooling (``""``) with a classifier.
+        """
+        check_adaptive_pool(
+            self.global_pool.pool_type if global_pool is None else global_pool, classifier
+        )
+
     def set_global_pool(self, global_pool: str) -> None:
-        """Replaces the pooling: ``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"``, ``""``."""
+        """Replaces the pooling: ``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"``, or
+        ``""`` (none: only for tasks without a head, see ``check_global_pool``)."""
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_hidden_size = self.pool_width(global_pool)
 

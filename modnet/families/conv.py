@@ -17,7 +17,7 @@ from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from ..pool import TemplatePool
-from .base import Family, Trunk
+from .base import Family, Trunk, check_adaptive_pool
 
 
 def make_inverted_residual(width: int, exp_ratio: float, act: str) -> InvertedResidual:
@@ -110,9 +110,17 @@ def conv_family(
 ) -> Family:
     """Builds the conv trunk and a pool of ``num_templates`` inverted residuals.
 
-    ``global_pool`` is timm's pooling name; ``drop_rate`` is dropout on the pooled
-    features before a head (timm's ``drop_rate``).
+    ``global_pool`` is timm's pooling name: ``"avg"``, ``"max"``, ``"avgmax"``,
+    ``"catavgmax"``, or ``""`` for none, which only a model without a head takes
+    (``num_classes=0``: the forward returns the unpooled maps ``[B, C, H', W']``, as
+    in timm); ``drop_rate`` is dropout on the pooled features before a head (timm's
+    ``drop_rate``).
+
+    Raises:
+        ValueError: ``img_size`` not divisible by ``stem_stride``.
+        ConfigError: An unknown ``global_pool``.
     """
+    check_adaptive_pool(global_pool)
     if img_size % stem_stride:
         raise ValueError(f"img_size {img_size} must be divisible by stem_stride {stem_stride}")
     factory = partial(make_inverted_residual, width, exp_ratio, act)

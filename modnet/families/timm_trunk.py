@@ -25,10 +25,14 @@ from ..binding import is_batchnorm_buffer
 from ..drop_path import block_rate
 from ..errors import ConfigError
 from ..pool import TemplatePool
-from .base import Family, Trunk
+from .base import Family, Trunk, check_adaptive_pool, check_pool_name
 
 # Exact classes only: subclasses (distilled DeiT, BEiT, EVA, ...) change the forward.
 SUPPORTED = {VisionTransformer: "vit", MlpMixer: "mixer", ConvMixer: "convmixer"}
+# The poolings timm's VisionTransformer and MlpMixer take ("" for none); ViT's
+# attention pools are built with the model, so only creation chooses them.
+POOLS = {"vit": ("token", "avg", "avgmax", "max", "map", "prr", ""), "mixer": ("avg", "")}
+ATTENTION_POOLS = ("map", "prr")
 
 
 def fresh_block_like(reference: nn.Module, kind: str = "vit") -> nn.Module:
@@ -128,6 +132,37 @@ class TimmTrunk(Trunk):
         if self.kind == "convmixer":
             return super().pool_width(global_pool)
         return self.num_features
+
+    def check_global_pool(self, global_pool: Any = None, classifier: bool = False) -> None:
+        """As ``Trunk.check_global_pool``, with timm's rules for the wrapped class.
+
+        ConvMixer pools as ``Trunk`` does. ViT and mixers take timm's own pooling names
+        and, as timm, a classifier after no pooling (it gives per-token logits); a ViT
+        cannot switch to another attention pool or to token pooling without a class token.
+
+        Raises:
+            ConfigError: A pooling the wrapped timm model refuses.
+        """
+        current = self.model.global_pool
+        if self.kind == "convmixer":
+            pool = current.pool_type if global_pool is None else global_pool
+            check_adaptive_pool(pool, classifier)
+            return
+        if global_pool is None:
+            return
+        check_pool_name(global_pool, POOLS[self.kind])
+        if self.kind != "vit":
+            return
+        if global_pool == "token" and not self.model.has_class_token:
+            raise ConfigError(
+                "global_pool='token' needs a class token, which this ViT has not: choose "
+                "another pooling such as 'avg'"
+            )
+        if global_pool in ATTENTION_POOLS and global_pool != current:
+            raise ConfigError(
+                f"global_pool={global_pool!r} is an attention pool, which only creating the "
+                f"model builds: create the model with global_pool={global_pool!r}"
+            )
 
     def set_global_pool(self, global_pool: str) -> None:
         self.model.reset_classifier(0, global_pool)
@@ -243,8 +278,15 @@ def vit_family(
 ) -> Family:
     """A timm ViT with ``num_templates`` blocks, whose blocks become the pool.
 
-    ``drop_rate`` is dropout on the pooled features before a head (timm's).
+    ``global_pool`` is timm's ViT pooling (``"token"``, ``"avg"``, ``"avgmax"``,
+    ``"max"``, ``"map"``, ``"prr"``, or ``""`` for none, where a head gives per-token
+    logits as in timm); ``drop_rate`` is dropout on the pooled features before a
+    head (timm's).
+
+    Raises:
+        ConfigError: An unknown ``global_pool``.
     """
+    check_pool_name(global_pool, POOLS["vit"])
     vit = VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
