@@ -17,7 +17,7 @@ from torch import nn
 from .errors import ConfigError
 from .families import conv_family, timm_family, timm_family_by_name, vit_family
 from .families.base import Family
-from .features import ModnetFeatures
+from .features import ModnetFeatures, take_indices
 from .model import ModularNet
 from .routing import HardRoute
 
@@ -53,7 +53,8 @@ MODELS: dict[str, tuple[Callable[..., Family], dict[str, Any]]] = {
     ),
 }
 
-# Layer positions a features_only model returns by default: the last four.
+# Layer positions a features_only model returns by default: the last four (all of a
+# shallower model).
 DEFAULT_FEATURE_LAYERS = 4
 
 
@@ -142,8 +143,8 @@ def _create(
 
     Raises:
         ConfigError: Pretrained weights, both ``tasks`` and ``num_classes``, an unknown
-            option, or a ``global_pool`` the family does not take (``""`` only
-            without heads).
+            option, a ``global_pool`` the family does not take (``""`` only
+            without heads), or ``out_indices`` that do not fit the depth.
     """
     if pretrained:
         raise ConfigError(
@@ -154,13 +155,19 @@ def _create(
         raise ConfigError("pass either tasks={name: classes} or num_classes, not both")
     if kwargs.get("features_only") and kwargs.get("tasks") is None:
         kwargs.setdefault("num_classes", 0)  # a feature extractor needs a task's route
+    out_indices = DEFAULT_FEATURE_LAYERS
+    depth = kwargs.get("depth", defaults["depth"])
+    if isinstance(depth, int) and depth >= 1:  # else the model refuses the depth itself
+        out_indices = min(depth, DEFAULT_FEATURE_LAYERS)
+        if kwargs.get("features_only") and "out_indices" in kwargs:
+            take_indices(depth, kwargs["out_indices"], "out_indices")
     # timm fills num_classes from the default cfg; only a caller's own value makes a task.
     kwargs_filter = () if kwargs.get("num_classes") is not None else ("num_classes",)
     model = build_model_with_cfg(
         partial(_construct, family_fn, defaults, variant),
         variant,
         pretrained=False,
-        feature_cfg=dict(out_indices=DEFAULT_FEATURE_LAYERS, feature_cls=ModnetFeatures),
+        feature_cfg=dict(out_indices=out_indices, feature_cls=ModnetFeatures),
         kwargs_filter=kwargs_filter,
         **kwargs,
     )

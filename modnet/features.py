@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,41 @@ def feature_info(model: ModularNet) -> list[dict[str, Any]]:
         dict(num_chs=trunk.num_features, reduction=trunk.reduction, module=f"layers.{layer}")
         for layer in range(model.depth)
     ]
+
+
+def take_indices(depth: int, indices: Any, name: str = "indices") -> list[int]:
+    """The layer positions that ``indices`` picks of ``depth`` (timm's ``feature_take_indices``).
+
+    Args:
+        depth: The number of layer positions.
+        indices: ``None`` for all, an int ``n`` for the last ``n``, or a sequence of
+            positions (negative from the end).
+        name: The argument's name in the error message (``out_indices`` for
+            ``features_only`` models).
+
+    Raises:
+        ConfigError: A count or a position out of range, or indices of another kind.
+    """
+    if indices is None:
+        return list(range(depth))
+    integer = isinstance(indices, numbers.Integral) and not isinstance(indices, bool)
+    if integer:
+        fits = 1 <= indices <= depth
+    else:
+        fits = (
+            isinstance(indices, Sequence)
+            and not isinstance(indices, str)
+            and len(indices) > 0
+            and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in indices)
+            and all(-depth <= i < depth for i in indices)
+        )
+    if not fits:
+        raise ConfigError(
+            f"{name}={indices!r} does not fit a model of depth {depth}: give a count of last "
+            f"layers in 1..{depth} or layer positions in {-depth}..{depth - 1}"
+        )
+    take, _ = feature_take_indices(depth, int(indices) if integer else [int(i) for i in indices])
+    return take
 
 
 def forward_intermediates(
@@ -53,7 +89,7 @@ def forward_intermediates(
                 "forward_intermediates runs one task: pass task=<name>, not one task per sample"
             )
         plan = model.routes[name].plan(model.hypernet)
-    take, _ = feature_take_indices(plan.depth, indices)
+    take = take_indices(plan.depth, indices)
     kept: list[torch.Tensor] = []
     final = model._features(x, name, plan, kept)
     stats = model.norm_stats[name]

@@ -127,6 +127,38 @@ def test_features_only_picks_layers_and_tasks(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_features_only_defaults_to_the_layers_a_shallow_model_has(name):
+    net = create(name, features_only=True, depth=3)
+    maps = net(batch(net))
+    assert net.feature_info.channels() == [net.model.num_features] * 3
+    assert [m.shape[1] for m in maps] == net.feature_info.channels()
+    assert len(create(name, features_only=True, depth=6).feature_info.channels()) == 4
+
+
+def fits_depth_3(argument: str, value: str) -> str:
+    return (
+        f"{argument}={value} does not fit a model of depth 3: give a count of last layers "
+        "in 1..3 or layer positions in -3..2"
+    )
+
+
+@pytest.mark.parametrize("out_indices", [(0, 3), (-4,), 4, 0, ()])
+def test_out_indices_out_of_range_are_refused_at_creation(out_indices):
+    with pytest.raises(ConfigError) as error:
+        create("modnet_vit_tiny", features_only=True, depth=3, out_indices=out_indices)
+    assert str(error.value) == fits_depth_3("out_indices", repr(out_indices))
+
+
+def test_forward_intermediates_refuses_indices_out_of_range():
+    model = create("modnet_conv_tiny", num_classes=3, depth=3)
+    for indices in ([7], [0, -4], 4, 0):
+        with pytest.raises(ConfigError) as error:
+            model.forward_intermediates(batch(model), indices=indices)
+        assert str(error.value) == fits_depth_3("indices", repr(indices))
+    assert len(model.forward_intermediates(batch(model), indices=[0, -1])[1]) == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_model_forward_intermediates(name):
     model = create(name, num_classes=3).eval()
     feature_info = FeatureInfo(model.feature_info, len(model.feature_info))
