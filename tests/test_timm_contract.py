@@ -342,6 +342,41 @@ def test_features_only_without_classes_extracts_with_a_headless_task():
     assert net.model.task_classes == {"default": 0}
 
 
+@pytest.mark.parametrize("name, grid", [("modnet_conv_tiny", (8, 12)), ("modnet_vit_tiny", (4, 6))])
+def test_img_size_may_be_a_height_width_pair(name, grid, tmp_path):
+    # timm's convention; both families take non-square images
+    model = create(name, num_classes=5, img_size=(16, 24)).eval()
+    assert model.pretrained_cfg["input_size"] == (3, 16, 24)
+    x = torch.randn(2, 3, 16, 24)
+    logits = model(x)
+    assert logits.shape == (2, 5)
+    _, (last,) = model.forward_intermediates(x, indices=1)
+    assert tuple(last.shape[2:]) == tuple(model.pretrained_cfg["pool_size"]) == grid
+    io.save_model(model, tmp_path / "m")
+    loaded, _ = io.load_model(tmp_path / "m")
+    assert torch.equal(loaded(x), logits)
+    assert create(name, img_size=[16, 16]).config["img_size"] == 16  # a square pair: its int
+
+
+@pytest.mark.parametrize("img_size", [(16,), (16, 24, 8), (16, 0), -8, "16", 16.0, (16, True)])
+@pytest.mark.parametrize("name", ["modnet_conv_tiny", "modnet_vit_tiny"])
+def test_an_img_size_that_is_no_int_or_pair_is_refused(name, img_size):
+    with pytest.raises(ConfigError) as error:
+        create(name, num_classes=5, img_size=img_size)
+    assert str(error.value) == (
+        f"img_size must be a positive int or a (height, width) pair of them, got {img_size!r}"
+    )
+
+
+def test_each_side_of_img_size_must_be_divisible_by_the_stem_stride():
+    with pytest.raises(ConfigError) as error:
+        create("modnet_conv_tiny", num_classes=5, img_size=(16, 15))
+    assert str(error.value) == (
+        "img_size=(16, 15) must be divisible by stem_stride=2: choose img_size as a multiple "
+        "of stem_stride"
+    )
+
+
 def test_pretrained_cfg_overlay_is_kept():
     model = create("modnet_conv_tiny", pretrained_cfg_overlay=dict(mean=(0.1, 0.2, 0.3)))
     assert resolve_data_config(model=model)["mean"] == (0.1, 0.2, 0.3)

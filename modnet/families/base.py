@@ -61,6 +61,37 @@ def check_adaptive_pool(global_pool: Any, classifier: bool = False) -> None:
         )
 
 
+def image_size(img_size: Any) -> int | tuple[int, int]:
+    """``img_size`` checked, as a config records it: an int for square images, else
+    ``(height, width)`` (timm's convention; a square pair becomes its int).
+
+    Raises:
+        ConfigError: Anything but a positive int or a pair of positive ints.
+    """
+    pair = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+    if len(pair) != 2 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair
+    ):
+        raise ConfigError(
+            f"img_size must be a positive int or a (height, width) pair of them, got {img_size!r}"
+        )
+    return pair[0] if pair[0] == pair[1] else pair
+
+
+def check_divisible(name: str, value: Any, by_name: str, by: int) -> None:
+    """Refuses ``value`` (an int, or a pair such as ``img_size``) not divisible by ``by``.
+
+    Raises:
+        ConfigError: Naming both options and the fix.
+    """
+    sizes = value if isinstance(value, tuple) else (value,)
+    if any(size % by for size in sizes):
+        raise ConfigError(
+            f"{name}={value!r} must be divisible by {by_name}={by}: choose {name} as a "
+            f"multiple of {by_name}"
+        )
+
+
 class Trunk(nn.Module):
     """The shared, unrouted parts of a network: stem, final norm and pooling.
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import BatchNormAct2d, create_conv2d, get_act_layer
+from timm.layers import BatchNormAct2d, create_conv2d, get_act_layer, to_2tuple
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._efficientnet_builder import _init_weight_goog
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from ..pool import TemplatePool
-from .base import Family, Trunk, check_adaptive_pool
+from .base import Family, Trunk, check_adaptive_pool, check_divisible, image_size
 
 
 def make_inverted_residual(width: int, exp_ratio: float, act: str) -> InvertedResidual:
@@ -47,7 +47,7 @@ class ConvTrunk(Trunk):
         self,
         in_chans: int,
         width: int,
-        img_size: int,
+        img_size: int | tuple[int, int],
         stem_stride: int,
         act: str,
         global_pool: str = "avg",
@@ -56,7 +56,7 @@ class ConvTrunk(Trunk):
         super().__init__()
         act_layer = get_act_layer(act)
         self.in_chans = in_chans
-        self.img_size = (img_size, img_size)
+        self.img_size = to_2tuple(img_size)
         self.num_features = width
         self.reduction = stem_stride
         self.first_conv = "stem.0"
@@ -101,7 +101,7 @@ def conv_family(
     num_templates: int = 4,
     width: int = 40,
     exp_ratio: float = 6.0,
-    img_size: int = 32,
+    img_size: int | tuple[int, int] = 32,
     in_chans: int = 3,
     stem_stride: int = 2,
     act: str = "relu6",
@@ -110,6 +110,8 @@ def conv_family(
 ) -> Family:
     """Builds the conv trunk and a pool of ``num_templates`` inverted residuals.
 
+    ``img_size`` is an int for square images or a ``(height, width)`` pair, each
+    divisible by ``stem_stride``.
     ``global_pool`` is timm's pooling name: ``"avg"``, ``"max"``, ``"avgmax"``,
     ``"catavgmax"``, or ``""`` for none, which only a model without a head takes
     (``num_classes=0``: the forward returns the unpooled maps ``[B, C, H', W']``, as
@@ -117,12 +119,12 @@ def conv_family(
     ``drop_rate``).
 
     Raises:
-        ValueError: ``img_size`` not divisible by ``stem_stride``.
-        ConfigError: An unknown ``global_pool``.
+        ConfigError: An ``img_size`` that is not a positive int or pair, or not
+            divisible by ``stem_stride``; an unknown ``global_pool``.
     """
+    img_size = image_size(img_size)
+    check_divisible("img_size", img_size, "stem_stride", stem_stride)
     check_adaptive_pool(global_pool)
-    if img_size % stem_stride:
-        raise ValueError(f"img_size {img_size} must be divisible by stem_stride {stem_stride}")
     factory = partial(make_inverted_residual, width, exp_ratio, act)
     pool = TemplatePool([factory() for _ in range(num_templates)], block_factory=factory)
     trunk = ConvTrunk(in_chans, width, img_size, stem_stride, act, global_pool, drop_rate)

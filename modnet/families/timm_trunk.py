@@ -25,7 +25,7 @@ from ..binding import is_batchnorm_buffer
 from ..drop_path import block_rate
 from ..errors import ConfigError
 from ..pool import TemplatePool
-from .base import Family, Trunk, check_adaptive_pool, check_pool_name
+from .base import Family, Trunk, check_adaptive_pool, check_pool_name, image_size
 
 # Exact classes only: subclasses (distilled DeiT, BEiT, EVA, ...) change the forward.
 SUPPORTED = {VisionTransformer: "vit", MlpMixer: "mixer", ConvMixer: "convmixer"}
@@ -267,7 +267,7 @@ def timm_family_by_name(architecture: str, timm_kwargs: dict[str, Any] | None = 
 
 def vit_family(
     num_templates: int = 4,
-    img_size: int = 32,
+    img_size: int | tuple[int, int] = 32,
     patch_size: int = 4,
     embed_dim: int = 192,
     num_heads: int = 3,
@@ -278,14 +278,17 @@ def vit_family(
 ) -> Family:
     """A timm ViT with ``num_templates`` blocks, whose blocks become the pool.
 
+    ``img_size`` is an int for square images or a ``(height, width)`` pair (timm's).
     ``global_pool`` is timm's ViT pooling (``"token"``, ``"avg"``, ``"avgmax"``,
     ``"max"``, ``"map"``, ``"prr"``, or ``""`` for none, where a head gives per-token
     logits as in timm); ``drop_rate`` is dropout on the pooled features before a
     head (timm's).
 
     Raises:
-        ConfigError: An unknown ``global_pool``.
+        ConfigError: An ``img_size`` that is not a positive int or pair, or an unknown
+            ``global_pool``.
     """
+    img_size = image_size(img_size)
     check_pool_name(global_pool, POOLS["vit"])
     vit = VisionTransformer(
         img_size=img_size,
