@@ -332,6 +332,10 @@ def test_ctrl_c_is_one_line_and_says_how_a_run_resumes(command, expected, capsys
 # ------------------------------------------------ model values, output paths, file kinds
 # no num_templates given: top_k is checked against the model's own (4)
 SMALL = ["train", "--tasks", "synth_color", "--model-arg", "depth=2", "width=8", "img_size=16"]
+ACTIVATIONS = (  # timm's activation names, which an unknown act= is told
+    "celu, elu, gelu, gelu_tanh, hard_mish, hard_sigmoid, hard_swish, hardsigmoid, hardswish, "
+    "identity, leaky_relu, mish, prelu, quick_gelu, relu, relu6, selu, sigmoid, silu, swish, tanh"
+)
 
 
 @pytest.mark.parametrize(
@@ -341,14 +345,32 @@ SMALL = ["train", "--tasks", "synth_color", "--model-arg", "depth=2", "width=8",
          "in 1..num_templates=4 (the templates each layer keeps), got 9"),
         ("route_options={'top_k': 2.5}", "model option route_options: top_k must be an integer "
          "in 1..num_templates=4 (the templates each layer keeps), got 2.5"),
-        ("act=nosuch", "modnet_conv_tiny cannot be built with the model option act='nosuch' "
-         "(KeyError: 'nosuch'): give another value (--model-arg KEY=VALUE)"),
+        ("act=nosuch", f"unknown activation act='nosuch': choose one of {ACTIVATIONS}"),
     ],
 )  # fmt: skip
 def test_a_value_the_model_refuses_is_one_line_before_any_work(tmp_path, capsys, value, message):
     out = tmp_path / "run"
     assert main([*SMALL, "--model-arg", value, *FAST, "--out", str(out)]) == 2
     assert one_line_error(capsys, "train") == f"modnet train: error: {message}"
+    assert not out.exists()
+
+
+def test_a_value_only_the_model_refuses_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+    # what the model's construction raises for a value, without a message of its own
+    import timm
+
+    def strict(name, **options):
+        if options.get("width") == 9:
+            raise KeyError("width 9 is odd")
+        return timm.models.create_model(name, **options)
+
+    monkeypatch.setattr("modnet.options.timm.create_model", strict)
+    out = tmp_path / "run"
+    assert main([*SMALL, "--model-arg", "width=9", *FAST, "--out", str(out)]) == 2
+    assert one_line_error(capsys, "train") == (
+        "modnet train: error: modnet_conv_tiny cannot be built with the model option width=9 "
+        "(KeyError: 'width 9 is odd'): give another value (--model-arg KEY=VALUE)"
+    )
     assert not out.exists()
 
 
@@ -362,13 +384,12 @@ def test_a_value_the_model_refuses_leaves_an_existing_run_and_bench_alone(
     shutil.copytree(finished, run)
     before = io.latest_checkpoint(run)
     assert main([*train_args(run), "--overwrite", "--model-arg", "act=nosuch"]) == 2
-    assert "cannot be built with the model option act='nosuch'" in one_line_error(capsys, "train")
+    assert "unknown activation act='nosuch'" in one_line_error(capsys, "train")
     assert io.latest_checkpoint(run) == before  # --overwrite cleared nothing
     bench = ["bench", "--model", "modnet_conv_tiny", "--batch-size", "2", "--rounds", "1"]
     assert main([*bench, "--warmup", "0", "--model-arg", "act=nosuch"]) == 2
     assert one_line_error(capsys, "bench") == (
-        "modnet bench: error: modnet_conv_tiny cannot be built with the model option "
-        "act='nosuch' (KeyError: 'nosuch'): give another value (--model-arg KEY=VALUE)"
+        f"modnet bench: error: unknown activation act='nosuch': choose one of {ACTIVATIONS}"
     )
 
     # a model that fails to build whatever its options is a bug: it keeps its traceback

@@ -377,6 +377,34 @@ def test_each_side_of_img_size_must_be_divisible_by_the_stem_stride():
     )
 
 
+def test_an_unknown_activation_is_refused_with_the_names_timm_knows():
+    with pytest.raises(ConfigError) as error:
+        create("modnet_conv_tiny", num_classes=5, act="bogus")
+    assert str(error.value) == (
+        "unknown activation act='bogus': choose one of celu, elu, gelu, gelu_tanh, hard_mish, "
+        "hard_sigmoid, hard_swish, hardsigmoid, hardswish, identity, leaky_relu, mish, prelu, "
+        "quick_gelu, relu, relu6, selu, sigmoid, silu, swish, tanh"
+    )
+    assert create("modnet_conv_tiny", num_classes=5, act="gelu").config["act"] == "gelu"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            dict(embed_dim=25, num_heads=2),
+            "embed_dim=25 must be divisible by num_heads=2: choose embed_dim as a multiple "
+            "of num_heads",
+        ),
+        (dict(num_heads=0), "num_heads must be a positive int, got 0"),
+    ],
+)
+def test_vit_embed_dim_must_split_into_the_heads(options, message):
+    with pytest.raises(ConfigError) as error:
+        create("modnet_vit_tiny", num_classes=5, **options)
+    assert str(error.value) == message
+
+
 def test_pretrained_cfg_overlay_is_kept():
     model = create("modnet_conv_tiny", pretrained_cfg_overlay=dict(mean=(0.1, 0.2, 0.3)))
     assert resolve_data_config(model=model)["mean"] == (0.1, 0.2, 0.3)

@@ -82,8 +82,10 @@ def check_divisible(name: str, value: Any, by_name: str, by: int) -> None:
     """Refuses ``value`` (an int, or a pair such as ``img_size``) not divisible by ``by``.
 
     Raises:
-        ConfigError: Naming both options and the fix.
+        ConfigError: Naming both options and the fix; also ``by`` below 1.
     """
+    if not (isinstance(by, int) and not isinstance(by, bool) and by >= 1):
+        raise ConfigError(f"{by_name} must be a positive int, got {by!r}")
     sizes = value if isinstance(value, tuple) else (value,)
     if any(size % by for size in sizes):
         raise ConfigError(

@@ -8,16 +8,32 @@ takes 32x32 images to 16x16x40, then identical inverted residual blocks
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from timm.layers import BatchNormAct2d, create_conv2d, get_act_layer, to_2tuple
+from timm.layers.create_act import _ACT_LAYER_DEFAULT
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._efficientnet_builder import _init_weight_goog
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
+from ..errors import ConfigError
 from ..pool import TemplatePool
 from .base import Family, Trunk, check_adaptive_pool, check_divisible, image_size
+
+
+def check_act(act: Any) -> None:
+    """Refuses an activation name that timm's ``get_act_layer`` does not know.
+
+    Raises:
+        ConfigError: Naming the value and timm's activation names.
+    """
+    try:
+        get_act_layer(act)
+    except KeyError:
+        names = ", ".join(sorted(_ACT_LAYER_DEFAULT))  # every name get_act_layer knows
+        raise ConfigError(f"unknown activation act={act!r}: choose one of {names}") from None
 
 
 def make_inverted_residual(width: int, exp_ratio: float, act: str) -> InvertedResidual:
@@ -120,10 +136,11 @@ def conv_family(
 
     Raises:
         ConfigError: An ``img_size`` that is not a positive int or pair, or not
-            divisible by ``stem_stride``; an unknown ``global_pool``.
+            divisible by ``stem_stride``; an unknown ``act`` or ``global_pool``.
     """
     img_size = image_size(img_size)
     check_divisible("img_size", img_size, "stem_stride", stem_stride)
+    check_act(act)
     check_adaptive_pool(global_pool)
     factory = partial(make_inverted_residual, width, exp_ratio, act)
     pool = TemplatePool([factory() for _ in range(num_templates)], block_factory=factory)

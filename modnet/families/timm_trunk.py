@@ -25,7 +25,14 @@ from ..binding import is_batchnorm_buffer
 from ..drop_path import block_rate
 from ..errors import ConfigError
 from ..pool import TemplatePool
-from .base import Family, Trunk, check_adaptive_pool, check_pool_name, image_size
+from .base import (
+    Family,
+    Trunk,
+    check_adaptive_pool,
+    check_divisible,
+    check_pool_name,
+    image_size,
+)
 
 # Exact classes only: subclasses (distilled DeiT, BEiT, EVA, ...) change the forward.
 SUPPORTED = {VisionTransformer: "vit", MlpMixer: "mixer", ConvMixer: "convmixer"}
@@ -285,10 +292,11 @@ def vit_family(
     head (timm's).
 
     Raises:
-        ConfigError: An ``img_size`` that is not a positive int or pair, or an unknown
-            ``global_pool``.
+        ConfigError: An ``img_size`` that is not a positive int or pair, an
+            ``embed_dim`` not divisible by ``num_heads``, or an unknown ``global_pool``.
     """
     img_size = image_size(img_size)
+    check_divisible("embed_dim", embed_dim, "num_heads", num_heads)
     check_pool_name(global_pool, POOLS["vit"])
     vit = VisionTransformer(
         img_size=img_size,
