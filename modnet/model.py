@@ -221,6 +221,7 @@ class ModularNet(nn.Module):
         """
         self._check_new_task_name(name)
         num_classes = _class_count(num_classes, name)
+        self.trunk.check_global_pool(classifier=num_classes > 0)
         if init_from is not None:
             self._task(init_from)
         if route is not None:
@@ -330,6 +331,9 @@ class ModularNet(nn.Module):
         name = self._single_task(task)
         num_classes = _class_count(num_classes, name)
         if global_pool is not None:
+            others = [h for n, h in self.heads.items() if n != name]
+            headed = num_classes > 0 or any(isinstance(h, nn.Linear) for h in others)
+            self.trunk.check_global_pool(global_pool, classifier=headed)
             self._set_global_pool(global_pool, name)
         reference = self._reference_tensor()
         head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
@@ -732,7 +736,7 @@ class ModularNet(nn.Module):
             raise ValueError(
                 f"expected {size[0]}x{size[1]} images, got {x.shape[-2]}x{x.shape[-1]} "
                 f"(input shape {tuple(x.shape)}): resize the input or build the model with "
-                f"img_size={x.shape[-2]}"
+                f"img_size={_size_option(x.shape[-2], x.shape[-1])}"
             )
 
     def _default_route(self) -> Route:
@@ -1014,6 +1018,10 @@ class ModularNet(nn.Module):
         self.trunk.set_global_pool(global_pool)
         self.head_hidden_size = width
         self.config["global_pool"] = global_pool
+        if self.config.get("family") == "vit":
+            # timm's reset_classifier keeps the final norm before or after the pooling
+            # as built; a rebuild from global_pool alone could choose the other place.
+            self.config["fc_norm"] = not isinstance(self.trunk.model.fc_norm, nn.Identity)
 
     def _refresh_pretrained_cfg(self) -> None:
         cfg = self._pretrained_cfg
@@ -1034,6 +1042,10 @@ class ModularNet(nn.Module):
         cfg["pool_size"] = self.trunk.feature_size(cfg["input_size"][1:])
         cfg["first_conv"] = "trunk." + self.trunk.first_conv
         cfg["classifier"] = f"heads.{first or 'default'}"
+
+
+def _size_option(height: int, width: int) -> str:
+    return str(height) if height == width else f"({height}, {width})"
 
 
 def _class_count(num_classes: Any, task: str) -> int:

@@ -91,3 +91,11 @@ def test_a_mixed_batch_never_puts_features_beside_logits():
         model(x, task=["a", "b"])
     # tasks alike may share a batch
     assert torch.equal(model(x, task=["a", "a"]), model(x, task="a"))
+
+
+def test_a_wrong_image_size_names_the_img_size_that_would_fit():
+    model = tiny_conv(tasks={"a": 3})
+    with pytest.raises(ValueError, match=r"build the model with img_size=\(8, 12\)$"):
+        model(torch.randn(1, 3, 8, 12), task="a")
+    with pytest.raises(ValueError, match=r"build the model with img_size=12$"):
+        model(torch.randn(1, 3, 12, 12), task="a")

@@ -335,6 +335,37 @@ def test_reset_classifier_zero_then_save_and_load(tmp_path):
     assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("start, pool", [("token", "avg"), ("avg", "token")])
+def test_a_vit_whose_pooling_was_reset_saves_loads_and_exports(tmp_path, start, pool):
+    from modnet.export import load_safe, save_safe
+
+    model = timm.create_model("modnet_vit_tiny", num_classes=3, global_pool=start, **TINY_VIT)
+    model.reset_classifier(3, global_pool=pool)
+    model.eval()
+    x = batch(model)
+    io.save_model(model, tmp_path / "m")
+    loaded, _ = io.load_model(tmp_path / "m")
+    assert torch.equal(loaded.eval()(x), model(x))
+    net = model.export("default").eval()
+    save_safe(net, model.config, tmp_path / "safe")
+    assert torch.equal(load_safe(tmp_path / "safe").eval()(x), net(x))
+
+
+def test_reset_classifier_checks_the_pooling_before_changing_anything():
+    model = timm.create_model("modnet_conv_tiny", tasks={"a": 3, "b": 0}, **TINY_CONV)
+    with pytest.raises(ValueError, match="unknown global_pool 'bogus': choose one of"):
+        model.reset_classifier(3, global_pool="bogus", task="a")
+    with pytest.raises(ValueError, match="global_pool='' .no pooling. cannot feed a linear"):
+        model.reset_classifier(0, global_pool="", task="b")  # task a keeps its head
+    assert model.task_classes == {"a": 3, "b": 0}
+    assert model.trunk.global_pool.pool_type == "avg"
+    model.reset_classifier(0, global_pool="", task="a")  # no head is left: maps come out
+    assert model(batch(model), task="a").ndim == 4
+    with pytest.raises(ValueError, match="cannot feed a linear classifier"):
+        model.add_task("c", 2)
+    assert "c" not in model.task_names
+
+
 def test_features_only_without_classes_extracts_with_a_headless_task():
     net = create("modnet_vit_tiny", features_only=True)
     maps = net(batch(net))

@@ -282,6 +282,7 @@ def vit_family(
     in_chans: int = 3,
     global_pool: str = "token",
     drop_rate: float = 0.0,
+    fc_norm: bool | None = None,
 ) -> Family:
     """A timm ViT with ``num_templates`` blocks, whose blocks become the pool.
 
@@ -289,7 +290,9 @@ def vit_family(
     ``global_pool`` is timm's ViT pooling (``"token"``, ``"avg"``, ``"avgmax"``,
     ``"max"``, ``"map"``, ``"prr"``, or ``""`` for none, where a head gives per-token
     logits as in timm); ``drop_rate`` is dropout on the pooled features before a
-    head (timm's).
+    head (timm's). ``fc_norm`` puts the final norm after the pooling (timm's; ``None``:
+    for ``"avg"``, ``"avgmax"`` and ``"max"``): a config records it when a later
+    ``reset_classifier`` changed the pooling but, as in timm, kept the norm where it was.
 
     Raises:
         ConfigError: An ``img_size`` that is not a positive int or pair, an
@@ -309,6 +312,7 @@ def vit_family(
         mlp_ratio=mlp_ratio,
         global_pool=global_pool,
         drop_rate=drop_rate,
+        fc_norm=fc_norm,
     )
     family, _ = timm_family(vit)
     family.config = dict(
@@ -324,4 +328,6 @@ def vit_family(
     )
     if drop_rate:
         family.config["drop_rate"] = drop_rate
+    if fc_norm is not None:
+        family.config["fc_norm"] = fc_norm
     return family
