@@ -95,7 +95,11 @@ PT2_TRANSFORM = "transform.json"
 
 
 def save_exported(
-    net: ExportedNet, path: str | Path, batch_size: int = 1, transform: dict | None = None
+    net: ExportedNet,
+    path: str | Path,
+    batch_size: int = 1,
+    transform: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Saves ``net`` with ``torch.export`` (dynamic batch size), atomically.
 
@@ -112,9 +116,20 @@ def save_exported(
             size, channels, resize, mean and std, class names), stored as the extra
             file ``transform.json`` (without local paths, see ``shareable``); read it
             back with ``load_transform``.
+        overwrite: Replace a file at ``path``; without it an existing file (perhaps
+            not modnet's) is refused.
+
+    Returns:
+        The file.
+
+    Raises:
+        ConfigError: ``path`` exists and ``overwrite`` is not set (before tracing).
     """
     from .io import atomic_write
+    from .io.fs import refuse_existing
 
+    if not overwrite:
+        refuse_existing([Path(path)], "path", "overwrite=True")
     channels, height, width = net.input_size
     example = torch.randn(max(2, batch_size), channels, height, width)
     batch = torch.export.Dim("batch", min=1)
@@ -172,6 +187,7 @@ def save_safe(
     model_config: dict[str, Any],
     directory: str | Path,
     transform: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Saves ``net`` as ``model.safetensors`` (its state dict) and ``config.json``.
 
@@ -184,15 +200,26 @@ def save_safe(
         directory: Output folder (created; both files are written atomically).
         transform: The task's preprocessing record (as for ``save_exported``),
             kept in ``config.json`` and read back as ``load_safe(...).transform``.
+        overwrite: Replace ``model.safetensors`` and ``config.json`` in ``directory``;
+            without it either one existing (perhaps not modnet's) is refused.
 
     Returns:
         The folder.
+
+    Raises:
+        ConfigError: A file to be written exists and ``overwrite`` is not set
+            (before anything is written).
     """
     from safetensors.torch import save_file
 
     from .io import atomic_write, write_json
+    from .io.fs import refuse_existing
 
     directory = Path(directory)
+    if not overwrite:
+        refuse_existing(
+            [directory / SAFE_WEIGHTS, directory / SAFE_CONFIG], "directory", "overwrite=True"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_write(directory / SAFE_WEIGHTS, lambda tmp: save_file(state, tmp))
     config = dict(

@@ -251,6 +251,15 @@ def test_export_never_replaces_a_file_at_out_unless_told(finished, tmp_path, cap
     assert (folder / "config.json").read_text() == "{}"
     assert main([*export, str(mine), "--overwrite"]) == 0
     assert torch.export.load(str(mine)).module() is not None
+    # the run's own export folder is always replaced
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for _ in range(2):
+        assert main(["export", str(run), "--task", "synth_color", "--format", "safetensors"]) == 0
+    assert sorted(p.name for p in (run / "export" / "synth_color").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
 
 
 def test_eval_refuses_a_diverged_checkpoint(tmp_path, capsys):

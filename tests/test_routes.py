@@ -1,11 +1,13 @@
 """Routes: soft and hard routes agree, and a hard route is exactly a plain stack."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import modnet
+from modnet.errors import ConfigError
 from modnet.families.conv import make_inverted_residual
 from tests.conftest import images, tiny_conv, tiny_vit
 
@@ -135,3 +137,39 @@ def test_saved_export_loads_with_torch_alone_at_any_batch_size(tmp_path):
         x = images(model, batch=5)
         with torch.no_grad():
             torch.testing.assert_close(program(x), model(x, "a"), rtol=1e-5, atol=1e-6)
+
+
+def test_saved_exports_never_replace_a_file_unless_told(tmp_path):
+    from modnet.export import load_safe, save_exported, save_safe
+
+    model = tiny_conv(tasks={"a": 3}).eval()
+    net = model.export("a")
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "config.json").write_text("mine")
+    with pytest.raises(ConfigError) as error:
+        save_safe(net, model.config, folder)
+    assert str(error.value) == (
+        f"{folder / 'config.json'} already exists: choose another directory, or pass "
+        "overwrite=True to replace it"
+    )
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
+    assert (folder / "config.json").read_text() == "mine"
+    assert save_safe(net, model.config, folder, overwrite=True) == folder
+    x = images(model)
+    with torch.no_grad():
+        assert torch.equal(load_safe(folder)(x), net(x))
+    with pytest.raises(ConfigError) as error:  # both files named, nothing written
+        save_safe(model.export("a"), model.config, folder)
+    assert str(error.value) == (
+        f"{folder / 'model.safetensors'} and config.json already exist: choose another "
+        "directory, or pass overwrite=True to replace them"
+    )
+    mine = tmp_path / "mine.pt2"
+    mine.write_text("mine")
+    with pytest.raises(ConfigError) as error:
+        save_exported(net, mine)
+    assert str(error.value) == (
+        f"{mine} already exists: choose another path, or pass overwrite=True to replace it"
+    )
+    assert mine.read_text() == "mine"

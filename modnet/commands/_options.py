@@ -31,7 +31,7 @@ import yaml
 from .. import io
 from ..data import portable_spec
 from ..errors import ConfigError
-from ..io.fs import existing_ancestor
+from ..io.fs import existing_ancestor, refuse_existing
 from ..train.config import OPTIMIZERS, PRECISIONS, TrainConfig
 from ..train.schedule import MIXING_MODES
 from ..train.tracking import LOGGERS, check_logger
@@ -379,15 +379,8 @@ def refuse_replacing(paths: Iterable[Path], overwrite: bool, option: str = "--ou
     paths = list(map(Path, paths))
     for folder in dict.fromkeys(p.parent for p in paths):
         check_writable(folder, option, shown=next(p for p in paths if p.parent == folder))
-    existing = [] if overwrite else [p for p in paths if p.exists()]
-    if existing:
-        first, *rest = existing
-        names = [str(first), *(p.name if p.parent == first.parent else str(p) for p in rest)]
-        listed = f"{', '.join(names[:-1])} and {names[-1]} already exist" if rest else ""
-        raise ConfigError(
-            f"{listed or f'{first} already exists'}: choose another {option}, or pass "
-            f"--overwrite to replace {'them' if rest else 'it'}"
-        )
+    if not overwrite:
+        refuse_existing(paths, option, "--overwrite")
 
 
 def figure_folder(

@@ -73,14 +73,18 @@ def run(args: argparse.Namespace) -> int:
         raise RunDirError(f"task {args.task!r} is not exported: {partly}")
     net = model.export(args.task).eval()
     transform = manifest["tasks"][args.task].get("transform")
+    # --out was checked above; the run's own export folder is always replaced
+    overwrite = args.overwrite or not args.out
     if args.format == "safetensors":
         out = Path(args.out) if args.out else Path(args.run_dir) / "export" / args.task
-        path = save_safe(net, model.config, out, transform)
+        path = save_safe(net, model.config, out, transform, overwrite=overwrite)
         print(f"exported task {args.task!r} to {path}")
         print(f"load it with: modnet.export.load_safe({str(path)!r})")
         return 0
     out = Path(args.out) if args.out else Path(args.run_dir) / "export" / f"{args.task}.pt2"
-    path = save_exported(net, out, batch_size=args.batch_size, transform=transform)
+    path = save_exported(
+        net, out, batch_size=args.batch_size, transform=transform, overwrite=overwrite
+    )
     print(f"exported task {args.task!r} to {path}")
     print(f"load it with: torch.export.load({str(path)!r}).module()  (trusted files only)")
     return 0

@@ -15,14 +15,14 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ..errors import DiskFullError, RunDirError
+from ..errors import ConfigError, DiskFullError, RunDirError
 
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
@@ -102,6 +102,28 @@ def existing_ancestor(path: str | Path) -> Path:
     counts, even a broken one): where creating ``path`` would start."""
     path = Path(path)
     return next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), Path("."))
+
+
+def refuse_existing(paths: Iterable[Path], choose: str, replace: str) -> None:
+    """Refuses, before any work, to replace files that exist (a user's, perhaps).
+
+    Args:
+        paths: The files about to be written.
+        choose: What to choose instead, for the message (``--out``, ``directory``).
+        replace: How to replace them anyway (``--overwrite``, ``overwrite=True``).
+
+    Raises:
+        ConfigError: Naming every one of ``paths`` that exists, in one line.
+    """
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing:
+        first, *rest = existing
+        names = [str(first), *(p.name if p.parent == first.parent else str(p) for p in rest)]
+        listed = f"{', '.join(names[:-1])} and {names[-1]} already exist" if rest else ""
+        raise ConfigError(
+            f"{listed or f'{first} already exists'}: choose another {choose}, or pass "
+            f"{replace} to replace {'them' if rest else 'it'}"
+        )
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
