@@ -192,7 +192,8 @@ def save_safe(
     """Saves ``net`` as ``model.safetensors`` (its state dict) and ``config.json``.
 
     Neither file contains code: ``load_safe`` rebuilds the network from the config
-    and only reads tensors, so the files are safe to load from any source.
+    and only reads tensors, so the files are safe to load from any source. A task
+    without a head (0 classes) is saved too: it gives the pooled features.
 
     Args:
         net: The baked network (``ModularNet.export(task)``).
@@ -214,6 +215,7 @@ def save_safe(
 
     from .io import atomic_write, write_json
     from .io.fs import refuse_existing
+    from .model import _head_classes
 
     directory = Path(directory)
     if not overwrite:
@@ -226,7 +228,7 @@ def save_safe(
         format=SAFE_FORMAT,
         model_config=dict(model_config),
         task=net.task,
-        num_classes=int(net.head.out_features),
+        num_classes=_head_classes(net.head),
         num_blocks=len(net.blocks),
         input_size=list(net.input_size),
     )

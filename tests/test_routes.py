@@ -173,3 +173,20 @@ def test_saved_exports_never_replace_a_file_unless_told(tmp_path):
         f"{mine} already exists: choose another path, or pass overwrite=True to replace it"
     )
     assert mine.read_text() == "mine"
+
+
+def test_a_task_without_a_head_saves_safely_and_loads_the_same_features(tmp_path):
+    from modnet.export import load_safe, save_safe
+
+    created = tiny_conv(tasks={"a": 3, "h": 0}).eval()
+    reset = tiny_vit(tasks={"a": 3, "h": 5}).eval()
+    reset.reset_classifier(0, task="h")
+    for model in (created, reset):
+        folder = save_safe(model.export("h"), model.config, tmp_path / model.config["family"])
+        net = load_safe(folder)
+        assert isinstance(net.head, nn.Identity)
+        x = images(model)
+        with torch.no_grad():
+            features = model(x, "h")
+            assert features.shape == (4, model.num_features)
+            assert torch.equal(net(x), features)
