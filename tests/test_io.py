@@ -107,10 +107,17 @@ def test_saving_never_replaces_what_modnet_did_not_write(tmp_path, monkeypatch):
     # a model directory modnet wrote is replaced, but not with a file of the user's in it
     io.save_model(model, tmp_path / "m")
     io.save_model(model, tmp_path / "m")
-    for extra in ("notes.md", "tasks/notes.md"):
+    # (a task file the manifest does not name is the user's too, whatever its suffix)
+    for extra in ("notes.md", "tasks/notes.md", "tasks/my_own.safetensors"):
         (tmp_path / "m" / extra).write_text("mine")
-        with pytest.raises(io.CheckpointError, match=f"holds {extra}, which is not part of"):
+        with pytest.raises(io.CheckpointError) as error:
             io.save_model(model, tmp_path / "m")
+        assert str(error.value) == (
+            f"{tmp_path / 'm'} holds {extra}, which is not part of a saved model (saving "
+            "replaces the whole folder): save the model to a new or empty folder, or move "
+            "that out first"
+        )
+        assert (tmp_path / "m" / extra).read_text() == "mine"
         (tmp_path / "m" / extra).unlink()
     io.save_model(model, tmp_path / "m")
     (tmp_path / "m" / "manifest.json").write_text("{}")  # not a modnet manifest

@@ -257,12 +257,20 @@ def _check_replaceable(directory: Path) -> None:
 
 def _foreign_entries(directory: Path) -> list[Path]:
     """What in ``directory`` is not part of a model directory modnet wrote: everything,
-    unless it holds a modnet manifest; then anything but the model's files, a
-    checkpoint's trainer state and the leftovers of a killed write."""
+    unless it holds a modnet manifest; then anything but the model's files (the task
+    files its manifest names), a checkpoint's trainer state and the leftovers of a
+    killed write."""
     entries = sorted(directory.iterdir())
     try:
-        owned = json.loads((directory / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((directory / MANIFEST).read_text())
+        owned = manifest.get("format") == FORMAT
+        tasks = manifest.get("tasks")
+        task_files = {
+            entry.get("file", f"{TASK_DIR}/{name}.safetensors")
+            for name, entry in tasks.items()
+            if isinstance(entry, dict)
+        }
+    except (OSError, ValueError, AttributeError, TypeError):
         owned = False
     if not owned:
         return entries
@@ -270,7 +278,9 @@ def _foreign_entries(directory: Path) -> list[Path]:
     for entry in entries:
         if entry.name == TASK_DIR and entry.is_dir():
             files = sorted(entry.iterdir())
-            foreign += [f for f in files if not (f.is_file() and f.suffix == ".safetensors")]
+            foreign += [
+                f for f in files if not (f.is_file() and f"{TASK_DIR}/{f.name}" in task_files)
+            ]
         elif entry.name not in MODEL_FILES and not LEFTOVER.match(entry.name):
             foreign.append(entry)
     return foreign
