@@ -1,5 +1,7 @@
 """from_timm: a converted timm model computes exactly what timm computes, or is refused."""
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -176,9 +178,35 @@ def test_converted_module_with_its_arguments_saves_and_loads(tmp_path):
 
 def test_model_that_timm_cannot_recreate_by_name_is_refused_at_load(tmp_path):
     net = modnet.from_timm(small_convmixer())
-    io.save_model(net, tmp_path / "m")
+    with pytest.warns(UserWarning, match=r"from_timm\('<timm model name>', \*\*kwargs\)"):
+        io.save_model(net, tmp_path / "m")
     with pytest.raises(io.CheckpointError, match="cannot recreate by name"):
         io.load_model(tmp_path / "m")
+
+
+def test_saving_a_model_load_model_cannot_rebuild_warns_how_to_make_it_loadable(tmp_path):
+    kwargs = dict(img_size=32, patch_size=8, depth=2, num_classes=3)
+    vit = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    with pytest.warns(UserWarning) as record:
+        io.save_model(modnet.from_timm(vit), tmp_path / "m")
+    assert [str(w.message) for w in record] == [
+        f"{tmp_path / 'm'} is saved, but modnet.io.load_model cannot rebuild it: the model "
+        "was converted from a vit_tiny_patch16_224 that timm.create_model cannot recreate by "
+        "name; convert it with modnet.from_timm('vit_tiny_patch16_224', **kwargs), kwargs "
+        "being the timm.create_model arguments it was made with, and save that to make it "
+        "loadable"
+    ]
+    assert record[0].filename == __file__  # points at the caller's save_model line
+    assert (tmp_path / "m" / "manifest.json").is_file()  # saved all the same
+    with pytest.raises(io.CheckpointError, match="cannot rebuild this model"):
+        io.load_model(tmp_path / "m")
+    # the fix it names: the same module with its arguments saves quietly and loads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        io.save_model(modnet.from_timm(vit, **kwargs), tmp_path / "fixed")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(io.load_model(tmp_path / "fixed")[0](x), vit.eval()(x))
 
 
 def test_wrong_arguments_for_a_module_are_not_trusted(tmp_path):

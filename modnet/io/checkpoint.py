@@ -24,10 +24,12 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
@@ -191,10 +193,35 @@ def save_model(
         CheckpointError: ``directory`` is a file, or a folder holding files modnet
             did not write (the message names one).
         DiskFullError: The device is full (the message names the directory).
+
+    Warns:
+        UserWarning: The model was converted by ``from_timm`` from a timm model that
+            ``load_model`` cannot recreate (one line, saying how to convert it so
+            that it can); the folder is saved all the same.
     """
     directory = Path(directory)
     _check_replaceable(directory)
-    return _save_model_dir(model, directory, task_info, extra)
+    _save_model_dir(model, directory, task_info, extra)
+    _warn_unloadable(model, directory)
+    return directory
+
+
+def _warn_unloadable(model: ModularNet, directory: Path) -> None:
+    """Warns that ``load_model`` will refuse ``directory``: a model ``from_timm``
+    converted without the ``timm.create_model`` arguments that recreate it."""
+    config = model.config
+    if config.get("family") != "timm" or config.get("timm_kwargs") is not None:
+        return
+    architecture = config.get("architecture")
+    known = isinstance(architecture, str) and timm.is_model(architecture)
+    name = architecture if known else "<timm model name>"
+    warnings.warn(
+        f"{directory} is saved, but modnet.io.load_model cannot rebuild it: the model was "
+        f"converted from a {architecture} that timm.create_model cannot recreate by name; "
+        f"convert it with modnet.from_timm({name!r}, **kwargs), kwargs being the "
+        "timm.create_model arguments it was made with, and save that to make it loadable",
+        stacklevel=3,
+    )
 
 
 def _save_model_dir(
