@@ -42,6 +42,23 @@ def test_training_options_are_validated(option, value, message):
         TrainConfig(**{option: value})
 
 
+def test_a_config_from_a_dict_refuses_unknown_keys_and_suggests_the_field():
+    with pytest.raises(ConfigError) as error:
+        TrainConfig.from_dict({"epoch": 5})
+    options = ", ".join(TrainConfig().to_dict())
+    assert str(error.value) == (
+        "unknown TrainConfig option 'epoch' (did you mean 'epochs'?): check the spelling; "
+        f"the options are {options}"
+    )
+    with pytest.raises(ConfigError, match=r"^unknown TrainConfig options 'lrr' \(did you mean "
+                       r"'lr'\?\), 'zzz': check the spelling"):  # fmt: skip
+        TrainConfig.from_dict({"epochs": 5, "lrr": 0.1, "zzz": 1})
+    # what a run stores (to_dict) reads back whole
+    config = TrainConfig(epochs=5, lr=0.1, tasks=["synth_color"], grad_clip=None)
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert TrainConfig.from_dict({"epochs": 5}).epochs == 5
+
+
 def test_grad_clip_zero_disables_clipping():
     assert TrainConfig(grad_clip=0).grad_clip is None
     assert TrainConfig(grad_clip=None).grad_clip is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -149,8 +150,27 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The config ``to_dict`` gave (what a run stores in its trainer state).
+
+        Every key ``to_dict`` has ever written is still a field (none was removed or
+        renamed), so a key that is none is a mistake, not an old option to skip.
+
+        Raises:
+            ConfigError: A key that is no field (the closest field is suggested), or
+                a value ``TrainConfig`` refuses.
+        """
+        known = [f.name for f in fields(cls)]
+        unknown = [key for key in data if key not in known]
+        if unknown:
+            named = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"unknown TrainConfig option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(named)}: check the spelling; the options are {', '.join(known)}"
+            )
+        return cls(**data)
 
 
 def _flag(name: str) -> str:
