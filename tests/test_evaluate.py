@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from modnet.data import load_task
+from modnet.errors import ConfigError
 from modnet.train import evaluate
 from modnet.train.evaluate import (
     DEFAULT_MICRO_BATCH,
@@ -136,3 +137,24 @@ def test_the_trainers_evaluation_uses_the_configured_micro_batch(tmp_path, monke
     config.eval_micro_batch, config.eval_batch_size = 0, 8
     train(config, tmp_path / "whole")
     assert seen and set(seen) == {8}
+
+
+class Untouchable(dict):
+    """Task data that must not be read: the check comes before any work."""
+
+    def items(self):
+        raise AssertionError("the data was read before the precision was checked")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "auto", "BF16"])
+def test_an_unknown_precision_is_refused_before_any_work(precision):
+    model = tiny_conv(tasks={"a": 3})
+    message = f"unknown precision {precision!r}: choose one of fp32, bf16"
+    with pytest.raises(ConfigError) as error:
+        evaluate(model, Untouchable(a=None), precision=precision)
+    assert str(error.value) == message
+    with pytest.raises(ConfigError) as error:
+        predict(model, images(model), "a", precision=precision)
+    assert str(error.value) == message
+    for accepted in ("fp32", "bf16"):  # the two it takes still run
+        assert predict(model, images(model), "a", precision=accepted).shape == (4, 3)

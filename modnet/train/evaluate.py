@@ -26,7 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import TaskData, eval_batches
+from .config import _choice
 
+INFERENCE_PRECISIONS = ("fp32", "bf16")  # "auto" is resolved by the caller
 MICRO_BATCH = {"conv": 16, "vit": 32}
 DEFAULT_MICRO_BATCH = 32
 
@@ -77,8 +79,10 @@ def predict(
         up to float summation order.
 
     Raises:
+        ConfigError: ``precision`` is neither ``"fp32"`` nor ``"bf16"``.
         ValueError: ``micro_batch`` is not a positive integer.
     """
+    _choice("precision", precision, INFERENCE_PRECISIONS)
     size = default_micro_batch(model) if micro_batch is None else micro_batch
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
@@ -118,7 +122,15 @@ def evaluate(
         workers: Loader processes for test splits on disk.
         progress: Show a progress bar per task (images scored; cleared when done):
             scoring a full test split on a CPU takes minutes.
+
+    Returns:
+        Task name to its accuracy in [0, 1].
+
+    Raises:
+        ConfigError: ``precision`` is neither ``"fp32"`` nor ``"bf16"`` (before any
+            data is read).
     """
+    _choice("precision", precision, INFERENCE_PRECISIONS)
     accuracy = {}
     for name, task in data.items():
         correct = 0
