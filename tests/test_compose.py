@@ -7,6 +7,7 @@ products are exact in float32 and compositions can be compared bit for bit.
 import copy
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -65,6 +66,27 @@ def test_task_vector_arithmetic(family):
     assert (a - a).norm() == 0.0
     assert a.cosine(a) == pytest.approx(1.0)
     assert a.cosine(-a) == pytest.approx(-1.0)
+
+
+def test_numpy_scalars_scale_a_vector_as_python_numbers_do(family):
+    _, _, (a, b, _) = family
+
+    def same(left, right):
+        return left.names == right.names and all(torch.equal(left[n], right[n]) for n in left)
+
+    for value in (0.5, 0.1, 3.0):
+        for scalar in (np.float64(value), np.float32(value), np.float16(value)):
+            python = float(scalar)
+            assert same(scalar * a, python * a) and same(a * scalar, a * python)
+            assert same(a / scalar, a / python)
+    assert same(np.int64(2) * a, 2 * a) and same(a * np.int32(2), a * 2)
+    assert same(np.float64(0) + a, a)  # a sum started at a NumPy zero
+    # a sweep over np.linspace: interpolating from a to b
+    sweep = [(1 - lam) * a + lam * b for lam in np.linspace(0, 1, 5)]
+    assert same(sweep[0], a) and same(sweep[-1], b)
+    assert same(sweep[2], 0.5 * a + 0.5 * b)
+    with pytest.raises(TypeError):
+        np.ones(3) * a  # an array is no scale: refused, not spread over its elements
 
 
 def test_apply_and_run_reach_the_fine_tuned_model(family):

@@ -15,6 +15,7 @@ meaning.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,11 +23,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-Number = int | float
-
 
 class TaskVector:
     """Named tensors ``finetuned - pretrained``; supports ``+``, ``-``, ``*`` and ``/``.
+
+    A scale is any real number, Python's or NumPy's (``np.float32(0.5) * tau`` is
+    ``0.5 * tau``), so a sweep over ``np.linspace`` works as over a list of floats.
 
     Build one with ``TaskVector.from_models`` (or ``from_state_dicts``); apply it to
     a model with ``apply`` (in place) or run a model through it with ``run``
@@ -35,6 +37,9 @@ class TaskVector:
     Args:
         tensors: Parameter name to difference tensor.
     """
+
+    # NumPy defers ``np.float32(0.5) * tau`` to ``__rmul__`` instead of making an array.
+    __array_ufunc__ = None
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
         if not tensors:
@@ -212,7 +217,7 @@ class TaskVector:
         return TaskVector({n: t + other[n] for n, t in self.items()})
 
     def __radd__(self, other: Any) -> TaskVector:
-        if isinstance(other, Number) and other == 0:  # sum([...]) starts at 0
+        if isinstance(other, numbers.Real) and other == 0:  # sum([...]) starts at 0
             return self
         return NotImplemented
 
@@ -223,16 +228,18 @@ class TaskVector:
     def __neg__(self) -> TaskVector:
         return TaskVector({n: -t for n, t in self.items()})
 
-    def __mul__(self, scale: Number) -> TaskVector:
-        if not isinstance(scale, Number):
+    def __mul__(self, scale: float) -> TaskVector:
+        if not isinstance(scale, numbers.Real):
             return NotImplemented
+        scale = float(scale)  # a NumPy scalar acts as the Python number it holds
         return TaskVector({n: t * scale for n, t in self.items()})
 
     __rmul__ = __mul__
 
-    def __truediv__(self, scale: Number) -> TaskVector:
-        if not isinstance(scale, Number):
+    def __truediv__(self, scale: float) -> TaskVector:
+        if not isinstance(scale, numbers.Real):
             return NotImplemented
+        scale = float(scale)
         if scale == 0:  # as for numbers: not a vector of inf and nan
             raise ZeroDivisionError("a task vector divided by zero")
         return TaskVector({n: t / scale for n, t in self.items()})
