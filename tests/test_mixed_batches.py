@@ -1,6 +1,7 @@
 """Mixed-task batches run with fixed shapes and equal running each task alone."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -159,3 +160,11 @@ def test_the_default_eager_path_is_chunked():
     model.mixed_batches = "nope"
     with pytest.raises(ValueError, match="unknown mixed_batches 'nope'"):
         model(x, IDS)
+
+
+def test_the_readme_names_the_eager_default_the_code_runs():
+    model = build("vit", "softmax")
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    eager = mixed.mode(model)
+    assert f'batches that mix tasks run "{eager}" in eager mode' in readme
+    assert "split by task in eager mode" not in readme
