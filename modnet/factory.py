@@ -181,6 +181,21 @@ def _create(
 FAMILIES = {"conv": conv_family, "vit": vit_family}
 
 
+def unbuildable_reason(config: Mapping[str, Any]) -> str | None:
+    """Why ``build_model`` cannot rebuild a model of ``config``, or ``None`` when it can:
+    a model ``from_timm`` converted without the ``timm.create_model`` arguments of it."""
+    if config.get("family") != "timm" or config.get("timm_kwargs") is not None:
+        return None
+    architecture = config.get("architecture")
+    known = isinstance(architecture, str) and timm.is_model(architecture)
+    name = architecture if known else "<timm model name>"
+    return (
+        f"it was converted from a {architecture} that timm.create_model cannot recreate by "
+        f"name; convert it with modnet.from_timm({name!r}, **kwargs), kwargs being the "
+        "timm.create_model arguments it was made with, to make it loadable"
+    )
+
+
 def build_model(config: Mapping[str, Any]) -> ModularNet:
     """Rebuilds a model (without tasks) from ``model.config``: how checkpoints load.
 
@@ -193,12 +208,9 @@ def build_model(config: Mapping[str, Any]) -> ModularNet:
     depth = options.pop("depth")
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
     if family_name == "timm":
-        if options.get("timm_kwargs") is None:
-            raise ConfigError(
-                f"cannot rebuild this model: it was converted from a {options['architecture']} "
-                "that timm.create_model cannot recreate by name; convert it with "
-                "modnet.from_timm('<timm model name>', **kwargs) to make it loadable"
-            )
+        reason = unbuildable_reason(config)
+        if reason:
+            raise ConfigError(f"cannot rebuild this model: {reason}")
         family = timm_family_by_name(options["architecture"], options["timm_kwargs"])
         if options.get("global_pool") is not None:  # set by reset_classifier after conversion
             family.trunk.set_global_pool(options["global_pool"])

@@ -190,11 +190,10 @@ def test_saving_a_model_load_model_cannot_rebuild_warns_how_to_make_it_loadable(
     with pytest.warns(UserWarning) as record:
         io.save_model(modnet.from_timm(vit), tmp_path / "m")
     assert [str(w.message) for w in record] == [
-        f"{tmp_path / 'm'} is saved, but modnet.io.load_model cannot rebuild it: the model "
-        "was converted from a vit_tiny_patch16_224 that timm.create_model cannot recreate by "
+        f"{tmp_path / 'm'} is saved, but modnet.io.load_model cannot rebuild it: it was "
+        "converted from a vit_tiny_patch16_224 that timm.create_model cannot recreate by "
         "name; convert it with modnet.from_timm('vit_tiny_patch16_224', **kwargs), kwargs "
-        "being the timm.create_model arguments it was made with, and save that to make it "
-        "loadable"
+        "being the timm.create_model arguments it was made with, to make it loadable"
     ]
     assert record[0].filename == __file__  # points at the caller's save_model line
     assert (tmp_path / "m" / "manifest.json").is_file()  # saved all the same

@@ -29,13 +29,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
 from ..errors import CheckpointError
-from ..factory import build_model
+from ..factory import build_model, unbuildable_reason
 from ..model import ModularNet
 from ..routing import route_from_spec
 from .fs import (
@@ -207,21 +206,13 @@ def save_model(
 
 
 def _warn_unloadable(model: ModularNet, directory: Path) -> None:
-    """Warns that ``load_model`` will refuse ``directory``: a model ``from_timm``
-    converted without the ``timm.create_model`` arguments that recreate it."""
-    config = model.config
-    if config.get("family") != "timm" or config.get("timm_kwargs") is not None:
-        return
-    architecture = config.get("architecture")
-    known = isinstance(architecture, str) and timm.is_model(architecture)
-    name = architecture if known else "<timm model name>"
-    warnings.warn(
-        f"{directory} is saved, but modnet.io.load_model cannot rebuild it: the model was "
-        f"converted from a {architecture} that timm.create_model cannot recreate by name; "
-        f"convert it with modnet.from_timm({name!r}, **kwargs), kwargs being the "
-        "timm.create_model arguments it was made with, and save that to make it loadable",
-        stacklevel=3,
-    )
+    """Warns that ``load_model`` will refuse ``directory`` (see ``unbuildable_reason``)."""
+    reason = unbuildable_reason(model.config)
+    if reason:
+        warnings.warn(
+            f"{directory} is saved, but modnet.io.load_model cannot rebuild it: {reason}",
+            stacklevel=3,
+        )
 
 
 def _save_model_dir(
