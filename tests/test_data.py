@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,25 @@ def test_npz_test_classes_without_training_samples_are_refused(tmp_path):
     np.savez(tmp_path / "named.npz", classes=names, **arrays)
     with pytest.raises(DataError, match=r"classes 2 \(cow\), 3 \(dog\), .*6 \(gnu\) and 2 more"):
         load_task(f"npz:{tmp_path / 'named.npz'}")
+
+
+def test_a_train_limit_below_the_class_count_warns_that_classes_go_unseen(tmp_path):
+    np.savez(tmp_path / "four.npz", **fake_arrays(channels=3, size=8))
+    write_folder(tmp_path / "pics", "train", {"ant": 2, "bee": 2, "cow": 2})
+    write_folder(tmp_path / "pics", "test", {"ant": 1, "bee": 1, "cow": 1})
+    for spec, held in ((f"npz:{tmp_path / 'four.npz'}", 4), (f"folder:{tmp_path / 'pics'}", 3)):
+        name = "four" if held == 4 else "pics"
+        message = (
+            f"{name}: train_limit=2 keeps 2 of the {held} classes of the training split, so "
+            f"the model never sees the others: raise it to at least {held}"
+        )
+        with pytest.warns(UserWarning) as record:
+            task = load_task(spec, train_limit=2)
+        assert [str(w.message) for w in record] == [message]
+        assert len(task.train_y.unique()) == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(load_task(spec, train_limit=held).train_y.unique()) == held
 
 
 def test_npz_grayscale_hw_arrays_and_rgb_to_gray_luminance(tmp_path):

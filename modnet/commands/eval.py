@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -122,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
         # the seed the run drew its subsets (and synthetic images) with: the same test set
         task_config = replace(config, seed=_recorded_seed(manifest["tasks"][name]))
         try:
-            (data[name],) = load_data([spec], model, task_config).values()
+            with warnings.catch_warnings():  # one training image is all eval asks for
+                warnings.filterwarnings("ignore", ".*: train_limit=", UserWarning)
+                (data[name],) = load_data([spec], model, task_config).values()
         except DataError as error:
             if name in moved:
                 raise

@@ -21,7 +21,7 @@ from .build import STATS_SAMPLE, STATS_SEED, build_task, check_labels, task_from
 from .errors import DataError
 from .files import ImageFiles
 from .options import LoadOptions
-from .subset import balanced_indices, derive_seed
+from .subset import balanced_indices, derive_seed, warn_missing_classes
 from .task_data import TaskData, valid_task_name
 
 NPZ_KEYS = ("train_x", "train_y", "test_x", "test_y")
@@ -199,6 +199,7 @@ def load_images(
         name, train[1], test[1], None if classes is None else len(classes), classes
     )
     everything = train[0]
+    warn_missing_classes(name, train[1], options.train_limit)
     picked = {}
     for split, (files, labels) in (("train", train), ("test", test)):
         limit = getattr(options, f"{split}_limit")

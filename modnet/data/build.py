@@ -15,7 +15,7 @@ import torch
 from .errors import DataError
 from .files import ImageFiles
 from .options import LoadOptions
-from .subset import balanced_indices, derive_seed
+from .subset import balanced_indices, derive_seed, warn_missing_classes
 from .task_data import TaskData
 from .transform import as_nchw, channel_stats, convert_images, make_record
 
@@ -178,6 +178,7 @@ def task_from_arrays(
     same_size = images["train"].shape[-2:] == images["test"].shape[-2:]
     size = list(images["train"].shape[-2:]) if same_size else None
     num_classes = check_labels(name, labels["train"], labels["test"], num_classes, classes)
+    warn_missing_classes(name, labels["train"], options.train_limit)
     picked = {}
     for split in ("train", "test"):
         limit = getattr(options, f"{split}_limit")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import torch
@@ -42,3 +43,18 @@ def balanced_indices(labels: torch.Tensor, limit: int | None, seed: int) -> torc
     # round-robin over classes: all rank-0 samples first, then rank 1, ...
     chosen = torch.argsort(rank * n + torch.arange(n))[:limit]
     return torch.sort(perm[chosen]).values
+
+
+def warn_missing_classes(name: str, labels: torch.Tensor, limit: int | None) -> None:
+    """Warns when ``limit`` training samples cannot hold every class of the split.
+
+    A balanced subset of at least as many samples as classes holds them all; a
+    smaller one trains a head whose missing classes the test split still scores.
+    """
+    held = int(torch.unique(labels).numel())
+    if limit is not None and limit < held:
+        warnings.warn(
+            f"{name}: train_limit={limit} keeps {limit} of the {held} classes of the "
+            f"training split, so the model never sees the others: raise it to at least {held}",
+            stacklevel=3,
+        )
