@@ -1,5 +1,6 @@
 """The modnet command end to end on the synthetic suite, with a tiny model."""
 
+import copy
 import json
 import os
 import subprocess
@@ -70,12 +71,6 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     checkpoint = io.latest_checkpoint(run_dir)  # a checkpoint of the run: the same note
     assert main(["eval", str(checkpoint), "--task", "synth_color"]) == 0
     assert capsys.readouterr().err == note
-    # only the phases of the tasks scored count; an unreadable file costs only the note
-    saved = run_dir / "config-transfer-synth_shape.yaml"
-    text = saved.read_text()
-    saved.write_text(text.replace("test_limit: 40", "test_limit: null"))
-    assert main(["eval", str(run_dir), "--task", "synth_shape"]) == 0
-    assert capsys.readouterr().err == ""
     # a --test-limit other than the run's is said too, for limited and whole splits alike
     assert main(["eval", str(run_dir), "--task", "synth_color", "--test-limit", "20"]) == 0
     assert capsys.readouterr().err == note.replace(
@@ -90,15 +85,30 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     assert capsys.readouterr().err == ""
     _note_recorded_limit(str(run_dir), manifest, {"synth_color": 41}, None)
     assert "the run scored synth_color on a subset of at most 40" in capsys.readouterr().err
-    assert main(["eval", str(run_dir), "--task", "synth_shape", "--test-limit", "20"]) == 0
+    # the limit is the one each task's data record holds: an unreadable or missing
+    # options file (the Python API writes none) changes nothing
+    both = note.replace("synth_color on", "synth_shape, synth_color on")
+    saved = run_dir / "config-transfer-synth_shape.yaml"
+    text = saved.read_text()
+    for damage in (lambda: saved.write_bytes(b"\xff\xfe\x00 not text"), saved.unlink):
+        damage()
+        assert main(["eval", str(run_dir), "--task", "synth_shape", "--task", "synth_color"]) == 0
+        assert capsys.readouterr().err == both
+    # a record without the limit (older runs) falls back on the options file
+    older = copy.deepcopy(manifest)
+    del older["tasks"]["synth_shape"]["transform"]["subset"]["test_limit"]
+    saved.write_text(text.replace("test_limit: 40", "test_limit: null"))
+    _note_recorded_limit(str(run_dir), older, {"synth_shape": 100}, None)
+    assert capsys.readouterr().err == ""
+    _note_recorded_limit(str(run_dir), older, {"synth_shape": 100}, 20)
     assert capsys.readouterr().err == (
         "modnet: scoring at most 20 test images per task; the run scored synth_shape on the "
         "whole test split, so these figures differ from its results.json; leave out "
         "--test-limit to score what it scored\n"
     )
-    saved.write_bytes(b"\xff\xfe\x00 not text")
-    assert main(["eval", str(run_dir), "--task", "synth_shape", "--task", "synth_color"]) == 0
-    assert capsys.readouterr().err == note
+    saved.unlink()  # neither says: only the note is lost
+    _note_recorded_limit(str(run_dir), older, {"synth_shape": 100}, 20)
+    assert capsys.readouterr().err == ""
     saved.write_text(text)
     assert set(accuracy) == {"synth_color", "synth_size", "synth_shape"}
     results = json.loads((run_dir / "results.json").read_text())

@@ -392,6 +392,45 @@ def test_a_run_killed_before_its_results_completes_them_when_run_again(
     assert "already holds a finished run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "transfer", "adapt"])
+def test_a_phase_stopped_right_after_its_results_keeps_its_options_file(
+    run_copy, tmp_path, monkeypatch, command
+):
+    """The options file is written just before the results: a stop right after the
+    results (Ctrl-C while figures are drawn) cannot leave a complete phase without it."""
+    recorded = io.record_results
+
+    def record_then_stop(*args, **kwargs):
+        recorded(*args, **kwargs)
+        raise Interrupt
+
+    args, out, phase, name = {
+        "train": (train_args(tmp_path / "new"), tmp_path / "new", "train", "config.yaml"),
+        "transfer": (
+            transfer_args(run_copy),
+            run_copy,
+            "transfer-synth_shape",
+            "config-transfer-synth_shape.yaml",
+        ),
+        "adapt": (
+            ["adapt", str(run_copy), "--target", "synth_size-bg", "--sources", "synth_size", *FAST],
+            run_copy,
+            "adapt-synth_size-bg",
+            "config-adapt-synth_size-bg.yaml",
+        ),
+    }[command]
+    monkeypatch.setattr(io, "record_results", record_then_stop)
+    with pytest.raises(Interrupt):
+        main(args)
+    monkeypatch.undo()
+    assert phase in io.read_results(out)
+    saved = (out / name).read_text()
+    assert saved.startswith(io.run.SAVED_OPTIONS_HEADER + command)
+    assert "epochs: 1" in saved and "train_limit: 64" in saved
+    if command == "adapt":
+        assert "sources: synth_size\n" in saved  # the sources it used
+
+
 def test_a_damaged_results_file_is_named_before_any_work(run_copy, capsys):
     (run_copy / "results.json").write_text('{"train": ')
     before = io.latest_checkpoint(run_copy)

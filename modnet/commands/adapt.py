@@ -134,31 +134,36 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import io
     from ..adapt import adapt, summary_lines
     from ..train import TrainConfig
 
     check_run_dir(args.run_dir)
     resolved = options(args)
     own = {k: resolved.pop(k) for k in DEFAULTS}
-    result = adapt(
-        args.run_dir,
-        own["target"],
-        sources=own["sources"],
-        objective=own["objective"],
-        parts=own["train"],
-        init=own["init"],
-        head_init=own["head_init"],
-        config=TrainConfig(**resolved),
-        objective_options=own["objective_options"],
-        source_weight=own["source_weight"],
-        overwrite=args.overwrite,
-        anisotropic=own["anisotropic"],
-        update_shared=own["update_shared"],
-    )
-    if result.is_main:
+
+    def save_options(run_dir, phase, entry) -> None:
         # the sources it used, not "every task with the target's classes": the run may grow
-        used = {**own, "sources": ",".join(result.sources), **resolved}
-        save_config(result.run_dir, "adapt", used, f"adapt-{result.target}")
+        used = {**own, "sources": ",".join(entry["sources"]), **resolved}
+        save_config(run_dir, "adapt", used, phase)
+
+    with io.run.with_results(save_options):  # written with the results, never without
+        result = adapt(
+            args.run_dir,
+            own["target"],
+            sources=own["sources"],
+            objective=own["objective"],
+            parts=own["train"],
+            init=own["init"],
+            head_init=own["head_init"],
+            config=TrainConfig(**resolved),
+            objective_options=own["objective_options"],
+            source_weight=own["source_weight"],
+            overwrite=args.overwrite,
+            anisotropic=own["anisotropic"],
+            update_shared=own["update_shared"],
+        )
+    if result.is_main:
         print("\n".join(summary_lines(result)))
         print(f"run directory: {result.run_dir}  (checkpoint {result.checkpoint.name})")
     return 0

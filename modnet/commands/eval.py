@@ -158,7 +158,8 @@ def _note_recorded_limit(
 ) -> None:
     """Says which tasks the run scored (``results.json``) on another number of test
     images than ``asked`` (``--test-limit``; None: the whole split): a task's limit is the
-    one its training phase (``io.task_phase``) saved in its options (``config*.yaml``).
+    one its data record holds, or its training phase (``io.task_phase``) saved in its
+    options (``config*.yaml``).
     ``sizes``: each task's test images as loaded now; where both limits cover the
     whole split (fewer images than either), the figures are the same and nothing is said."""
     from .. import io
@@ -167,7 +168,8 @@ def _note_recorded_limit(
     run = io.run_root(path)
     recorded = {}
     for n, size in sizes.items():
-        known, limit = _recorded_limit(config_path(run, io.task_phase(run, manifest, n)))
+        record = manifest["tasks"][n]
+        known, limit = _recorded_limit(record, config_path(run, io.task_phase(run, manifest, n)))
         if (asked is None or size < asked) and (limit is None or limit >= size):
             continue  # both scored the whole split: the same figures
         recorded[n] = (known, limit)
@@ -198,18 +200,23 @@ def _recorded_seed(record: dict) -> int:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
-def _recorded_limit(file: Path) -> tuple[bool, int | None]:
-    """Whether a saved options file could be read, and the ``test_limit`` it holds
-    (``None``: the whole split). A missing or unreadable file costs only the note."""
+def _recorded_limit(record: dict, file: Path) -> tuple[bool, int | None]:
+    """Whether the ``test_limit`` a task was scored with is known, and that limit
+    (``None``: the whole split): from the task's data record (its transform's ``subset``),
+    else from its phase's saved options file. Not knowing it costs only the note."""
     from ..errors import ConfigError
     from ._options import read_config
 
-    if not file.is_file():
+    subset = (record.get("transform") or {}).get("subset") or {}
+    if "test_limit" in subset:
+        limit = subset["test_limit"]
+    elif not file.is_file():
         return False, None
-    try:
-        limit = read_config(file).get("test_limit")
-    except ConfigError:
-        return False, None
+    else:
+        try:
+            limit = read_config(file).get("test_limit")
+        except ConfigError:
+            return False, None
     valid = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
     return True, limit if valid else None
 

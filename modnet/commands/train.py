@@ -64,6 +64,7 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import io
     from ..io import check_run_target
     from ..train import TrainConfig, train
     from ._options import check_writable
@@ -71,9 +72,12 @@ def run(args: argparse.Namespace) -> int:
     check_run_target(args.out)  # a file, or a folder modnet did not write
     check_writable(args.out)
     resolved = options(args)
-    result = train(TrainConfig(**resolved), args.out, overwrite=args.overwrite)
-    if result.is_main:
-        save_config(result.run_dir, "train", resolved, "train")
+
+    def save_options(run_dir, phase, entry) -> None:
+        save_config(run_dir, "train", resolved, phase)
+
+    with io.run.with_results(save_options):  # written with the results, never without
+        result = train(TrainConfig(**resolved), args.out, overwrite=args.overwrite)
     print_summary(result)
     return 0
 

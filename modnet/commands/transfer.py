@@ -100,26 +100,31 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import io
     from ..train import TrainConfig, transfer
 
     check_run_dir(args.run_dir)
     resolved = options(args)
     own = {k: resolved.pop(k) for k in DEFAULTS}
-    result = transfer(
-        args.run_dir,
-        own["task"],
-        parts=own["train"],
-        grow=own["grow"],
-        config=TrainConfig(**resolved),
-        init_from=own["init_from"],
-        overwrite=args.overwrite,
-        route=own["route"],
-        route_init=own["route_init"],
-        update_shared=own["update_shared"],
-    )
+
+    def save_options(run_dir, phase, entry) -> None:
+        save_config(run_dir, "transfer", {**own, **resolved}, phase)
+
+    with io.run.with_results(save_options):  # written with the results, never without
+        result = transfer(
+            args.run_dir,
+            own["task"],
+            parts=own["train"],
+            grow=own["grow"],
+            config=TrainConfig(**resolved),
+            init_from=own["init_from"],
+            overwrite=args.overwrite,
+            route=own["route"],
+            route_init=own["route_init"],
+            update_shared=own["update_shared"],
+        )
     if result.is_main:
         name = next(iter(result.accuracy))
-        save_config(result.run_dir, "transfer", {**own, **resolved}, f"transfer-{name}")
         _print_nearest(result.run_dir, f"transfer-{name}")
     print_summary(result)
     return 0

@@ -33,8 +33,9 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -526,8 +527,34 @@ def read_results(run_dir: Path) -> dict[str, Any]:
     return results
 
 
+# What a command writes beside a phase's results (its options file): see ``with_results``.
+_WITH_RESULTS: ContextVar[Callable[[Path, str, Mapping[str, Any]], None] | None] = ContextVar(
+    "modnet_with_results", default=None
+)
+
+
+@contextmanager
+def with_results(write: Callable[[Path, str, Mapping[str, Any]], None]) -> Iterator[None]:
+    """Within the block, ``record_results`` calls ``write(run_dir, phase, entry)`` first.
+
+    A phase is complete once ``results.json`` holds its entry; a rerun of a phase
+    stopped before that writes the missing results. What a command writes with the
+    results (``modnet transfer``'s ``config-<phase>.yaml``) is therefore written just
+    before them, so no interrupt leaves a complete phase without it.
+    """
+    token = _WITH_RESULTS.set(write)
+    try:
+        yield
+    finally:
+        _WITH_RESULTS.reset(token)
+
+
 def record_results(run_dir: Path, phase: str, entry: Mapping[str, Any]) -> None:
-    """Adds (or replaces) ``phase``'s entry in ``results.json``, atomically."""
+    """Adds (or replaces) ``phase``'s entry in ``results.json``, atomically (after what
+    ``with_results`` asks to write with it)."""
+    write = _WITH_RESULTS.get()
+    if write is not None:
+        write(Path(run_dir), phase, entry)
     results = read_results(run_dir)
     results[phase] = dict(entry)
     write_json(Path(run_dir) / RESULTS_FILE, results)
