@@ -411,7 +411,10 @@ class ModularNet(nn.Module):
 
         Raises:
             ValueError: A wrong input shape, an integer input or a float dtype other
-                than the weights' outside ``torch.autocast``, an unknown task index, a
+                than the weights' outside ``torch.autocast``, an unknown task index
+                (per-sample ids are checked in eager mode only: reading their values
+                would break a compiled graph, where a bad id fails as an
+                ``IndexError``), a
                 batch mixing tasks without heads with tasks with heads, or a route that
                 does not fit the model; ``ConfigError`` for a route with per-sample
                 tasks.
