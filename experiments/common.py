@@ -14,13 +14,13 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from modnet.io import atomic_write_text
+from modnet.io import atomic_write_text, write_json
 from modnet.train import TrainConfig
 
 # A tiny conv model for quick modes: trains on the synthetic suite in seconds.
@@ -173,6 +173,52 @@ def write_results(
     atomic_write_text(out / "results.md", "\n".join(text))
     results = dict(data, command=command, hardware=hardware)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+
+
+def refuse_other_options(
+    cache: Path, recorded: Mapping[str, Any], wanted: Mapping[str, Any]
+) -> None:
+    """Refuses, in one line, results cached at ``cache`` that were measured with
+    options other than ``wanted`` (those its ``recorded`` options differ in). An
+    option ``recorded`` lacks (recorded before that option was) is not compared.
+
+    Raises:
+        SystemExit: Naming each differing option, as recorded and as wanted.
+    """
+    wanted = json.loads(json.dumps(wanted))  # as a record reads back: tuples are lists
+    differs = [k for k in wanted if k in recorded and recorded[k] != wanted[k]]
+    if differs:
+        was = ", ".join(f"{k}={recorded[k]}" for k in differs)
+        now = ", ".join(f"{k}={wanted[k]}" for k in differs)
+        raise SystemExit(
+            f"error: {cache} was measured with {was}, not {now}: pass another --out, or "
+            "the same options to continue"
+        )
+
+
+def check_options(
+    record: Path, options: Mapping[str, Any], cache: Path | None = None, cached: bool = False
+) -> None:
+    """The options of the results cached at ``cache`` (default: ``record``'s folder),
+    before any work: recorded in the JSON file ``record`` the first time, refused
+    (``refuse_other_options``) when they differ later. ``cached``: the cache already
+    holds results, so a missing record (results made before options were recorded)
+    is refused too rather than trusted.
+
+    Raises:
+        SystemExit: Other options than recorded, or results without a record.
+    """
+    cache = record.parent if cache is None else cache
+    if record.is_file():
+        refuse_other_options(cache, json.loads(record.read_text()), options)
+        return
+    if cached:
+        raise SystemExit(
+            f"error: {cache} holds results that do not record the options they were "
+            "measured with: pass another --out"
+        )
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json(record, dict(options))
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

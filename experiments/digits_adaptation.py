@@ -27,7 +27,9 @@ Usage::
         --sources mnist,usps --data-root ../shared/data
     python experiments/digits_adaptation.py --quick --synthetic
 
-Without ``--pool`` the sources are trained first (into ``OUT/pool``).
+Without ``--pool`` the sources are trained first (into ``OUT/pool``, their
+options recorded in ``OUT/pool-options.json``). A cache or pool made with other
+options is refused before any work: pass another ``--out``.
 ``--synthetic`` runs the same flow on the built-in synthetic suite (no data
 needed); ``--quick`` is a one-seed smoke run of a minute or two.
 """
@@ -49,7 +51,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import HelpFormatter, cell, markdown_table, write_results  # noqa: E402
+from experiments.common import (  # noqa: E402
+    HelpFormatter,
+    cell,
+    check_options,
+    markdown_table,
+    write_results,
+)
 from modnet import io  # noqa: E402
 from modnet.adapt import (  # noqa: E402
     OBJECTIVES,
@@ -178,19 +186,10 @@ class Cells:
         """Records the options of the cache; refuses other options on a cache that has them."""
         options = {k: getattr(setup, k) for k in RESULT_FIELDS}
         options["pool"] = str(pool.resolve()) if pool is not None else None
-        path = self.root / "options.json"
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            changed = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in options.items()
-                       if stored.get(k) != v]  # fmt: skip
-            if changed:
-                raise SystemExit(
-                    f"error: {self.root} holds cells computed with other options "
-                    f"({'; '.join(changed)}): use another --out, or the same options"
-                )
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        io.write_json(path, options)
+        check_options(self.root / "options.json", options)
+
+    def recorded(self) -> bool:
+        return (self.root / "options.json").is_file()
 
     def path(self, seed: int, name: str) -> Path:
         return self.root / f"seed{seed}" / (name.replace("/", "__").replace(",", "-") + ".json")
@@ -593,13 +592,29 @@ def figures(setup: Setup, found, out: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------- main
+def pool_config(setup: Setup, base: TrainConfig) -> TrainConfig:
+    """How the sources are trained when no ``--pool`` is given."""
+    return replace(base, tasks=list(setup.sources), epochs=setup.source_epochs)
+
+
+def pool_finished(pool: Path) -> bool:
+    return io.is_run_dir(pool) and (pool / "results.json").is_file()
+
+
+def check_pool(setup: Setup, base: TrainConfig, out: Path) -> None:
+    """Refuses, before any work, a pool in ``out/pool`` trained with other options
+    (``out/pool-options.json`` records them)."""
+    options = pool_config(setup, base).result_options()
+    check_options(out / "pool-options.json", options, out / "pool", pool_finished(out / "pool"))
+
+
 def train_pool(setup: Setup, base: TrainConfig, out: Path) -> Path:
-    """The sources trained once (seed ``pool_seed``) into ``out/pool``; reused when finished."""
+    """The sources trained once (seed ``pool_seed``) into ``out/pool``; reused when
+    finished (``check_pool``: with the same options)."""
     pool = out / "pool"
-    if io.is_run_dir(pool) and (pool / "results.json").is_file():
+    if pool_finished(pool):
         return pool
-    config = replace(base, tasks=list(setup.sources), epochs=setup.source_epochs)
-    train(config, pool, overwrite=True)
+    train(pool_config(setup, base), pool, overwrite=True)
     return pool
 
 
@@ -730,12 +745,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: --pool {pool} holds no trained run: train the sources first")
     if not args.report:
         base = base_config(setup, pool, args.data_root)
+        if pool is None:  # both checks before any work; the pool is every target's
+            check_pool(setup, base, out)
+        Cells(out, setup.target).check(setup, pool or out / "pool")
         if pool is None:
             pool = train_pool(setup, base, out)
-        Cells(out, setup.target).check(setup, pool)
         runner = Runner(setup, pool, out, base, args.keep_runs)
         for seed in setup.seeds:
             runner.run(seed, args.progress)
+    elif Cells(out, setup.target).recorded():  # the command results.md records: the cells'
+        Cells(out, setup.target).check(setup, pool or out / "pool")
     found = load_cells(out, setup)
     if not found:
         raise SystemExit(f"error: no cached cell of {setup.target} under {out}/cells")

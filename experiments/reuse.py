@@ -6,7 +6,9 @@ plain network of K blocks (K = L, identity route). Every variant has the block
 shape of the converged pool (``experiments/configs/converged_pool.yaml``).
 Parameters barely change with L (only the route grows); compute grows with L.
 A finished variant in ``--out`` is read back, not retrained, so an interrupted
-run continues where it stopped.
+run continues where it stopped; ``--out/options.json`` records the options the
+variants are trained with, and other options (``--quick``, ``--epochs``,
+``--train-limit``) into the same ``--out`` are refused before any work.
 
     python experiments/reuse.py --data-root ../shared/data --out runs/experiments/reuse
     python experiments/reuse.py --quick
@@ -28,6 +30,7 @@ from experiments.common import (  # noqa: E402
     QUICK_MODEL,
     base_config,
     cell,
+    check_options,
     command_line,
     markdown_table,
     parser,
@@ -83,6 +86,12 @@ def inference_macs(model, task: str) -> int:
     return counter.get_total_flops() // 2
 
 
+def options(config, quick: bool) -> dict:
+    """What the variants' results depend on, besides the seed (one cell per seed)."""
+    values = {k: v for k, v in config.result_options().items() if k not in ("seed", "model_kwargs")}
+    return dict(values, variants=variants(quick))
+
+
 def _train_or_read(config, run_dir: Path):
     """The variant's model, test accuracy and training seconds: read back when finished."""
     timing = run_dir / "seconds.txt"
@@ -100,6 +109,9 @@ def main(argv=None) -> dict:
     p = parser("Claim 3: block reuse without more parameters", "runs/experiments/reuse")
     args = p.parse_args(argv)
     out = Path(args.out)
+    finished = any(out.glob("seed*/v*/seconds.txt"))
+    check_options(out / "options.json", options(base_config(args, FULL, QUICK), args.quick),
+                  cached=finished)  # fmt: skip
     accuracy: dict[str, list[float]] = {}
     params, macs, wall = {}, {}, {}
     for seed in seeds(args):

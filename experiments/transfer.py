@@ -51,6 +51,7 @@ from experiments.common import (  # noqa: E402
     markdown_table,
     mean_std,
     parser,
+    refuse_other_options,
     seeds,
     write_results,
 )
@@ -275,14 +276,17 @@ def cell_path(out: Path, held_out: str, method: str, seed: int) -> Path:
 def nearest(args, held_out: str, seed: int, pool_dir: Path, config: TrainConfig) -> dict:
     """The nearest source, as ``init_from="nearest"`` chooses it: once per held-out task and seed.
 
-    Choosing loads every source dataset; done once, it is cached next to the cells.
+    Choosing loads every source dataset; done once, it is cached next to the cells
+    with the budget it read the data with (another budget is refused, as a cell's).
     """
     path = Path(args.out) / "nearest" / slug(held_out) / f"seed{seed}.json"
     if not path.is_file():
         name, distances = nearest_source(pool_dir, held_out, config)
         path.parent.mkdir(parents=True, exist_ok=True)
-        io.write_json(path, dict(nearest=name, source_distances=distances))
-    return json.loads(path.read_text())
+        io.write_json(path, dict(nearest=name, source_distances=distances, budget=budget(args)))
+    recorded = json.loads(path.read_text())
+    refuse_other_options(path, recorded.get("budget", {}), budget(args))
+    return recorded
 
 
 def run_cell(args, held_out, method, seed, pool_dir, facts, values) -> dict[str, Any] | None:
@@ -339,16 +343,21 @@ def cached_cell(path: Path, args) -> dict[str, Any]:
     Cells written before ``test_limit`` was recorded are compared on the rest.
     """
     entry = json.loads(path.read_text())
-    wanted = budget(args)
-    differs = {k: v for k, v in entry.get("budget", {}).items() if k in wanted and v != wanted[k]}
-    if differs:
-        was = ", ".join(f"{k}={v}" for k, v in differs.items())
-        now = ", ".join(f"{k}={wanted[k]}" for k in differs)
-        raise SystemExit(
-            f"error: {path} was measured with {was}, not {now}: pass another --out to "
-            "measure this budget, or that budget's flags to continue"
-        )
+    refuse_other_options(path, entry.get("budget", {}), budget(args))
     return entry
+
+
+def check_cached(args) -> None:
+    """Refuses, before any pool trains, the cached cells and nearest sources this run
+    would read back when they were measured with another budget."""
+    out = Path(args.out)
+    for held_out in args.held_out:
+        for seed in seeds(args):
+            paths = [cell_path(out, held_out, method, seed) for method in args.methods]
+            paths.append(out / "nearest" / slug(held_out) / f"seed{seed}.json")
+            for path in paths:
+                if path.is_file():
+                    cached_cell(path, args)
 
 
 def run_held_out(args, held_out, pool_dir, pool, values) -> int:
@@ -471,6 +480,7 @@ def main(argv=None) -> dict[str, Any]:
         make_config({**pool, "tasks": list(args.datasets)}, "the pool config")  # check first
         values = transfer_values(args, pool)
         make_config(values, "the transfer config")
+        check_cached(args)
         waiting = list(args.held_out)
         while waiting:
             later = []

@@ -77,8 +77,27 @@ def test_digits_adaptation_quick_synthetic_caches_cells_and_resumes(tmp_path):
     assert kept == {n: cache.path(0, n).stat().st_mtime_ns for n in kept}
     assert _digest(pool) == before
 
-    with pytest.raises(SystemExit, match="cells computed with other options .*route_lr"):
-        digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--route-lr", "0.5"])
+    # Other options on the cache, or on the pool trained here, are refused before any work.
+    cached = _digest(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--pool", str(pool),
+                                "--route-lr", "0.5"])  # fmt: skip
+    assert str(stopped.value) == (
+        f"error: {tmp_path / 'cells' / setup.target} was measured with route_lr=0.05, not "
+        "route_lr=0.5: pass another --out, or the same options to continue"
+    )
+    with pytest.raises(SystemExit) as stopped:  # another target: new cells, the same pool
+        digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--target", "synth_shape",
+                                "--train-limit", "300"])  # fmt: skip
+    assert str(stopped.value) == (
+        f"error: {pool} was measured with train_limit=400, not train_limit=300: pass another "
+        "--out, or the same options to continue"
+    )
+    assert _digest(tmp_path) == cached
+
+    with pytest.raises(SystemExit, match="was measured with route_lr=0.05, not route_lr=0.5: "):
+        digits_adaptation.main([*ARGS, "--out", str(tmp_path), "--report", "--route-lr", "0.5"])
+    assert _digest(tmp_path) == cached
 
     # The tables come back from the cache alone.
     (folder / "results.md").unlink()

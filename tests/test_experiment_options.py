@@ -127,3 +127,63 @@ def test_options_an_experiment_does_not_use_are_not_offered(capsys):
         hypernet_teacher.main(["--help"])
     text = capsys.readouterr().out
     assert "--outer-steps" in text and "--data-root" not in text and "--epochs" not in text
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_reuse_refuses_other_options_on_its_cells_and_reuses_them_with_the_same(tmp_path):
+    from experiments import reuse
+
+    out = tmp_path / "reuse"
+    quick = ["--quick", "--epochs", "1", "--train-limit", "64", "--out", str(out)]
+    first = reuse.main(quick)
+    before = _files(out)
+    # another budget into the same --out: refused before any work, the first results kept
+    with pytest.raises(SystemExit) as stopped:
+        reuse.main([*quick, "--train-limit", "32"])
+    assert str(stopped.value) == (
+        f"error: {out} was measured with train_limit=64, not train_limit=32: pass another "
+        "--out, or the same options to continue"
+    )
+    full = r"measured with tasks=\['synth_shape'\], train_limit=64, .* not tasks=\['cifar10'\], "
+    with pytest.raises(SystemExit, match=full):
+        reuse.main(["--epochs", "1", "--out", str(out)])  # a full run on quick cells
+    assert _files(out) == before
+    assert (
+        "Command: `python experiments/reuse.py --quick --epochs 1 --train-limit 64 --out"
+        in (out / "results.md").read_text()
+    )
+    # the same options read the finished cells back: nothing retrains
+    again = reuse.main(quick)
+    assert again["accuracy"] == first["accuracy"] and again["seconds"] == first["seconds"]
+    cells = {p: b for p, b in before.items() if "seed0" in p.parts}
+    assert cells and {p: b for p, b in _files(out).items() if "seed0" in p.parts} == cells
+    # cells made before their options were recorded are not trusted either
+    (out / "options.json").unlink()
+    with pytest.raises(SystemExit, match="do not record the options they were measured with"):
+        reuse.main(quick)
+
+
+def test_transfer_refuses_cached_cells_and_nearest_sources_of_another_budget_before_any_pool(
+    tmp_path,
+):
+    nearest = tmp_path / "nearest" / "synth_shape" / "seed0.json"
+    nearest.parent.mkdir(parents=True)
+    budget = {"epochs": 1, "train_limit": 256, "test_limit": 64}  # --quick reads 128
+    nearest.write_text(json.dumps({"nearest": "synth_position", "budget": budget}))
+    with pytest.raises(SystemExit) as stopped:
+        transfer.main(["--quick", "--out", str(tmp_path)])
+    assert str(stopped.value) == (
+        f"error: {nearest} was measured with train_limit=256, not train_limit=128: pass "
+        "another --out, or the same options to continue"
+    )
+    assert not (tmp_path / "pools").exists()  # refused before any pool trained
+    args = transfer.options(["--quick", "--train-limit", "256", "--out", str(tmp_path)])
+    transfer.check_cached(args)  # its own budget: read back
+    cell = transfer.cell_path(tmp_path, "synth_shape", "head", 0)
+    cell.parent.mkdir(parents=True)
+    cell.write_text(json.dumps({"budget": {**budget, "epochs": 2}}))
+    with pytest.raises(SystemExit, match=f"{cell} was measured with epochs=2, not epochs=1: "):
+        transfer.check_cached(args)
