@@ -474,6 +474,29 @@ def test_a_path_the_file_system_refuses_is_one_line_as_a_last_resort(capsys, mon
         main(["discard", "runs/x"])
 
 
+def test_a_file_given_for_the_run_is_named_a_file_by_every_command(tmp_path, capsys):
+    afile = tmp_path / "good.npz"
+    afile.write_text("not a run")
+    reads = f"{afile} is a file: give a run or model directory"  # what eval has always said
+    writes = (
+        f"{afile} is a file, not a run directory: give the folder that `modnet train --out` wrote"
+    )
+    for command, extra, message in [
+        ("eval", [], reads),
+        ("routes", [], reads),  # not "--out good.npz/routes.png cannot be created"
+        ("plot", [], reads),
+        ("routes", ["--out", str(tmp_path / "figs")], reads),
+        ("export", ["--task", "synth_color"], reads),
+        ("discard", [], writes),  # not "is not a modnet run directory: nothing to discard"
+        ("transfer", ["--task", "synth_shape"], writes),
+        ("adapt", ["--target", "synth_shape"], writes),
+    ]:
+        assert main([command, str(afile), *extra]) == 2, command
+        assert one_line_error(capsys, command) == f"modnet {command}: error: {message}"
+    assert afile.read_text() == "not a run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.npz"]  # nothing written
+
+
 def test_a_file_given_for_a_run_a_data_root_or_an_archive_is_named_a_file(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not data")

@@ -401,13 +401,17 @@ def figure_folder(
         curves: Whether ``curves.png`` is written too (``modnet plot``).
 
     Raises:
+        CheckpointError: ``run_dir`` is a file or missing, refused as ``modnet eval``
+            refuses it (``io.resolve_model_dir``), before ``--out`` is looked at.
         ConfigError: ``out`` names a file, or a figure would replace a file that
             modnet did not write.
     """
     from ..plot import CURVES_PNG, route_files
 
+    if not Path(run_dir).is_dir():
+        io.resolve_model_dir(run_dir)  # raises: "RUN is a file: give a run or model directory"
     folder = check_folder(out) if out else Path(run_dir)
-    if not out and folder.is_dir():  # a missing run is named when it is read
+    if not out:
         check_writable(folder, "run directory", fix="pass --out FOLDER to write them elsewhere")
     run_outputs = not out and io.is_run_dir(folder)
     files = [] if run_outputs and not tasks else list(route_files(folder, tasks))

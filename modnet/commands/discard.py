@@ -23,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..io import MANIFEST, discard_unfinished
     from ..train.tracking import MetricsLogger, discard_events
+    from ._options import check_run_dir
 
+    check_run_dir(args.run_dir)  # a file is named a file, as transfer and adapt name it
     phase, base = discard_unfinished(args.run_dir)
     MetricsLogger(args.run_dir, phase).discarded()  # the curves drop the discarded attempt
     # and TensorBoard its event files: those of attempts started after the run's base
