@@ -462,6 +462,28 @@ def test_bad_folders_describe_the_layout(tmp_path):
         load_task(f"folder:{tmp_path / 'missing'}")
 
 
+def test_an_empty_class_folder_in_train_is_refused_not_made_a_class(tmp_path):
+    root = tmp_path / "imgs"
+    write_folder(root, "train", {"cat": 1, "dog": 1, "fish": 1})
+    write_folder(root, "test", {"cat": 1, "dog": 1, "fish": 1})
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "notes").mkdir()
+    (root / "train" / "notes" / "readme.txt").write_text("no image")  # no image either
+    with pytest.raises(DataError) as refused:
+        load_task(f"folder:{root}")
+    assert str(refused.value) == (
+        f"{root / 'train'} has class folders ['empty', 'notes'] holding no images (.png, .jpg, "
+        ".jpeg, .bmp, .gif, .webp, .tif, .tiff, .ppm), so the task would have 5 classes of "
+        "which 2 no training image shows: remove them or add images to them"
+    )
+    (root / "train" / "notes" / "readme.txt").unlink()
+    (root / "train" / "notes").rmdir()
+    with pytest.raises(DataError, match=r"class folder \['empty'\] holding no .*remove it or add"):
+        load_task(f"folder:{root}")
+    (root / "train" / "empty").rmdir()
+    assert load_task(f"folder:{root}").classes == ["cat", "dog", "fish"]
+
+
 def test_options_and_task_data_are_validated():
     with pytest.raises(DataError, match="in_chans must be 1 .* or 3"):
         load_task("synth_shape", in_chans=4)

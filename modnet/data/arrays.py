@@ -118,8 +118,10 @@ def _image_files(split_dir: Path, classes: list[str]) -> tuple[list[str], torch.
 def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = None) -> TaskData:
     """Loads an image folder with ``train/`` and ``test/`` (or ``val/``) class subfolders.
 
-    Classes are the sorted subfolder names; the images are read as ``load_images``
-    says (decoded only where used; on disk above ``options.in_memory_mb``).
+    Classes are the sorted subfolder names of ``train/``, each of which must hold
+    images (an empty one is refused, as torchvision's ``ImageFolder`` refuses it);
+    the images are read as ``load_images`` says (decoded only where used; on disk
+    above ``options.in_memory_mb``).
     """
     root = Path(path)
     layout = (
@@ -152,6 +154,16 @@ def load_folder(path: str | Path, options: LoadOptions, *, name: str | None = No
                 f"{name}: the {split} split is empty: no images ({', '.join(IMAGE_EXTENSIONS)}) "
                 f"in the class folders of {folder}"
             )
+    held = torch.bincount(train_y, minlength=len(classes))
+    empty = [c for c, count in zip(classes, held.tolist(), strict=True) if count == 0]
+    if empty:  # as torchvision's ImageFolder: a class folder without images is no class
+        them = "it" if len(empty) == 1 else "them"
+        raise DataError(
+            f"{train_dir} has class {'folder' if len(empty) == 1 else 'folders'} {empty} "
+            f"holding no images ({', '.join(IMAGE_EXTENSIONS)}), so the task would have "
+            f"{len(classes)} classes of which {len(empty)} no training image shows: remove "
+            f"{them} or add images to {them}"
+        )
     size, chans, resize = options.img_size, options.in_chans, options.resize
     train = ImageFiles(train_files, size, chans, resize), train_y
     test = ImageFiles(test_files, size, chans, resize), test_y
