@@ -497,6 +497,36 @@ def test_a_file_given_for_the_run_is_named_a_file_by_every_command(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.npz"]  # nothing written
 
 
+def test_a_target_no_task_of_the_run_shares_classes_with_is_refused_for_what_it_is(
+    finished,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)  # synth_color (6 classes) and synth_size (3)
+    before = io.latest_checkpoint(run)
+    assert main(["adapt", str(run), "--target", "synth_shape", *FAST]) == 2
+    assert one_line_error(capsys, "adapt") == (
+        "modnet adapt: error: the target 'synth_shape' has 4 classes but the run's tasks have "
+        "3 (synth_size), 6 (synth_color): sources and target must share one label space, so "
+        "no task of this run can be a source: adapt a run that has a task with the target's "
+        "4 classes, or choose a target with the classes of one of the run's tasks"
+    )  # not "name the sources with --sources", which the next refusal answers
+    assert main(["adapt", str(run), "--target", "synth_shape", "--sources", "synth_color"]) == 2
+    assert "sources and target must share one label space" in one_line_error(capsys, "adapt")
+    assert io.latest_checkpoint(run) == before
+
+    from types import SimpleNamespace
+
+    from modnet.adapt.api import _no_shared_label_space
+
+    model = SimpleNamespace(task_classes={"a": 4, "b": 4})
+    target = SimpleNamespace(name="synth_color", num_classes=6)
+    assert _no_shared_label_space(model, ["a", "b"], target).startswith(
+        "the target 'synth_color' has 6 classes but the run's tasks (a, b) have 4: sources "
+    )
+
+
 def test_a_file_given_for_a_run_a_data_root_or_an_archive_is_named_a_file(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not data")

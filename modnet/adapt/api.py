@@ -472,16 +472,10 @@ def _pick_sources(
             "needs a new domain; choose another --target"
         )
     if not names:
-        names = [
-            t
-            for t in model.task_names
-            if t != target.name and model.task_classes[t] == target.num_classes
-        ]
+        others = [t for t in model.task_names if t != target.name]
+        names = [t for t in others if model.task_classes[t] == target.num_classes]
         if not names:
-            raise AdaptationError(
-                f"no task of the run has the target's {target.num_classes} classes: name the "
-                f"sources with --sources (the run's tasks are {model.task_names})"
-            )
+            raise AdaptationError(_no_shared_label_space(model, others, target))
     _check_source_names(model, names)
     for source in names:
         if model.task_classes[source] != target.num_classes:
@@ -491,6 +485,29 @@ def _pick_sources(
                 "label space"
             )
     return names
+
+
+def _no_shared_label_space(model: ModularNet, tasks: list[str], target: TaskData) -> str:
+    """Why no task of the run can be a source of ``target``, and what can work instead.
+
+    Naming sources (``--sources``) cannot: a source must have the target's classes.
+    """
+    by_count: dict[int, list[str]] = {}
+    for task in tasks:
+        by_count.setdefault(model.task_classes[task], []).append(task)
+    if len(by_count) == 1:
+        [(count, names)] = by_count.items()
+        held = f"the run's tasks ({', '.join(names)}) have {count}"
+    else:
+        held = "the run's tasks have " + ", ".join(
+            f"{count} ({', '.join(names)})" for count, names in sorted(by_count.items())
+        )
+    return (
+        f"the target {target.name!r} has {target.num_classes} classes but {held}: sources "
+        "and target must share one label space, so no task of this run can be a source: "
+        f"adapt a run that has a task with the target's {target.num_classes} classes, or "
+        "choose a target with the classes of one of the run's tasks"
+    )
 
 
 def _check_source_names(model: ModularNet, names: list[str]) -> None:
