@@ -351,6 +351,24 @@ def save_config(run_dir: str | Path, command: str, options: Mapping[str, Any], p
     return path
 
 
+def saving_options(command: str, options: Mapping[str, Any], used_sources: bool = False):
+    """A context in which each phase's resolved options are saved (``save_config``)
+    just before its results, so a complete phase always has them (``io.run.with_results``).
+
+    ``used_sources``: record the sources the phase used (its results entry's
+    ``sources``), not the ones asked for (``modnet adapt``'s "every task with the
+    target's classes" changes as the run grows).
+    """
+
+    def write(run_dir: Path, phase: str, entry: Mapping[str, Any]) -> None:
+        used = dict(options)
+        if used_sources:
+            used["sources"] = ",".join(entry["sources"])
+        save_config(run_dir, command, used, phase)
+
+    return io.run.with_results(write)
+
+
 def _plain(value: Any) -> Any:
     """Tuples as lists, so that the YAML is plain (``safe_load`` reads it back)."""
     if isinstance(value, Mapping):

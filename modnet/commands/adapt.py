@@ -12,7 +12,7 @@ from ._options import (
     add_training_options,
     check_run_dir,
     parse_key_values,
-    save_config,
+    saving_options,
     training_options,
 )
 
@@ -134,20 +134,13 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import io
     from ..adapt import adapt, summary_lines
     from ..train import TrainConfig
 
     check_run_dir(args.run_dir)
     resolved = options(args)
     own = {k: resolved.pop(k) for k in DEFAULTS}
-
-    def save_options(run_dir, phase, entry) -> None:
-        # the sources it used, not "every task with the target's classes": the run may grow
-        used = {**own, "sources": ",".join(entry["sources"]), **resolved}
-        save_config(run_dir, "adapt", used, phase)
-
-    with io.run.with_results(save_options):  # written with the results, never without
+    with saving_options("adapt", {**own, **resolved}, used_sources=True):
         result = adapt(
             args.run_dir,
             own["target"],

@@ -13,7 +13,7 @@ from ._options import (
     add_model_arg_option,
     add_training_options,
     parse_model_args,
-    save_config,
+    saving_options,
     training_options,
 )
 
@@ -64,7 +64,6 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import io
     from ..io import check_run_target
     from ..train import TrainConfig, train
     from ._options import check_writable
@@ -72,11 +71,7 @@ def run(args: argparse.Namespace) -> int:
     check_run_target(args.out)  # a file, or a folder modnet did not write
     check_writable(args.out)
     resolved = options(args)
-
-    def save_options(run_dir, phase, entry) -> None:
-        save_config(run_dir, "train", resolved, phase)
-
-    with io.run.with_results(save_options):  # written with the results, never without
+    with saving_options("train", resolved):
         result = train(TrainConfig(**resolved), args.out, overwrite=args.overwrite)
     print_summary(result)
     return 0

@@ -11,7 +11,7 @@ from ._options import (
     add_config_option,
     add_training_options,
     check_run_dir,
-    save_config,
+    saving_options,
     training_options,
 )
 from .train import print_summary
@@ -100,17 +100,12 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import io
     from ..train import TrainConfig, transfer
 
     check_run_dir(args.run_dir)
     resolved = options(args)
     own = {k: resolved.pop(k) for k in DEFAULTS}
-
-    def save_options(run_dir, phase, entry) -> None:
-        save_config(run_dir, "transfer", {**own, **resolved}, phase)
-
-    with io.run.with_results(save_options):  # written with the results, never without
+    with saving_options("transfer", {**own, **resolved}):
         result = transfer(
             args.run_dir,
             own["task"],
