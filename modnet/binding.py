@@ -32,7 +32,7 @@ class TensorBinder:
     def __init__(self, module: nn.Module, names: Iterable[str]):
         self.module = module
         self.names = tuple(names)
-        self._slots: list[tuple[str, dict[str, Any], str, Any]] = []
+        self._slots: list[tuple[str, dict[str, Any], str]] = []
         for name in self.names:
             owner_path, _, attr = name.rpartition(".")
             owner = module.get_submodule(owner_path)
@@ -42,17 +42,19 @@ class TensorBinder:
                 slots = owner._buffers
             else:
                 raise KeyError(f"{type(module).__name__} has no parameter or buffer named '{name}'")
-            self._slots.append((name, slots, attr, slots[attr]))
+            self._slots.append((name, slots, attr))
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             return functional_call(self.module, dict(tensors), args, kwargs, tie_weights=False)
-        for name, slots, attr, _ in self._slots:
+        # the module's own tensors as they are now: .to(dtype or device) replaces them
+        originals = [slots[attr] for _, slots, attr in self._slots]
+        for name, slots, attr in self._slots:
             slots[attr] = tensors[name]
         try:
             return self.module(*args, **kwargs)
         finally:
-            for _, slots, attr, original in self._slots:
+            for (_, slots, attr), original in zip(self._slots, originals, strict=True):
                 slots[attr] = original
 
 

@@ -81,3 +81,18 @@ def test_train_command_trains_in_bf16(tmp_path, capsys):
     code = main(["train", "--tasks", "synth_color,synth_size", *args, "--out", str(tmp_path / "r")])
     assert code == 0
     assert "synth_color" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("build", [tiny_conv, tiny_vit])
+def test_a_model_moved_to_bf16_keeps_every_tensor_in_bf16_after_running(build):
+    """Forward and training passes put each task's statistics in place for the call and
+    then the model's own tensors back: those of after ``.to()``, not of its creation."""
+    model = build(tasks={"a": 3}).to(torch.bfloat16)
+    x = images(model, 4).to(torch.bfloat16)
+    model(x, task="a").float().sum().backward()
+    model.eval()(x, task="a")
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {
+        torch.bfloat16
+    }
+    net = model.export("a").eval()  # copies the trunk's tensors
+    torch.testing.assert_close(net(x), model(x, task="a"), rtol=0, atol=0)
