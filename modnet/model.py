@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import numbers
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -646,7 +647,9 @@ class ModularNet(nn.Module):
             return self._single_task(None)
         if isinstance(task, str):
             return self._task(task)
-        if not torch.is_tensor(task) and hasattr(type(task), "__index__"):
+        if isinstance(task, bool):
+            raise ValueError(f"task must be a name or an integer index, got {task!r}")
+        if isinstance(task, numbers.Integral):
             task = operator.index(task)  # a Python or numpy integer
             names = self.task_names
             if not 0 <= task < len(names):
@@ -656,8 +659,10 @@ class ModularNet(nn.Module):
 
     def _task_ids(self, task: Any, batch: int, device: torch.device) -> torch.Tensor:
         names = self.task_names
+        if not torch.is_tensor(task) and hasattr(task, "__array__"):
+            task = torch.as_tensor(task)  # a numpy array of ids
         if torch.is_tensor(task):
-            if task.dtype.is_floating_point or task.ndim != 1:
+            if task.dtype.is_floating_point or task.dtype == torch.bool or task.ndim != 1:
                 raise ValueError(
                     "a per-sample task tensor must be 1-D integer task ids, "
                     f"got dtype {task.dtype} and shape {tuple(task.shape)}"
@@ -665,6 +670,11 @@ class ModularNet(nn.Module):
             ids = task.to(device=device, dtype=torch.long)
         else:
             task = list(task)
+            for t in task:  # not silently truncated or read as 0/1
+                if isinstance(t, bool) or not isinstance(t, (str, numbers.Integral)):
+                    raise ValueError(
+                        f"per-sample tasks must be task names or integer indices, got {t!r}"
+                    )
             ids = torch.tensor(
                 [names.index(self._task(t)) if isinstance(t, str) else int(t) for t in task],
                 dtype=torch.long,

@@ -99,3 +99,21 @@ def test_a_wrong_image_size_names_the_img_size_that_would_fit():
         model(torch.randn(1, 3, 8, 12), task="a")
     with pytest.raises(ValueError, match=r"build the model with img_size=12$"):
         model(torch.randn(1, 3, 12, 12), task="a")
+
+
+def test_per_sample_tasks_are_names_or_integers_in_any_container():
+    model = tiny_conv(tasks={"a": 3, "b": 5})
+    x = images(model, 3)
+    want = model(x, task=torch.tensor([0, 1, 0]))
+    assert torch.equal(model(x, task=np.array([0, 1, 0])), want)
+    assert torch.equal(model(x, task=[np.int64(0), "b", 0]), want)
+    assert model(x[:0], task=np.zeros(0, dtype=np.int64)).shape == (0, 5)
+    for bad in ([0.7, 1.2, 0], [True, False, True]):
+        with pytest.raises(ValueError, match="per-sample tasks must be task names or integer"):
+            model(x, task=bad)
+    with pytest.raises(ValueError, match="1-D integer task ids, got dtype torch.bool"):
+        model(x, task=torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="1-D integer task ids, got dtype torch.float64"):
+        model(x, task=np.array([0.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="task must be a name or an integer index, got True"):
+        model(x, task=True)
