@@ -262,6 +262,30 @@ def test_export_never_replaces_a_file_at_out_unless_told(finished, tmp_path, cap
     ]
 
 
+def test_nothing_is_written_into_checkpoints_modnet_prunes(finished, tmp_path, capsys):  # noqa: F811
+    checkpoint = io.latest_checkpoint(finished)
+    before = sorted(p.name for p in checkpoint.rglob("*"))
+    export = ["export", str(finished), "--task", "synth_color"]
+    for args, option in (
+        (["routes", str(checkpoint)], "the default --out"),
+        (["plot", str(finished), "--out", str(checkpoint / "figs")], "--out"),
+        (["export", str(checkpoint), "--task", "synth_color"], "the default --out"),
+        ([*export, "--out", str(checkpoint / "m.pt2")], "--out"),
+        ([*export, "--format", "safetensors", "--out", str(checkpoint)], "--out"),
+    ):
+        assert main(args) == 2
+        line = one_line_error(capsys, args[0])
+        assert f"{option} {checkpoint}" in line
+        assert line.endswith(
+            f"is inside the checkpoints of the run {finished.absolute()}, which modnet prunes "
+            "as the run goes on: pass --out FOLDER outside them"
+        )
+    assert sorted(p.name for p in checkpoint.rglob("*")) == before
+    # a checkpoint is read as before, with --out elsewhere
+    assert main(["routes", str(checkpoint), "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "routes.png").is_file()
+
+
 def test_eval_refuses_a_diverged_checkpoint(tmp_path, capsys):
     model = tiny_conv(tasks={"a": 3})
     buffer = next(n for n, _ in model.named_buffers() if n.endswith("running_var"))

@@ -428,6 +428,7 @@ def figure_folder(
 
     if not Path(run_dir).is_dir():
         io.resolve_model_dir(run_dir)  # raises: "RUN is a file: give a run or model directory"
+    refuse_checkpoint_folder(out or run_dir, "--out" if out else "the default --out")
     folder = check_folder(out) if out else Path(run_dir)
     if not out:
         check_writable(folder, "run directory", fix="pass --out FOLDER to write them elsewhere")
@@ -437,6 +438,22 @@ def figure_folder(
         files.append(folder / CURVES_PNG)
     refuse_replacing(files, overwrite)
     return folder
+
+
+def refuse_checkpoint_folder(folder: str | Path, option: str = "--out") -> None:
+    """Refuses outputs inside a run's checkpoints (``RUN/checkpoints/<name>/...``),
+    which modnet prunes as the run goes on, taking anything written there with them.
+
+    Raises:
+        ConfigError: Naming the folder and the fix.
+    """
+    folder = Path(folder).absolute()
+    for parent in (folder, *folder.parents):
+        if parent.name == io.run.CHECKPOINTS and io.is_run_dir(parent.parent):
+            raise ConfigError(
+                f"{option} {folder} is inside the checkpoints of the run {parent.parent}, "
+                "which modnet prunes as the run goes on: pass --out FOLDER outside them"
+            )
 
 
 def check_folder(out: str | Path) -> Path:

@@ -51,11 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, RunDirError
     from ..export import SAFE_CONFIG, SAFE_WEIGHTS, save_exported, save_safe
     from ..io import load_model, partly_trained
-    from ._options import check_writable, refuse_replacing
+    from ._options import check_writable, refuse_checkpoint_folder, refuse_replacing
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.out and args.format == "pt2":
+    pt2 = args.format == "pt2"
+    own = Path(args.run_dir) / "export" / (f"{args.task}.pt2" if pt2 else args.task)
+    out = Path(args.out) if args.out else own
+    option = "--out" if args.out else "the default --out"
+    refuse_checkpoint_folder(out.parent if pt2 else out, option)
+    if args.out and pt2:
         if Path(args.out).is_dir() or Path(args.out).suffix != ".pt2":
             raise ConfigError(
                 f"--out {args.out} is not a .pt2 file path: give one such as model.pt2 "
@@ -76,12 +81,10 @@ def run(args: argparse.Namespace) -> int:
     # --out was checked above; the run's own export folder is always replaced
     overwrite = args.overwrite or not args.out
     if args.format == "safetensors":
-        out = Path(args.out) if args.out else Path(args.run_dir) / "export" / args.task
         path = save_safe(net, model.config, out, transform, overwrite=overwrite)
         print(f"exported task {args.task!r} to {path}")
         print(f"load it with: modnet.export.load_safe({str(path)!r})")
         return 0
-    out = Path(args.out) if args.out else Path(args.run_dir) / "export" / f"{args.task}.pt2"
     path = save_exported(
         net, out, batch_size=args.batch_size, transform=transform, overwrite=overwrite
     )
