@@ -732,10 +732,14 @@ class ModularNet(nn.Module):
                 "(x.float() / 255 - mean) / std with the task's normalisation"
             )
         dtype = self._reference_tensor().dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        device = x.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if x.dtype not in (dtype, autocast):
+            within = f" (torch.autocast runs {autocast})" if autocast else ""
+            fix = "" if autocast else ", or run under torch.autocast for mixed precision"
             raise ValueError(
-                f"the input is {x.dtype} but the model's weights are {dtype}: pass "
-                f"x.to({dtype}), or run under torch.autocast for mixed precision"
+                f"the input is {x.dtype} but the model's weights are {dtype}{within}: pass "
+                f"x.to({dtype}){fix}"
             )
         channels = self.trunk.in_chans
         if x.shape[1] != channels:

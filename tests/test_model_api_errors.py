@@ -19,9 +19,16 @@ def test_a_wrong_input_dtype_names_the_conversion(build):
             model(x.to(dtype), task="a")
         with pytest.raises(ValueError, match=message):
             model.forward_features(x.to(dtype), task="a")
-    # mixed precision is what autocast is for: its input stays fp32
+    # mixed precision is what autocast is for: its input is fp32 or autocast's dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(x, task="a").float()).all()
+        assert torch.isfinite(model(x.bfloat16(), task="a").float()).all()
+        message = (
+            r"the input is torch.float64 but the model's weights are torch.float32 "
+            r"\(torch.autocast runs torch.bfloat16\): pass x.to\(torch.float32\)$"
+        )
+        with pytest.raises(ValueError, match=message):
+            model(x.double(), task="a")
 
 
 def test_a_failed_grow_leaves_the_pool_as_it_was():
