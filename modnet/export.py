@@ -123,11 +123,15 @@ def save_exported(
         The file.
 
     Raises:
-        ConfigError: ``path`` exists and ``overwrite`` is not set (before tracing).
+        ConfigError: ``path`` is a folder, or exists and ``overwrite`` is not set
+            (before tracing).
     """
+    from .errors import ConfigError
     from .io import atomic_write
     from .io.fs import refuse_existing
 
+    if Path(path).is_dir():
+        raise ConfigError(f"{path} is a folder: give the .pt2 file to write, e.g. {path}/model.pt2")
     if not overwrite:
         refuse_existing([Path(path)], "path", "overwrite=True")
     channels, height, width = net.input_size

@@ -173,6 +173,9 @@ def test_saved_exports_never_replace_a_file_unless_told(tmp_path):
         f"{mine} already exists: choose another path, or pass overwrite=True to replace it"
     )
     assert mine.read_text() == "mine"
+    for overwrite in (False, True):  # a folder is no file to replace, whatever is asked
+        with pytest.raises(ConfigError, match=rf"^{folder} is a folder: give the .pt2 file"):
+            save_exported(net, folder, overwrite=overwrite)
 
 
 def test_a_task_without_a_head_saves_safely_and_loads_the_same_features(tmp_path):
