@@ -85,8 +85,15 @@ def test_numpy_scalars_scale_a_vector_as_python_numbers_do(family):
     sweep = [(1 - lam) * a + lam * b for lam in np.linspace(0, 1, 5)]
     assert same(sweep[0], a) and same(sweep[-1], b)
     assert same(sweep[2], 0.5 * a + 0.5 * b)
-    with pytest.raises(TypeError):
-        np.ones(3) * a  # an array is no scale: refused, not spread over its elements
+    # one-element tensors and arrays (a learned or swept coefficient) too
+    for scalar in (torch.tensor(0.5), torch.tensor([0.5]), np.array(0.5)):
+        assert same(scalar * a, 0.5 * a) and same(a * scalar, 0.5 * a)
+        assert same(a / scalar, a / 0.5)
+    for bad in (np.ones(3), torch.ones(3), "x"):
+        with pytest.raises(TypeError):
+            bad * a  # no scale: refused, not spread over elements or repeated
+        with pytest.raises(TypeError):
+            a * bad
 
 
 def test_apply_and_run_reach_the_fine_tuned_model(family):

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import images, moved_off_init, tiny_conv
@@ -126,3 +127,13 @@ def test_fisher_errors_name_the_problem(net):
         individual_penalty(TaskVector({"v": torch.ones(2)}), fisher)
     with pytest.raises(ValueError, match="at least two modules"):
         ensemble_penalty([TaskVector({"w": torch.ones(2)})], fisher)
+
+
+def test_a_fisher_diagonal_scales_by_numbers_only():
+    fisher = FisherDiagonal({"w": torch.tensor([1.0, 2.0])}, samples=1)
+    for scale in (2, 2.0, np.float32(2), torch.tensor(2.0)):
+        assert torch.equal((scale * fisher)["w"], torch.tensor([2.0, 4.0]))
+        assert torch.equal((fisher * scale)["w"], torch.tensor([2.0, 4.0]))
+    for bad in ("x", torch.ones(2)):
+        with pytest.raises(TypeError):
+            fisher * bad

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from .task_vectors import TaskVector
+from .task_vectors import TaskVector, scale_factor
 
 MODES = ("exact", "sampled")
 
@@ -70,6 +70,9 @@ class FisherDiagonal:
         return NotImplemented
 
     def __mul__(self, scale: float) -> FisherDiagonal:
+        scale = scale_factor(scale)
+        if scale is None:
+            return NotImplemented
         return FisherDiagonal({n: v * scale for n, v in self.values.items()}, self.samples)
 
     __rmul__ = __mul__

@@ -24,6 +24,21 @@ from torch import nn
 from torch.func import functional_call
 
 
+def scale_factor(value: Any) -> float | None:
+    """``value`` as the number a vector is scaled by: a real number, NumPy scalar, or
+    one-element real tensor or array, as the Python float it holds; else ``None``."""
+    if isinstance(value, numbers.Real):
+        return float(value)  # a NumPy scalar acts as the Python number it holds
+    if (torch.is_tensor(value) or hasattr(value, "__array__")) and not isinstance(value, str):
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if tensor.numel() == 1 and not tensor.is_complex():
+            return float(tensor)
+    return None
+
+
 class TaskVector:
     """Named tensors ``finetuned - pretrained``; supports ``+``, ``-``, ``*`` and ``/``.
 
@@ -229,17 +244,17 @@ class TaskVector:
         return TaskVector({n: -t for n, t in self.items()})
 
     def __mul__(self, scale: float) -> TaskVector:
-        if not isinstance(scale, numbers.Real):
+        scale = scale_factor(scale)
+        if scale is None:
             return NotImplemented
-        scale = float(scale)  # a NumPy scalar acts as the Python number it holds
         return TaskVector({n: t * scale for n, t in self.items()})
 
     __rmul__ = __mul__
 
     def __truediv__(self, scale: float) -> TaskVector:
-        if not isinstance(scale, numbers.Real):
+        scale = scale_factor(scale)
+        if scale is None:
             return NotImplemented
-        scale = float(scale)
         if scale == 0:  # as for numbers: not a vector of inf and nan
             raise ZeroDivisionError("a task vector divided by zero")
         return TaskVector({n: t / scale for n, t in self.items()})
