@@ -175,6 +175,10 @@ def write_results(
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
 
 
+# How many differing options a refusal names (the rest are counted): one readable line.
+NAMED_DIFFERENCES = 3
+
+
 def refuse_other_options(
     cache: Path, recorded: Mapping[str, Any], wanted: Mapping[str, Any]
 ) -> None:
@@ -183,16 +187,19 @@ def refuse_other_options(
     option ``recorded`` lacks (recorded before that option was) is not compared.
 
     Raises:
-        SystemExit: Naming each differing option, as recorded and as wanted.
+        SystemExit: Naming the first ``NAMED_DIFFERENCES`` differing options, as
+            recorded and as wanted, and counting the rest.
     """
     wanted = json.loads(json.dumps(wanted))  # as a record reads back: tuples are lists
     differs = [k for k in wanted if k in recorded and recorded[k] != wanted[k]]
     if differs:
-        was = ", ".join(f"{k}={recorded[k]}" for k in differs)
-        now = ", ".join(f"{k}={wanted[k]}" for k in differs)
+        named, rest = differs[:NAMED_DIFFERENCES], len(differs) - NAMED_DIFFERENCES
+        was = ", ".join(f"{k}={recorded[k]}" for k in named)
+        now = ", ".join(f"{k}={wanted[k]}" for k in named)
+        more = f" ({rest} more option{'s differ' if rest > 1 else ' differs'})" if rest > 0 else ""
         raise SystemExit(
-            f"error: {cache} was measured with {was}, not {now}: pass another --out, or "
-            "the same options to continue"
+            f"error: {cache} was measured with {was}, not {now}{more}: pass another --out, "
+            "or the same options to continue"
         )
 
 

@@ -21,6 +21,10 @@ trained there (an interrupted one resumes). Each (held-out, method, seed) result
 is cached as a small JSON file under ``--out``/cells, so a killed run continues
 where it stopped and several processes (say, with different ``--held-out``)
 can share one ``--out``; the tables are rebuilt from every cached result.
+``--out/options.json`` records what the cells depend on besides their seed (the
+complete transfer options, ``--pools`` and the pool options): other options into
+the same ``--out`` (another ``--pool-config``, ``--transfer-config``, ``--pools``,
+budget) are refused before any work; another ``--seeds`` reuses the finished cells.
 
     python experiments/transfer.py --data-root ../shared/data --pools runs/converge \\
         --transfer-config experiments/configs/transfer.yaml --out runs/experiments/transfer
@@ -47,6 +51,7 @@ from filelock import FileLock, Timeout  # noqa: E402
 from experiments.common import (  # noqa: E402
     QUICK_MODEL,
     cell,
+    check_options,
     command_line,
     markdown_table,
     mean_std,
@@ -347,6 +352,35 @@ def cached_cell(path: Path, args) -> dict[str, Any]:
     return entry
 
 
+def cell_options(args, pool: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """What every cell under ``--out`` depends on, besides its held-out task, method
+    and seed (one cell per seed: another ``--seeds`` reuses the finished ones): the
+    transfer options, the folder of the pools and the options that train them
+    (``pool.<option>``), complete as ``TrainConfig`` resolves them."""
+    transfer_options = make_config(values, "the transfer config").result_options()
+    pool_options = make_config({**pool, "tasks": list(args.datasets)}, "the pool config")
+    out, pools = Path(args.out).resolve(), args.pools.resolve()
+    where = str(pools.relative_to(out)) if pools.is_relative_to(out) else str(pools)
+    return {
+        **{k: v for k, v in transfer_options.items() if k not in ("seed", "tasks")},
+        "pools": where,  # relative when inside --out: a moved --out keeps its pools
+        **{f"pool.{k}": v for k, v in pool_options.result_options().items()},
+    }
+
+
+def check_options_of_out(args, pool: dict[str, Any], values: dict[str, Any]) -> None:
+    """Records the options of ``--out``'s cells in ``--out/options.json`` the first
+    time; refuses, before any work, other options later, and an ``--out`` holding
+    cells, nearest sources or pools but no record (made before options were recorded)."""
+    out = Path(args.out)
+    cached = (
+        any((out / "cells").glob("*/*-seed*.json"))
+        or any((out / "nearest").glob("*/seed*.json"))
+        or ((out / "pools").is_dir() and any((out / "pools").iterdir()))
+    )
+    check_options(out / "options.json", cell_options(args, pool, values), out, cached)
+
+
 def check_cached(args) -> None:
     """Refuses, before any pool trains, the cached cells and nearest sources this run
     would read back when they were measured with another budget."""
@@ -481,6 +515,7 @@ def main(argv=None) -> dict[str, Any]:
         values = transfer_values(args, pool)
         make_config(values, "the transfer config")
         check_cached(args)
+        check_options_of_out(args, pool, values)
         waiting = list(args.held_out)
         while waiting:
             later = []

@@ -187,3 +187,52 @@ def test_transfer_refuses_cached_cells_and_nearest_sources_of_another_budget_bef
     cell.write_text(json.dumps({"budget": {**budget, "epochs": 2}}))
     with pytest.raises(SystemExit, match=f"{cell} was measured with epochs=2, not epochs=1: "):
         transfer.check_cached(args)
+
+
+def test_transfer_refuses_other_pool_or_transfer_options_on_its_cells_and_reuses_them_with_the_same(
+    tmp_path,
+):
+    import yaml
+
+    out = tmp_path / "tr"
+    quick = ["--quick", "--out", str(out), "--methods", "head"]
+    first = transfer.main(quick)
+    before = _files(out / "cells") | _files(out / "nearest") | _files(out / "pools")
+    recorded = json.loads((out / "options.json").read_text())
+    assert "seed" not in recorded and recorded["pool.epochs"] == 1  # another --seeds: reused
+    pool_config = tmp_path / "pool.yaml"
+    pool_config.write_text(yaml.safe_dump({**transfer.QUICK_POOL, "epochs": 3, "lr": 0.001}))
+    transfer_config = tmp_path / "transfer.yaml"
+    transfer_config.write_text("head_lr: 0.05\n")
+    refused = {  # each refused in one line before any work: the cells' pool would differ
+        "--pool-config": (pool_config, "lr=0.01, pool.epochs=1, pool.lr=0.01, not lr=0.001, "
+                                       "pool.epochs=3, pool.lr=0.001"),
+        "--transfer-config": (transfer_config, "head_lr=None, not head_lr=0.05"),
+        "--pools": (tmp_path / "pools", f"pools=pools, not pools={tmp_path / 'pools'}"),
+    }  # fmt: skip
+    for flag, (value, differs) in refused.items():
+        with pytest.raises(SystemExit) as stopped:
+            transfer.main([*quick, flag, str(value)])
+        assert str(stopped.value) == (
+            f"error: {out} was measured with {differs}: pass another --out, or the same "
+            "options to continue"
+        )
+    assert not (tmp_path / "pools").exists()
+    many = {**transfer.QUICK_POOL, "epochs": 3, "lr": 0.001, "route_lr": 0.1, "batch_size": 16}
+    pool_config.write_text(yaml.safe_dump(many))
+    with pytest.raises(SystemExit) as stopped:  # the first few named, the rest counted
+        transfer.main([*quick, "--pool-config", str(pool_config)])
+    assert str(stopped.value) == (
+        f"error: {out} was measured with batch_size=32, lr=0.01, route_lr=0.05, not "
+        "batch_size=16, lr=0.001, route_lr=0.1 (4 more options differ): pass another --out, "
+        "or the same options to continue"
+    )
+    after = _files(out / "cells") | _files(out / "nearest") | _files(out / "pools")
+    assert after == before
+    # the same options read the cells back: nothing retrains
+    assert transfer.main(quick)["held_out"] == first["held_out"]
+    assert _files(out / "cells") | _files(out / "nearest") | _files(out / "pools") == before
+    # cells made before their options were recorded are not trusted
+    (out / "options.json").unlink()
+    with pytest.raises(SystemExit, match="do not record the options they were measured with"):
+        transfer.main(quick)
