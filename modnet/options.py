@@ -162,7 +162,13 @@ def _check_route_options(model: str, value: Any, options: Mapping[str, Any]) -> 
 def _check_number(key: str, value: Any, kind: str, low: float | None, high: float | None) -> None:
     integral = isinstance(value, int) and not isinstance(value, bool)
     if kind == "int" and not integral:
-        raise ConfigError(f"model option {key} must be an integer, got {value!r}")
+        square = (
+            " (the data is loaded as square images; a (height, width) pair works with "
+            "timm.create_model, not in training)"
+            if key == "img_size" and isinstance(value, (list, tuple))
+            else ""
+        )
+        raise ConfigError(f"model option {key} must be an integer, got {value!r}{square}")
     if kind == "float" and not (integral or (isinstance(value, float) and math.isfinite(value))):
         raise ConfigError(f"model option {key} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):

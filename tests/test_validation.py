@@ -54,6 +54,14 @@ def test_a_config_from_a_dict_refuses_unknown_keys_and_suggests_the_field():
     with pytest.raises(ConfigError, match=r"^unknown TrainConfig options 'lrr' \(did you mean "
                        r"'lr'\?\), 'zzz': check the spelling"):  # fmt: skip
         TrainConfig.from_dict({"epochs": 5, "lrr": 0.1, "zzz": 1})
+    with pytest.raises(
+        ConfigError, match=r"^TrainConfig.from_dict needs a mapping of options, got"
+    ):
+        TrainConfig.from_dict(None)
+    # a (height, width) pair builds a model, but training loads square images
+    message = r"img_size must be an integer, got \(24, 32\) \(the data is loaded as square"
+    with pytest.raises(ConfigError, match=message):
+        check_model_options("modnet_conv_tiny", {"img_size": (24, 32)})
     # what a run stores (to_dict) reads back whole
     config = TrainConfig(epochs=5, lr=0.1, tasks=["synth_color"], grad_clip=None)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -159,6 +160,10 @@ class TrainConfig:
             ConfigError: A key that is no field (the closest field is suggested), or
                 a value ``TrainConfig`` refuses.
         """
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"TrainConfig.from_dict needs a mapping of options, got {type(data).__name__}"
+            )
         known = [f.name for f in fields(cls)]
         unknown = [key for key in data if key not in known]
         if unknown:
