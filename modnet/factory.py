@@ -98,11 +98,7 @@ def _construct(
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
     _check_family_options(variant, family_fn, options)
     family = family_fn(**options)
-    # A head needs pooled features: refused here, not by the first forward.
-    classifier = isinstance(tasks, Mapping) and any(
-        isinstance(c, int) and c > 0 for c in tasks.values()
-    )
-    family.trunk.check_global_pool(classifier=classifier)
+    # add_task refuses a head after no pooling ("") for each task, before the first forward
     model = ModularNet(family, depth=depth, tasks=tasks, **model_options)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)

@@ -62,8 +62,9 @@ def split(
     present = [names[i] for i, c in enumerate(counts) if c]
     if not sizes:  # an empty batch: the first task's empty output, as wide as any batch's
         sizes, present = [0], names[:1]
+    classes = model.task_classes
     if pad:
-        headless = [n for n in present if not model.task_classes[n]]
+        headless = [n for n in present if not classes[n]]
         if headless and len(headless) < len(present):
             raise ValueError(
                 f"tasks {headless} have no head, so their outputs would be features beside "
@@ -72,7 +73,7 @@ def split(
             )
     outputs = [fn(chunk, name) for chunk, name in zip(x[order].split(sizes), present, strict=True)]
     if pad:
-        width = max(*model.task_classes.values(), *(o.shape[-1] for o in outputs))
+        width = max(*classes.values(), *(o.shape[-1] for o in outputs))
         outputs = [F.pad(o, (0, width - o.shape[-1]), value=float("-inf")) for o in outputs]
     merged = torch.cat(outputs)
     return merged[torch.argsort(order)]

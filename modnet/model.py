@@ -412,12 +412,11 @@ class ModularNet(nn.Module):
 
         Raises:
             ValueError: A wrong input shape, an integer input or a float dtype other
-                than the weights' outside ``torch.autocast``, an unknown task index
-                (per-sample ids are checked in eager mode only: reading their values
-                would break a compiled graph, where a bad id fails as an
-                ``IndexError``), a
-                batch mixing tasks without heads with tasks with heads, or a route that
-                does not fit the model; ``ConfigError`` for a route with per-sample
+                than the weights' (or autocast's), an unknown task index, a batch
+                mixing tasks without heads with tasks with heads, or a route that
+                does not fit the model. Per-sample ids are checked in eager mode
+                only (reading them would break a compiled graph, where a bad id
+                fails as an ``IndexError``); ``ConfigError`` for a route with per-sample
                 tasks.
             KeyError: An unknown task name.
         """
@@ -1068,16 +1067,16 @@ def _size_option(height: int, width: int) -> str:
 def _class_count(num_classes: Any, task: str) -> int:
     """``num_classes`` as an int; a float, bool or negative count is refused."""
     try:
-        if isinstance(num_classes, bool):
-            raise TypeError
-        num_classes = operator.index(num_classes)  # int, numpy or 0-d tensor integers
-    except TypeError:
+        count = None if isinstance(num_classes, bool) else operator.index(num_classes)
+    except TypeError:  # int, numpy or 0-d tensor integers have __index__
+        count = None
+    if count is None:
         raise ValueError(
             f"task {task!r} needs num_classes as a whole number >= 0, got {num_classes!r}"
-        ) from None
-    if num_classes < 0:
-        raise ValueError(f"task {task!r} needs num_classes >= 0, got {num_classes}")
-    return int(num_classes)
+        )
+    if count < 0:
+        raise ValueError(f"task {task!r} needs num_classes >= 0, got {count}")
+    return count
 
 
 def _head_classes(head: nn.Module) -> int:

@@ -193,10 +193,15 @@ def _note_recorded_limit(
         )
 
 
+def _subset_record(record: dict) -> dict:
+    """How a task's data was subset when it was loaded (its transform's ``subset``)."""
+    subset = (record.get("transform") or {}).get("subset") or {}
+    return subset if isinstance(subset, dict) else {}
+
+
 def _recorded_seed(record: dict) -> int:
     """The seed a task's data was loaded with (its transform's ``subset`` record), else 0."""
-    subset = (record.get("transform") or {}).get("subset") or {}
-    seed = subset.get("seed", 0) if isinstance(subset, dict) else 0
+    seed = _subset_record(record).get("seed", 0)
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
@@ -207,7 +212,7 @@ def _recorded_limit(record: dict, file: Path) -> tuple[bool, int | None]:
     from ..errors import ConfigError
     from ._options import read_config
 
-    subset = (record.get("transform") or {}).get("subset") or {}
+    subset = _subset_record(record)
     if "test_limit" in subset:
         limit = subset["test_limit"]
     elif not file.is_file():

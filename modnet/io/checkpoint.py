@@ -205,6 +205,12 @@ def save_model(
     return directory
 
 
+def task_file_name(name: str, entry: Mapping[str, Any] | None = None) -> str:
+    """Where a manifest's task entry keeps the task's tensors, relative to the model
+    folder: its ``file``, or ``tasks/<name>.safetensors`` (what ``save_model`` writes)."""
+    return (entry or {}).get("file", f"{TASK_DIR}/{name}.safetensors")
+
+
 def _warn_unloadable(model: ModularNet, directory: Path) -> None:
     """Warns that ``load_model`` will refuse ``directory`` (see ``unbuildable_reason``)."""
     reason = unbuildable_reason(model.config)
@@ -284,9 +290,7 @@ def _foreign_entries(directory: Path) -> list[Path]:
         owned = manifest.get("format") == FORMAT
         tasks = manifest.get("tasks")
         task_files = {
-            entry.get("file", f"{TASK_DIR}/{name}.safetensors")
-            for name, entry in tasks.items()
-            if isinstance(entry, dict)
+            task_file_name(name, entry) for name, entry in tasks.items() if isinstance(entry, dict)
         }
     except (OSError, ValueError, AttributeError, TypeError):
         owned = False
@@ -331,9 +335,9 @@ def _write_model_dir(
             "route": json.dumps(entry["route"]),
             "pool_fingerprint": fingerprint,
         }
-        (tmp / TASK_DIR / f"{name}.safetensors").write_bytes(_task_file(tensors, metadata))
-        follow_umask(tmp / TASK_DIR / f"{name}.safetensors")
-        entry["file"] = f"{TASK_DIR}/{name}.safetensors"
+        entry["file"] = task_file_name(name)
+        (tmp / entry["file"]).write_bytes(_task_file(tensors, metadata))
+        follow_umask(tmp / entry["file"])
         entry.update((task_info or {}).get(name, {}))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     fsync_tree(tmp)
@@ -514,7 +518,7 @@ def load_model(
             raise CheckpointError(f"the checkpoint has no task {name!r}; it has {sorted(known)}")
     names: dict[str | None, str] = {None: SHARED_FILE}  # None: the pool
     for name in selected:
-        names[name] = known[name].get("file", f"{TASK_DIR}/{name}.safetensors")
+        names[name] = task_file_name(name, known[name])
     paths = {name: directory / file for name, file in names.items()}
     files = {name: _read_file(path, "checkpoint file") for name, path in paths.items()}
     expected = manifest.get("pool_fingerprint")
@@ -620,7 +624,7 @@ def import_task(
         if task not in known:
             raise CheckpointError(f"{path} has no task {task!r}; it has {sorted(known)}")
         record = known[task]
-        path = directory / record.get("file", f"{TASK_DIR}/{task}.safetensors")
+        path = directory / task_file_name(task, record)
     tensors, metadata = _read_file(path, "task file")
     if not record:  # a task file inside a model directory: its manifest's record
         record = _sibling_record(path, metadata.get("task"))
@@ -672,5 +676,4 @@ def _sibling_record(path: Path, task: str | None) -> Mapping[str, Any]:
         entry = read_manifest(path.parent.parent)["tasks"].get(task, {})
     except (CheckpointError, OSError):
         return {}
-    file = entry.get("file", f"{TASK_DIR}/{task}.safetensors")
-    return entry if file == f"{TASK_DIR}/{path.name}" else {}
+    return entry if task_file_name(task, entry) == f"{TASK_DIR}/{path.name}" else {}
