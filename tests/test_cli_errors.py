@@ -571,3 +571,24 @@ def test_a_file_given_for_a_run_a_data_root_or_an_archive_is_named_a_file(tmp_pa
         "test_x=..., test_y=...)"
     )
     assert not out.exists()
+
+
+def test_a_transfer_that_would_train_nothing_is_one_line(finished, tmp_path, capsys):  # noqa: F811
+    latest = (finished / "LATEST").read_text()
+    args = ["transfer", str(finished), "--task", "synth_shape", *FAST]
+    assert main([*args, "--train", "norm", "--init-from", "synth_color"]) == 2
+    assert one_line_error(capsys, "transfer").endswith(
+        "--train norm alone trains no parameter: the norm statistics are re-estimated while "
+        "something trains; add route or head (e.g. --train route,norm)"
+    )
+    hard = tmp_path / "hard"
+    assert main(train_args(hard, "--model-arg", "route=hard")) == 0
+    capsys.readouterr()
+    assert main(["transfer", str(hard), "--task", "synth_shape", *FAST, "--train", "route"]) == 2
+    # after the warning that the head stays random: the refusal, in one line
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "modnet transfer: error: --train norm,route trains no parameter of task 'synth_shape' "
+        "(a hard route holds template indices, not weights): add head to --train"
+    )
+    assert (finished / "LATEST").read_text() == latest
+    assert "synth_shape" not in io.read_results(hard)

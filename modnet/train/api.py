@@ -358,6 +358,11 @@ def _transfer(
         io.refuse_other_phase(run_dir, state, "transfer")
     model, manifest = io.load_model(latest)
     wanted = present_parts(wanted, model)
+    if not wanted - {"norm"}:  # running statistics move only in passes that train something
+        raise ConfigError(
+            "--train norm alone trains no parameter: the norm statistics are re-estimated "
+            "while something trains; add route or head (e.g. --train route,norm)"
+        )
     check_shared(wanted, update_shared)
     if init_from not in (None, NEAREST, *model.task_names):
         raise ConfigError(
@@ -460,6 +465,11 @@ def _transfer(
             plan["first_new_chunk"] = len(model.pool.chunks)
             model.grow(grow, task=name)
     model.set_trainable(name, plan["parts"], plan["first_new_chunk"])
+    if not any(p.requires_grad for p in model.parameters()):  # nothing written yet
+        raise ConfigError(
+            f"--train {shown(frozenset(plan['parts']))} trains no parameter of task {name!r} "
+            "(a hard route holds template indices, not weights): add head to --train"
+        )
     broadcast_state(model, ctx)
     info = io.recorded_task_info(manifest, [n for n in model.task_names if n != name])
     info[name] = _task_info(task, data[name], phase)
