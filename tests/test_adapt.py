@@ -214,10 +214,18 @@ def test_bad_input_gives_clear_errors(run, tmp_path):
         adapt(tmp_path / "nothing", TARGET, SOURCES, config=fast)
 
 
-def test_adaptation_runs_through_the_compiled_model(run):
-    """With compile=True the adaptation's forward passes are compiled graphs, not eager calls."""
+def test_adaptation_runs_through_the_compiled_model(run, monkeypatch):
+    """With compile=True the adaptation's forward passes are compiled graphs, not eager calls.
+
+    The graphs are captured by dynamo and differentiated by AOTAutograd as with the
+    default backend; ``aot_eager`` runs them without Inductor's C++ build (a minute
+    and more on a cold cache). tests/test_compile.py checks Inductor's numerics.
+    """
+    import functools
+
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
     counters.clear()
     # whole batches only, and a small test split: every compiled graph sees one shape
