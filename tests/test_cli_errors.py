@@ -592,3 +592,19 @@ def test_a_transfer_that_would_train_nothing_is_one_line(finished, tmp_path, cap
     )
     assert (finished / "LATEST").read_text() == latest
     assert "synth_shape" not in io.read_results(hard)
+
+
+def test_a_hard_route_run_says_its_transfer_trains_no_route(tmp_path, capsys):
+    hard = tmp_path / "hard"
+    assert main(train_args(hard, "--model-arg", "route=hard")) == 0
+    capsys.readouterr()
+    args = ["transfer", str(hard), "--task", "synth_shape", *FAST, "--init-from", "synth_color"]
+    assert main(args) == 0  # the default --train route,head: only the head trains
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "modnet: warning: the route of 'synth_shape' is hard (a fixed block order, not "
+        "weights), so --train route trains nothing for it (trained: head): a run made with "
+        "--model-arg route=soft (or another weighted route) learns routes"
+    )
+    model, _ = io.load_model(hard)
+    head = sum(p.numel() for p in model.heads["synth_shape"].parameters())
+    assert io.read_results(hard)["transfer-synth_shape"]["trained_parameters"] == head

@@ -470,6 +470,20 @@ def _transfer(
             f"--train {shown(frozenset(plan['parts']))} trains no parameter of task {name!r} "
             "(a hard route holds template indices, not weights): add head to --train"
         )
+    route = model.routes[name]
+    if (
+        not resuming
+        and "routes" in plan["parts"]
+        and not any(p.requires_grad for p in route.parameters())
+    ):
+        trained = shown(frozenset(plan["parts"]) - {"routes"})
+        warnings.warn(
+            f"the route of {name!r} is hard (a fixed block order, not weights), so --train "
+            f"route trains nothing for it (trained: {trained}): a run made with "
+            "--model-arg route=soft (or another weighted route) learns routes",
+            UserWarning,
+            stacklevel=2,
+        )
     broadcast_state(model, ctx)
     info = io.recorded_task_info(manifest, [n for n in model.task_names if n != name])
     info[name] = _task_info(task, data[name], phase)
