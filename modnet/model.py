@@ -217,7 +217,10 @@ class ModularNet(nn.Module):
 
         Raises:
             ValueError: An invalid or taken name, ``num_classes`` not a whole number
-                ``>= 0``, or a route that does not fit the pool or the depth.
+                ``>= 0``, or a route that does not fit the pool or the depth (a
+                ``HyperRoute`` also the model's hypernetwork: its ``embed_dim``,
+                ``hyper_templates`` and ``num_tensors``, or a model without one).
+                Nothing is added then.
             KeyError: ``init_from`` names no task.
         """
         self._check_new_task_name(name)
@@ -256,7 +259,9 @@ class ModularNet(nn.Module):
 
         Raises:
             KeyError: ``task`` is unknown.
-            ValueError: The route does not fit the pool or the depth.
+            ValueError: The route does not fit the pool or the depth (a ``HyperRoute``
+                also the model's hypernetwork, as in ``add_task``); the task keeps its
+                route then.
         """
         self._task(task)
         new = self._coerce_route(route, task)
@@ -806,18 +811,67 @@ class ModularNet(nn.Module):
             )
         if isinstance(new, HardRoute):
             self._check_hard_route(new, task)
-        elif isinstance(new, SoftRoute):
-            if new.depth != self.depth:
-                raise ValueError(
-                    f"the soft route for task {task!r} has {new.depth} layers but the model "
-                    f"has depth {self.depth}: give one row of coefficients per layer"
-                )
-            if new.anisotropic and new.logits.shape[2] != self.pool.num_tensors:
-                raise ValueError(
-                    f"anisotropic coefficients need {self.pool.num_tensors} entries per "
-                    f"(layer, template), one per block tensor; got {new.logits.shape[2]}"
-                )
+        elif isinstance(new, (SoftRoute, HyperRoute)):
+            self._check_coefficient_route(new, task)
         return new
+
+    def _check_coefficient_route(self, route: SoftRoute | HyperRoute, task: str) -> None:
+        """A soft or hyper route's depth and coefficients per (layer, template).
+
+        Raises:
+            ValueError: The route has another depth than the model; a soft route's
+                anisotropic coefficients are not one per block tensor; a hyper route
+                on a model without a hypernetwork, or whose ``embed_dim``,
+                ``hyper_templates`` or ``num_tensors`` differ from the hypernetwork's.
+        """
+        hyper = isinstance(route, HyperRoute)
+        if hyper:
+            self._check_hyper_route(route, task)
+        if route.depth != self.depth:
+            fix = f"build it with depth={self.depth}"
+            if not hyper:
+                fix = "give one row of coefficients per layer"
+            raise ValueError(
+                f"the {'hyper' if hyper else 'soft'} route for task {task!r} has {route.depth} "
+                f"layers but the model has depth {self.depth}: {fix}"
+            )
+        if hyper and route.num_tensors != self.hypernet.num_tensors:
+            wanted = self.hypernet.num_tensors
+            gives = f"{wanted} coefficients per (layer, template), one per block tensor"
+            if wanted == 1:
+                gives = "one coefficient per (layer, template), the model being isotropic"
+            raise ValueError(
+                f"the hyper route for task {task!r} has num_tensors={route.num_tensors} but "
+                f"the model's hypernetwork gives {gives}: build it with num_tensors={wanted}"
+            )
+        if not hyper and route.anisotropic and route.logits.shape[2] != self.pool.num_tensors:
+            raise ValueError(
+                f"anisotropic coefficients need {self.pool.num_tensors} entries per "
+                f"(layer, template), one per block tensor; got {route.logits.shape[2]}"
+            )
+
+    def _check_hyper_route(self, route: HyperRoute, task: str) -> None:
+        """A hyper route must fit the model's hypernetwork (its input and its output)."""
+        if self.hypernet is None:
+            raise ValueError(
+                f"the route for task {task!r} is a HyperRoute, but this model's routes are "
+                f"{self.route_kind} and it has no hypernetwork to run it: build the model "
+                "with route='hyper', or give coefficients [L, K] or a SoftRoute"
+            )
+        embed_dim, wanted = route.embedding.shape[0], self.hypernet.embed_dim
+        if embed_dim != wanted:
+            raise ValueError(
+                f"the hyper route for task {task!r} has embed_dim={embed_dim} but the model's "
+                f"hypernetwork takes embeddings of size {wanted} (hyper_dim): build it with "
+                f"embed_dim={wanted}"
+            )
+        if route.hyper_templates != self.hypernet.num_templates:
+            wanted = self.hypernet.num_templates
+            raise ValueError(
+                f"the hyper route for task {task!r} has hyper_templates={route.hyper_templates} "
+                f"but the model's hypernetwork gives coefficients for {wanted} templates: "
+                f"build it with hyper_templates={wanted}"
+            )
 
     def _check_hard_route(self, route: HardRoute, task: str) -> None:
         if not 1 <= route.depth <= self.depth:

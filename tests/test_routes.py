@@ -116,6 +116,73 @@ def test_hypernetwork_route_shapes_and_task_embeddings_differ():
     assert plan.coefficients.shape == (4, 3, aniso.pool.num_tensors)
 
 
+HYPER_ROUTE_MISFITS = [
+    (
+        dict(embed_dim=3),
+        "the hyper route for task 'new' has embed_dim=3 but the model's hypernetwork takes "
+        "embeddings of size 5 (hyper_dim): build it with embed_dim=5",
+    ),
+    (
+        dict(depth=2),
+        "the hyper route for task 'new' has 2 layers but the model has depth 4: build it "
+        "with depth=4",
+    ),
+    (
+        dict(hyper_templates=2),
+        "the hyper route for task 'new' has hyper_templates=2 but the model's hypernetwork "
+        "gives coefficients for 3 templates: build it with hyper_templates=3",
+    ),
+    (
+        dict(num_tensors=9),
+        "the hyper route for task 'new' has num_tensors=9 but the model's hypernetwork gives "
+        "one coefficient per (layer, template), the model being isotropic: build it with "
+        "num_tensors=1",
+    ),
+    (
+        dict(route="softmax"),
+        "the route for task 'new' is a HyperRoute, but this model's routes are softmax and it "
+        "has no hypernetwork to run it: build the model with route='hyper', or give "
+        "coefficients [L, K] or a SoftRoute",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    HYPER_ROUTE_MISFITS,
+    ids=["embed_dim", "depth", "hyper_templates", "num_tensors", "no_hypernetwork"],
+)
+def test_a_hyper_route_that_does_not_fit_the_hypernetwork_is_refused_before_it_is_kept(
+    change, message
+):
+    options = dict(route="hyper", hyper_dim=5)
+    if change.get("route") == "softmax":
+        options = {}
+    model = tiny_conv(tasks={"a": 3}, **options).eval()
+    fields = dict(embed_dim=5, depth=4, num_templates=3, hyper_templates=3, num_tensors=1)
+    fields.update({k: v for k, v in change.items() if k != "route"})
+    route = modnet.HyperRoute(**fields)
+    x = images(model)
+    with torch.no_grad():
+        before = model(x, task="a")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        model.add_task("new", 3, route=route)
+    assert str(error.value) == message
+    assert model.task_names == ["a"]
+    with pytest.raises(ValueError) as error:
+        model.set_route("a", route)
+    assert str(error.value) == message.replace("'new'", "'a'")
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x, task="a"), before)
+    if options:  # the same route with the hypernetwork's own fields is kept and runs
+        model.add_task("new", 3, route=modnet.HyperRoute(5, 4, 3, 3))
+        assert model.routes["new"].spec()["depth"] == 4
+        assert model(x, task="new").shape == (4, 3)
+
+
 def test_export_bakes_a_soft_route_into_a_plain_network():
     for build in (tiny_conv, tiny_vit):
         model = build(tasks={"a": 3, "b": 4}).eval()
