@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .families import conv_family, timm_family, timm_family_by_name, vit_family
 from .families.base import Family
 from .features import ModnetFeatures, take_indices
-from .model import ModularNet
+from .model import HYPER_DEFAULTS, ModularNet
 from .routing import HardRoute
 
 _MODEL_OPTIONS = (
@@ -203,6 +203,10 @@ def build_model(config: Mapping[str, Any]) -> ModularNet:
     family_name = options.pop("family", None)
     depth = options.pop("depth")
     model_options = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
+    if model_options.get("route", "softmax") != "hyper":
+        # a model saved while other routes still took hypernetwork options (they did nothing)
+        for key in HYPER_DEFAULTS:
+            model_options.pop(key, None)
     if family_name == "timm":
         reason = unbuildable_reason(config)
         if reason:

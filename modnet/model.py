@@ -23,6 +23,7 @@ from .families.base import Family
 from .grouped import GroupedBatchNorm, GroupedRunner
 from .norm_stats import TaskNormStats
 from .routing import (
+    NORMALIZATIONS,
     ROUTE_KINDS,
     HardRoute,
     HyperNetwork,
@@ -30,6 +31,7 @@ from .routing import (
     Route,
     RoutePlan,
     SoftRoute,
+    check_size,
 )
 
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
@@ -43,6 +45,42 @@ def _check_route_options(route: str, options: Mapping[str, Any], count: int) -> 
             f"{route!r}) and no 'normalize' key: give the normalisation as route=..."
         )
     SoftRoute(1, count, normalize=route, init="uniform").configured(**options)
+
+
+# The hypernetwork's options (``route="hyper"``) and their defaults: with another
+# route, any other value would be saved and do nothing.
+HYPER_DEFAULTS: dict[str, Any] = {"hyper_dim": 8, "hyper_hidden": 0, "hyper_normalize": "linear"}
+
+
+def check_hyper_options(route: str, options: Mapping[str, Any]) -> None:
+    """Checks hypernetwork options: ``create_model``'s and the command line's one check.
+
+    Args:
+        route: The model's route kind.
+        options: Some of ``hyper_dim``, ``hyper_hidden`` and ``hyper_normalize``
+            (keys of ``HYPER_DEFAULTS``).
+
+    Raises:
+        ConfigError: ``hyper_dim`` not a whole number >= 1, ``hyper_hidden`` not one
+            >= 0, an unknown ``hyper_normalize``, or a value other than the default
+            when ``route`` is not ``"hyper"`` (it would do nothing).
+    """
+    for key, value in options.items():
+        if key == "hyper_normalize":
+            if not isinstance(value, str) or value not in NORMALIZATIONS:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(NORMALIZATIONS)}")
+        elif key == "hyper_dim":
+            check_size(key, value, 1, " (the size of each task's embedding)")
+        else:
+            check_size(key, value, 0, " (the hypernetwork's hidden width, 0 for a linear map)")
+    if route == "hyper":
+        return
+    for key, value in options.items():
+        if value != HYPER_DEFAULTS[key]:
+            raise ConfigError(
+                f"{key}={value!r} only applies to route=hyper, and the route is {route}: "
+                f"set route=hyper or leave {key} out"
+            )
 
 
 class ModularNet(nn.Module):
@@ -65,10 +103,11 @@ class ModularNet(nn.Module):
         route_init: Initial soft-route logits: ``"random"``, ``"uniform"``, ``"cyclic"``.
         route_options: Options of new soft routes: ``temperature``, ``top_k``,
             ``straight_through`` (see ``SoftRoute``); softmax and sparsemax routes only.
-        hyper_dim: Task-embedding size for ``route="hyper"``.
+        hyper_dim: Task-embedding size for ``route="hyper"`` (at least 1).
         hyper_hidden: Hidden width of the hypernetwork (0 for a linear map).
         hyper_normalize: ``"linear"``, ``"softmax"`` or ``"sparsemax"`` for hypernetwork
-            coefficients.
+            coefficients. The three hypernetwork options keep their defaults with
+            any other route.
         drop_path_rate: Stochastic depth (Huang et al. 2016, "Deep Networks with
             Stochastic Depth"): a float gives layer position ``l`` the rate
             ``drop_path_rate * l / (depth - 1)`` (timm's linear rule); a sequence
@@ -76,8 +115,10 @@ class ModularNet(nn.Module):
             to the template, since a template can sit at several depths.
 
     Raises:
-        ValueError: An unknown route kind, a depth below 1, or drop-path rates that do
-            not fit the depth or the block (``ConfigError``).
+        ValueError: An unknown route kind, a depth below 1, hypernetwork options out
+            of range or given to a route other than ``"hyper"`` (see
+            ``check_hyper_options``), or drop-path rates that do not fit the depth or
+            the block (``ConfigError``).
 
     Attributes:
         mixed_batches: How a batch mixing tasks runs: ``"auto"`` (default: ``"grouped"``
@@ -99,9 +140,9 @@ class ModularNet(nn.Module):
         route: str = "softmax",
         anisotropic: bool = False,
         route_init: str = "random",
-        hyper_dim: int = 8,
-        hyper_hidden: int = 0,
-        hyper_normalize: str = "linear",
+        hyper_dim: int = HYPER_DEFAULTS["hyper_dim"],
+        hyper_hidden: int = HYPER_DEFAULTS["hyper_hidden"],
+        hyper_normalize: str = HYPER_DEFAULTS["hyper_normalize"],
         drop_path_rate: float | Sequence[float] = 0.0,
         route_options: Mapping[str, Any] | None = None,
     ):
@@ -110,6 +151,10 @@ class ModularNet(nn.Module):
             raise ValueError(f"unknown route kind {route!r}: choose one of {ROUTE_KINDS}")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
+        hyper = dict(
+            hyper_dim=hyper_dim, hyper_hidden=hyper_hidden, hyper_normalize=hyper_normalize
+        )
+        check_hyper_options(route, hyper)
         self.trunk = family.trunk
         self.pool = family.pool
         self.depth = depth

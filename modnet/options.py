@@ -17,7 +17,7 @@ import timm
 from torch import nn
 
 from .errors import ConfigError, ModnetError
-from .routing import NORMALIZATIONS, ROUTE_KINDS
+from .routing import ROUTE_KINDS
 
 # option: (kind, low, high); kind "int" or "float"; bounds inclusive, None for open.
 NUMERIC = {
@@ -32,8 +32,6 @@ NUMERIC = {
     "embed_dim": ("int", 1, None),
     "num_heads": ("int", 1, None),
     "mlp_ratio": ("float", 1e-9, None),
-    "hyper_dim": ("int", 1, None),
-    "hyper_hidden": ("int", 0, None),
     "num_classes": ("int", 0, None),
     "drop_rate": ("float", 0.0, 1.0 - 1e-9),
     "drop_path_rate": ("float", 0.0, 1.0 - 1e-9),
@@ -41,12 +39,8 @@ NUMERIC = {
 CHOICES = {
     "route": ROUTE_KINDS,
     "route_init": ("random", "uniform", "cyclic"),
-    "hyper_normalize": NORMALIZATIONS,
 }
 BOOLEAN = ("anisotropic",)
-# Options of the hypernetwork that generates ``route="hyper"`` routes: with another
-# route, any value but ``ModularNet``'s default would do nothing.
-HYPER_OPTIONS = ("hyper_dim", "hyper_hidden", "hyper_normalize")
 
 
 def modnet_models() -> list[str]:
@@ -119,16 +113,14 @@ def _resolver(model: str, options: Mapping[str, Any]):
 
 
 def _check_hyper_options(options: Mapping[str, Any]) -> None:
-    from .model import ModularNet
+    """The model's own check of the hypernetwork options (``check_hyper_options``)."""
+    from .model import HYPER_DEFAULTS, ModularNet, check_hyper_options
 
-    defaults = inspect.signature(ModularNet).parameters
-    route = options.get("route", defaults["route"].default)
-    for key in HYPER_OPTIONS:
-        if route != "hyper" and key in options and options[key] != defaults[key].default:
-            raise ConfigError(
-                f"model option {key}={options[key]!r} only applies to route=hyper, and the "
-                f"route is {route}: add --model-arg route=hyper or leave {key} out"
-            )
+    route = options.get("route", inspect.signature(ModularNet).parameters["route"].default)
+    try:
+        check_hyper_options(route, {k: v for k, v in options.items() if k in HYPER_DEFAULTS})
+    except ConfigError as error:
+        raise ConfigError(f"model option {error}") from None
 
 
 def _check_route_options(model: str, value: Any, options: Mapping[str, Any]) -> None:

@@ -10,12 +10,16 @@ forward pass; nothing about a task is stored as hidden mutable state.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import rearrange
 from torch import nn
+
+from .errors import ConfigError
 
 # What ``ModularNet(route=...)`` builds: soft routes by their normalisation, a
 # hypernetwork-generated route, or a hard route (one template per layer).
@@ -319,11 +323,46 @@ def _check_options(normalize, temperature, top_k, straight_through, num_template
         )
 
 
+def check_size(name: str, value: Any, low: int, meaning: str = "") -> int:
+    """``value`` as an int, refused unless it is a whole number ``>= low`` (0 or 1).
+
+    Args:
+        name: What the message calls the value (an option or argument name).
+        value: The value given.
+        low: The smallest value accepted.
+        meaning: What the value is, said in the message after the bound.
+
+    Raises:
+        ConfigError: ``name``, the bound, ``meaning`` and the value in one line.
+    """
+    try:  # ints, numpy and 0-d tensor integers have __index__; bools and floats are refused
+        size = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        size = None
+    if size is None or size < low:
+        bound = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ConfigError(f"{name} must be {bound}{meaning}, got {value!r}")
+    return size
+
+
 class HyperNetwork(nn.Module):
     """Maps a low-dimensional task embedding to every layer's coefficients.
 
     Shared by all tasks that use ``HyperRoute``; a new task learns only its
     embedding (Schug et al. 2024). ``hidden=0`` gives a linear map.
+
+    Args:
+        embed_dim: Size of a task embedding (the input), at least 1.
+        depth: Layers L it gives coefficients for, at least 1.
+        num_templates: Templates K per layer, at least 1.
+        num_tensors: G coefficients per (layer, template): 1, or the block's
+            number of parameter tensors for anisotropic routes.
+        hidden: Hidden width; 0 for a linear map.
+        normalize: ``"linear"``, ``"softmax"`` or ``"sparsemax"`` over the templates.
+
+    Raises:
+        ConfigError: A size that is not a whole number in range, or an unknown
+            ``normalize`` (a ``ValueError``).
     """
 
     def __init__(
@@ -336,8 +375,13 @@ class HyperNetwork(nn.Module):
         normalize: str = "linear",
     ):
         super().__init__()
+        embed_dim = check_size("HyperNetwork embed_dim", embed_dim, 1)
+        depth = check_size("HyperNetwork depth", depth, 1)
+        num_templates = check_size("HyperNetwork num_templates", num_templates, 1)
+        num_tensors = check_size("HyperNetwork num_tensors", num_tensors, 1)
+        hidden = check_size("HyperNetwork hidden", hidden, 0, " (0 for a linear map)")
         if normalize not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalize {normalize!r}: choose one of {NORMALIZATIONS}")
+            raise ConfigError(f"unknown normalize {normalize!r}: choose one of {NORMALIZATIONS}")
         self.embed_dim, self.depth, self.num_templates = embed_dim, depth, num_templates
         self.num_tensors, self.normalize = num_tensors, normalize
         out = depth * num_templates * num_tensors

@@ -4,6 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from modnet import HyperNetwork
+from modnet.errors import ConfigError
+from modnet.factory import build_model
+from modnet.options import check_model_options
 from tests.conftest import images, tiny_conv, tiny_vit
 
 
@@ -124,3 +128,75 @@ def test_per_sample_tasks_are_names_or_integers_in_any_container():
         model(x, task=np.array([0.0, 1.0, 0.0]))
     with pytest.raises(ValueError, match="task must be a name or an integer index, got True"):
         model(x, task=True)
+
+
+HYPER_OPTION_ERRORS = [
+    (
+        dict(route="hyper", hyper_dim=0),
+        "hyper_dim must be a positive int (the size of each task's embedding), got 0",
+    ),
+    (
+        dict(route="hyper", hyper_dim=-2),
+        "hyper_dim must be a positive int (the size of each task's embedding), got -2",
+    ),
+    (
+        dict(route="hyper", hyper_dim=2.5),
+        "hyper_dim must be a positive int (the size of each task's embedding), got 2.5",
+    ),
+    (
+        dict(route="hyper", hyper_hidden=-1),
+        "hyper_hidden must be an int >= 0 (the hypernetwork's hidden width, 0 for a linear "
+        "map), got -1",
+    ),
+    (
+        dict(route="hyper", hyper_normalize="tanh"),
+        "hyper_normalize='tanh' is not one of softmax, linear, sparsemax",
+    ),
+    (
+        dict(hyper_dim=4),
+        "hyper_dim=4 only applies to route=hyper, and the route is softmax: set route=hyper "
+        "or leave hyper_dim out",
+    ),
+    (
+        dict(route="hard", hyper_hidden=16),
+        "hyper_hidden=16 only applies to route=hyper, and the route is hard: set route=hyper "
+        "or leave hyper_hidden out",
+    ),
+]
+
+
+@pytest.mark.parametrize("options, message", HYPER_OPTION_ERRORS)
+def test_hypernetwork_options_are_checked_as_the_command_line_checks_them(options, message):
+    with pytest.raises(ConfigError) as error:
+        tiny_conv(tasks={"a": 3}, **options)
+    assert str(error.value) == message
+    # the command line runs the same check, naming it a model option
+    with pytest.raises(ConfigError) as error:
+        check_model_options("modnet_conv_tiny", options)
+    assert str(error.value) == f"model option {message}"
+
+
+def test_hypernetwork_options_at_their_defaults_or_with_route_hyper_build():
+    model = tiny_conv(tasks={"a": 3}, hyper_dim=8, hyper_hidden=0, hyper_normalize="linear")
+    assert model.hypernet is None
+    hyper = tiny_conv(tasks={"a": 3}, route="hyper", hyper_dim=np.int64(5), hyper_hidden=4)
+    assert hyper.hypernet.embed_dim == 5 and hyper.routes["a"].spec()["embed_dim"] == 5
+    # a config saved while a softmax model still took hypernetwork options rebuilds
+    config = {**model.config, "hyper_dim": 4}
+    assert build_model(config).config["hyper_dim"] == 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((0, 2, 3), "HyperNetwork embed_dim must be a positive int, got 0"),
+        ((4, 0, 3), "HyperNetwork depth must be a positive int, got 0"),
+        ((4, 2, 0), "HyperNetwork num_templates must be a positive int, got 0"),
+        ((4, 2, 3, 0), "HyperNetwork num_tensors must be a positive int, got 0"),
+        ((4, 2, 3, 1, -1), "HyperNetwork hidden must be an int >= 0 (0 for a linear map), got -1"),
+    ],
+)
+def test_a_hypernetwork_of_impossible_sizes_is_refused(args, message):
+    with pytest.raises(ConfigError) as error:
+        HyperNetwork(*args)
+    assert str(error.value) == message

@@ -94,7 +94,7 @@ def test_grad_clip_zero_disables_clipping():
         (
             dict(hyper_dim=16),
             "^model option hyper_dim=16 only applies to route=hyper, and the route is softmax: "
-            "add --model-arg route=hyper or leave hyper_dim out$",
+            "set route=hyper or leave hyper_dim out$",
         ),
         (
             dict(route="hard", hyper_normalize="softmax"),
