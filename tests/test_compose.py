@@ -257,3 +257,67 @@ def test_prediction_entropy_and_its_balance_term():
     # the balance term subtracts the entropy of the mean prediction: spreading wins
     assert float(prediction_entropy(spread, balance=1.0)) == pytest.approx(-math.log(2), abs=1e-6)
     assert float(prediction_entropy(collapsed, balance=1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------- fit
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_fit_stops_before_a_non_finite_step(bad):
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    seen = {}
+
+    def loss(step):
+        seen[step] = (a.detach().clone(), b.detach().clone())
+        if step == 2 and bad == "loss":
+            return (a * float("nan")).sum() + b.sum()
+        if step == 2:  # a finite loss whose gradient is not: sqrt at 0
+            return (a * 0).sqrt().sum() + b.sum()
+        return a.pow(2).sum() + b.pow(2).sum()
+
+    what = "the loss became nan" if bad == "loss" else "a gradient became NaN or infinite"
+    message = (
+        f"{what} at step 2; that step was not taken, so the parameters are as after the last "
+        "good one: lower the lr (now 0.01) or check loss_fn"
+    )
+    with pytest.raises(FloatingPointError) as error:
+        fit(loss, [a, b], steps=5)  # clipping would spread one NaN gradient to every parameter
+    assert str(error.value) == message
+    assert torch.equal(a.detach(), seen[2][0]) and torch.equal(b.detach(), seen[2][1])
+    assert not torch.equal(seen[2][0], torch.ones(3))  # two good steps were taken
+
+
+def test_fit_arguments_are_checked_before_training():
+    p = torch.nn.Parameter(torch.ones(2))
+
+    def loss(step):
+        return p.pow(2).sum()
+
+    cases = [
+        (dict(steps=2.5), ValueError, "fit needs steps to be an integer >= 1, got 2.5"),
+        (dict(warmup=2.0), ValueError, "fit needs warmup to be a finite number in [0, 1], got 2.0"),
+        (dict(warmup=-1), ValueError, "fit needs warmup to be a finite number in [0, 1], got -1"),
+        (dict(lr=-0.1), ValueError, "fit needs lr to be a finite number >= 0, got -0.1"),
+        (dict(lr=math.nan), ValueError, "fit needs lr to be a finite number >= 0, got nan"),
+        (dict(grad_clip=-1), ValueError, "fit needs grad_clip to be a finite number >= 0, got -1"),
+        (dict(params=[]), ValueError, "fit got no parameters to fit: pass a non-empty list"),
+        (
+            dict(params=p),
+            TypeError,
+            "fit takes a list of parameters, got a Parameter: pass [p] or module.parameters()",
+        ),
+        (
+            dict(params=[{"params": [p], "lr": -1.0}]),
+            ValueError,
+            "fit needs lr to be a finite number >= 0, got -1.0",
+        ),
+        (
+            dict(loss_fn=lambda step: p.pow(2)),
+            TypeError,
+            "loss_fn must return a one-element tensor, got (2,)",
+        ),
+    ]
+    for options, kind, message in cases:
+        with pytest.raises(kind) as error:
+            fit(**{"loss_fn": loss, "params": [p], "steps": 3, **options})
+        assert str(error.value) == message
+        assert torch.equal(p.detach(), torch.ones(2)), options  # nothing was trained
+    assert fit(loss, [p], steps=2, grad_clip=0)[0] == 2.0  # 0: no clipping
