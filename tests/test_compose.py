@@ -321,3 +321,42 @@ def test_fit_arguments_are_checked_before_training():
         assert str(error.value) == message
         assert torch.equal(p.detach(), torch.ones(2)), options  # nothing was trained
     assert fit(loss, [p], steps=2, grad_clip=0)[0] == 2.0  # 0: no clipping
+
+
+def test_a_refused_composer_leaves_the_model_trainable(family):
+    base, _, vectors = family
+    base.requires_grad_(True)
+    for init, kind in ((torch.zeros(5), ValueError), ("0.5", TypeError)):
+        with pytest.raises(kind, match="init must be a number or a tensor of shape"):
+            TaskVectorComposer(base, vectors, init=init)
+        assert all(p.requires_grad for p in base.parameters())  # not frozen by a refusal
+    with pytest.raises(TypeError) as error:
+        TaskVectorComposer(base, vectors, anisotropic=False, init="0.5")
+    assert str(error.value) == (
+        "init must be a number or a tensor of shape (3,) ([vectors]), got str '0.5'"
+    )
+
+
+def test_one_vector_where_a_list_is_expected_is_refused(family):
+    base, _, (tau, *_) = family
+    for call, what in (
+        (lambda: TaskVectorComposer(base, tau), "TaskVectorComposer"),
+        (lambda: TaskVector.mean(tau), "TaskVector.mean"),
+    ):
+        with pytest.raises(TypeError) as error:
+            call()
+        assert (
+            str(error.value)
+            == f"{what} takes a list of task vectors, got one TaskVector: pass [tau]"
+        )
+    with pytest.raises(TypeError, match="takes task vectors, got a dict"):
+        TaskVector.mean([tau, dict(tau.items())])
+
+
+def test_composer_coefficients_accept_numpy_and_tensor_scalars(family):
+    base, _, vectors = family
+    for init in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor([0.5])):
+        composer = TaskVectorComposer(base, vectors, init=init)
+        assert torch.equal(composer.coefficients, torch.full((3, composer.num_groups), 0.5))
+        composer.set_coefficients(np.float32(0.25))
+        assert torch.equal(composer.coefficients, torch.full((3, composer.num_groups), 0.25))

@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from ..binding import mangle
 from ..pool import TemplatePool
-from .task_vectors import TaskVector
+from .task_vectors import TaskVector, scale_factor, vector_list
 
 VectorsArg = Sequence[TaskVector] | Mapping[str, TaskVector]
 
@@ -41,13 +41,23 @@ class TaskVectorComposer(nn.Module):
     Args:
         model: The pretrained model. Its parameters are frozen unless ``freeze`` is
             False; unfreeze what else should learn (a new head) yourself.
-        vectors: Task vectors over the same tensors (a mapping names them).
+        vectors: A list of task vectors over the same tensors, or a mapping that
+            names them.
         anisotropic: One coefficient per vector and parameter tensor; else one per
             vector.
-        init: Initial coefficients: a number, or a tensor ``[K]`` / ``[K, G]``.
+        init: Initial coefficients: a number (Python's, NumPy's or a one-element
+            tensor) for all, or a tensor ``[K]`` / ``[K, G]``.
         per_template: Count each template of a ``TemplatePool`` tensor as its own
             parameter tensor (see the module docstring).
         freeze: Set ``requires_grad=False`` on every parameter of ``model``.
+
+    Raises:
+        TypeError: ``vectors`` is one ``TaskVector`` (pass ``[tau]``) or holds something
+            else, or ``init`` is not a number or tensor.
+        ValueError: No vector, vectors over different tensors or other shapes than
+            ``model``'s, or ``init`` of another shape. Everything is checked before
+            ``model`` is frozen.
+        KeyError: ``model`` lacks a tensor the vectors change.
     """
 
     def __init__(
@@ -62,18 +72,12 @@ class TaskVectorComposer(nn.Module):
         super().__init__()
         if isinstance(vectors, Mapping):
             self.vector_names = [str(name) for name in vectors]
-            vectors = list(vectors.values())
+            vectors = vector_list(vectors.values(), "TaskVectorComposer")
         else:
-            vectors = list(vectors)
+            vectors = vector_list(vectors, "TaskVectorComposer")
             self.vector_names = [str(k) for k in range(len(vectors))]
-        if not vectors:
-            raise ValueError("a TaskVectorComposer needs at least one task vector")
-        for other in vectors[1:]:
-            vectors[0]._check_same(other)
         params = vectors[0]._parameters_of(model)
         self.model = model
-        if freeze:
-            model.requires_grad_(False)
         self.anisotropic = anisotropic
         self.tensor_names = tuple(vectors[0].names)
         stacked = _template_tensor_names(model) if per_template else set()
@@ -88,7 +92,10 @@ class TaskVectorComposer(nn.Module):
                 _buffer(name), torch.stack([v[name].to(reference) for v in vectors]).detach()
             )
         shape = (len(vectors), len(self.group_names)) if anisotropic else (len(vectors),)
-        self.coefficients = nn.Parameter(self._initial(init, shape, params))
+        reference = params[self.tensor_names[0]]
+        self.coefficients = nn.Parameter(_coefficients(init, "init", shape, reference))
+        if freeze:  # last: a refused argument leaves the model as it was
+            model.requires_grad_(False)
 
     # --------------------------------------------------------------- structure
     @property
@@ -112,21 +119,17 @@ class TaskVectorComposer(nn.Module):
 
     @torch.no_grad()
     def set_coefficients(self, values: torch.Tensor | Sequence[float]) -> None:
-        """Sets the coefficients: ``[K]`` (broadcast over tensors) or ``[K, G]`` (anisotropic).
+        """Sets the coefficients: a number (all), ``[K]`` (broadcast over tensors) or ``[K, G]``.
 
         Composition by averaging, unlearning by removal (a zero) and specialisation by
         reweighting are all a choice of coefficients.
+
+        Raises:
+            TypeError: ``values`` is not a number or tensor.
+            ValueError: ``values`` has another shape (nothing is changed).
         """
-        values = torch.as_tensor(values, dtype=self.coefficients.dtype)
-        if values.ndim == 1 and self.anisotropic and len(values) == self.num_vectors:
-            values = values.unsqueeze(1).expand(-1, self.num_groups)
-        if values.shape != self.coefficients.shape:
-            raise ValueError(
-                f"coefficients must have shape {tuple(self.coefficients.shape)} "
-                f"({'[vectors, tensors]' if self.anisotropic else '[vectors]'}), got "
-                f"{tuple(values.shape)}"
-            )
-        self.coefficients.copy_(values)
+        shape = tuple(self.coefficients.shape)
+        self.coefficients.copy_(_coefficients(values, "coefficients", shape, self.coefficients))
 
     # ----------------------------------------------------------------- running
     def composed_weights(self) -> dict[str, torch.Tensor]:
@@ -176,20 +179,32 @@ class TaskVectorComposer(nn.Module):
         kind = "anisotropic" if self.anisotropic else "isotropic"
         return f"vectors={self.vector_names}, tensors={self.num_groups}, {kind}"
 
-    # ---------------------------------------------------------------- internals
-    def _initial(self, init: float | torch.Tensor, shape: tuple[int, ...], params) -> torch.Tensor:
-        reference = params[self.tensor_names[0]]
-        if isinstance(init, (int, float)):
-            return torch.full(shape, float(init), dtype=reference.dtype, device=reference.device)
-        values = torch.as_tensor(init, dtype=reference.dtype, device=reference.device)
-        if values.ndim == 1 and len(shape) == 2 and len(values) == shape[0]:
-            values = values.unsqueeze(1).expand(shape)
-        if values.shape != shape:
-            raise ValueError(
-                f"init must be a number or a tensor of shape {shape} (or [{shape[0]}]), got "
-                f"{tuple(values.shape)}"
-            )
-        return values.clone()
+
+def _coefficients(
+    values: Any, what: str, shape: tuple[int, ...], reference: torch.Tensor
+) -> torch.Tensor:
+    """``values`` as a new tensor of coefficients of ``shape``, like ``reference``.
+
+    A number (as ``scale_factor`` reads it) fills the shape; ``[K]`` is broadcast
+    over the tensors of an anisotropic ``[K, G]``.
+    """
+    like = dict(dtype=reference.dtype, device=reference.device)
+    number = scale_factor(values)
+    if number is not None:
+        return torch.full(shape, number, **like)
+    kinds = "[vectors, tensors] or [vectors]" if len(shape) == 2 else "[vectors]"
+    expected = f"{what} must be a number or a tensor of shape {shape} ({kinds})"
+    try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError
+        tensor = torch.as_tensor(values, **like)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{expected}, got {type(values).__name__} {values!r}") from None
+    if tensor.ndim == 1 and len(shape) == 2 and len(tensor) == shape[0]:
+        tensor = tensor.unsqueeze(1).expand(shape)
+    if tensor.shape != shape:
+        raise ValueError(f"{expected}, got {tuple(tensor.shape)}")
+    return tensor.clone()
 
 
 def _buffer(name: str) -> str:

@@ -142,18 +142,20 @@ class TaskVector:
         """The (weighted) average of several vectors: composition by averaging modules.
 
         Args:
-            vectors: Vectors over the same tensors.
+            vectors: A list of vectors over the same tensors.
             weights: One weight per vector; default equal weights ``1 / len(vectors)``.
+
+        Raises:
+            TypeError: ``vectors`` is one ``TaskVector`` (pass ``[tau]``) or holds
+                something else.
+            ValueError: No vector, vectors over different tensors, or as many weights
+                as vectors.
         """
-        vectors = list(vectors)
-        if not vectors:
-            raise ValueError("TaskVector.mean needs at least one vector")
+        vectors = vector_list(vectors, "TaskVector.mean")
         if weights is None:
             weights = [1.0 / len(vectors)] * len(vectors)
         if len(weights) != len(vectors):
             raise ValueError(f"got {len(weights)} weights for {len(vectors)} vectors")
-        for other in vectors[1:]:
-            vectors[0]._check_same(other)
         return TaskVector(
             {
                 name: sum(w * v[name] for w, v in zip(weights, vectors, strict=True))
@@ -300,3 +302,24 @@ class TaskVector:
 
     def __repr__(self) -> str:
         return f"TaskVector({len(self)} tensors, {self.numel():,} values, norm={self.norm():.4g})"
+
+
+def vector_list(vectors: Iterable[TaskVector], what: str) -> list[TaskVector]:
+    """``vectors`` as a non-empty list of task vectors over the same tensors.
+
+    Raises:
+        TypeError: ``vectors`` is one ``TaskVector`` rather than a list of them, or
+            holds something that is not a ``TaskVector``.
+        ValueError: It is empty, or its vectors cover different tensors.
+    """
+    if isinstance(vectors, TaskVector):
+        raise TypeError(f"{what} takes a list of task vectors, got one TaskVector: pass [tau]")
+    vectors = list(vectors)
+    if not vectors:
+        raise ValueError(f"{what} needs at least one task vector")
+    for vector in vectors:
+        if not isinstance(vector, TaskVector):
+            raise TypeError(f"{what} takes task vectors, got a {type(vector).__name__}")
+    for other in vectors[1:]:
+        vectors[0]._check_same(other)
+    return vectors
