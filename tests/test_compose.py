@@ -360,3 +360,12 @@ def test_composer_coefficients_accept_numpy_and_tensor_scalars(family):
         assert torch.equal(composer.coefficients, torch.full((3, composer.num_groups), 0.5))
         composer.set_coefficients(np.float32(0.25))
         assert torch.equal(composer.coefficients, torch.full((3, composer.num_groups), 0.25))
+
+
+def test_one_exclude_string_is_one_prefix():
+    model = torch.nn.ModuleDict({k: torch.nn.Linear(2, 2) for k in ("trunk", "routes", "heads")})
+    tuned = copy.deepcopy(model)
+    kept = ["routes.weight", "routes.bias", "heads.weight", "heads.bias"]  # "r" is in "trunk."
+    assert TaskVector.from_models(model, tuned, exclude="trunk.").names == kept
+    assert TaskVector.from_models(model, tuned, exclude=("trunk.",)).names == kept
+    assert TaskVector.zeros_like(model, exclude="trunk.").names == kept

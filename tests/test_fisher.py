@@ -137,3 +137,13 @@ def test_a_fisher_diagonal_scales_by_numbers_only():
     for bad in ("x", torch.ones(2)):
         with pytest.raises(TypeError):
             fisher * bad
+
+
+def test_one_name_string_is_one_parameter(net):
+    x = images(net, 2)
+    name = "trunk.stem.0.weight"
+    one = diagonal_fisher(net, x, names=name, model_kwargs={"task": "a"})
+    assert one.names == [name]
+    assert torch.equal(
+        one[name], diagonal_fisher(net, x, names=[name], model_kwargs={"task": "a"})[name]
+    )

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from .task_vectors import TaskVector, scale_factor
+from .task_vectors import TaskVector, as_names, scale_factor
 
 MODES = ("exact", "sampled")
 
@@ -114,7 +114,8 @@ def diagonal_fisher(
     Args:
         model: Returns logits ``[B, C]`` for a batch.
         inputs: A tensor of samples ``[N, ...]`` or an iterable of such batches.
-        names: Parameters to cover; default every parameter that requires grad.
+        names: Parameters to cover (one name as a string, or several); default every
+            parameter that requires grad.
         mode: ``"exact"``: sum over classes weighted by the predicted probabilities
             (C gradients per sample); ``"sampled"``: one label per sample drawn from
             the predictive distribution (one gradient per sample, unbiased).
@@ -129,6 +130,7 @@ def diagonal_fisher(
     all_params = dict(model.named_parameters())
     if names is None:
         names = [n for n, p in all_params.items() if p.requires_grad]
+    names = as_names(names)
     missing = [n for n in names if n not in all_params]
     if missing:
         raise KeyError(f"the model has no parameter(s) {missing[:3]}: check `names`")

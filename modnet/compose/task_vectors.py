@@ -39,6 +39,11 @@ def scale_factor(value: Any) -> float | None:
     return None
 
 
+def as_names(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Names or name prefixes as a tuple: one string is one name, not its characters."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 class TaskVector:
     """Named tensors ``finetuned - pretrained``; supports ``+``, ``-``, ``*`` and ``/``.
 
@@ -71,7 +76,7 @@ class TaskVector:
         cls,
         pretrained: Mapping[str, torch.Tensor],
         finetuned: Mapping[str, torch.Tensor],
-        exclude: Sequence[str] = (),
+        exclude: str | Sequence[str] = (),
         detach: bool = True,
     ) -> TaskVector:
         """``finetuned[n] - pretrained[n]`` for every floating-point tensor both hold.
@@ -82,14 +87,15 @@ class TaskVector:
         Args:
             pretrained: Tensors of the starting point.
             finetuned: Tensors after fine-tuning.
-            exclude: Name prefixes to leave out, e.g. ``("heads.",)``.
+            exclude: Name prefixes to leave out, e.g. ``("heads.", "routes.")``, or one
+                prefix as a string (``"heads."``).
             detach: ``False`` keeps the graph to ``finetuned``'s tensors, so the
                 vector can enter a loss (the Fisher penalties train through it).
         """
-        tensors = {}
+        exclude, tensors = as_names(exclude), {}
         for name, before in pretrained.items():
             after = finetuned.get(name)
-            if after is None or name.startswith(tuple(exclude)):
+            if after is None or name.startswith(exclude):
                 continue
             if not (before.is_floating_point() and after.is_floating_point()):
                 continue
@@ -108,7 +114,7 @@ class TaskVector:
         cls,
         pretrained: nn.Module,
         finetuned: nn.Module,
-        exclude: Sequence[str] = (),
+        exclude: str | Sequence[str] = (),
         detach: bool = True,
     ) -> TaskVector:
         """The vector between two models' parameters (buffers are not weights; see module doc).
@@ -116,7 +122,8 @@ class TaskVector:
         Args:
             pretrained: The starting point.
             finetuned: The same architecture after fine-tuning.
-            exclude: Name prefixes to leave out, e.g. ``("heads.",)``.
+            exclude: Name prefixes to leave out, e.g. ``("heads.", "routes.")``, or one
+                prefix as a string (``"heads."``).
             detach: ``False`` keeps the graph to ``finetuned``'s parameters.
         """
         return cls.from_state_dicts(
@@ -127,13 +134,15 @@ class TaskVector:
         )
 
     @classmethod
-    def zeros_like(cls, model: nn.Module, exclude: Sequence[str] = ()) -> TaskVector:
-        """A zero vector over ``model``'s floating-point parameters."""
+    def zeros_like(cls, model: nn.Module, exclude: str | Sequence[str] = ()) -> TaskVector:
+        """A zero vector over ``model``'s floating-point parameters but those ``exclude``d
+        (name prefixes, or one prefix as a string)."""
+        exclude = as_names(exclude)
         return cls(
             {
                 name: torch.zeros_like(p.detach())
                 for name, p in model.named_parameters()
-                if p.is_floating_point() and not name.startswith(tuple(exclude))
+                if p.is_floating_point() and not name.startswith(exclude)
             }
         )
 
