@@ -184,7 +184,8 @@ def test_zero_coefficients_give_the_base_model_bit_for_bit(family):
 
 def test_zero_coefficients_skip_their_vectors(family):
     base, _, vectors = family
-    poisoned = [vectors[0], vectors[1] * float("nan"), vectors[2]]
+    nan = TaskVector({n: torch.full_like(t, math.nan) for n, t in vectors[1].items()})
+    poisoned = [vectors[0], nan, vectors[2]]
     composer = TaskVectorComposer(
         base, poisoned, anisotropic=False, init=torch.tensor([0.5, 0.0, 0.5])
     )
@@ -369,3 +370,51 @@ def test_one_exclude_string_is_one_prefix():
     assert TaskVector.from_models(model, tuned, exclude="trunk.").names == kept
     assert TaskVector.from_models(model, tuned, exclude=("trunk.",)).names == kept
     assert TaskVector.zeros_like(model, exclude="trunk.").names == kept
+
+
+@pytest.mark.parametrize(
+    "bad", [math.nan, math.inf, -math.inf, np.float32("nan"), torch.tensor(math.inf)]
+)
+def test_non_finite_scales_are_refused_before_anything_is_written(family, bad):
+    base, _, (a, b, _) = family
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    composer = TaskVectorComposer(base, [a, b], anisotropic=False, init=0.5)
+    text = str(float(bad))
+    cases = [
+        (lambda: a.apply(base, scale=bad), f"scale must be a finite number, got {text}"),
+        (lambda: a.weights(base, scale=bad), f"scale must be a finite number, got {text}"),
+        (lambda: a * bad, f"a task vector's scale must be a finite number, got {text}"),
+        (lambda: bad * a, f"a task vector's scale must be a finite number, got {text}"),
+        (lambda: a / bad, f"a task vector's divisor must be a finite number, got {text}"),
+        (
+            lambda: TaskVector.mean([a, b], weights=[bad, 1.0]),
+            f"a weight of TaskVector.mean must be a finite number, got {text}",
+        ),
+        (
+            lambda: TaskVectorComposer(base, [a, b], init=bad),
+            f"init must be a finite number, got {text}",
+        ),
+        (
+            lambda: composer.set_coefficients(bad),
+            f"coefficients must be a finite number, got {text}",
+        ),
+        (
+            lambda: composer.set_coefficients([0.5, float(bad)]),
+            f"coefficients must be finite, got NaN or infinite entries: [0.5, {text}]",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value) == message
+    assert torch.equal(composer.coefficients, torch.tensor([0.5, 0.5]))
+    for name, p in base.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with pytest.raises(TypeError) as error:
+        a.apply(base, scale="0.5")
+    assert str(error.value) == "scale must be a real number, got str '0.5'"
+    # a learned scale keeps its gradient through weights()
+    scale = torch.tensor(0.5, requires_grad=True)
+    name = a.names[0]
+    a.weights(base, scale=scale)[name].sum().backward()
+    assert scale.grad == a[name].sum()

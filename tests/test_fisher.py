@@ -1,6 +1,7 @@
 """Diagonal Fisher information and the second-order penalties, against plain loops."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -146,4 +147,19 @@ def test_one_name_string_is_one_parameter(net):
     assert one.names == [name]
     assert torch.equal(
         one[name], diagonal_fisher(net, x, names=[name], model_kwargs={"task": "a"})[name]
+    )
+
+
+def test_a_fisher_diagonal_refuses_non_finite_scales():
+    fisher = FisherDiagonal({"w": torch.tensor([1.0, 2.0])}, samples=1)
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError) as error:
+            fisher * bad
+        assert str(error.value) == f"a Fisher estimate's scale must be a finite number, got {bad}"
+    broken = FisherDiagonal({"w": torch.tensor([1.0, math.nan])}, samples=1)
+    with pytest.raises(ValueError) as error:
+        broken.normalized()
+    assert str(error.value) == (
+        "the Fisher estimate's mean entry is nan: only one with a finite, positive mean can be "
+        "normalized (recompute it)"
     )

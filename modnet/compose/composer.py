@@ -55,7 +55,7 @@ class TaskVectorComposer(nn.Module):
         TypeError: ``vectors`` is one ``TaskVector`` (pass ``[tau]``) or holds something
             else, or ``init`` is not a number or tensor.
         ValueError: No vector, vectors over different tensors or other shapes than
-            ``model``'s, or ``init`` of another shape. Everything is checked before
+            ``model``'s, or ``init`` of another shape or not finite. Everything is checked before
             ``model`` is frozen.
         KeyError: ``model`` lacks a tensor the vectors change.
     """
@@ -126,7 +126,7 @@ class TaskVectorComposer(nn.Module):
 
         Raises:
             TypeError: ``values`` is not a number or tensor.
-            ValueError: ``values`` has another shape (nothing is changed).
+            ValueError: ``values`` has another shape or is not finite (nothing is changed).
         """
         shape = tuple(self.coefficients.shape)
         self.coefficients.copy_(_coefficients(values, "coefficients", shape, self.coefficients))
@@ -186,10 +186,10 @@ def _coefficients(
     """``values`` as a new tensor of coefficients of ``shape``, like ``reference``.
 
     A number (as ``scale_factor`` reads it) fills the shape; ``[K]`` is broadcast
-    over the tensors of an anisotropic ``[K, G]``.
+    over the tensors of an anisotropic ``[K, G]``. NaN and infinity are refused.
     """
     like = dict(dtype=reference.dtype, device=reference.device)
-    number = scale_factor(values)
+    number = scale_factor(values, what)
     if number is not None:
         return torch.full(shape, number, **like)
     kinds = "[vectors, tensors] or [vectors]" if len(shape) == 2 else "[vectors]"
@@ -204,6 +204,8 @@ def _coefficients(
         tensor = tensor.unsqueeze(1).expand(shape)
     if tensor.shape != shape:
         raise ValueError(f"{expected}, got {tuple(tensor.shape)}")
+    if not bool(tensor.isfinite().all()):
+        raise ValueError(f"{what} must be finite, got NaN or infinite entries: {values!r}")
     return tensor.clone()
 
 

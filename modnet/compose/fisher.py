@@ -70,7 +70,7 @@ class FisherDiagonal:
         return NotImplemented
 
     def __mul__(self, scale: float) -> FisherDiagonal:
-        scale = scale_factor(scale)
+        scale = scale_factor(scale, "a Fisher estimate's scale")
         if scale is None:
             return NotImplemented
         return FisherDiagonal({n: v * scale for n, v in self.values.items()}, self.samples)
@@ -86,8 +86,11 @@ class FisherDiagonal:
         """Scaled so that the average entry is 1: a penalty weight then means the same
         thing whatever the model, the data and the number of tasks accumulated."""
         mean = self.mean_value()
-        if mean <= 0:
-            raise ValueError("the Fisher estimate is all zeros: it cannot be normalized")
+        if not 0 < mean < float("inf"):
+            raise ValueError(
+                f"the Fisher estimate's mean entry is {mean}: only one with a finite, positive "
+                "mean can be normalized (recompute it)"
+            )
         return self * (1.0 / mean)
 
     def to(self, *args: Any, **kwargs: Any) -> FisherDiagonal:

@@ -24,19 +24,45 @@ from torch import nn
 from torch.func import functional_call
 
 
-def scale_factor(value: Any) -> float | None:
+def scale_factor(value: Any, what: str = "a scale", required: bool = False) -> float | None:
     """``value`` as the number a vector is scaled by: a real number, NumPy scalar, or
-    one-element real tensor or array, as the Python float it holds; else ``None``."""
+    one-element real tensor or array, as the Python float it holds.
+
+    Args:
+        value: The candidate scale.
+        what: What ``value`` is, for the errors.
+        required: Refuse a non-number with ``TypeError`` instead of returning ``None``
+            (operators return ``NotImplemented`` on ``None``).
+
+    Returns:
+        The float; ``None`` for anything else unless ``required``.
+
+    Raises:
+        ValueError: ``value`` is NaN or infinite: it would make every tensor it scales so.
+        TypeError: ``required`` and ``value`` is not a number.
+    """
+    number = None
     if isinstance(value, numbers.Real):
-        return float(value)  # a NumPy scalar acts as the Python number it holds
-    if (torch.is_tensor(value) or hasattr(value, "__array__")) and not isinstance(value, str):
+        number = float(value)  # a NumPy scalar acts as the Python number it holds
+    elif (torch.is_tensor(value) or hasattr(value, "__array__")) and not isinstance(value, str):
         try:
-            tensor = torch.as_tensor(value)
+            tensor = torch.as_tensor(value).detach()
         except (TypeError, ValueError, RuntimeError):
-            return None
-        if tensor.numel() == 1 and not tensor.is_complex():
-            return float(tensor)
-    return None
+            tensor = None
+        if tensor is not None and tensor.numel() == 1 and not tensor.is_complex():
+            number = float(tensor)
+    if number is None and required:
+        raise TypeError(f"{what} must be a real number, got {type(value).__name__} {value!r}")
+    if number is not None and not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {number}")
+    return number
+
+
+def _operand(value: Any, what: str) -> float | torch.Tensor:
+    """A checked ``scale_factor``; a tensor stays a 0-d tensor, so a learned scale keeps its
+    gradient."""
+    number = scale_factor(value, what, required=True)
+    return value.reshape(()) if torch.is_tensor(value) else number
 
 
 def as_names(value: str | Iterable[str]) -> tuple[str, ...]:
@@ -47,8 +73,9 @@ def as_names(value: str | Iterable[str]) -> tuple[str, ...]:
 class TaskVector:
     """Named tensors ``finetuned - pretrained``; supports ``+``, ``-``, ``*`` and ``/``.
 
-    A scale is any real number, Python's or NumPy's (``np.float32(0.5) * tau`` is
-    ``0.5 * tau``), so a sweep over ``np.linspace`` works as over a list of floats.
+    A scale is any finite real number, Python's or NumPy's (``np.float32(0.5) * tau``
+    is ``0.5 * tau``), so a sweep over ``np.linspace`` works as over a list of floats;
+    NaN and infinity are refused with ``ValueError`` wherever a scale is taken.
 
     Build one with ``TaskVector.from_models`` (or ``from_state_dicts``); apply it to
     a model with ``apply`` (in place) or run a model through it with ``run``
@@ -152,19 +179,20 @@ class TaskVector:
 
         Args:
             vectors: A list of vectors over the same tensors.
-            weights: One weight per vector; default equal weights ``1 / len(vectors)``.
+            weights: One finite weight per vector; default equal weights ``1 / len(vectors)``.
 
         Raises:
             TypeError: ``vectors`` is one ``TaskVector`` (pass ``[tau]``) or holds
                 something else.
-            ValueError: No vector, vectors over different tensors, or as many weights
-                as vectors.
+            ValueError: No vector, vectors over different tensors, not as many weights
+                as vectors, or a NaN or infinite weight.
         """
         vectors = vector_list(vectors, "TaskVector.mean")
         if weights is None:
             weights = [1.0 / len(vectors)] * len(vectors)
         if len(weights) != len(vectors):
             raise ValueError(f"got {len(weights)} weights for {len(vectors)} vectors")
+        weights = [_operand(w, "a weight of TaskVector.mean") for w in weights]
         return TaskVector(
             {
                 name: sum(w * v[name] for w, v in zip(weights, vectors, strict=True))
@@ -255,7 +283,7 @@ class TaskVector:
         return TaskVector({n: -t for n, t in self.items()})
 
     def __mul__(self, scale: float) -> TaskVector:
-        scale = scale_factor(scale)
+        scale = scale_factor(scale, "a task vector's scale")
         if scale is None:
             return NotImplemented
         return TaskVector({n: t * scale for n, t in self.items()})
@@ -263,7 +291,7 @@ class TaskVector:
     __rmul__ = __mul__
 
     def __truediv__(self, scale: float) -> TaskVector:
-        scale = scale_factor(scale)
+        scale = scale_factor(scale, "a task vector's divisor")
         if scale is None:
             return NotImplemented
         if scale == 0:  # as for numbers: not a vector of inf and nan
@@ -290,14 +318,25 @@ class TaskVector:
 
     @torch.no_grad()
     def apply(self, model: nn.Module, scale: float = 1.0) -> nn.Module:
-        """Adds ``scale * self`` to ``model``'s parameters in place and returns ``model``."""
+        """Adds ``scale * self`` to ``model``'s parameters in place and returns ``model``.
+
+        Raises:
+            TypeError: ``scale`` is not a real number.
+            ValueError: ``scale`` is NaN or infinite, or ``model`` has other shapes.
+            KeyError: ``model`` lacks a parameter of the vector. Nothing is changed then.
+        """
+        scale = scale_factor(scale, "scale", required=True)
         params = self._parameters_of(model)
         for name, tensor in self.items():
             params[name].add_(tensor.to(params[name]), alpha=scale)
         return model
 
     def weights(self, model: nn.Module, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """``model``'s parameters plus ``scale * self``, for ``torch.func.functional_call``."""
+        """``model``'s parameters plus ``scale * self``, for ``torch.func.functional_call``.
+
+        A one-element tensor ``scale`` keeps its gradient. Raises as ``apply``.
+        """
+        scale = _operand(scale, "scale")
         params = self._parameters_of(model)
         return {name: params[name] + scale * tensor for name, tensor in self.items()}
 
