@@ -163,3 +163,38 @@ def test_a_fisher_diagonal_refuses_non_finite_scales():
         "the Fisher estimate's mean entry is nan: only one with a finite, positive mean can be "
         "normalized (recompute it)"
     )
+
+
+def test_penalties_refuse_mismatched_modules_and_fisher_shapes():
+    fisher = FisherDiagonal({"w": torch.ones(3), "v": torch.ones(2)}, samples=1)
+    full = TaskVector({"w": torch.ones(3), "v": torch.ones(2)})
+    part = TaskVector({"w": torch.ones(3)})
+    for taus, left, right in (([part, full], [], ["v"]), ([full, part], ["v"], [])):
+        with pytest.raises(ValueError) as error:  # the first order dropped "v" silently
+            ensemble_penalty(taus, fisher)
+        assert str(error.value) == (
+            f"task vectors cover different tensors (only in the first: {left}, only in the "
+            f"second: {right}): build both from the same pretrained model with the same `exclude`"
+        )
+    with pytest.raises(ValueError, match="cover different tensors"):
+        ensemble_penalty([dict(full.items()), dict(part.items())], fisher)  # mappings too
+    with pytest.raises(TypeError, match="got one TaskVector: pass"):
+        ensemble_penalty(full, fisher)
+    flat = FisherDiagonal({"w": torch.ones(1), "v": torch.ones(2)}, samples=1)
+    message = (
+        "'w' has shape (3,) in the task vector and (1,) in the Fisher estimate: compute the "
+        "Fisher on the model the task vectors come from"
+    )
+    for call in (
+        lambda: individual_penalty(full, flat),
+        lambda: ensemble_penalty([full, full], flat),
+    ):
+        with pytest.raises(ValueError) as error:  # it was broadcast silently
+            call()
+        assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        fisher + flat
+    assert str(error.value) == (
+        "'w' has shape (3,) in one Fisher estimate and (1,) in the other: compute both with the "
+        "same model and `names`"
+    )

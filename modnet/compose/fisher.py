@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from .task_vectors import TaskVector, as_names, scale_factor
+from .task_vectors import TaskVector, as_names, check_shapes, scale_factor, vector_list
 
 MODES = ("exact", "sampled")
 
@@ -52,14 +52,17 @@ class FisherDiagonal:
         return self.values[name]
 
     def __add__(self, other: FisherDiagonal) -> FisherDiagonal:
-        """Accumulation over tasks: the Fisher of the tasks' joint likelihood is the sum."""
+        """Accumulation over tasks: the Fisher of the tasks' joint likelihood is the sum.
+
+        Raises:
+            ValueError: The two cover different parameters or have other shapes.
+        """
         if not isinstance(other, FisherDiagonal):
             return NotImplemented
+        fix = "compute both with the same model and `names`"
         if self.values.keys() != other.values.keys():
-            raise ValueError(
-                "the two Fisher estimates cover different parameters: compute both with the "
-                "same model and `names`"
-            )
+            raise ValueError(f"the two Fisher estimates cover different parameters: {fix}")
+        check_shapes(self.values, other.values, ("one Fisher estimate", "the other"), fix)
         return FisherDiagonal(
             {n: v + other.values[n] for n, v in self.values.items()}, self.samples + other.samples
         )
@@ -190,13 +193,16 @@ def diagonal_fisher(
     return FisherDiagonal({n: (t / count).to(params[n].dtype) for n, t in totals.items()}, count)
 
 
-def _check_covered(names: Iterable[str], fisher: FisherDiagonal) -> None:
-    missing = [n for n in names if n not in fisher.values]
+def _check_covered(tau: TaskVector, fisher: FisherDiagonal) -> None:
+    """Raises unless ``fisher`` holds every tensor of ``tau``, with its shape."""
+    missing = [n for n in tau.names if n not in fisher.values]
     if missing:
         raise KeyError(
             f"the Fisher estimate does not cover {missing[:3]}: compute it over the parameters "
             "the task vectors change (`names=tau.names`)"
         )
+    fix = "compute the Fisher on the model the task vectors come from"
+    check_shapes(tau, fisher.values, ("the task vector", "the Fisher estimate"), fix)
 
 
 def individual_penalty(
@@ -206,10 +212,14 @@ def individual_penalty(
 
     Build ``tau`` with ``TaskVector.from_models(pretrained, model, detach=False)`` so
     that the penalty trains the model.
+
+    Raises:
+        KeyError: ``fisher`` does not cover a tensor of ``tau``.
+        ValueError: ``fisher`` holds one of them with another shape.
     """
-    items = list(tau.items())
-    _check_covered((n for n, _ in items), fisher)
-    return sum((fisher.values[n].to(t) * t.pow(2)).sum() for n, t in items)
+    tau = tau if isinstance(tau, TaskVector) else TaskVector(tau)
+    _check_covered(tau, fisher)
+    return sum((fisher.values[n].to(t) * t.pow(2)).sum() for n, t in tau.items())
 
 
 def ensemble_penalty(
@@ -219,14 +229,21 @@ def ensemble_penalty(
 
     Small spread keeps the composed model's loss close to the average of the
     modules' losses (the second-order term of the expansion around their mean).
+
+    Raises:
+        TypeError: ``taus`` is one vector rather than a list.
+        ValueError: Fewer than two modules, modules over different tensors or shapes
+            (as ``tau_a + tau_b`` refuses them), or ``fisher`` of other shapes.
+        KeyError: ``fisher`` does not cover a tensor of the modules.
     """
-    taus = list(taus)
+    if not isinstance(taus, TaskVector):
+        taus = [TaskVector(t) if isinstance(t, Mapping) else t for t in taus]
+    taus = vector_list(taus, "ensemble_penalty")
     if len(taus) < 2:
         raise ValueError("the ensemble penalty needs at least two modules (it is their spread)")
-    names = list(taus[0].keys() if isinstance(taus[0], Mapping) else taus[0].names)
-    _check_covered(names, fisher)
+    _check_covered(taus[0], fisher)
     total = 0.0
-    for name in names:
+    for name in taus[0].names:
         stacked = torch.stack([t[name] for t in taus])
         spread = (stacked - stacked.mean(0, keepdim=True)).pow(2).mean(0)
         total = total + (fisher.values[name].to(spread) * spread).sum()

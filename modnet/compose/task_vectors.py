@@ -258,13 +258,7 @@ class TaskVector:
                 f"second: {right}): build both from the same pretrained model with the same "
                 "`exclude`"
             )
-        for name, tensor in self.items():
-            if tensor.shape != other[name].shape:
-                raise ValueError(
-                    f"'{name}' has shape {tuple(tensor.shape)} in one vector and "
-                    f"{tuple(other[name].shape)} in the other: vectors must come from one "
-                    "architecture"
-                )
+        check_shapes(self, other, ("one vector", "the other"), "vectors must come from one model")
 
     def __add__(self, other: TaskVector) -> TaskVector:
         self._check_same(other)
@@ -307,13 +301,8 @@ class TaskVector:
                 f"the model has no parameter(s) {missing[:3]} that this task vector changes: "
                 "apply it to the architecture it was made from"
             )
-        for name, tensor in self.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(
-                    f"'{name}' is {tuple(params[name].shape)} in the model but "
-                    f"{tuple(tensor.shape)} in the task vector: apply it to the architecture "
-                    "it was made from"
-                )
+        fix = "apply it to the architecture it was made from"
+        check_shapes(params, self, ("the model", "the task vector"), fix)
         return params
 
     @torch.no_grad()
@@ -350,6 +339,24 @@ class TaskVector:
 
     def __repr__(self) -> str:
         return f"TaskVector({len(self)} tensors, {self.numel():,} values, norm={self.norm():.4g})"
+
+
+def check_shapes(first: Any, second: Any, labels: tuple[str, str], fix: str) -> None:
+    """Raises ``ValueError`` naming the first tensor whose shape differs between two
+    name-to-tensor collections (a dict, a ``TaskVector``); names only one holds are not
+    compared.
+
+    Args:
+        first, second: The two collections.
+        labels: What they are, for the message (``"the model"``).
+        fix: What to do about it, for the message.
+    """
+    for name, tensor in first.items():
+        if name in second and tensor.shape != second[name].shape:
+            raise ValueError(
+                f"'{name}' has shape {tuple(tensor.shape)} in {labels[0]} and "
+                f"{tuple(second[name].shape)} in {labels[1]}: {fix}"
+            )
 
 
 def vector_list(vectors: Iterable[TaskVector], what: str) -> list[TaskVector]:
