@@ -198,3 +198,24 @@ def test_penalties_refuse_mismatched_modules_and_fisher_shapes():
         "'w' has shape (3,) in one Fisher estimate and (1,) in the other: compute both with the "
         "same model and `names`"
     )
+
+
+def test_fisher_names_a_bad_batch_size_and_an_unbatched_sample(net):
+    x = images(net, 3)
+    for size in (0, -1, 2.5):
+        with pytest.raises(ValueError) as error:
+            diagonal_fisher(net, x, batch_size=size, model_kwargs={"task": "a"})
+        assert (
+            str(error.value)
+            == f"diagonal_fisher needs batch_size to be an integer >= 1, got {size}"
+        )
+    for inputs in (x[0], [x[0]]):  # one image without its batch dimension
+        with pytest.raises(ValueError) as error:
+            diagonal_fisher(net, inputs, model_kwargs={"task": "a"})
+        assert str(error.value).endswith(f"got {tuple(x[0].shape)}")  # what was passed
+    with pytest.raises(ValueError) as error:
+        diagonal_fisher(nn.Linear(3, 2), torch.randn(3))
+    assert str(error.value) == (
+        "the model must return logits [B, C] for a batch of B samples, got (2,) for inputs (3,): "
+        "pass a batch [N, ...] (one sample x as x.unsqueeze(0))"
+    )

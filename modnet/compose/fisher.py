@@ -18,6 +18,7 @@ Fisher information ``F`` at ``theta_0``. Two regularisers follow:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -129,9 +130,23 @@ def diagonal_fisher(
             gradients at once).
         model_kwargs: Further keyword arguments of the model, e.g. ``{"task": "mnist"}``.
         generator: Random generator for ``"sampled"``.
+
+    Raises:
+        ValueError: An unknown ``mode``, a ``batch_size`` below 1, no parameter or no
+            sample, or inputs that are not batches (the model does not return
+            ``[B, C]`` for a batch of B).
+        KeyError: ``names`` holds a name the model has no parameter of.
     """
     if mode not in MODES:
         raise ValueError(f"unknown Fisher mode {mode!r}: choose one of {MODES}")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"diagonal_fisher needs batch_size to be an integer >= 1, got {batch_size!r}"
+        )
     kwargs = dict(model_kwargs or {})
     all_params = dict(model.named_parameters())
     if names is None:
@@ -176,10 +191,10 @@ def diagonal_fisher(
         with torch.no_grad():
             for batch in batches:
                 for chunk in batch.split(batch_size):
+                    logits = _batch_logits(model, chunk, kwargs)  # inputs are checked as given
                     if mode == "exact":
                         per_sample = vmap(exact, in_dims=(None, 0))(params, chunk)
                     else:
-                        logits = model(chunk, **kwargs).float()
                         probs = logits.softmax(-1)
                         labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
                         per_sample = vmap(sampled, in_dims=(None, 0, 0))(params, chunk, labels)
@@ -191,6 +206,18 @@ def diagonal_fisher(
     if count == 0:
         raise ValueError("no samples to estimate the Fisher from: `inputs` is empty")
     return FisherDiagonal({n: (t / count).to(params[n].dtype) for n, t in totals.items()}, count)
+
+
+def _batch_logits(model: nn.Module, chunk: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The model's logits for a chunk of samples, checked to be ``[len(chunk), C]``."""
+    logits = model(chunk, **kwargs).float()
+    if logits.ndim != 2 or len(logits) != len(chunk):
+        raise ValueError(
+            f"the model must return logits [B, C] for a batch of B samples, got "
+            f"{tuple(logits.shape)} for inputs {tuple(chunk.shape)}: pass a batch [N, ...] "
+            "(one sample x as x.unsqueeze(0))"
+        )
+    return logits
 
 
 def _check_covered(tau: TaskVector, fisher: FisherDiagonal) -> None:
