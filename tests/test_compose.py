@@ -418,3 +418,24 @@ def test_non_finite_scales_are_refused_before_anything_is_written(family, bad):
     name = a.names[0]
     a.weights(base, scale=scale)[name].sum().backward()
     assert scale.grad == a[name].sum()
+
+
+def test_state_dicts_with_running_statistics_are_refused(family):
+    base, tuned, _ = family
+    with pytest.raises(ValueError) as error:  # a state_dict() holds BatchNorm's buffers
+        TaskVector.from_state_dicts(base.state_dict(), tuned[0].state_dict())
+    assert str(error.value) == (
+        "'trunk.stem.1.running_mean' is a BatchNorm running statistic, not a weight: pass "
+        "parameters only, e.g. dict(model.named_parameters()), or use TaskVector.from_models"
+    )
+    params = TaskVector.from_state_dicts(
+        dict(base.named_parameters()), dict(tuned[0].named_parameters())
+    )
+    assert params.names == TaskVector.from_models(base, tuned[0]).names
+    buffer = TaskVector({"trunk.stem.1.running_mean": torch.ones(8)})
+    with pytest.raises(KeyError) as error:  # it blamed the architecture
+        buffer.apply(base)
+    assert error.value.args[0] == (
+        "['trunk.stem.1.running_mean'] are buffers of the model, not parameters: a task vector "
+        "covers parameters only; build it with TaskVector.from_models"
+    )

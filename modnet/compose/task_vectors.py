@@ -9,7 +9,8 @@ task-vector composition: ``W = base + sum_k c[k] * tau_k`` (see
 
 Only parameters are covered. BatchNorm running statistics are measurements of
 the data, not weights: modnet keeps them per task, and composing them has no
-meaning.
+meaning. ``from_state_dicts`` refuses them (a ``state_dict()`` holds them), and
+applying a vector that holds another buffer of the model is refused by name.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+
+# BatchNorm's floating-point buffers, as state_dict() names end (modnet's pools too)
+RUNNING_STATISTICS = ("running_mean", "running_var")
 
 
 def scale_factor(value: Any, what: str = "a scale", required: bool = False) -> float | None:
@@ -108,16 +112,22 @@ class TaskVector:
     ) -> TaskVector:
         """``finetuned[n] - pretrained[n]`` for every floating-point tensor both hold.
 
-        Names found in only one of them (a new task's head, say) are skipped; a
-        name held by both with different shapes is an error.
+        Pass parameters only, e.g. ``dict(model.named_parameters())``, not a
+        ``state_dict()``: that also holds buffers, which are not weights (see the
+        module doc). Names found in only one of them (a new task's head, say) are
+        skipped.
 
         Args:
-            pretrained: Tensors of the starting point.
-            finetuned: Tensors after fine-tuning.
+            pretrained: Parameters of the starting point.
+            finetuned: Parameters after fine-tuning.
             exclude: Name prefixes to leave out, e.g. ``("heads.", "routes.")``, or one
                 prefix as a string (``"heads."``).
             detach: ``False`` keeps the graph to ``finetuned``'s tensors, so the
                 vector can enter a loss (the Fisher penalties train through it).
+
+        Raises:
+            ValueError: A name both hold has different shapes, an entry is a BatchNorm
+                running statistic (``*running_mean``, ``*running_var``), or no tensor is left.
         """
         exclude, tensors = as_names(exclude), {}
         for name, before in pretrained.items():
@@ -126,6 +136,11 @@ class TaskVector:
                 continue
             if not (before.is_floating_point() and after.is_floating_point()):
                 continue
+            if name.endswith(RUNNING_STATISTICS):
+                raise ValueError(
+                    f"'{name}' is a BatchNorm running statistic, not a weight: pass parameters "
+                    "only, e.g. dict(model.named_parameters()), or use TaskVector.from_models"
+                )
             if before.shape != after.shape:
                 raise ValueError(
                     f"'{name}' has shape {tuple(before.shape)} in the pretrained model and "
@@ -296,6 +311,12 @@ class TaskVector:
     def _parameters_of(self, model: nn.Module) -> dict[str, torch.Tensor]:
         params = dict(model.named_parameters())
         missing = [n for n in self.names if n not in params]
+        buffers = [n for n, _ in model.named_buffers() if n in missing]
+        if buffers:
+            raise KeyError(
+                f"{buffers[:3]} are buffers of the model, not parameters: a task vector covers "
+                "parameters only; build it with TaskVector.from_models"
+            )
         if missing:
             raise KeyError(
                 f"the model has no parameter(s) {missing[:3]} that this task vector changes: "
