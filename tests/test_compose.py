@@ -157,6 +157,16 @@ def test_template_pools_get_one_coefficient_per_template(family):
     assert coarse.num_groups == pool_tensors + trunk_tensors
 
 
+def test_an_exported_network_gets_one_coefficient_per_block():
+    base = tiny_conv(tasks={"a": 3}, num_templates=3, depth=4, route="linear")
+    plain = base.export("a")  # four blocks from three templates: the counts differ
+    tau = TaskVector.from_models(plain, dyadic_(copy.deepcopy(plain), seed=1), exclude="head.")
+    trunk, per_block = sum(n.startswith("trunk.") for n in tau), len(base.pool.tensor_names)
+    assert TaskVectorComposer(plain, [tau]).num_groups == 4 * per_block + trunk
+    modular = TaskVector.zeros_like(base, exclude=("heads.", "routes."))
+    assert TaskVectorComposer(base, [modular]).num_groups == 3 * per_block + trunk
+
+
 def test_isotropic_equals_anisotropic_with_tied_coefficients(family):
     base, _, vectors = family
     x = images(base, 3)

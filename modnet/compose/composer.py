@@ -7,9 +7,13 @@ composed tensors through ``torch.func.functional_call``, so any ``nn.Module``
 (a timm model, a ``ModularNet``) can be composed without changing its code.
 
 Coefficients are *isotropic* (one per vector) or *anisotropic* (one per vector
-and parameter tensor ``g``). A template pool's stacked tensor ``[L, *shape]``
-holds the weights of L blocks, so it counts as L tensors: a ``ModularNet`` and
-the plain network it exports get the same coefficients.
+and parameter tensor ``g``). A template pool's stacked tensor ``[K, *shape]``
+holds K templates; with ``per_template`` each counts as a tensor of its own, so
+every template gets its own coefficient. The plain network a ``ModularNet``
+exports has no templates but one tensor per block (``depth`` of them, each a mix
+of the templates), so the two get different coefficients: as many only when the
+depth equals the number of templates, and even then one scales a template, the
+other a block.
 """
 
 from __future__ import annotations
