@@ -332,6 +332,7 @@ def test_fit_arguments_are_checked_before_training():
         assert str(error.value) == message
         assert torch.equal(p.detach(), torch.ones(2)), options  # nothing was trained
     assert fit(loss, [p], steps=2, grad_clip=0)[0] == 2.0  # 0: no clipping
+    assert len(fit(loss, [p], steps=2, lr=np.float32(0.1))) == 2  # a NumPy number is a number
 
 
 def test_a_refused_composer_leaves_the_model_trainable(family):

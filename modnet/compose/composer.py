@@ -59,8 +59,8 @@ class TaskVectorComposer(nn.Module):
         TypeError: ``vectors`` is one ``TaskVector`` (pass ``[tau]``) or holds something
             else, or ``init`` is not a number or tensor.
         ValueError: No vector, vectors over different tensors or other shapes than
-            ``model``'s, or ``init`` of another shape or not finite. Everything is checked before
-            ``model`` is frozen.
+            ``model``'s, or ``init`` of another shape or not finite. Everything is
+            checked before ``model`` is frozen.
         KeyError: ``model`` lacks a tensor the vectors change.
     """
 

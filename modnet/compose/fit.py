@@ -17,6 +17,7 @@ import torch
 
 from ..errors import DivergenceError
 from ..train.step import StepRunner
+from .task_vectors import scale_factor
 
 
 def fit(
@@ -103,14 +104,15 @@ def fit(
     return [runner.run(step)[0] for step in range(steps)]
 
 
-def _check_number(name: str, value: Any, high: float | None = None) -> None:
-    """Raises ValueError unless ``value`` is a finite real number >= 0 (and <= ``high``)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not (math.isfinite(value) and 0 <= value <= (math.inf if high is None else high))
-    ):
-        bound = ">= 0" if high is None else f"in [0, {high:g}]"
+def _check_number(name: str, value: Any, high: float = math.inf) -> None:
+    """Raises ValueError unless ``value`` is a finite real number (as ``scale_factor``
+    reads it) in ``[0, high]``."""
+    try:
+        number = None if isinstance(value, bool) else scale_factor(value, name)
+    except ValueError:  # NaN or infinite
+        number = None
+    if number is None or not 0 <= number <= high:
+        bound = ">= 0" if high == math.inf else f"in [0, {high:g}]"
         raise ValueError(f"fit needs {name} to be a finite number {bound}, got {value!r}")
 
 

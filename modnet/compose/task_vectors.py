@@ -273,7 +273,9 @@ class TaskVector:
                 f"second: {right}): build both from the same pretrained model with the same "
                 "`exclude`"
             )
-        check_shapes(self, other, ("one vector", "the other"), "vectors must come from one model")
+        check_shapes(
+            self, other, ("one vector", "the other"), "vectors must come from one architecture"
+        )
 
     def __add__(self, other: TaskVector) -> TaskVector:
         self._check_same(other)
