@@ -18,7 +18,8 @@ from .errors import ConfigError
 from .families import conv_family, timm_family, timm_family_by_name, vit_family
 from .families.base import Family
 from .features import ModnetFeatures, take_indices
-from .model import HYPER_DEFAULTS, ModularNet
+from .model import ModularNet
+from .route_checks import HYPER_DEFAULTS
 from .routing import HardRoute
 
 _MODEL_OPTIONS = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import numbers
 import operator
 import re
@@ -22,8 +21,14 @@ from .errors import ConfigError
 from .families.base import Family
 from .grouped import GroupedBatchNorm, GroupedRunner
 from .norm_stats import TaskNormStats
+from .route_checks import (
+    HYPER_DEFAULTS,
+    check_hard_route,
+    check_hyper_options,
+    check_route_options,
+    coerce_route,
+)
 from .routing import (
-    NORMALIZATIONS,
     ROUTE_KINDS,
     HardRoute,
     HyperNetwork,
@@ -31,56 +36,10 @@ from .routing import (
     Route,
     RoutePlan,
     SoftRoute,
-    check_size,
 )
 
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
-
-
-def _check_route_options(route: str, options: Mapping[str, Any], count: int) -> None:
-    if route in ("hard", "hyper") or "normalize" in options:
-        raise ValueError(
-            f"route_options {dict(options)} need route='softmax' or 'sparsemax' (got "
-            f"{route!r}) and no 'normalize' key: give the normalisation as route=..."
-        )
-    SoftRoute(1, count, normalize=route, init="uniform").configured(**options)
-
-
-# The hypernetwork's options (``route="hyper"``) and their defaults: with another
-# route, any other value would be saved and do nothing.
-HYPER_DEFAULTS: dict[str, Any] = {"hyper_dim": 8, "hyper_hidden": 0, "hyper_normalize": "linear"}
-
-
-def check_hyper_options(route: str, options: Mapping[str, Any]) -> None:
-    """Checks hypernetwork options: ``create_model``'s and the command line's one check.
-
-    Args:
-        route: The model's route kind.
-        options: Some of ``hyper_dim``, ``hyper_hidden`` and ``hyper_normalize``
-            (keys of ``HYPER_DEFAULTS``).
-
-    Raises:
-        ConfigError: ``hyper_dim`` not a whole number >= 1, ``hyper_hidden`` not one
-            >= 0, an unknown ``hyper_normalize``, or a value other than the default
-            when ``route`` is not ``"hyper"`` (it would do nothing).
-    """
-    for key, value in options.items():
-        if key == "hyper_normalize":
-            if not isinstance(value, str) or value not in NORMALIZATIONS:
-                raise ConfigError(f"{key}={value!r} is not one of {', '.join(NORMALIZATIONS)}")
-        elif key == "hyper_dim":
-            check_size(key, value, 1, " (the size of each task's embedding)")
-        else:
-            check_size(key, value, 0, " (the hypernetwork's hidden width, 0 for a linear map)")
-    if route == "hyper":
-        return
-    for key, value in options.items():
-        if value != HYPER_DEFAULTS[key]:
-            raise ConfigError(
-                f"{key}={value!r} only applies to route=hyper, and the route is {route}: "
-                f"set route=hyper or leave {key} out"
-            )
 
 
 class ModularNet(nn.Module):
@@ -161,7 +120,7 @@ class ModularNet(nn.Module):
         self.route_kind = route
         self.route_options = dict(route_options or {})
         if self.route_options:
-            _check_route_options(route, self.route_options, self.pool.num_templates)
+            check_route_options(route, self.route_options, self.pool.num_templates)
         self.anisotropic = anisotropic
         self.route_init = route_init
         self.num_features = self.trunk.num_features
@@ -274,7 +233,7 @@ class ModularNet(nn.Module):
         if init_from is not None:
             self._task(init_from)
         if route is not None:
-            new_route = self._coerce_route(route, name)
+            new_route = coerce_route(self, route, name)
         elif init_from is not None:
             new_route = copy.deepcopy(self.routes[init_from])
         else:
@@ -309,7 +268,7 @@ class ModularNet(nn.Module):
                 route then.
         """
         self._task(task)
-        new = self._coerce_route(route, task)
+        new = coerce_route(self, route, task)
         current = self.routes[task]
         if isinstance(current, HardRoute) and isinstance(new, HardRoute):
             if current.depth == new.depth:
@@ -817,121 +776,6 @@ class ModularNet(nn.Module):
         route = SoftRoute(self.depth, count, groups, self.route_kind, self.route_init)
         return route.configured(**self.route_options) if self.route_options else route
 
-    def _coerce_route(self, route: Any, task: str) -> Route:
-        """A route of the model's own: every input is copied, never shared."""
-        count = self.pool.num_templates
-        if isinstance(route, Route):
-            new = copy.deepcopy(route)
-        elif torch.is_tensor(route) and route.dtype.is_floating_point:
-            new = SoftRoute.from_coefficients(route.detach())
-        elif (
-            route is None
-            or isinstance(route, (str, bytes, Mapping, int, float))
-            or (torch.is_tensor(route) and route.dtype == torch.bool)
-            or (not torch.is_tensor(route) and any(isinstance(i, (bool, float)) for i in route))
-        ):  # not silently rounded or read as 0/1: a hard route is integer indices
-            raise ValueError(
-                f"the route for task {task!r} must be a list of integer template indices, a "
-                f"float coefficient tensor [L, K] or [L, K, G], or a Route; got {route!r}"
-            )
-        elif torch.is_tensor(route) and route.ndim != 1:
-            raise ValueError(
-                f"an integer route tensor for task {task!r} must be 1-D template indices, got "
-                f"shape {tuple(route.shape)}: pass coefficients [L, K] as a float tensor "
-                "(e.g. route.float() for one-hot rows)"
-            )
-        else:
-            new = HardRoute(route, count)
-        if new.num_templates > count:
-            raise ValueError(
-                f"the route for task {task!r} uses {new.num_templates} templates but the "
-                f"pool has {count}: grow the pool with model.grow(...) first"
-            )
-        covered = list(itertools.accumulate(c.num_templates for c in self.pool.chunks))
-        if new.num_templates not in covered:  # a route made before growth covers whole chunks
-            raise ValueError(
-                f"the route for task {task!r} covers {new.num_templates} templates, but the "
-                f"pool's templates come in chunks covering {covered}: give coefficients for "
-                f"{count} templates"
-            )
-        if isinstance(new, HardRoute):
-            self._check_hard_route(new, task)
-        elif isinstance(new, (SoftRoute, HyperRoute)):
-            self._check_coefficient_route(new, task)
-        return new
-
-    def _check_coefficient_route(self, route: SoftRoute | HyperRoute, task: str) -> None:
-        """A soft or hyper route's depth and coefficients per (layer, template).
-
-        Raises:
-            ValueError: The route has another depth than the model; a soft route's
-                anisotropic coefficients are not one per block tensor; a hyper route
-                on a model without a hypernetwork, or whose ``embed_dim``,
-                ``hyper_templates`` or ``num_tensors`` differ from the hypernetwork's.
-        """
-        hyper = isinstance(route, HyperRoute)
-        if hyper:
-            self._check_hyper_route(route, task)
-        if route.depth != self.depth:
-            fix = f"build it with depth={self.depth}"
-            if not hyper:
-                fix = "give one row of coefficients per layer"
-            raise ValueError(
-                f"the {'hyper' if hyper else 'soft'} route for task {task!r} has {route.depth} "
-                f"layers but the model has depth {self.depth}: {fix}"
-            )
-        if hyper and route.num_tensors != self.hypernet.num_tensors:
-            wanted = self.hypernet.num_tensors
-            gives = f"{wanted} coefficients per (layer, template), one per block tensor"
-            if wanted == 1:
-                gives = "one coefficient per (layer, template), the model being isotropic"
-            raise ValueError(
-                f"the hyper route for task {task!r} has num_tensors={route.num_tensors} but "
-                f"the model's hypernetwork gives {gives}: build it with num_tensors={wanted}"
-            )
-        if not hyper and route.anisotropic and route.logits.shape[2] != self.pool.num_tensors:
-            raise ValueError(
-                f"anisotropic coefficients need {self.pool.num_tensors} entries per "
-                f"(layer, template), one per block tensor; got {route.logits.shape[2]}"
-            )
-
-    def _check_hyper_route(self, route: HyperRoute, task: str) -> None:
-        """A hyper route must fit the model's hypernetwork (its input and its output)."""
-        if self.hypernet is None:
-            raise ValueError(
-                f"the route for task {task!r} is a HyperRoute, but this model's routes are "
-                f"{self.route_kind} and it has no hypernetwork to run it: build the model "
-                "with route='hyper', or give coefficients [L, K] or a SoftRoute"
-            )
-        embed_dim, wanted = route.embedding.shape[0], self.hypernet.embed_dim
-        if embed_dim != wanted:
-            raise ValueError(
-                f"the hyper route for task {task!r} has embed_dim={embed_dim} but the model's "
-                f"hypernetwork takes embeddings of size {wanted} (hyper_dim): build it with "
-                f"embed_dim={wanted}"
-            )
-        if route.hyper_templates != self.hypernet.num_templates:
-            wanted = self.hypernet.num_templates
-            raise ValueError(
-                f"the hyper route for task {task!r} has hyper_templates={route.hyper_templates} "
-                f"but the model's hypernetwork gives coefficients for {wanted} templates: "
-                f"build it with hyper_templates={wanted}"
-            )
-
-    def _check_hard_route(self, route: HardRoute, task: str) -> None:
-        if not 1 <= route.depth <= self.depth:
-            raise ValueError(
-                f"the hard route for task {task!r} has {route.depth} entries: it needs "
-                f"between 1 and {self.depth} (the model's depth; norm statistics exist "
-                f"for {self.depth} layer positions)"
-            )
-        for layer, index in enumerate(route.indices.tolist()):
-            if not 0 <= index < route.num_templates:
-                raise ValueError(
-                    f"route index {index} at layer {layer} of task {task!r} is out of range: "
-                    f"the pool has {route.num_templates} templates (0..{route.num_templates - 1})"
-                )
-
     def _widen_route(self, task: str) -> None:
         route = self.routes[task]
         count = self.pool.num_templates
@@ -1083,7 +927,7 @@ class ModularNet(nn.Module):
                 "sample) together with route="
             )
         if isinstance(route, Route):
-            self._coerce_route(route, single)  # validates; the caller's route itself runs
+            coerce_route(self, route, single)  # validates; the caller's route itself runs
             return single, route.plan(self.hypernet)
         if torch.is_tensor(route) and route.dtype.is_floating_point:
             shape = tuple(route.shape)
@@ -1101,7 +945,7 @@ class ModularNet(nn.Module):
                 )
             return single, RoutePlan(coefficients=route)
         hard = HardRoute(route, self.pool.num_templates)
-        self._check_hard_route(hard, single)
+        check_hard_route(self, hard, single)
         return single, hard.plan(self.hypernet)
 
     def _run_layer(

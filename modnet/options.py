@@ -114,7 +114,8 @@ def _resolver(model: str, options: Mapping[str, Any]):
 
 def _check_hyper_options(options: Mapping[str, Any]) -> None:
     """The model's own check of the hypernetwork options (``check_hyper_options``)."""
-    from .model import HYPER_DEFAULTS, ModularNet, check_hyper_options
+    from .model import ModularNet
+    from .route_checks import HYPER_DEFAULTS, check_hyper_options
 
     route = options.get("route", inspect.signature(ModularNet).parameters["route"].default)
     try:
@@ -124,7 +125,7 @@ def _check_hyper_options(options: Mapping[str, Any]) -> None:
 
 
 def _check_route_options(model: str, value: Any, options: Mapping[str, Any]) -> None:
-    from .model import _check_route_options as check
+    from .route_checks import check_route_options as check
 
     if not isinstance(value, Mapping):
         raise ConfigError(
