@@ -14,7 +14,13 @@ import pytest
 import timm
 import torch
 
-from modnet.benchmark import Target, inference_workload, make_batch, training_workload
+from modnet.benchmark import (
+    Target,
+    inference_workload,
+    make_batch,
+    set_memory_format,
+    training_workload,
+)
 
 CLASSES = 10
 BATCH = 64
@@ -23,8 +29,8 @@ BATCH = 64
 def layouts() -> dict[str, torch.nn.Module]:
     model = timm.create_model("modnet_conv_tiny", tasks={"t": CLASSES})
     nchw = copy.deepcopy(model)
-    model.trunk.memory_format = torch.channels_last
-    nchw.trunk.memory_format = torch.contiguous_format
+    set_memory_format(model, torch.channels_last)
+    set_memory_format(nchw, torch.contiguous_format)
     return {"channels_last": model, "nchw": nchw}
 
 

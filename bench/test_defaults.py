@@ -24,7 +24,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from modnet.benchmark import Target, Workload, count_flops, matmul_workload, plain_twin
+from modnet.benchmark import (
+    Target,
+    Workload,
+    count_flops,
+    matmul_workload,
+    plain_twin,
+    set_memory_format,
+)
 from modnet.data import load_task
 from modnet.train import TrainConfig, Trainer
 from modnet.train.distributed import DistContext
@@ -39,11 +46,7 @@ CPU = torch.device("cpu")
 
 def _reference(model, task: str) -> torch.nn.Module:
     """The plain twin, kept in NCHW: its trunk (a copy) no longer converts the input."""
-    plain = plain_twin(model, task)
-    for module in plain.modules():
-        if "memory_format" in vars(type(module)):
-            module.memory_format = torch.contiguous_format
-    return plain
+    return set_memory_format(plain_twin(model, task), torch.contiguous_format)
 
 
 def _images(model, batch: int) -> torch.Tensor:

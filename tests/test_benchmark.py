@@ -489,3 +489,56 @@ def test_bench_keeps_the_profilers_cpp_logging_off_stderr(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "peak" in done.stdout  # the memory profiler ran
     assert all(line.startswith("[1/1] modnet_conv_tiny") for line in done.stderr.splitlines())
+
+
+# ------------------------------------------------------------------ memory layout
+
+
+class ConvInputLayouts(torch.overrides.TorchFunctionMode):
+    """Records the layout of every 2-D convolution's input: "NHWC" or "NCHW"."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.functional.conv2d, torch.conv2d):
+            x = args[0]
+            nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            self.seen.append("NHWC" if nhwc else "NCHW")
+        return func(*args, **(kwargs or {}))
+
+
+def conv_input_layouts(model: nn.Module, x: torch.Tensor, task: str | None) -> set[str]:
+    mode = ConvInputLayouts()
+    with torch.no_grad(), mode:
+        model.eval()(x) if task is None else model.eval()(x, task=task)
+    assert len(mode.seen) > 1
+    return set(mode.seen)
+
+
+@pytest.mark.parametrize(
+    ("options", "modnet_layout", "baseline_layout"),
+    [
+        (["--compare", "layout"], "NHWC", "NCHW"),
+        (["--compare", "layout", "--no-channels-last"], "NCHW", "NHWC"),
+        (["--compare", "export", "--no-channels-last"], "NCHW", "NCHW"),
+        (["--compare", "timm", "--no-channels-last"], "NCHW", "NCHW"),
+        (["--compare", "export"], "NHWC", "NHWC"),
+    ],
+)
+def test_bench_sides_run_every_convolution_in_the_layout_they_are_labelled(
+    options, modnet_layout, baseline_layout
+):
+    args = build_parser().parse_args(["bench", *options, *CONV_ARGS])
+    kwargs = parse_kwargs(args.model_kwargs)
+    sides = build_sides("modnet_conv_tiny", args, CPU, bm.Precision.parse("float32"), kwargs)
+    assert sides.channels_last == (modnet_layout == "NHWC")
+    assert sides.baseline_channels_last == (baseline_layout == "NHWC")
+    x, _ = bm.make_batch(sides.modnet, 2, 10, CPU, channels_last=sides.channels_last)
+    assert conv_input_layouts(sides.modnet, x, "default") == {modnet_layout}
+    layout = torch.channels_last if sides.baseline_channels_last else torch.contiguous_format
+    seen = conv_input_layouts(
+        sides.baseline, x.contiguous(memory_format=layout), sides.baseline_task
+    )
+    assert seen == {baseline_layout}

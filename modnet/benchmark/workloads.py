@@ -213,16 +213,49 @@ def make_batch(
 def place(
     model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool = False
 ) -> nn.Module:
-    """Moves ``model`` to ``device`` and ``dtype``, 4-D weights to NHWC if asked.
+    """Moves ``model`` to ``device`` and ``dtype`` and runs it in one memory layout.
 
+    The layout is set where it is decided: 4-D weights are made NHWC (or NCHW),
+    and every module that converts its input itself (the conv family's trunk,
+    ``ConvTrunk.memory_format``, also in an ``ExportedNet``'s copy) is set to the
+    same layout (``set_memory_format``), so a side labelled NCHW runs NCHW.
     ``nn.Module.to(memory_format=...)`` refuses the 5-D stacked templates of a
     pool, so only 4-D tensors are converted (a mixed conv weight follows its input).
+
+    Args:
+        model: The network, moved in place.
+        device: Where it runs.
+        dtype: The dtype of its floating-point tensors.
+        channels_last: NHWC if True, else NCHW (``torch.contiguous_format``).
+
+    Returns:
+        ``model``.
     """
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device=device, dtype=dtype)
-    if channels_last:
-        model._apply(
-            lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-        )
+    model._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)
+    set_memory_format(model, layout)
+    return model
+
+
+def set_memory_format(model: nn.Module, layout: torch.memory_format) -> nn.Module:
+    """Sets the layout every submodule that converts its own input converts it to.
+
+    Such modules declare a ``memory_format`` class attribute (``ConvTrunk``: the
+    conv family's trunk converts images and its stem's output to it, default
+    ``torch.channels_last``); every convolution after them follows its input's
+    layout. Other modules are left alone, so this is a no-op for a ViT.
+
+    Args:
+        model: The network; changed in place.
+        layout: ``torch.channels_last`` (NHWC) or ``torch.contiguous_format`` (NCHW).
+
+    Returns:
+        ``model``.
+    """
+    for module in model.modules():
+        if "memory_format" in vars(type(module)):
+            module.memory_format = layout
     return model
 
 
