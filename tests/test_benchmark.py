@@ -542,3 +542,21 @@ def test_bench_sides_run_every_convolution_in_the_layout_they_are_labelled(
         sides.baseline, x.contiguous(memory_format=layout), sides.baseline_task
     )
     assert seen == {baseline_layout}
+
+
+# ------------------------------------------------------------------------ FLOPs
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_attention_flops_are_counted_on_the_cpu(train):
+    """Forward: QK^T and AV, two matmuls; backward: five more (torch's own formulas)."""
+    b, h, s, d = 2, 3, 17, 8
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=train) for _ in range(3))
+
+    def step():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if train:
+            out.sum().backward()
+
+    matmul = 2 * b * h * s * s * d
+    assert bm.count_flops(bm.Workload(step, b, CPU)) == (7 if train else 2) * matmul
