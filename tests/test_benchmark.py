@@ -560,3 +560,69 @@ def test_attention_flops_are_counted_on_the_cpu(train):
 
     matmul = 2 * b * h * s * s * d
     assert bm.count_flops(bm.Workload(step, b, CPU)) == (7 if train else 2) * matmul
+
+
+# ------------------------------------------------------------------- failed sweeps
+
+
+def fail_at_batch(monkeypatch, batch: int) -> None:
+    """Makes ``measure`` raise as torch does when memory runs out, at one batch size."""
+    from modnet.commands import bench
+
+    real = bench.measure
+
+    def measure(args, name, mode, batch_size, *rest):
+        if batch_size == batch:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ...\nmore")
+        return real(args, name, mode, batch_size, *rest)
+
+    monkeypatch.setattr(bench, "measure", measure)
+
+
+@pytest.mark.parametrize("name", ["sweep.csv", "sweep.json"])
+def test_a_failed_configuration_keeps_the_rows_measured_before_it(
+    name, tmp_path, capsys, monkeypatch
+):
+    fail_at_batch(monkeypatch, 3)
+    out = tmp_path / name
+    args = ["bench", *CONV_ARGS, *TINY_CLI, "--no-memory", "--results-file", str(out)]
+    assert main([*args, "--batch-size", "2", "4", "3", "5"]) == 1
+    rows = (
+        json.loads(out.read_text()) if name.endswith("json") else list(csv.DictReader(out.open()))
+    )
+    assert [int(row["batch_size"]) for row in rows] == [2, 4]
+    failed, saved = capsys.readouterr().err.splitlines()[-2:]
+    assert failed == (
+        "modnet bench: modnet_conv_tiny inference batch 3 failed: DefaultCPUAllocator: can't "
+        "allocate memory: you tried ...: leave this configuration out (a smaller --batch-size "
+        "if memory ran out) and run again"
+    )
+    assert saved == f"modnet bench: wrote 2 rows to {out}"
+
+
+def test_a_results_file_that_appears_during_the_run_is_kept_and_the_rows_printed(
+    tmp_path, capsys, monkeypatch
+):
+    from modnet.commands import bench
+
+    out = tmp_path / "rows.csv"
+    real = bench.measure
+
+    def measure(*args):
+        row = real(*args)
+        out.write_text("someone else's\n")
+        return row
+
+    monkeypatch.setattr(bench, "measure", measure)
+    args = ["bench", *CONV_ARGS, *TINY_CLI, "--no-memory", "--results-file", str(out)]
+    assert main(args) == 2
+    assert out.read_text() == "someone else's\n"
+    captured = capsys.readouterr()
+    printed = list(csv.DictReader(captured.out.splitlines()[1:]))
+    assert [row["model"] for row in printed] == ["modnet_conv_tiny"]
+    assert captured.err.splitlines()[-1].endswith(
+        "already exists: choose another --results-file, or pass --overwrite to replace it (it "
+        "appeared while modnet bench ran and was left as it is; the rows measured, 1 row, are "
+        "printed above on stdout)"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]

@@ -16,7 +16,7 @@ is split by concern:
 from .baselines import OutputMixingNet, plain_twin
 from .flops import count_flops, parameter_count
 from .memory import peak_memory, quiet_profiler, storage_bytes
-from .report import progress_printer, significant, summary_line, write_results
+from .report import format_results, progress_printer, significant, summary_line, write_results
 from .timing import Interleaver, Ratio, Target
 from .workloads import (
     PRECISIONS,
@@ -43,6 +43,7 @@ __all__ = [
     "Target",
     "Workload",
     "count_flops",
+    "format_results",
     "inference_workload",
     "input_size",
     "make_batch",

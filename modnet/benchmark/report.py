@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io.fs import atomic_write, atomic_write_text
+from ..io.fs import atomic_write_text
 
 
 def progress_printer(label: str, stream=None) -> Callable[[int, int], None]:
@@ -48,23 +49,30 @@ def summary_line(row: dict[str, Any]) -> str:
     return line
 
 
-def write_results(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Writes ``rows`` as CSV or JSON (by ``path``'s suffix), atomically: a crash or a
-    full disk leaves any earlier file whole."""
-    if Path(path).suffix.lower() == ".json":
-        atomic_write_text(Path(path), json.dumps(list(rows), indent=2) + "\n")
-        return
+def format_results(rows: Sequence[dict[str, Any]], suffix: str) -> str:
+    """``rows`` as the text of a results file: JSON for ``.json``, else CSV (the
+    columns in order of first appearance; a field a row lacks is left empty)."""
+    if suffix.lower() == ".json":
+        return json.dumps(list(rows), indent=2) + "\n"
     fields: list[str] = []
     for row in rows:
         fields += [key for key in row if key not in fields]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
 
-    atomic_write(Path(path), write)
+def write_results(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Writes ``rows`` as CSV or JSON (by ``path``'s suffix), atomically: a crash or a
+    full disk leaves any earlier file whole.
+
+    Raises:
+        DiskFullError: The device is full (the message names ``path``).
+    """
+    path = Path(path)
+    atomic_write_text(path, format_results(rows, path.suffix))
 
 
 def significant(value: float, digits: int = 4) -> float:

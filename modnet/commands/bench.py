@@ -125,6 +125,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Measures every configuration in turn and writes the rows.
+
+    A configuration that fails (out of memory, a model that cannot run at that
+    size) ends the sweep with exit code 1: one line names it (model, mode, batch
+    size) and the fix, the next says where the rows measured before it went
+    (``--results-file``, written all the same, or stdout).
+
+    Returns:
+        0 when every configuration was measured, 1 when one failed.
+
+    Raises:
+        ConfigError: An invalid option (before anything is measured), or a results
+            file that appeared during the run: it is left as it is and the rows are
+            printed on stdout instead.
+    """
     device, precision, kwargs = check_options(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -138,16 +153,48 @@ def run(args: argparse.Namespace) -> int:
                 row = measure(args, model_name, bench, batch_size, device, precision, kwargs, label)
         except ModnetError:
             raise  # the user's to fix: one line and exit 2 (modnet.cli)
-        except (ValueError, TypeError, RuntimeError) as error:
-            print(f"modnet bench: {model_name}: {error}", file=sys.stderr)
+        except (ValueError, TypeError, RuntimeError, MemoryError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(
+                f"modnet bench: {model_name} {bench} batch {batch_size} failed: {reason}: "
+                "leave this configuration out (a smaller --batch-size if memory ran out) "
+                "and run again",
+                file=sys.stderr,
+            )
+            print(f"modnet bench: {save_rows(rows, args)}", file=sys.stderr)
             return 1
         rows.append(row)
         print(bm.summary_line(row), flush=True)
     if args.results_file is not None:
-        check_results_file(args.results_file, args.overwrite)  # it may have appeared meanwhile
-        bm.write_results(rows, args.results_file)
-        print(f"wrote {len(rows)} rows to {args.results_file}", file=sys.stderr)
+        print(save_rows(rows, args), file=sys.stderr)
     return 0
+
+
+def save_rows(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Writes ``rows`` to ``--results-file`` (if given) and says where they went.
+
+    Raises:
+        ConfigError: The results file appeared during the run (another process wrote
+            it) and ``--overwrite`` was not given: it is left as it is, and the rows
+            are printed on stdout in its format so none is lost.
+    """
+    counted = f"{len(rows)} row{'' if len(rows) == 1 else 's'}"
+    path = args.results_file
+    if not rows:
+        return "nothing was measured" + (f", so {path} was not written" if path else "")
+    if path is None:
+        return f"what was measured ({counted}) is printed above"
+    try:
+        check_results_file(path, args.overwrite)  # it may have appeared meanwhile
+    except ConfigError as error:
+        sys.stdout.write(bm.format_results(rows, path.suffix))
+        sys.stdout.flush()
+        raise ConfigError(
+            f"{error} (it appeared while modnet bench ran and was left as it is; the rows "
+            f"measured, {counted}, are printed above on stdout)"
+        ) from None
+    bm.write_results(rows, path)
+    return f"wrote {counted} to {path}"
 
 
 # ------------------------------------------------------------------------- checks
