@@ -626,3 +626,36 @@ def test_a_results_file_that_appears_during_the_run_is_kept_and_the_rows_printed
         "printed above on stdout)"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+
+
+# ------------------------------------------------------------------- symbolic links
+
+
+@pytest.mark.parametrize("dangling", [True, False])
+def test_a_results_file_that_is_a_symbolic_link_counts_as_existing(dangling, tmp_path, capsys):
+    target = tmp_path / "elsewhere" / "target.csv"
+    if not dangling:
+        target.parent.mkdir()
+        target.write_text("mine\n")
+    link = tmp_path / "rows.csv"
+    link.symlink_to(target)
+    args = ["bench", *CONV_ARGS, *TINY_CLI, "--no-memory", "--results-file", str(link)]
+    assert main(args) == 2
+    assert one_error_line(capsys) == (
+        f"{link} (a symbolic link to {target}) already exists: choose another --results-file, "
+        "or pass --overwrite to replace it"
+    )
+    assert link.is_symlink() and target.exists() != dangling
+    assert main([*args, "--overwrite"]) == 0  # writes the file the link points to
+    assert link.is_symlink() and link.resolve() == target
+    assert [row["model"] for row in csv.DictReader(target.open())] == ["modnet_conv_tiny"]
+
+
+def test_refuse_existing_counts_a_dangling_link_for_every_writer(tmp_path):
+    from modnet.errors import ConfigError
+    from modnet.io.fs import refuse_existing
+
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="already exists: choose another directory"):
+        refuse_existing([link], "directory", "overwrite=True")

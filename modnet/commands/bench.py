@@ -116,10 +116,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--results-file",
         type=Path,
         default=None,
-        help=".csv or .json; an existing file is refused unless --overwrite is given",
+        help=".csv or .json; an existing file (or a symbolic link, even a dangling one) "
+        "is refused unless --overwrite is given",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --results-file"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --results-file (for a symbolic link: the file it points "
+        "to, keeping the link)",
     )
     parser.set_defaults(func=run)
 

@@ -107,6 +107,9 @@ def existing_ancestor(path: str | Path) -> Path:
 def refuse_existing(paths: Iterable[Path], choose: str, replace: str) -> None:
     """Refuses, before any work, to replace files that exist (a user's, perhaps).
 
+    A symbolic link counts as existing, even a dangling one: writing the path would
+    write the file it points to (``atomic_write``).
+
     Args:
         paths: The files about to be written.
         choose: What to choose instead, for the message (``--out``, ``directory``).
@@ -115,13 +118,15 @@ def refuse_existing(paths: Iterable[Path], choose: str, replace: str) -> None:
     Raises:
         ConfigError: Naming every one of ``paths`` that exists, in one line.
     """
-    existing = [Path(p) for p in paths if Path(p).exists()]
+    existing = [Path(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
     if existing:
         first, *rest = existing
         names = [str(first), *(p.name if p.parent == first.parent else str(p) for p in rest)]
+        if first.is_symlink():
+            names[0] += f" (a symbolic link to {os.readlink(first)})"
         listed = f"{', '.join(names[:-1])} and {names[-1]} already exist" if rest else ""
         raise ConfigError(
-            f"{listed or f'{first} already exists'}: choose another {choose}, or pass "
+            f"{listed or f'{names[0]} already exists'}: choose another {choose}, or pass "
             f"{replace} to replace {'them' if rest else 'it'}"
         )
 
@@ -130,12 +135,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Writes ``path`` through ``write(tmp_path)``, flushes it and renames it into place.
 
     The file and then its directory are fsynced, so the new content survives a
-    crash once this returns, and a crash before leaves the old file.
+    crash once this returns, and a crash before leaves the old file. When ``path``
+    is a symbolic link (even a dangling one), the file it points to is written and
+    the link is kept, as ``open(path, "w")`` would do.
 
     Raises:
         DiskFullError: The device is full (the message names ``path``).
     """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}{TMP_MARK}{os.getpid()}{path.suffix}")
     try:
