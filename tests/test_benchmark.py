@@ -381,6 +381,14 @@ BAD_INPUTS = [
         "unknown model option 'img_sizee' for vit_tiny_patch16_224: check its spelling",
     ),
     (["--model-arg", "num_classes=3"], "give the classes as --num-classes instead"),
+    (
+        ["--model-arg", "tasks={'a': 3}", "--num-classes", "5"],
+        "--num-classes 5 with --model-arg tasks={'a': 3}: the tasks give the classes; leave out",
+    ),
+    (
+        ["--model-arg", "img_size=64", "--img-size", "32"],
+        "--img-size 32 and --model-arg img_size=64 disagree: give the input size once",
+    ),
     (["--batch-size", "8", "0"], "--batch-size 0 is not a batch size: give sizes of at least 1"),
     (["--batch-size", "-1"], "--batch-size -1 is not a batch size"),
     (["--rounds", "0"], "--rounds must be at least 1 (timed rounds per side), got 0"),
@@ -659,3 +667,15 @@ def test_refuse_existing_counts_a_dangling_link_for_every_writer(tmp_path):
     link.symlink_to(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="already exists: choose another directory"):
         refuse_existing([link], "directory", "overwrite=True")
+
+
+def test_bench_measures_the_first_task_of_a_tasks_model_arg(tmp_path):
+    out = tmp_path / "rows.json"
+    args = ["bench", *CONV_ARGS, "--model-arg", 'tasks={"a": 3, "b": 5}', *TINY_CLI]
+    assert main([*args, "--no-memory", "--compare", "export", "--results-file", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "modnet_conv_tiny" and row["ratio"] > 0
+    parsed = build_parser().parse_args(["bench", *CONV_ARGS, "--model-arg", 'tasks={"a": 3}'])
+    kwargs = parse_kwargs(parsed.model_kwargs)
+    sides = build_sides("modnet_conv_tiny", parsed, CPU, bm.Precision.parse("float32"), kwargs)
+    assert sides.task == "a" and list(sides.modnet.heads) == ["a"]

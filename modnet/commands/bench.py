@@ -25,6 +25,7 @@ from .. import benchmark as bm
 from ..errors import ConfigError, ModnetError
 from ..factory import from_timm
 from ..families import timm_family
+from ..model import _head_classes
 from ..options import create_model, modnet_models, timm_create
 from ._options import add_model_arg_option, parse_model_args, refuse_replacing
 
@@ -36,6 +37,7 @@ COMPARE = {
     "layout": "the same model in the other memory layout (NCHW vs channels_last)",
 }
 TASK = "default"
+NUM_CLASSES = 1000  # --num-classes unless the user gives it or --model-arg tasks
 DESCRIPTION = """\
 Samples/s after warm-up (inference under inference_mode, training as one SGD
 step), parameter count, GMACs per sample, peak memory and the share of the
@@ -70,8 +72,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bench", choices=("inference", "train", "both"), default="inference")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64])
-    parser.add_argument("--img-size", type=int, default=None, help="input size (model default)")
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input size (model default; or --model-arg img_size=N, not both)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help=f"classes of the model's head (default {NUM_CLASSES}); with --model-arg "
+        "tasks={name: classes} the first task is measured instead",
+    )
     parser.add_argument("--precision", choices=bm.PRECISIONS, default="float32")
     layout = parser.add_mutually_exclusive_group()
     layout.add_argument(
@@ -264,19 +277,12 @@ def check_model(name: str, args: argparse.Namespace, kwargs: dict[str, Any]) -> 
     A ``modnet_*`` model is built on the CPU (they are small); a timm model on the
     meta device (no memory, no initialisation), then checked for ``from_timm``.
     """
-    if "num_classes" in kwargs:
-        raise ConfigError(
-            f"--model-arg num_classes={kwargs['num_classes']!r}: give the classes as "
-            "--num-classes instead"
-        )
-    options = dict(kwargs, num_classes=args.num_classes)
-    if args.img_size is not None:
-        options["img_size"] = args.img_size
+    options = model_options(args, kwargs)
     if name.startswith("modnet_"):
         model = create_model(name, options)
         if args.compare == "moe":
             try:  # output mixing needs [L, K] coefficients: a soft, isotropic route
-                bm.OutputMixingNet(model, TASK).coefficients()
+                bm.OutputMixingNet(model, measured_task(model)).coefficients()
             except ValueError:
                 given = " ".join(
                     f"{k}={kwargs[k]}" for k in ("route", "anisotropic") if k in kwargs
@@ -303,6 +309,48 @@ def check_model(name: str, args: argparse.Namespace, kwargs: dict[str, Any]) -> 
         )
 
 
+def model_options(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The options a model is built with: ``--model-arg``, ``--img-size``, ``--num-classes``.
+
+    ``num_classes`` is passed when the user gave ``--num-classes``, or when no
+    ``--model-arg tasks=...`` names the heads (then ``NUM_CLASSES``).
+
+    Raises:
+        ConfigError: ``--model-arg num_classes`` (``--num-classes`` says it), or
+            ``--num-classes`` with ``--model-arg tasks``, or ``--img-size`` and
+            ``--model-arg img_size`` that disagree.
+    """
+    if "num_classes" in kwargs:
+        raise ConfigError(
+            f"--model-arg num_classes={kwargs['num_classes']!r}: give the classes as "
+            "--num-classes instead"
+        )
+    options = dict(kwargs)
+    if kwargs.get("tasks") is None:
+        options["num_classes"] = NUM_CLASSES if args.num_classes is None else args.num_classes
+    elif args.num_classes is not None:
+        raise ConfigError(
+            f"--num-classes {args.num_classes} with --model-arg tasks={kwargs['tasks']!r}: "
+            "the tasks give the classes; leave out --num-classes"
+        )
+    if args.img_size is not None:
+        given = kwargs.get("img_size", args.img_size)
+        if given != args.img_size:
+            raise ConfigError(
+                f"--img-size {args.img_size} and --model-arg img_size={given!r} disagree: "
+                "give the input size once"
+            )
+        options["img_size"] = args.img_size
+    return options
+
+
+def measured_task(model: nn.Module) -> str:
+    """The task measured: ``default`` (from ``--num-classes``), else the model's first
+    (``--model-arg tasks={name: classes}``)."""
+    heads = getattr(model, "heads", {})
+    return TASK if TASK in heads or not heads else next(iter(heads))
+
+
 def check_results_file(path: Path, overwrite: bool) -> None:
     """Refuses a results file that exists, unless ``--overwrite`` says to replace it, or
     one that cannot be created (a file on its path, a folder it cannot be written in)."""
@@ -325,6 +373,7 @@ class Sides:
     modnet: nn.Module
     eager_modnet: nn.Module
     channels_last: bool
+    task: str
     baseline: nn.Module | None = None
     eager_baseline: nn.Module | None = None
     baseline_name: str | None = None
@@ -340,38 +389,37 @@ def build_sides(
     kwargs: dict[str, Any],
 ) -> Sides:
     """Creates the model (``from_timm`` for timm names) and the ``--compare`` baseline."""
-    options = dict(kwargs)
-    if args.img_size is not None:
-        options["img_size"] = args.img_size
+    options = model_options(args, kwargs)
     timm_model = None
     if name.startswith("modnet_"):
-        model = timm.create_model(name, num_classes=args.num_classes, **options)
+        model = timm.create_model(name, **options)
     else:
-        timm_model = timm.create_model(
-            name, pretrained=False, num_classes=args.num_classes, **options
-        )
+        timm_model = timm.create_model(name, pretrained=False, **options)
         model = from_timm(timm_model, task=TASK)
+    task = measured_task(model)
     baseline, baseline_name, baseline_task = None, None, None
     if args.compare == "timm":
-        baseline = timm_model if timm_model is not None else bm.plain_twin(model, TASK)
+        baseline = timm_model if timm_model is not None else bm.plain_twin(model, task)
         baseline_name = name if timm_model is not None else f"timm:{type(baseline).__name__}"
     elif args.compare == "export":
-        baseline, baseline_name = model.export(TASK), "export"
+        baseline, baseline_name = model.export(task), "export"
     elif args.compare == "moe":
-        baseline, baseline_name = bm.OutputMixingNet(model, TASK), "output-mixing"
+        baseline, baseline_name = bm.OutputMixingNet(model, task), "output-mixing"
     elif args.compare == "eager":
-        baseline, baseline_name, baseline_task = model, "eager", TASK
+        baseline, baseline_name, baseline_task = model, "eager", task
     channels_last = args.channels_last
     if channels_last is None:
         channels_last = bm.uses_convolutions(model)
     baseline_layout = channels_last
     if args.compare == "layout":
-        baseline, baseline_task, baseline_layout = copy.deepcopy(model), TASK, not channels_last
+        baseline, baseline_task, baseline_layout = copy.deepcopy(model), task, not channels_last
         baseline_name = "channels_last" if baseline_layout else "nchw"
     model = bm.place(model, device, precision.dtype, channels_last)
     if baseline is not None and baseline is not model:
         baseline = bm.place(baseline, device, precision.dtype, baseline_layout)
-    sides = Sides(model, model, channels_last, baseline, baseline, baseline_name, baseline_task)
+    sides = Sides(
+        model, model, channels_last, task, baseline, baseline, baseline_name, baseline_task
+    )
     sides.baseline_channels_last = baseline_layout
     if args.compile or args.compare == "eager":
         sides.modnet = torch.compile(model)
@@ -396,7 +444,7 @@ def measure(
     x, y = bm.make_batch(
         sides.eager_modnet,
         batch_size,
-        args.num_classes,
+        _head_classes(sides.eager_modnet.heads[sides.task]) or 1,
         device,
         precision.dtype,
         sides.channels_last,
@@ -418,8 +466,8 @@ def measure(
         return bm.inference_workload(model, x, task, precision, micro)
 
     matmul, matmul_flops = bm.matmul_workload(device, precision.compute_dtype, args.matmul_size)
-    workloads = {"modnet": workload(sides.modnet, TASK), "matmul": matmul}
-    eager = {"modnet": workload(sides.eager_modnet, TASK)}
+    workloads = {"modnet": workload(sides.modnet, sides.task), "matmul": matmul}
+    eager = {"modnet": workload(sides.eager_modnet, sides.task)}
     if sides.baseline is not None:
         workloads["baseline"] = workload(sides.baseline, sides.baseline_task, x_baseline)
         eager["baseline"] = workload(sides.eager_baseline, sides.baseline_task, x_baseline)
