@@ -273,7 +273,7 @@ def test_bench_writes_one_csv_row_per_configuration_with_every_field(tmp_path, c
     fields = {
         "model", "bench", "device", "threads", "precision", "batch_size", "img_size",
         "channels_last", "compile", "param_count_m", "gmacs", "samples_per_sec",
-        "step_time_ms", "gflops_per_sec", "flops_utilization", "peak_memory_mb",
+        "step_time_ms", "gflops_per_sec", "flops_utilization", "peak_memory_mib",
         "matmul_gflops_per_sec", "rounds",
     }  # fmt: skip
     assert fields <= set(rows[0])
@@ -304,7 +304,7 @@ def test_bench_compare_baselines_of_a_modnet_model(compare, tmp_path):
     args = ["bench", "--model", "modnet_conv_tiny", *CONV_KWARGS, "--no-memory"]
     assert main([*args, *TINY_CLI, "--compare", compare, "--results-file", str(out)]) == 0
     (row,) = json.loads(out.read_text())
-    assert row["ratio"] > 0 and "peak_memory_mb" not in row
+    assert row["ratio"] > 0 and "peak_memory_mib" not in row
     if compare == "moe":  # K templates run per layer: K times the block FLOPs
         assert row["baseline_gmacs"] > 2 * row["gmacs"]
     if compare == "layout":  # the conv family runs channels_last, the baseline NCHW
@@ -679,3 +679,49 @@ def test_bench_measures_the_first_task_of_a_tasks_model_arg(tmp_path):
     kwargs = parse_kwargs(parsed.model_kwargs)
     sides = build_sides("modnet_conv_tiny", parsed, CPU, bm.Precision.parse("float32"), kwargs)
     assert sides.task == "a" and list(sides.modnet.heads) == ["a"]
+
+
+def test_bench_leaves_peak_memory_of_a_compiled_side_empty(tmp_path, capsys, monkeypatch):
+    """Peak memory is measured on eager models: a compiled side has none, and no ratio."""
+    from modnet.commands import bench
+
+    def build(*args):  # compiling is slow: a wrapper stands in for torch.compile's
+        sides = real(*args)
+        sides.modnet = _Wrapped(sides.eager_modnet)
+        return sides
+
+    real = bench.build_sides
+    monkeypatch.setattr(bench, "build_sides", build)
+    out = tmp_path / "rows.json"
+    args = ["bench", *CONV_ARGS, *TINY_CLI, "--compare", "eager", "--results-file", str(out)]
+    assert main(args) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["peak_memory_mib"] is None and row["memory_ratio"] is None
+    assert row["baseline_peak_memory_mib"] > 0
+    printed = capsys.readouterr().out
+    assert "peak memory n/a (compiled)" in printed and "peak memory ratio" not in printed
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def test_every_results_column_is_documented_in_the_help_and_the_readme(tmp_path):
+    from pathlib import Path
+
+    out = tmp_path / "rows.json"
+    args = ["bench", *CONV_ARGS, *TINY_CLI, "--compare", "export", "--results-file", str(out)]
+    assert main(args) == 0
+    (row,) = json.loads(out.read_text())
+    help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for column in row:
+        documented = column.removeprefix("baseline_") if column != "baseline" else column
+        assert documented in help_text, column
+        assert f"`{documented}`" in readme, column
+    assert "peak_memory_mib" in row and "MiB (2**20 bytes)" in help_text

@@ -36,15 +36,16 @@ def summary_line(row: dict[str, Any]) -> str:
         f"{row['samples_per_sec']:.1f} samples/s, {row['gmacs']:.3f} GMACs/sample, "
         f"{row['flops_utilization']:.1%} of matmul peak"
     )
-    if "peak_memory_mb" in row:
-        line += f", peak {row['peak_memory_mb']:.1f} MB"
+    if "peak_memory_mib" in row:
+        peak = row["peak_memory_mib"]
+        line += ", peak memory n/a (compiled)" if peak is None else f", peak {peak:.1f} MiB"
     if "ratio" in row:
         line += (
             f"\n  modnet/{row['baseline']} throughput ratio {row['ratio']:.3f} "
             f"(IQR {row['ratio_low']:.3f}-{row['ratio_high']:.3f}); "
             f"{row['baseline']}: {row['baseline_samples_per_sec']:.1f} samples/s"
         )
-        if "memory_ratio" in row:
+        if row.get("memory_ratio") is not None:
             line += f"; peak memory ratio {row['memory_ratio']:.3f}"
     return line
 

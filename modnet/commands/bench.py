@@ -53,7 +53,37 @@ examples:
       --compare timm --results-file results.csv
   modnet bench --model modnet_conv_tiny --model-arg num_templates=4 --compare moe
   modnet bench --model modnet_vit_tiny --compare eager      # torch.compile vs eager
-  modnet bench --model modnet_conv_tiny --compare layout     # channels_last vs NCHW"""
+  modnet bench --model modnet_conv_tiny --compare layout     # channels_last vs NCHW
+
+columns of --results-file (.csv: one row per model, mode and batch size; .json: a
+list of the same rows; an empty CSV cell is null in JSON):
+  model, bench, device  the model, inference or train, the device
+  threads               torch CPU threads (empty on CUDA)
+  precision             --precision
+  batch_size            samples per step
+  micro_batch           inference: samples per forward pass (empty: the whole batch
+                        in one pass; always empty for train)
+  img_size              input height and width, pixels
+  channels_last         the modnet side's layout (True: NHWC, False: NCHW)
+  compile               whether the modnet side ran under torch.compile
+  rounds                timed rounds per side
+  matmul_gflops_per_sec the dense square matmul timed in the same rounds, GFLOP/s
+  param_count_m         parameters, millions
+  gmacs                 GMACs per sample (a MAC is 2 FLOPs); train: forward+backward
+  samples_per_sec       samples/s (batch_size / step time)
+  step_time_ms          median time of one step (one whole batch), milliseconds
+  gflops_per_sec        counted FLOPs per second of the step, GFLOP/s
+  flops_utilization     median per-round share of the matmul's FLOP/s, a fraction 0-1
+  peak_memory_mib       peak memory of one step, MiB (2**20 bytes): resident state
+                        plus the highest transient allocation; empty for a compiled
+                        side (measured on eager models only); absent with --no-memory
+with --compare, also:
+  baseline              what modnet is compared with (see --compare)
+  baseline_*            the columns above from param_count_m on, for the baseline
+  ratio                 throughput modnet/baseline (samples/s), median of per-round
+                        ratios (above 1: modnet faster)
+  ratio_low, ratio_high the quartiles of the per-round ratios
+  memory_ratio          peak memory modnet/baseline (empty if either side compiled)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,7 +132,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="inference: run each batch as forward passes of this many samples, both sides "
         "(default: the modnet family's, as evaluation does; 0: one pass per batch)",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile both sides (peak memory is measured on eager models only, so "
+        "it is left empty for a compiled side, and so is memory_ratio)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per side")
@@ -124,7 +159,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="side of the square matmul that measures the machine's FLOP/s "
         "(default 2048 on CPU, 8192 on CUDA)",
     )
-    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip peak memory (no peak_memory_mib, baseline_peak_memory_mib, memory_ratio)",
+    )
     parser.add_argument(
         "--results-file",
         type=Path,
@@ -493,20 +532,32 @@ def measure(
         matmul_gflops_per_sec=round(matmul_flops / timer.step_time("matmul") / 1e9, 1),
     )
     row.update(side_fields("", "modnet", sides.eager_modnet, timer, flops, batch_size))
-    memory = {} if args.no_memory else {side: bm.peak_memory(w) for side, w in eager.items()}
+    # Peak memory is measured on the eager model: a compiled side's is left empty
+    # (None) rather than reported as its eager twin's.
+    compiled = {"modnet": sides.modnet is not sides.eager_modnet}
+    compiled["baseline"] = sides.baseline is not sides.eager_baseline
+    memory = {} if args.no_memory else {
+        side: None if compiled[side] else bm.peak_memory(w) for side, w in eager.items()
+    }  # fmt: skip
     if memory:
-        row["peak_memory_mb"] = round(memory["modnet"] / 2**20, 1)
+        row["peak_memory_mib"] = mebibytes(memory["modnet"])
     if sides.baseline is None:
         return row
     row["baseline"] = sides.baseline_name
     row.update(side_fields("baseline_", "baseline", sides.eager_baseline, timer, flops, batch_size))
     if memory:
-        row["baseline_peak_memory_mb"] = round(memory["baseline"] / 2**20, 1)
-        row["memory_ratio"] = round(memory["modnet"] / memory["baseline"], 4)
+        row["baseline_peak_memory_mib"] = mebibytes(memory["baseline"])
+        both = None not in (memory["modnet"], memory["baseline"])
+        row["memory_ratio"] = round(memory["modnet"] / memory["baseline"], 4) if both else None
     ratio = timer.ratio("modnet", "baseline")
     row.update(ratio=round(ratio.median, 4), ratio_low=round(ratio.low, 4))
     row["ratio_high"] = round(ratio.high, 4)
     return row
+
+
+def mebibytes(size: int | None) -> float | None:
+    """Bytes to MiB (2**20 bytes), one decimal; None (not measured) stays None."""
+    return None if size is None else round(size / 2**20, 1)
 
 
 def side_fields(
