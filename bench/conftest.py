@@ -15,6 +15,7 @@ Options:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,6 +34,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--enforce-targets", action="store_true", help="fail benchmarks that miss a target"
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuses option values the suite cannot run with, as a pytest usage error."""
+    threads = config.getoption("--bench-threads")
+    if threads < 1:
+        raise pytest.UsageError(
+            f"--bench-threads must be at least 1 (torch CPU threads), got {threads}"
+        )
+    scale = config.getoption("--bench-scale")
+    if not (math.isfinite(scale) and scale > 0):
+        raise pytest.UsageError(
+            f"--bench-scale must be a number above 0 (it multiplies every round count), got {scale}"
+        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,9 @@ def interleave(benchmark, request: pytest.FixtureRequest):
         benchmark.pedantic(timer.round, rounds=max(1, round(rounds * scale)), iterations=1)
         benchmark.extra_info["threads"] = torch.get_num_threads()
         for name in workloads:
-            benchmark.extra_info[f"{name}_samples_per_sec"] = round(timer.samples_per_sec(name), 2)
+            if name != "matmul":  # the FLOP/s reference: its samples/s mean nothing
+                samples = round(timer.samples_per_sec(name), 2)
+                benchmark.extra_info[f"{name}_samples_per_sec"] = samples
         return timer
 
     return run

@@ -725,3 +725,42 @@ def test_every_results_column_is_documented_in_the_help_and_the_readme(tmp_path)
         assert documented in help_text, column
         assert f"`{documented}`" in readme, column
     assert "peak_memory_mib" in row and "MiB (2**20 bytes)" in help_text
+
+
+# --------------------------------------------------------------------- small errors
+
+
+def test_ratio_of_nothing_and_make_batch_without_a_size_name_the_fix():
+    with pytest.raises(ValueError, match="no ratios to summarise: time at least one round"):
+        bm.Ratio.of([])
+    with pytest.raises(ValueError, match=r"pass make_batch\(\.\.\., size=\(channels, height"):
+        bm.make_batch(nn.Linear(3, 3), 2, 3, CPU)
+    x, _ = bm.make_batch(nn.Linear(3, 3), 2, 3, CPU, size=(1, 4, 5))
+    assert x.shape == (2, 1, 4, 5)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--bench-threads", "0"], "--bench-threads must be at least 1"),
+        (["--bench-scale", "nan"], "--bench-scale must be a number above 0"),
+        (["--bench-scale", "0"], "--bench-scale must be a number above 0"),
+    ],
+)
+@pytest.mark.slow  # a fresh pytest process per option
+def test_the_bench_suite_refuses_bad_options_as_usage_errors(option, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q"]
+        + ["bench/test_flops.py", *option],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+    )
+    assert done.returncode == 4  # pytest's usage error
+    assert message in done.stderr and "Traceback" not in done.stderr + done.stdout

@@ -127,6 +127,13 @@ class Ratio:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Ratio:
+        """The median and quartiles of ``values`` (one value: all three are it).
+
+        Raises:
+            ValueError: ``values`` is empty (no round was timed).
+        """
+        if not values:
+            raise ValueError("no ratios to summarise: time at least one round first")
         if len(values) < 2:
             value = values[0]
             return cls(value, value, value, len(values))

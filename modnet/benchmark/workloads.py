@@ -181,13 +181,24 @@ def _module_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """``(channels, height, width)`` the model expects."""
+    """``(channels, height, width)`` the model expects.
+
+    Read from its patch embedding (timm ViTs) or its ``pretrained_cfg``.
+
+    Raises:
+        ValueError: The model has neither; ``make_batch(..., size=(C, H, W))`` takes
+            the size directly.
+    """
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
         return (patch_embed.proj.in_channels, *patch_embed.img_size)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     if "input_size" not in cfg:
-        raise ValueError(f"cannot tell the input size of a {type(model).__name__}: pass one")
+        raise ValueError(
+            f"cannot tell the input size of a {type(model).__name__} (no patch_embed.img_size, "
+            "no pretrained_cfg['input_size']): pass make_batch(..., size=(channels, height, "
+            "width))"
+        )
     return tuple(cfg["input_size"])
 
 
@@ -199,10 +210,29 @@ def make_batch(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     seed: int = 0,
+    size: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images of the model's input size and random labels."""
+    """Random images of the model's input size and random labels.
+
+    Args:
+        model: The network, whose input size is read (``input_size``) unless ``size``
+            is given.
+        batch_size: Images in the batch.
+        num_classes: Labels are drawn from ``0 .. num_classes - 1``.
+        device: Where the batch is put.
+        dtype: The images' dtype.
+        channels_last: Make the images NHWC.
+        seed: Seed of the generator.
+        size: ``(channels, height, width)``; default: the model's.
+
+    Returns:
+        Images ``[batch_size, C, H, W]`` and labels ``[batch_size]``.
+
+    Raises:
+        ValueError: ``size`` is not given and the model's cannot be read.
+    """
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, *input_size(model), generator=generator)
+    x = torch.randn(batch_size, *(size or input_size(model)), generator=generator)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator)
     x = x.to(device=device, dtype=dtype)
     if channels_last:
