@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -740,27 +743,37 @@ def test_ratio_of_nothing_and_make_batch_without_a_size_name_the_fix():
 
 
 @pytest.mark.parametrize(
-    ("option", "message"),
+    ("threads", "scale", "message"),
     [
-        (["--bench-threads", "0"], "--bench-threads must be at least 1"),
-        (["--bench-scale", "nan"], "--bench-scale must be a number above 0"),
-        (["--bench-scale", "0"], "--bench-scale must be a number above 0"),
+        (0, 1.0, "--bench-threads must be at least 1 (torch CPU threads), got 0"),
+        (1, math.nan, "--bench-scale must be a number above 0 (it multiplies every round count)"),
+        (1, 0.0, "--bench-scale must be a number above 0 (it multiplies every round count)"),
     ],
 )
-@pytest.mark.slow  # a fresh pytest process per option
-def test_the_bench_suite_refuses_bad_options_as_usage_errors(option, message):
+def test_the_bench_suite_refuses_bad_options_as_usage_errors(threads, scale, message):
+    import importlib
+
+    conftest = importlib.import_module("bench.conftest")  # the suite's own check
+    options = {"--bench-threads": threads, "--bench-scale": scale}
+    config = SimpleNamespace(getoption=options.__getitem__)
+    with pytest.raises(pytest.UsageError, match=re.escape(message)):
+        conftest.pytest_configure(config)
+
+
+@pytest.mark.slow  # a fresh pytest process
+def test_a_bad_bench_suite_option_is_a_usage_error_without_a_traceback():
     import subprocess
     import sys
     from pathlib import Path
 
-    root = Path(__file__).parents[1]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q"]
-        + ["bench/test_flops.py", *option],
+        + ["bench/test_flops.py", "--bench-scale", "nan"],
         capture_output=True,
         text=True,
-        cwd=root,
+        cwd=Path(__file__).parents[1],
         timeout=120,
     )
     assert done.returncode == 4  # pytest's usage error
-    assert message in done.stderr and "Traceback" not in done.stderr + done.stdout
+    assert "--bench-scale must be a number above 0" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
