@@ -156,6 +156,13 @@ def test_a_fisher_diagonal_refuses_non_finite_scales():
         with pytest.raises(ValueError) as error:
             fisher * bad
         assert str(error.value) == f"a Fisher estimate's scale must be a finite number, got {bad}"
+    with pytest.raises(ValueError) as error:
+        -1 * fisher
+    assert str(error.value) == (
+        "a Fisher estimate's scale must be >= 0, got -1: a negative one would make the "
+        "penalties reward moving the weights the estimate protects"
+    )
+    assert torch.equal((0 * fisher)["w"], torch.zeros(2))
     broken = FisherDiagonal({"w": torch.tensor([1.0, math.nan])}, samples=1)
     with pytest.raises(ValueError) as error:
         broken.normalized()

@@ -74,9 +74,20 @@ class FisherDiagonal:
         return NotImplemented
 
     def __mul__(self, scale: float) -> FisherDiagonal:
+        """The estimate times a number >= 0 (a weight per task before summing).
+
+        Raises:
+            ValueError: A negative, NaN or infinite scale.
+            TypeError: Through ``NotImplemented``: ``scale`` is not a number.
+        """
         scale = scale_factor(scale, "a Fisher estimate's scale")
         if scale is None:
             return NotImplemented
+        if scale < 0:  # a Fisher diagonal is an expected squared gradient: never negative
+            raise ValueError(
+                f"a Fisher estimate's scale must be >= 0, got {scale:g}: a negative one would "
+                "make the penalties reward moving the weights the estimate protects"
+            )
         return FisherDiagonal({n: v * scale for n, v in self.values.items()}, self.samples)
 
     __rmul__ = __mul__
