@@ -67,6 +67,7 @@ def _cfg(size: int, stride: int, first_conv: str, **overrides: Any) -> dict[str,
         std=(0.5, 0.5, 0.5),
         interpolation="bilinear",
         crop_pct=1.0,
+        fixed_input_size=True,  # a model takes the img_size it was built for, and refuses others
         num_classes=0,  # no pretrained head: a task's classes are chosen when it is added
         first_conv=first_conv,
         classifier="heads.default",

@@ -481,3 +481,14 @@ def test_timm_getter_feature_class_works_too():
     net = create("modnet_conv_tiny", features_only=True, feature_cls="getter", num_classes=3)
     maps = net(batch(net))
     assert [m.shape[1] for m in maps] == net.feature_info.channels()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_registry_says_the_input_size_is_fixed_as_the_model_does(name):
+    registered = timm.models.get_pretrained_cfg(name)
+    model = create(name)
+    assert registered.fixed_input_size is True
+    assert model.pretrained_cfg["fixed_input_size"] is True
+    channels, height, width = model.pretrained_cfg["input_size"]
+    with pytest.raises(ValueError, match=f"expected {height}x{width} images"):
+        model(torch.randn(1, channels, height + 16, width + 16))
