@@ -873,6 +873,21 @@ class ModularNet(nn.Module):
         self.task_normalization.pop(name, None)
         self._refresh_pretrained_cfg()
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: modnet models are not scriptable.
+
+        Routing picks tensors per task at run time (Python dicts, per-call routes),
+        which TorchScript cannot type; tracing, export and compile handle it.
+
+        Raises:
+            TypeError: Always, naming what works instead.
+        """
+        raise TypeError(
+            "modnet models cannot be scripted with torch.jit.script (routing is dynamic "
+            "Python): use torch.jit.trace(model, x) or torch.export for one task, "
+            "model.export(task) for a plain timm network, or torch.compile"
+        )
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recomputes each layer's activations in the backward pass instead of storing them.
 

@@ -492,3 +492,13 @@ def test_the_registry_says_the_input_size_is_fixed_as_the_model_does(name):
     channels, height, width = model.pretrained_cfg["input_size"]
     with pytest.raises(ValueError, match=f"expected {height}x{width} images"):
         model(torch.randn(1, channels, height + 16, width + 16))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks, traced away
+def test_scripting_is_refused_in_one_line_and_tracing_works():
+    model = create("modnet_conv_tiny", num_classes=3).eval()
+    x = batch(model)
+    with pytest.raises(TypeError, match=r"^modnet models cannot be scripted with torch.jit.script"):
+        torch.jit.script(model)
+    traced = torch.jit.trace(model, x)
+    assert torch.equal(traced(x), model(x))
