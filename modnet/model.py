@@ -522,6 +522,13 @@ class ModularNet(nn.Module):
         A template serves every depth, so all templates form one group of blocks
         (``coarse`` changes nothing); the trunk's embedding comes first; what no
         pattern names (routes, hypernetwork, final norm, heads) comes last.
+
+        So timm's layer-wise learning-rate decay (``create_optimizer_v2(model,
+        layer_decay=...)``) gives three scales: embedding, every template, the
+        rest. The templates are stacked in one tensor per block parameter, so a
+        model made by ``from_timm`` cannot give its block ``i`` the scale timm gives
+        block ``i`` of the source network (the per-depth recipe of BEiT/MAE
+        fine-tuning); fine-tune the source network with timm for that.
         """
         return dict(
             stem=r"^trunk\.(?:stem|model\.(?:patch_embed|cls_token|reg_token|pos_embed|stem))",
