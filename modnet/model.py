@@ -18,7 +18,7 @@ from . import features as _features
 from . import mixed as _mixed
 from .binding import TensorBinder, is_batchnorm_buffer
 from .errors import ConfigError
-from .families.base import Family
+from .families.base import PREPROCESSING_KEYS, Family
 from .grouped import GroupedBatchNorm, GroupedRunner
 from .norm_stats import TaskNormStats
 from .route_checks import (
@@ -174,9 +174,10 @@ class ModularNet(nn.Module):
         self.task_normalization: dict[str, dict[str, tuple[float, ...]]] = {}
         # The task normalisation pretrained_cfg took last: replaced once no task gives it.
         self._cfg_task_normalization: dict[str, tuple[float, ...]] | None = None
-        self._pretrained_cfg: dict[str, Any] = dict(
-            interpolation="bilinear", crop_pct=1.0, num_classes=0
-        )
+        self._pretrained_cfg: dict[str, Any] = {
+            **{key: getattr(family, key) for key in PREPROCESSING_KEYS},
+            "num_classes": 0,
+        }
         self._refresh_pretrained_cfg()
         for name, num_classes in (tasks or {}).items():
             self.add_task(name, num_classes)
@@ -827,7 +828,10 @@ class ModularNet(nn.Module):
         ``mean``/``std`` are what the first task was trained with when known (a
         checkpoint records each task's normalisation, see ``set_normalization``),
         else the family's defaults; ``timm.data.resolve_data_config(model=model)``
-        reads them. ``default_cfg`` is the same dict (timm's older name).
+        reads them. ``interpolation``, ``crop_pct`` and ``crop_mode`` are the
+        family's: ``"bilinear"``, ``1.0`` and ``"center"`` for modnet's own, the
+        source model's for ``from_timm``, so timm's eval transform gives both the
+        same pixels. ``default_cfg`` is the same dict (timm's older name).
         """
         return self._pretrained_cfg
 

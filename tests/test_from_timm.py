@@ -1,10 +1,14 @@
 """from_timm: a converted timm model computes exactly what timm computes, or is refused."""
 
+import json
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
 from timm.models.convmixer import ConvMixer
 from timm.models.mlp_mixer import Affine, GatedMlp, MlpMixer, ResBlock, SpatialGatingBlock
 from timm.models.vision_transformer import VisionTransformer
@@ -174,6 +178,41 @@ def test_converted_module_with_its_arguments_saves_and_loads(tmp_path):
     net = modnet.from_timm(vit, **kwargs)
     before, after, _ = _roundtrip(net, tmp_path)
     assert torch.equal(before, after)
+
+
+def test_timm_eval_transform_gives_the_converted_model_its_sources_pixels(tmp_path):
+    # img_size stays 224: timm's pretrained_cfg keeps 224 whatever size a model is built for
+    kwargs = dict(patch_size=32, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, **kwargs)
+    net = modnet.from_timm(deit, **kwargs)
+    io.save_model(net, tmp_path / "m")
+    loaded, _ = io.load_model(tmp_path / "m")
+    expected = resolve_model_data_config(deit)
+    assert (expected["interpolation"], expected["crop_pct"]) == ("bicubic", 0.9)  # not modnet's
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    pixels = create_transform(**expected)(image)
+    for model in (net, loaded):
+        config = resolve_model_data_config(model)
+        keys = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "input_size")
+        assert {k: config[k] for k in keys} == {k: expected[k] for k in keys}
+        assert torch.equal(create_transform(**config)(image), pixels)
+
+
+def test_modnet_models_and_old_checkpoints_keep_bilinear_without_a_crop(tmp_path):
+    native = resolve_model_data_config(timm.create_model("modnet_vit_tiny", num_classes=5))
+    assert (native["interpolation"], native["crop_pct"]) == ("bilinear", 1.0)
+    kwargs = dict(patch_size=32, embed_dim=48, depth=2, num_heads=3)
+    io.save_model(modnet.from_timm("deit_tiny_patch16_224", **kwargs), tmp_path / "m")
+    # a converted model saved before it kept its source's preprocessing was evaluated
+    # with modnet's defaults, which its manifest records: it loads with them
+    path = tmp_path / "m" / io.MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["pretrained_cfg"].update(interpolation="bilinear", crop_pct=1.0)
+    manifest["pretrained_cfg"].pop("crop_mode", None)
+    path.write_text(json.dumps(manifest))
+    config = resolve_model_data_config(io.load_model(tmp_path / "m")[0])
+    assert (config["interpolation"], config["crop_pct"]) == ("bilinear", 1.0)
 
 
 def test_model_that_timm_cannot_recreate_by_name_is_refused_at_load(tmp_path):

@@ -14,6 +14,10 @@ from ..pool import TemplatePool
 
 STAGES = ("embed", "norm", "pre_logits")
 
+# The fields of ``pretrained_cfg`` that say how timm's eval transform resizes and crops
+# an image (``timm.data.resolve_model_data_config``), besides input size and mean/std.
+PREPROCESSING_KEYS = ("interpolation", "crop_pct", "crop_mode")
+
 # The poolings of timm's ``SelectAdaptivePool2d`` ("" for none); it also takes a
 # ``fast`` variant of each, which stays accepted.
 ADAPTIVE_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
@@ -180,6 +184,11 @@ class Family:
     config: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # How timm's eval transform resizes and crops inputs (``pretrained_cfg``): a converted
+    # model takes its source's, so both see the same pixels.
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
     # The faster precision on CPU for this family (bench/test_precision.py).
     default_precision: str = "fp32"
     # Converted models only: each source block's drop-path rate and BatchNorm statistics.

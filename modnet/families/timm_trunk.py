@@ -26,6 +26,7 @@ from ..drop_path import block_rate
 from ..errors import ConfigError
 from ..pool import TemplatePool
 from .base import (
+    PREPROCESSING_KEYS,
     Family,
     Trunk,
     check_adaptive_pool,
@@ -255,6 +256,9 @@ def timm_family(model: nn.Module, num_templates: int | None = None) -> tuple[Fam
     family = Family(trunk=trunk, pool=pool, config=config)
     family.mean = tuple(cfg.get("mean", family.mean))
     family.std = tuple(cfg.get("std", family.std))
+    for key in PREPROCESSING_KEYS:
+        if cfg.get(key) is not None:
+            setattr(family, key, cfg[key])
     family.drop_path_rates = [block_rate(block) for block in blocks]
     family.layer_stats = [
         {n: b.get_buffer(n).detach().clone() for n in pool.stat_names} for b in blocks

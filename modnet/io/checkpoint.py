@@ -35,6 +35,7 @@ from safetensors.torch import save, save_file
 
 from ..errors import CheckpointError
 from ..factory import build_model, unbuildable_reason
+from ..families.base import PREPROCESSING_KEYS
 from ..model import ModularNet
 from ..routing import route_from_spec
 from .fs import (
@@ -127,9 +128,14 @@ def build(structure: Mapping[str, Any], tasks: Iterable[str] | None = None) -> M
     if recorded:
         # timm's registry fields (architecture, license, ...) come back as saved, in
         # their order; what the model derives (sizes, normalisation, names) is its own.
+        # How images are resized and cropped is as saved: the model was evaluated so
+        # (a manifest written before a converted model kept its source's has bilinear
+        # and 1.0 there, the defaults it was saved with).
         fresh = model.pretrained_cfg
         cfg = {k: fresh.get(k, tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()}
-        model.pretrained_cfg = {**cfg, **fresh}
+        cfg = {**cfg, **fresh}
+        cfg.update((k, recorded[k]) for k in PREPROCESSING_KEYS if recorded.get(k) is not None)
+        model.pretrained_cfg = cfg
     return model
 
 
