@@ -175,8 +175,7 @@ class ModularNet(nn.Module):
         # The task normalisation pretrained_cfg took last: replaced once no task gives it.
         self._cfg_task_normalization: dict[str, tuple[float, ...]] | None = None
         self._pretrained_cfg: dict[str, Any] = {
-            **{key: getattr(family, key) for key in PREPROCESSING_KEYS},
-            "num_classes": 0,
+            key: getattr(family, key) for key in PREPROCESSING_KEYS
         }
         self._refresh_pretrained_cfg()
         for name, num_classes in (tasks or {}).items():
@@ -831,7 +830,8 @@ class ModularNet(nn.Module):
         reads them. ``interpolation``, ``crop_pct`` and ``crop_mode`` are the
         family's: ``"bilinear"``, ``1.0`` and ``"center"`` for modnet's own, the
         source model's for ``from_timm``, so timm's eval transform gives both the
-        same pixels. ``default_cfg`` is the same dict (timm's older name).
+        same pixels. ``num_classes`` is the model's: its first task's classes (0 for
+        none). ``default_cfg`` is the same dict (timm's older name).
         """
         return self._pretrained_cfg
 
@@ -1027,6 +1027,7 @@ class ModularNet(nn.Module):
         cfg["pool_size"] = self.trunk.feature_size(cfg["input_size"][1:])
         cfg["first_conv"] = "trunk." + self.trunk.first_conv
         cfg["classifier"] = f"heads.{first or 'default'}"
+        cfg["num_classes"] = self.num_classes
 
 
 def _size_option(height: int, width: int) -> str:

@@ -197,6 +197,10 @@ def test_timm_eval_transform_gives_the_converted_model_its_sources_pixels(tmp_pa
         keys = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "input_size")
         assert {k: config[k] for k in keys} == {k: expected[k] for k in keys}
         assert torch.equal(create_transform(**config)(image), pixels)
+        # the converted task keeps its source's head: the cfg says so
+        assert model.pretrained_cfg["num_classes"] == model.num_classes == 7
+    net.reset_classifier(0)
+    assert net.pretrained_cfg["num_classes"] == net.num_classes == 0
 
 
 def test_modnet_models_and_old_checkpoints_keep_bilinear_without_a_crop(tmp_path):
