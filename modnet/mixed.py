@@ -133,7 +133,7 @@ def trunk_stage(model: ModularNet, stage: str, x: torch.Tensor, groups: TaskGrou
     """A trunk stage for the whole batch, BatchNorm with each task's statistics."""
     if not model._trunk_binder.names:
         return model.trunk(x, stage)
-    runner = model.__dict__["_grouped_trunk"]
+    runner = model._current_grouped_trunk()
     stats = {
         name: torch.stack([model.norm_stats[t].trunk()[name] for t in groups.names])
         for name in model._trunk_binder.names
@@ -172,7 +172,7 @@ def mode(model: ModularNet) -> str:
 def runs_grouped(model: ModularNet) -> bool:
     """Whether mixed-task batches can run with fixed shapes (see ``modnet.grouped``)."""
     heads = all(isinstance(h, nn.Linear) for h in model.heads.values())
-    trunk = not model._trunk_binder.names or model.__dict__["_grouped_trunk"] is not None
+    trunk = not model._trunk_binder.names or model._current_grouped_trunk() is not None
     return heads and trunk and model.pool.grouped is not None
 
 

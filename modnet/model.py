@@ -160,11 +160,12 @@ class ModularNet(nn.Module):
         trunk_stats = [
             n for n, _ in self.trunk.named_buffers() if is_batchnorm_buffer(self.trunk, n)
         ]
-        self._trunk_binder = TensorBinder(self.trunk, trunk_stats)
+        self._trunk_binder = TensorBinder(self.trunk, trunk_stats, follow_replacement=True)
         # Per-task trunk statistics of mixed-task batches (built here, not in a compiled call).
         self.__dict__["_grouped_trunk"] = (
             GroupedRunner.build(self.trunk, per_task=False) if trunk_stats else None
         )
+        self.__dict__["_grouped_trunk_resolutions"] = self._trunk_binder.resolutions
         self.routes = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.norm_stats = nn.ModuleDict()
@@ -447,6 +448,19 @@ class ModularNet(nn.Module):
 
         Why: when only a route may change (route-only transfer or adaptation), the
         statistics must not drift with the training batches either.
+
+        This is modnet's way to freeze running statistics. timm's
+        ``timm.utils.model.freeze`` swaps only the BatchNorm modules registered in
+        the model, the trunk's (stem and final norm), for ``FrozenBatchNorm2d``:
+        the routed layers' BatchNorm lives in the template pool's block skeleton,
+        which timm cannot see, so their per-task statistics keep moving in
+        training mode after ``freeze(model)``.
+
+        Args:
+            frozen: True to freeze every task's statistics, False to let them move.
+
+        Returns:
+            The model.
         """
         self.norm_stats_frozen = frozen
         return self.train(self.training)
@@ -807,14 +821,40 @@ class ModularNet(nn.Module):
             route.extra = nn.Parameter(zeros if old is None else torch.cat([old, zeros], dim=1))
         route.num_templates = count
 
+    def _current_grouped_trunk(self) -> GroupedRunner | None:
+        """The trunk's grouped copy for mixed-task batches, as its modules are now.
+
+        After a trunk module was swapped (``timm.layers.convert_sync_batchnorm``,
+        ``timm.utils.model.freeze``) the copy is built again; it is ``None`` (the
+        batch then runs task by task) when a module holding statistics has no
+        grouped version, as timm's ``FrozenBatchNorm2d``, which never updates them.
+        """
+        binder = self._trunk_binder
+        binder.current()
+        if self.__dict__["_grouped_trunk_resolutions"] != binder.resolutions:
+            runner = GroupedRunner.build(self.trunk, per_task=False)
+            owners = {name.rpartition(".")[0] for name in binder.names}
+            if runner is not None and not owners <= set(runner.replaced):
+                runner = None
+            self.__dict__["_grouped_trunk"] = runner
+            self.__dict__["_grouped_trunk_resolutions"] = binder.resolutions
+            self.train(self.training)
+        return self.__dict__["_grouped_trunk"]
+
     def _initial_trunk_stats(self) -> dict[str, torch.Tensor]:
         if not self._trunk_binder.names:
             return {}
-        fresh = copy.deepcopy(self._trunk_binder.module)
-        for module in fresh.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-        return {name: fresh.get_buffer(name) for name in self._trunk_binder.names}
+        # A task's own copy is complete even where a swapped-in module (timm's
+        # FrozenBatchNorm2d) lacks a statistic; values as reset_running_stats sets them.
+        if self.norm_stats:
+            reference = self.norm_stats[self.task_names[0]].trunk()
+        else:
+            reference = {n: self.trunk.get_buffer(n) for n in self._trunk_binder.names}
+        fill = {"running_var": 1}
+        return {
+            name: torch.full_like(value, fill.get(name.rpartition(".")[2], 0))
+            for name, value in reference.items()
+        }
 
     def _reference_tensor(self) -> torch.Tensor:
         return self.pool.chunks[0].tensor(self.pool.tensor_names[0])
