@@ -349,7 +349,8 @@ def test_partly_trained_tasks_are_the_unfinished_phases_or_all_once_the_pool_mov
         if phase != "train":
             tasks["c"] = {"phase": phase}
         manifest = dict(format=io.FORMAT, tasks=tasks, pool_fingerprint=fingerprint)
-        manifest["checkpoint"] = dict(sequence=sequence, phase=phase, done=done)
+        record = dict(sequence=sequence, phase=phase, done=done, trainer_state=False)
+        manifest["checkpoint"] = record
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / "manifest.json").write_text(json.dumps(manifest))
         return manifest

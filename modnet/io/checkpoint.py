@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from ..model import ModularNet
 from ..routing import route_from_spec
 from .fs import (
     LEFTOVER,
+    LEGACY_LEFTOVER,
     OLD_MARK,
     TMP_MARK,
     disk_full_names,
@@ -232,12 +233,24 @@ def _save_model_dir(
     directory: Path,
     task_info: Mapping[str, Mapping[str, Any]] | None,
     extra: Mapping[str, Any] | None,
+    files: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> Path:
-    """``save_model`` without its checks: also replaces a run's checkpoint (``io.run``)."""
+    """``save_model`` without its checks: also replaces a run's checkpoint (``io.run``).
+
+    Args:
+        model: The model to save.
+        directory: The model directory, written under a temporary name and renamed
+            into place only once complete.
+        task_info: Per task, what its manifest entry records beyond the model's.
+        extra: Further manifest fields.
+        files: Further files of the folder, by name: ``files[name](path)`` writes
+            one (a checkpoint's trainer state) before the folder is flushed and
+            renamed into place, so the folder never appears without it.
+    """
     tmp = directory.with_name(f".{directory.name}{TMP_MARK}{os.getpid()}")
     with disk_full_names(directory):
         try:
-            _write_model_dir(tmp, model, task_info, extra)
+            _write_model_dir(tmp, model, task_info, extra, files or {})
             _replace_dir(tmp, directory)
         finally:
             if tmp.exists():  # a failed write leaves nothing behind
@@ -309,7 +322,9 @@ def _foreign_entries(directory: Path) -> list[Path]:
             foreign += [
                 f for f in files if not (f.is_file() and f"{TASK_DIR}/{f.name}" in task_files)
             ]
-        elif entry.name not in MODEL_FILES and not LEFTOVER.match(entry.name):
+        elif entry.name not in MODEL_FILES and not (
+            LEFTOVER.match(entry.name) or LEGACY_LEFTOVER.match(entry.name)
+        ):
             foreign.append(entry)
     return foreign
 
@@ -319,6 +334,7 @@ def _write_model_dir(
     model: ModularNet,
     task_info: Mapping[str, Mapping[str, Any]] | None,
     extra: Mapping[str, Any] | None,
+    files: Mapping[str, Callable[[Path], None]],
 ) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -346,6 +362,9 @@ def _write_model_dir(
         follow_umask(tmp / entry["file"])
         entry.update((task_info or {}).get(name, {}))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    for name, write in files.items():
+        write(tmp / name)
+        follow_umask(tmp / name)
     fsync_tree(tmp)
 
 

@@ -24,10 +24,16 @@ from filelock import FileLock, Timeout
 
 from ..errors import ConfigError, DiskFullError, RunDirError
 
-TMP_MARK = ".tmp-"
-OLD_MARK = ".old-"
-# What a killed write leaves behind: ``.<name>.tmp-<pid>[suffix]`` or ``.<name>.old-<pid>``.
-LEFTOVER = re.compile(r"^\..+\.(tmp|old)-\d+(\.[A-Za-z0-9]+)?$")
+TMP_MARK = ".modnet-tmp-"
+OLD_MARK = ".modnet-old-"
+# What a killed write leaves behind: ``.<name>.modnet-tmp-<pid>[suffix]`` or
+# ``.<name>.modnet-old-<pid>``: a mark modnet alone uses, so a user's hidden files
+# (``.notes.tmp-1.txt``) are never taken for leftovers.
+LEFTOVER = re.compile(r"^\..+\.modnet-(tmp|old)-\d+(\.[A-Za-z0-9]+)?$")
+# What older versions of modnet left behind (``.<name>.tmp-<pid>[suffix]``,
+# ``.<name>.old-<pid>``): a user may name files so too, so such a leftover is
+# recognised only where its name says modnet wrote it (``remove_leftovers``).
+LEGACY_LEFTOVER = re.compile(r"^\.(?P<stem>.+)\.(?P<mark>tmp|old)-\d+(?P<suffix>\.[A-Za-z0-9]+)?$")
 LOCK_FILE = ".lock"
 LOCK_INFO = ".lock.info"
 _HELD: set[str] = set()  # run directories this process holds the lock of
@@ -169,13 +175,29 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def remove_leftovers(directory: Path) -> list[Path]:
-    """Removes what killed writes left in ``directory`` (temporary names only); returns them."""
+def legacy_leftover_of(name: str) -> tuple[str, str] | None:
+    """What an older modnet's leftover ``name`` was written for and how: ``(file,
+    "tmp")`` for a file being written (``.results.tmp-7.json`` -> ``results.json``),
+    ``(folder, "old")`` for a folder being replaced; None when ``name`` is no such
+    leftover."""
+    match = LEGACY_LEFTOVER.match(name)
+    return (match["stem"] + (match["suffix"] or ""), match["mark"]) if match else None
+
+
+def remove_leftovers(directory: Path, legacy: Callable[[str], bool] | None = None) -> list[Path]:
+    """Removes what killed writes left in ``directory``; returns them.
+
+    Args:
+        directory: The folder to tidy (nothing happens when it is missing).
+        legacy: Which of the names an older modnet's leftovers have
+            (``legacy_leftover_of``) go too, given the name. By default none.
+    """
     removed = []
     if not Path(directory).is_dir():
         return removed
     for entry in Path(directory).iterdir():
-        if LEFTOVER.match(entry.name):
+        old = legacy is not None and legacy_leftover_of(entry.name) is not None
+        if LEFTOVER.match(entry.name) or (old and legacy(entry.name)):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

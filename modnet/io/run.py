@@ -43,13 +43,14 @@ import torch
 
 from ..errors import CheckpointError, RunDirError
 from ..model import ModularNet
-from .checkpoint import FORMAT, MANIFEST, TRAINER_STATE, _save_model_dir
+from .checkpoint import FORMAT, MANIFEST, TRAINER_STATE, _foreign_entries, _save_model_dir
 from .fs import (
+    LEFTOVER,
     LOCK_FILE,
     LOCK_INFO,
-    atomic_write,
     atomic_write_text,
     exclusive_lock,
+    legacy_leftover_of,
     remove_leftovers,
     write_json,
 )
@@ -83,6 +84,7 @@ OUTPUT_FOLDERS = {
 }
 SAVED_OPTIONS_HEADER = "# modnet "  # the first line of every options file modnet saves
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*-step\d{7}$")
+KEEP = 2  # how many of the newest checkpoints pruning keeps (see ``save_checkpoint``)
 
 
 class RecoveryWarning(UserWarning):
@@ -95,7 +97,7 @@ def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
     if (path / MARKER).is_file():
         return True
-    return (path / LATEST).is_file() or bool(modnet_checkpoints(path))
+    return (path / LATEST).is_file() or bool(modnet_checkpoints(path, incomplete=True))
 
 
 def check_run_target(path: str | Path) -> None:
@@ -107,12 +109,40 @@ def check_run_target(path: str | Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} is a file, not a run directory: choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not is_run_dir(path):
+    if path.is_dir() and not _new_folder(path) and not is_run_dir(path):
         raise RunDirError(
             f"{path} is not a modnet run directory (it has no {MARKER} marker) and is not "
             "empty: modnet writes runs only into new or empty folders and its own runs; "
             "choose another --out"
         )
+
+
+def _new_folder(path: Path) -> bool:
+    """Whether ``path`` holds nothing but modnet's lock files and what a killed write
+    left (a run killed while creating it): a new run may start there."""
+    return all(
+        entry.name in (LOCK_FILE, LOCK_INFO) or _top_leftover(entry.name)
+        for entry in path.iterdir()
+    )
+
+
+def _top_leftover(name: str) -> bool:
+    """Whether ``name`` at the top of a run is a leftover of a killed modnet write."""
+    if LEFTOVER.match(name):
+        return True
+    legacy = legacy_leftover_of(name)  # older versions wrote files there, never folders
+    return legacy is not None and legacy[1] == "tmp" and _top_level_name(legacy[0])
+
+
+def _checkpoint_leftover(name: str) -> bool:
+    """Whether ``name`` in ``checkpoints/`` is an older modnet's leftover of a checkpoint."""
+    legacy = legacy_leftover_of(name)
+    return legacy is not None and bool(CHECKPOINT_NAME.match(legacy[0]))
+
+
+def _top_level_name(name: str) -> bool:
+    """Whether modnet writes a file named ``name`` at the top of a run."""
+    return name == MARKER or name in OUTPUTS or bool(PHASE_OUTPUT.match(name))
 
 
 @contextmanager
@@ -122,7 +152,8 @@ def open_run(
     """Opens ``path`` for writing a run: checks it, marks it, locks it, tidies it.
 
     Within the block this process is the run's only writer. Leftovers of a killed
-    write are removed first; with ``overwrite`` every output modnet wrote is removed
+    write are removed first, and a pruning a kill left unfinished is finished (see
+    ``save_checkpoint``); with ``overwrite`` every output modnet wrote is removed
     (nothing else), without reading the old state, so a damaged run can be replaced.
 
     Args:
@@ -143,9 +174,12 @@ def open_run(
     path.mkdir(parents=True, exist_ok=True)
     try:
         with exclusive_lock(path, command):
+            tidy(path)
             if not (path / MARKER).is_file():
                 write_json(path / MARKER, {"format": RUN_FORMAT, "created": time.time()})
-            tidy(path)
+            latest = _pointed_checkpoint(path)
+            if latest is not None:
+                _prune(path, keep=KEEP, protect=latest.name)
             if overwrite:
                 clear_run(path)
             read_results(path)  # a damaged results.json is named before any work
@@ -158,11 +192,17 @@ def open_run(
 
 
 def tidy(path: Path) -> list[Path]:
-    """Removes what killed writes left behind (temporary names modnet uses); returns them."""
-    removed = remove_leftovers(path)
-    removed += remove_leftovers(path / CHECKPOINTS)
-    for checkpoint in modnet_checkpoints(path):
-        removed += remove_leftovers(checkpoint)
+    """Removes what killed writes left behind; returns them.
+
+    Those are names with modnet's temporary marks; the marks of older versions
+    (``.results.tmp-<pid>.json``), which a user's hidden files may carry too, only
+    where modnet wrote the name: a top-level output's, a checkpoint's in
+    ``checkpoints/``, anything inside a checkpoint folder modnet wrote.
+    """
+    removed = remove_leftovers(path, legacy=_top_leftover)
+    removed += remove_leftovers(path / CHECKPOINTS, legacy=_checkpoint_leftover)
+    for checkpoint in modnet_checkpoints(path, incomplete=True):
+        removed += remove_leftovers(checkpoint, legacy=lambda n: True)
     return removed
 
 
@@ -211,7 +251,14 @@ def _written_by_modnet(file: Path) -> bool:
 
 # -------------------------------------------------------------------- checkpoints
 def checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
-    """What a checkpoint says about itself: sequence, phase, done; None if not modnet's."""
+    """What a checkpoint says about itself: sequence, phase, done; None if not modnet's.
+
+    ``complete`` says whether it holds every file it was saved with: older versions
+    renamed a checkpoint into place before writing its trainer state into it, so a
+    kill could leave one without. Every checkpoint of an unfinished phase, and of
+    a phase other than a statistics-only adaptation, has a trainer state; newer
+    checkpoints record whether they have one (``trainer_state``).
+    """
     try:
         manifest = json.loads((Path(checkpoint) / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -228,11 +275,22 @@ def checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
         )
     record = dict(record)
     record["mtime"] = (Path(checkpoint) / MANIFEST).stat().st_mtime
+    has_state = (Path(checkpoint) / TRAINER_STATE).is_file()
+    if "trainer_state" in record:
+        record["complete"] = has_state or not record["trainer_state"]
+    else:
+        stateless = record["done"] and str(record["phase"]).startswith("adapt-")
+        record["complete"] = has_state or stateless or record["phase"] is None
     return record
 
 
-def modnet_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints modnet wrote in ``run_dir``, oldest first."""
+def modnet_checkpoints(run_dir: str | Path, incomplete: bool = False) -> list[Path]:
+    """Complete checkpoints modnet wrote in ``run_dir``, oldest first.
+
+    Args:
+        run_dir: The run directory.
+        incomplete: Also those lacking their trainer state (``checkpoint_record``).
+    """
     directory = Path(run_dir) / CHECKPOINTS
     if not directory.is_dir():
         return []
@@ -241,7 +299,7 @@ def modnet_checkpoints(run_dir: str | Path) -> list[Path]:
         if entry.name.startswith(".") or not entry.is_dir():
             continue
         record = checkpoint_record(entry)
-        if record is not None:
+        if record is not None and (incomplete or record["complete"]):
             found.append((record.get("sequence", 0), record["mtime"], entry))
     return [entry for *_, entry in sorted(found, key=lambda item: item[:2])]
 
@@ -258,11 +316,11 @@ def latest_checkpoint(run_dir: str | Path, repair: bool = False) -> Path | None:
     """
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST
+    target = _pointed_checkpoint(run_dir)
+    if target is not None:
+        return target
     if pointer.is_file():
         name = pointer.read_bytes().decode("utf-8", "replace").strip()
-        target = run_dir / CHECKPOINTS / name
-        if name and "/" not in name and not name.startswith(".") and (target / MANIFEST).is_file():
-            return target
         problem = f"{pointer} names {name[:80]!r}, which is not a complete checkpoint"
     else:
         problem = f"{pointer} is missing"
@@ -279,6 +337,19 @@ def latest_checkpoint(run_dir: str | Path, repair: bool = False) -> Path | None:
         message = f"{problem}: using the newest complete checkpoint"
     warnings.warn(f"{message} {newest.name}", RecoveryWarning, stacklevel=2)
     return newest
+
+
+def _pointed_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint ``LATEST`` names, or None (missing, or names none)."""
+    pointer = run_dir / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_bytes().decode("utf-8", "replace").strip()
+    target = run_dir / CHECKPOINTS / name
+    if not name or "/" in name or name.startswith("."):
+        return None
+    record = checkpoint_record(target)
+    return target if record is not None and record["complete"] else None
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -313,15 +384,23 @@ def save_checkpoint(
     trainer_state: Mapping[str, Any] | None = None,
     task_info: Mapping[str, Mapping[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
-    keep: int = 2,
+    keep: int = KEEP,
 ) -> Path:
     """Writes ``checkpoints/<name>`` completely and durably, then points ``LATEST`` at it.
+
+    Every file of the checkpoint, its trainer state included, is written and
+    flushed under a temporary name before the folder is renamed into place, so a
+    checkpoint is visible only complete. A checkpoint of the same name is replaced;
+    anything else there (a user's file or folder) is refused.
 
     The checkpoint records its phase (the name up to ``-step``, or
     ``trainer_state["phase"]``), whether the phase is done and a sequence number.
     Afterwards, modnet's checkpoints beyond the newest ``keep`` are pruned, except
     the newest one of a finished phase (what an unfinished phase started from, kept
     so that it can be discarded).
+
+    Raises:
+        RunDirError: ``checkpoints/<name>`` holds something modnet did not write.
     """
     run_dir = Path(run_dir)
     if not (run_dir / MARKER).is_file():
@@ -334,23 +413,42 @@ def save_checkpoint(
         sequence=sequence,
         phase=state.get("phase", name.rsplit("-step", 1)[0]),
         done=bool(state.get("done", True)),
+        trainer_state=trainer_state is not None,
     )
     target = run_dir / CHECKPOINTS / name
-    _save_model_dir(model, target, task_info, {**dict(extra or {}), "checkpoint": record})
+    if target.is_symlink() or (
+        target.exists() and (not target.is_dir() or _foreign_entries(target))
+    ):
+        raise RunDirError(
+            f"{target} is not a checkpoint modnet wrote, but this run writes its checkpoint "
+            f"{name} there: move it out of {target.parent} and run the command again (it "
+            "continues from the last checkpoint)"
+        )
+    files = {}
     if trainer_state is not None:
-        atomic_write(target / TRAINER_STATE, lambda tmp: torch.save(dict(trainer_state), tmp))
+        files[TRAINER_STATE] = lambda path: torch.save(dict(trainer_state), path)
+    _save_model_dir(model, target, task_info, {**dict(extra or {}), "checkpoint": record}, files)
     atomic_write_text(run_dir / LATEST, name + "\n")
     _prune(run_dir, keep=keep, protect=name)
     return target
 
 
 def _prune(run_dir: Path, keep: int, protect: str) -> None:
+    """Removes modnet's checkpoints beyond the newest ``keep`` (``save_checkpoint``),
+    and incomplete ones older than ``protect``."""
     checkpoints = modnet_checkpoints(run_dir)
     finished = [p for p in checkpoints if checkpoint_record(p)["done"]]
     keep_names = {protect, *(p.name for p in checkpoints[-keep:])}
     if finished:
         keep_names.add(finished[-1].name)
-    for old in checkpoints:
+    newest = checkpoint_record(run_dir / CHECKPOINTS / protect)
+    incomplete = [
+        p
+        for p in modnet_checkpoints(run_dir, incomplete=True)
+        if not checkpoint_record(p)["complete"]
+        and checkpoint_record(p)["sequence"] < (newest or {}).get("sequence", 0)
+    ]
+    for old in checkpoints + incomplete:
         if old.name not in keep_names and CHECKPOINT_NAME.match(old.name):
             shutil.rmtree(old, ignore_errors=True)
 
