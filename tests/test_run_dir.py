@@ -533,6 +533,23 @@ def test_a_damaged_results_file_is_named_before_any_work(run_copy, capsys):
     assert io.latest_checkpoint(run_copy) == before
 
 
+def test_a_folder_named_results_json_is_named_in_one_line(run_copy, capsys):
+    (run_copy / "results.json").unlink()
+    (run_copy / "results.json").mkdir()
+    assert main(transfer_args(run_copy)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"modnet transfer: error: {run_copy / 'results.json'} is not a file")
+    assert len(err.splitlines()) == 1 and (run_copy / "results.json").is_dir()
+
+
+def test_export_with_a_file_named_export_in_the_run_is_one_line(run_copy, capsys):
+    (run_copy / "export").write_text("mine")
+    assert main(["export", str(run_copy), "--task", "synth_color"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"modnet export: error: {run_copy / 'export'} is a file")
+    assert len(err.splitlines()) == 1 and (run_copy / "export").read_text() == "mine"
+
+
 # ---------------------------------------------------------------------- 11. durability
 def test_checkpoint_files_and_folders_are_fsynced_before_they_are_published(tmp_path, monkeypatch):
     events = []

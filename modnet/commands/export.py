@@ -60,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else own
     option = "--out" if args.out else "the default --out"
     refuse_checkpoint_folder(out.parent if pt2 else out, option)
+    folder = Path(args.run_dir) / "export"
+    if not args.out and (folder.is_file() or folder.is_symlink() and not folder.is_dir()):
+        raise ConfigError(
+            f"{folder} is a file, but modnet export writes a run's exports into the folder "
+            f"{folder}: move that file away, or give --out"
+        )
     if args.out and pt2:
         if Path(args.out).is_dir() or Path(args.out).suffix != ".pt2":
             raise ConfigError(

@@ -608,9 +608,14 @@ def read_results(run_dir: Path) -> dict[str, Any]:
     """``results.json`` of the run (empty when missing).
 
     Raises:
-        RunDirError: The file is damaged; the message names it.
+        RunDirError: The file is damaged, or not a file; the message names it.
     """
     path = Path(run_dir) / RESULTS_FILE
+    if path.is_dir() or path.is_symlink() and not path.exists():
+        raise RunDirError(
+            f"{path} is not a file (modnet records the run's results in it): move it away "
+            "and run the command again"
+        )
     if not path.is_file():
         return {}
     try:
