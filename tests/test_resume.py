@@ -72,6 +72,14 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return model.state_dict(), state["optimizer"]["state"]
 
 
+def loss_records(run_dir: Path) -> list[tuple]:
+    """The run's logged losses as ``modnet plot`` reads them: (phase, step, loss, lr)."""
+    from modnet.plot import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return [(r["phase"], r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
+
+
 def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     killed = run_cli(tmp_path / "killed", slow=True)
     deadline = time.time() + 240
@@ -101,6 +109,8 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     for index, slots in ref_optimizer.items():
         for name, value in slots.items():
             assert torch.equal(optimizer[index][name], value), (index, name)
+    # the first record after the resume averages the steps before the kill too
+    assert loss_records(tmp_path / "killed") == loss_records(tmp_path / "reference")
 
 
 # ------------------------------------------------------- transfer and adapt resume too
@@ -166,6 +176,8 @@ def assert_resumed_identically(monkeypatch, tmp_path, source: Path, run) -> None
             assert torch.equal(state[key][name], value), name
     # what the phase reports (adapt's first loss, its curve) covers the steps before too
     assert io.read_results(tmp_path / "killed") == io.read_results(tmp_path / "reference")
+    # the killed run logged step 4; the resumed run logs it again, averaging steps 3 and 4
+    assert loss_records(tmp_path / "killed") == loss_records(tmp_path / "reference")
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +209,7 @@ def phase_config():
         batch_size=16,
         checkpoint_every=3,
         micro_batch_size=8,
+        log_every=2,
         progress=False,
         device="cpu",
     )

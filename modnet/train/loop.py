@@ -108,6 +108,8 @@ class Trainer:
         self.params = self.runner.params
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        # Loss summed over the steps since the last logged record, and their count.
+        self.window_loss, self.window_steps = 0.0, 0
         if resume_state is not None:
             self.load_trainer_state(resume_state)
             if ctx.is_main:  # said even without a progress bar
@@ -177,24 +179,26 @@ class Trainer:
             disable=not (config.progress and ctx.is_main),
             dynamic_ncols=True,
         )
-        window_loss, window_steps, seen, started = 0.0, 0, 0, time.perf_counter()
+        seen, started = 0, time.perf_counter()
         while self.step < self.total_steps:
             loss, samples = self._train_step(self.step)
             self.step += 1
-            window_loss, window_steps, seen = window_loss + loss, window_steps + 1, seen + samples
+            self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
+            seen += samples
             bar.update(1)
             if self.step % config.log_every == 0 or self.step == self.total_steps:
                 rate = seen * ctx.world_size / max(1e-9, time.perf_counter() - started)
                 record = dict(
                     step=self.step,
                     epoch=self.step / steps_per_epoch,
-                    loss=window_loss / window_steps,
+                    loss=self.window_loss / self.window_steps,
                     lr=self.optimizer.param_groups[0]["lr"],
                     samples_per_s=rate,
                 )
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
                 self._log(record)
-                window_loss, window_steps, seen, started = 0.0, 0, 0, time.perf_counter()
+                self.window_loss, self.window_steps = 0.0, 0
+                seen, started = 0, time.perf_counter()
             if self._evaluates_at(self.step):
                 accuracy = self._evaluate()
                 self._log(
@@ -293,6 +297,7 @@ class Trainer:
             lr_schedule=self.runner.lr_schedule.state_dict(),
             rng=torch.get_rng_state(),
             history=json.dumps(self.history),
+            loss_window=json.dumps([self.window_loss, self.window_steps]),
             config=json.dumps(self.config.to_dict()),
             **{key: json.dumps(value) for key, value in self.extra_state.items()},
             **self.extra_trainer_state(),
@@ -309,6 +314,11 @@ class Trainer:
         )
         self.step = int(state["step"])
         self.history = list(json.loads(state.get("history", "[]")))
+        # The loss of the steps since the last logged record, so that the next record
+        # averages the same steps as an uninterrupted run's (older checkpoints lack it:
+        # that record then averages the steps since the resume).
+        loss, steps = json.loads(state.get("loss_window", "[0.0, 0]"))
+        self.window_loss, self.window_steps = float(loss), int(steps)
         torch.set_rng_state(state["rng"])
 
     def checkpoint(self, done: bool) -> None:
