@@ -640,6 +640,8 @@ def test_an_adaptation_killed_before_its_results_completes_them(run_copy, monkey
         entry["adapted_accuracy"] == json.loads(state["history"])[-1]["accuracy"]["synth_size-bg"]
     )
     assert entry["checkpoint"] == io.latest_checkpoint(run_copy).name
+    trace = json.loads(state["loss_trace"])  # the whole trace is in the trainer state
+    assert entry["first_loss"] == trace[0] and entry["last_loss"] == trace[-1]
     assert (run_copy / "adapt-synth_size-bg-routes.png").is_file()
     assert main(args) == 2
     assert "already has a task 'synth_size-bg'" in capsys.readouterr().err

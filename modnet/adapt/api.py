@@ -334,8 +334,8 @@ def _finish(
 def _complete_outputs(run_dir, phase, model, name, state, ctx) -> AdaptResult:
     """Results and figures of an adaptation that was stopped after its last checkpoint.
 
-    The per-step loss trace is not kept in checkpoints: the results entry of a
-    completed adaptation has no first and last loss.
+    The loss trace and accuracy curve come from the checkpoint's trainer state, so the
+    results entry is the one an uninterrupted adaptation writes.
     """
     plan = json.loads(state["adapt"])
     history = json.loads(state.get("history", "[]"))
@@ -349,7 +349,8 @@ def _complete_outputs(run_dir, phase, model, name, state, ctx) -> AdaptResult:
     statistics = _count_statistics(model, name) if "norm" in parts else 0
     result = _finish(
         run_dir, phase, model, name, list(plan["sources"]), plan, history[-1]["accuracy"],
-        trained, auxiliary, statistics, [], ctx,
+        trained, auxiliary, statistics, json.loads(state.get("loss_trace", "[]")), ctx,
+        json.loads(state.get("curve", "[]")),
     )  # fmt: skip
     if ctx.is_main:
         io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
