@@ -647,6 +647,40 @@ def test_an_adaptation_killed_before_its_results_completes_them(run_copy, monkey
     assert "already has a task 'synth_size-bg'" in capsys.readouterr().err
 
 
+SHARED_PHASES = {
+    "transfer": transfer_args(Path("RUN"), "synth_shape", "--train", "route,head,templates"),
+    "adapt": ["adapt", "RUN", "--target", "synth_size-bg", "--sources", "synth_size",
+              "--train", "route,stem", *FAST],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stop", ["mark_outdated", "record_results"])
+@pytest.mark.parametrize("command", ["transfer", "adapt"])
+def test_a_shared_phase_stopped_before_its_results_or_marks_completes_them(
+    run_copy, tmp_path, monkeypatch, command, stop
+):
+    """Stopped after its last checkpoint, before its results or the outdated marks of
+    the tasks it changed, the same command writes results.json as an uninterrupted run."""
+    reference = tmp_path / "reference"
+    shutil.copytree(run_copy, reference)
+
+    def args(run_dir):
+        line = [str(run_dir) if a == "RUN" else a for a in SHARED_PHASES[command]]
+        return [*line, "--update-shared"]
+
+    def killed(*args, **kwargs):
+        raise Interrupt
+
+    monkeypatch.setattr(io, stop, killed)
+    with pytest.raises(Interrupt):
+        main(args(run_copy))
+    monkeypatch.undo()
+    assert main(args(run_copy)) == 0
+    assert main(args(reference)) == 0
+    assert io.read_results(run_copy)["train"]["outdated"]  # as the reference has them
+    assert io.read_results(run_copy) == io.read_results(reference)
+
+
 def test_training_shared_parts_while_adding_a_task_needs_update_shared(run_copy, capsys):
     """A new task alone never changes the others; training what all tasks share does,
     so transfer and adapt refuse it, before any work, unless asked to."""

@@ -326,8 +326,9 @@ def _finish(
             model, name, source_names, run_dir / f"{phase}-routes.png", start
         )
         save_run_figures(model, run_dir)
-        _record(run_dir, phase, result, plan)
+        # The outdated marks go first: once the results are written the phase is complete.
         changed_shared(run_dir, phase, plan["parts"], [n for n in model.task_names if n != name])
+        _record(run_dir, phase, result, plan)
     return result
 
 

@@ -248,7 +248,9 @@ def _complete_outputs(
     plan: Mapping[str, Any] | None = None,
     first_new_chunk: int | None = None,
 ) -> TrainResult:
-    """Writes the results (and figures) of a phase that finished its last checkpoint."""
+    """Writes the outputs of a phase that finished its last checkpoint: its figures,
+    the outdated marks of the tasks whose shared parts it trained (see
+    ``changed_shared``) and, last, its results."""
     history = json.loads(state.get("history", "[]"))
     accuracy = history[-1]["accuracy"] if history else {}
     trained = tasks or model.task_names
@@ -257,8 +259,10 @@ def _complete_outputs(
     model.requires_grad_(False)
     result = TrainResult(model.eval(), accuracy, run_dir, latest, count, ctx.is_main)
     if ctx.is_main:
-        _record_results(run_dir, phase, result, model, extra=plan)
         save_run_figures(model, run_dir)
+        others = [n for n in model.task_names if n not in trained]
+        changed_shared(run_dir, phase, parts, others)
+        _record_results(run_dir, phase, result, model, extra=plan)
         io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 
@@ -504,9 +508,10 @@ def _transfer(
         model, accuracy, run_dir, io.latest_checkpoint(run_dir), len_trained(trainer)
     )
     if ctx.is_main:
-        _record_results(run_dir, phase, result, model, extra=plan)
         save_run_figures(model, run_dir)  # the routes now include the new task
+        # The outdated marks go first: once the results are written the phase is complete.
         changed_shared(run_dir, phase, plan["parts"], [n for n in model.task_names if n != name])
+        _record_results(run_dir, phase, result, model, extra=plan)
     return result
 
 
