@@ -471,7 +471,8 @@ def test_a_run_killed_before_its_results_completes_them_when_run_again(
     with pytest.raises(Interrupt):
         main(train_args(out))
     monkeypatch.undo()
-    assert not (out / "results.json").exists() and not (out / "routes.png").exists()
+    assert not (out / "results.json").exists()  # the figures come first
+    (out / "routes.png").unlink()
     state = io.load_trainer_state(io.latest_checkpoint(out))
     assert state["done"]
     assert main(train_args(out)) == 0
@@ -679,6 +680,51 @@ def test_a_shared_phase_stopped_before_its_results_or_marks_completes_them(
     assert main(args(reference)) == 0
     assert io.read_results(run_copy)["train"]["outdated"]  # as the reference has them
     assert io.read_results(run_copy) == io.read_results(reference)
+
+
+PHASE_ARGS = {
+    "train": [*TRAIN, "--out", "RUN"],
+    "transfer": transfer_args(Path("RUN")),
+    "adapt": ["adapt", "RUN", "--target", "synth_size-bg", "--sources", "synth_size", *FAST],
+}
+PHASE_FIGURES = {
+    "train": [],
+    "transfer": [],
+    "adapt": ["adapt-synth_size-bg-routes.png"],
+}
+
+
+@pytest.mark.parametrize("command", ["train", "transfer", "adapt"])
+def test_a_phase_stopped_while_its_figures_are_drawn_completes_them(
+    run_copy, tmp_path, monkeypatch, capsys, command
+):
+    """Ctrl-C while curves.png is drawn: the same command writes what is missing, as
+    it says; figures deleted from a complete phase are redrawn the same way."""
+    import modnet.plot
+
+    out = tmp_path / "new" if command == "train" else run_copy
+    args = [str(out) if a == "RUN" else a for a in PHASE_ARGS[command]]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modnet.plot, "save_learning_curves", interrupted)
+    assert main(args) == 130
+    assert "the same command resumes it" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert "wrote its missing results" in capsys.readouterr().err
+    figures = ["routes.png", "routes.txt", "curves.png", *PHASE_FIGURES[command]]
+    assert all((out / name).is_file() for name in figures)
+    phase = {"train": "train", "transfer": "transfer-synth_shape"}.get(
+        command, "adapt-synth_size-bg"
+    )
+    assert io.read_results(out)[phase]["checkpoint"] == io.latest_checkpoint(out).name
+    for name in figures:
+        (out / name).unlink()
+        assert main(args) == 0, name
+        assert (out / name).is_file() and all((out / n).is_file() for n in figures)
+    assert main(args) == 2  # complete: refused as before
 
 
 def test_training_shared_parts_while_adding_a_task_needs_update_shared(run_copy, capsys):

@@ -323,7 +323,7 @@ def _finish(
     )
     if ctx.is_main:
         result.figure = save_relation_heatmap(
-            model, name, source_names, run_dir / f"{phase}-routes.png", start
+            model, name, source_names, run_dir / _heatmap_name(phase), start
         )
         save_run_figures(model, run_dir)
         # The outdated marks go first: once the results are written the phase is complete.
@@ -409,7 +409,13 @@ def _finished_without_results(run_dir, state, phase, latest, target, config) -> 
     if json.loads(state["adapt"]).get("target_spec") != target:
         return False
     stored = json.loads(state.get("config", "{}"))
-    return outputs_missing(run_dir, phase, latest) and not changed_training_options(stored, config)
+    missing = outputs_missing(run_dir, phase, latest, [_heatmap_name(phase)])
+    return missing and not changed_training_options(stored, config)
+
+
+def _heatmap_name(phase: str) -> str:
+    """The file of the route-relation heatmap that ``_finish`` draws for ``phase``."""
+    return f"{phase}-routes.png"
 
 
 def _resumable_plan(state: Mapping[str, Any] | None, target: str) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from ..data import SYNTHETIC_DEFAULT_TASKS, DataError, TaskData, load_task, port
 from ..errors import ConfigError, RunDirError
 from ..model import ModularNet
 from ..options import check_model_options, create_model
-from ..plot import save_run_figures
+from ..plot import CURVES_PNG, METRICS_FILE, ROUTES_PNG, ROUTES_TXT, save_run_figures
 from ..routing import SoftRoute, configured_route
 from .config import RESULT_NEUTRAL, TrainConfig
 from .distributed import barrier, broadcast_state, init_distributed
@@ -125,12 +125,29 @@ def changed_training_options(stored: Mapping[str, Any] | None, config: TrainConf
     return io.changed_options(stored, config.to_dict(), ignore=RESULT_NEUTRAL)
 
 
-def outputs_missing(run_dir: Path, phase: str, latest: Path, figures: bool = False) -> bool:
-    """Whether ``phase``'s results (and figures) are not written for its last checkpoint."""
+def outputs_missing(run_dir: Path, phase: str, latest: Path, figures: Iterable[str] = ()) -> bool:
+    """Whether an output of ``phase`` is missing for its last checkpoint.
+
+    A phase writes its figures, then its results entry: it is complete once
+    ``results.json`` names its last checkpoint and every figure is there.
+
+    Args:
+        run_dir: The run directory.
+        phase: The phase (``"train"``, ``"transfer-<task>"``, ``"adapt-<task>"``).
+        latest: The run's last checkpoint.
+        figures: The phase's own figures besides the run's (``routes.png``,
+            ``routes.txt``, and ``curves.png`` once there are metrics), in ``run_dir``.
+
+    Returns:
+        True if the results entry or a figure is missing.
+    """
     recorded = io.read_results(run_dir).get(phase, {})
     if not isinstance(recorded, dict) or recorded.get("checkpoint") != latest.name:
         return True
-    return figures and not (run_dir / "routes.png").is_file()
+    names = [ROUTES_PNG, ROUTES_TXT, *figures]
+    if (run_dir / METRICS_FILE).is_file():  # save_run_figures draws curves from it
+        names.append(CURVES_PNG)
+    return not all((run_dir / name).is_file() for name in names)
 
 
 def train(
@@ -191,7 +208,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx, fresh=None) -> TrainResult:
             check_resume_options(run_dir, "train", stored, config)
         elif not (
             finished_train
-            and outputs_missing(run_dir, "train", latest, figures=True)
+            and outputs_missing(run_dir, "train", latest)
             and not changed_training_options(stored, config)
         ):
             raise RunDirError(
@@ -231,8 +248,8 @@ def _train(config: TrainConfig, run_dir: Path, ctx, fresh=None) -> TrainResult:
         model, accuracy, run_dir, io.latest_checkpoint(run_dir), len_trained(trainer), ctx.is_main
     )
     if ctx.is_main:
+        save_run_figures(model, run_dir)  # first: the phase is complete once its results are
         _record_results(run_dir, "train", result, model)
-        save_run_figures(model, run_dir)
     return result
 
 
@@ -400,7 +417,7 @@ def _transfer(
     elif (
         state is not None
         and state.get("phase") == phase
-        and outputs_missing(run_dir, phase, latest, figures=False)
+        and outputs_missing(run_dir, phase, latest)
         and not changed_training_options(json.loads(state.get("config", "{}")), config)
     ):
         stored_plan = json.loads(state["transfer"])
