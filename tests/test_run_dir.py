@@ -765,3 +765,21 @@ def test_training_shared_parts_while_adding_a_task_needs_update_shared(run_copy,
     model = io.load_model(run_copy)[0]
     with torch.no_grad():
         assert all(not torch.equal(model(x, task=t), old[t]) for t in old)  # as accepted
+
+
+def test_plotting_a_run_stopped_before_its_first_logged_step_is_a_user_error(
+    tmp_path, capsys, interrupt_after_first_checkpoint
+):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        main(train_args(out, "--checkpoint-every", "1"))
+    assert io.latest_checkpoint(out) is not None and not read_metrics(out / "metrics.jsonl")
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"modnet plot: error: {out} has logged no training step yet, so there are no curves "
+        "to draw: run its command again to resume it, or draw its routes alone with "
+        f"`modnet routes {out}`\n"
+    )
+    assert not (out / "routes.png").exists()  # refused before any figure is written

@@ -27,12 +27,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Draws the figures; a run that has logged no step yet is refused before any is written.
+
+    Raises:
+        RunDirError: ``metrics.jsonl`` holds no record to draw curves from (the run
+            was stopped before its first logged step).
+    """
     from .. import io
-    from ..plot import save_run_figures
+    from ..errors import RunDirError
+    from ..plot import METRICS_FILE, read_metrics, save_run_figures
     from ._options import figure_folder
 
     folder = figure_folder(args.run_dir, args.out, args.task, args.overwrite, curves=True)
     model, _ = io.load_model(args.run_dir, tasks=args.task)
+    metrics = Path(args.run_dir) / METRICS_FILE
+    if metrics.is_file() and not read_metrics(metrics):
+        raise RunDirError(
+            f"{args.run_dir} has logged no training step yet, so there are no curves to "
+            f"draw: run its command again to resume it, or draw its routes alone with "
+            f"`modnet routes {args.run_dir}`"
+        )
     for path in save_run_figures(model, Path(args.run_dir), folder, args.task):
         print(path)
     return 0
