@@ -594,6 +594,7 @@ def test_a_transfer_that_would_train_nothing_is_one_line(finished, tmp_path, cap
     assert "synth_shape" not in io.read_results(hard)
 
 
+@pytest.mark.slow  # trains a run, then transfers
 def test_a_hard_route_run_says_its_transfer_trains_no_route(tmp_path, capsys):
     hard = tmp_path / "hard"
     assert main(train_args(hard, "--model-arg", "route=hard")) == 0

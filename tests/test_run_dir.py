@@ -655,6 +655,7 @@ SHARED_PHASES = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # end to end: a phase stopped, then the same command again
 @pytest.mark.parametrize(
     ("command", "stop"), [("transfer", "record_results"), ("adapt", "mark_outdated")]
 )
@@ -702,6 +703,7 @@ DELETED_FIGURE = {
 }
 
 
+@pytest.mark.slow  # end to end: a phase stopped, then the same command again
 @pytest.mark.parametrize("command", ["train", "transfer", "adapt"])
 def test_a_phase_stopped_while_its_figures_are_drawn_completes_them(
     run_copy, tmp_path, monkeypatch, capsys, command
