@@ -1,10 +1,13 @@
 """The README's first two command lines: one trains, one tests, the same test line as CI."""
 
+import os
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import _share_the_cores_between_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -47,4 +50,19 @@ def test_the_default_run_is_the_fast_tier_and_the_readme_line_runs_both():
     assert "-m 'not slow'" in options["addopts"]
     assert any(marker.startswith("slow:") for marker in options["markers"])
     _, test_line = front_door()
-    assert pytest_arguments(test_line) == ["-m", "slow or not slow"]
+    assert pytest_arguments(test_line) == ["-n", "auto", "-m", "slow or not slow"]
+
+
+def test_xdist_workers_each_get_their_share_of_the_cores(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(7)), raising=False)
+    try:
+        _share_the_cores_between_workers()
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "9")
+        _share_the_cores_between_workers()
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
