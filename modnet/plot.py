@@ -34,6 +34,9 @@ METRICS_FILE = "metrics.jsonl"
 START_EVENT = "start"
 # The record ``modnet discard`` writes for the attempt of a phase it drops.
 DISCARD_EVENT = "discarded"
+# The record an attempt writes once the run holds its weights: after each checkpoint,
+# and when it resumes from or completes one.
+CHECKPOINT_EVENT = "checkpoint"
 COLORMAP = "Blues"
 MAX_COLUMNS = 6  # route panels per row
 
@@ -213,16 +216,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     A record repeated by a resumed run (same phase, step and kind) keeps its last
     value. A phase started afresh (``{"phase": P, "event": "start"}``, written when
     ``transfer --overwrite`` retrains a task, or a phase interrupted before its
-    first checkpoint runs again) begins a new attempt that replaces the earlier
-    records of ``P``; ``modnet discard`` ends the attempt it drops (``"event":
-    "discarded"``), so the attempt before it counts again. The event records
-    themselves are not returned. A torn last line (a run killed mid-write) is skipped.
+    first checkpoint runs again) begins a new attempt. An attempt replaces the
+    earlier attempts of ``P`` once it has saved a checkpoint (``"event":
+    "checkpoint"``, written after each one), so a retry stopped before its first
+    checkpoint, whose weights the run never held, leaves the curves of the attempt
+    the run still holds; while no attempt of ``P`` has saved one, the last attempt
+    counts (files written before checkpoint records existed read as they did).
+    ``modnet discard`` ends the attempt it drops (``"event": "discarded"``), so the
+    attempt before it counts again. The event records themselves are not returned.
+    A torn last line (a run killed mid-write) is skipped.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
     """
     records: dict[tuple, dict[str, Any]] = {}
-    attempts: dict[Any, list[int]] = {}  # per phase: its attempts, the current one last
+    attempts: dict[Any, list[int]] = {}  # per phase: its attempts, the latest one last
+    checkpointed: set[tuple] = set()  # (phase, attempt) of attempts that saved one
     started = 0
     for line in Path(path).read_text().splitlines():
         if not line.strip():
@@ -233,18 +242,26 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             continue
         phase = record.get("phase")
         stack = attempts.setdefault(phase, [0])  # 0: records written before any start
-        if record.get("event") == START_EVENT:
+        event = record.get("event")
+        if event == START_EVENT:
             started += 1
             stack.append(started)
             continue
-        if record.get("event") == DISCARD_EVENT:
+        if event == DISCARD_EVENT:
             if len(stack) > 1:
                 stack.pop()
+            continue
+        if event == CHECKPOINT_EVENT:
+            checkpointed.add((phase, stack[-1]))
             continue
         key = (phase, stack[-1], record.get("step"), "accuracy" in record)
         records.pop(key, None)
         records[key] = record
-    return [r for (phase, attempt, *_), r in records.items() if attempts[phase][-1] == attempt]
+    held = {
+        phase: next((a for a in reversed(stack) if (phase, a) in checkpointed), stack[-1])
+        for phase, stack in attempts.items()
+    }
+    return [r for (phase, attempt, *_), r in records.items() if held[phase] == attempt]
 
 
 def curves_figure(records: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:

@@ -110,6 +110,29 @@ def test_read_metrics_keeps_only_the_last_fresh_start_of_each_phase(tmp_path):
     assert read_metrics(path) == RECORDS[:3]
 
 
+def test_read_metrics_keeps_the_attempt_the_run_holds_until_a_retry_checkpoints(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    retry = [
+        dict(phase="transfer-c", step=s, epoch=s / 3, loss=9.0, lr=1e-4, samples_per_s=1.0)
+        for s in (3, 6)
+    ]
+    start = dict(phase="transfer-c", event="start")
+    mark = dict(phase="transfer-c", event="checkpoint", step=3)
+    first = [dict(phase="train", event="start"), *RECORDS[:3], start, *RECORDS[3:], mark]
+    write_metrics(path, [*first, start, *retry])  # the retry saved no checkpoint
+    assert read_metrics(path) == RECORDS
+    write_metrics(path, [*first, start, *retry, start])  # nor did the one after it
+    assert read_metrics(path) == RECORDS
+    write_metrics(path, [*first, start, *retry, mark])
+    assert read_metrics(path) == [*RECORDS[:3], *retry]
+    discarded = dict(phase="transfer-c", event="discarded")
+    write_metrics(path, [*first, start, *retry, mark, discarded])
+    assert read_metrics(path) == RECORDS
+    # a phase none of whose attempts checkpointed yet shows its latest, as it trains
+    write_metrics(path, [*RECORDS[:3], start, *RECORDS[3:], start, *retry])
+    assert read_metrics(path) == [*RECORDS[:3], *retry]
+
+
 def test_learning_curves_draw_loss_accuracy_and_lr_with_phases_in_sequence():
     figure = curves_figure(RECORDS)
     loss, accuracy, lr = figure.axes

@@ -793,3 +793,49 @@ def test_plotting_a_run_stopped_before_its_first_logged_step_is_a_user_error(
         f"`modnet routes {out}`\n"
     )
     assert not (out / "routes.png").exists()  # refused before any figure is written
+
+
+def test_a_retry_stopped_before_its_first_checkpoint_keeps_the_held_attempts_curves(
+    run_copy, monkeypatch, capsys
+):
+    """``transfer --overwrite`` stopped before its first checkpoint leaves the run holding
+    the earlier attempt's weights, so ``metrics.jsonl`` still reads as that attempt's;
+    a retry that saved its checkpoint but was stopped before marking it counts once
+    it resumes."""
+
+    def curve(run):
+        return [
+            (r["step"], r.get("loss"))
+            for r in read_metrics(run / "metrics.jsonl")
+            if r["phase"] == "transfer-synth_shape"
+        ]
+
+    assert main(transfer_args(run_copy, "synth_shape", "--log-every", "1")) == 0
+    held, latest = curve(run_copy), io.latest_checkpoint(run_copy).name
+    assert len(held) == 3  # two loss records and one accuracy record
+
+    def stopped(self, done):
+        raise Interrupt  # after the retry logged its records, before its first checkpoint
+
+    again = transfer_args(run_copy, "synth_shape", "--log-every", "1", "--lr", "0.5")
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "checkpoint", stopped)
+        with pytest.raises(Interrupt):
+            main([*again, "--overwrite"])
+    assert io.latest_checkpoint(run_copy).name == latest
+    assert curve(run_copy) == held  # before the fix: the stopped retry's records
+
+    saved = io.save_checkpoint
+
+    def saved_then_stopped(*args, **kwargs):
+        saved(*args, **kwargs)
+        raise Interrupt  # the checkpoint is complete; its mark in metrics.jsonl is not
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "save_checkpoint", saved_then_stopped)
+        with pytest.raises(Interrupt):
+            main([*again, "--overwrite", "--checkpoint-every", "1"])
+    assert curve(run_copy) == held  # the run holds the new checkpoint, not yet marked
+    assert main([*again, "--checkpoint-every", "1"]) == 0  # resumes and marks it
+    retried = curve(run_copy)
+    assert [s for s, _ in retried] == [s for s, _ in held] and retried != held

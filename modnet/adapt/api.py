@@ -29,6 +29,7 @@ from ..train import RunDirError, TrainConfig, evaluate, load_data, parse_parts
 from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
 from ..train.parts import changed_shared, check_shared, present_parts
+from ..train.tracking import MetricsLogger
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
 from .objectives import make_objective, objective_class
@@ -354,6 +355,8 @@ def _complete_outputs(run_dir, phase, model, name, state, ctx) -> AdaptResult:
         json.loads(state.get("curve", "[]")),
     )  # fmt: skip
     if ctx.is_main:
+        # the run holds this attempt's weights (a kill may have beaten the trainer's mark)
+        MetricsLogger(run_dir, phase).checkpointed(int(state.get("step", 0)))
         io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 

@@ -32,6 +32,7 @@ from .parts import (
     present_parts,
     shown,
 )
+from .tracking import MetricsLogger
 
 RESULTS_FILE = io.RESULTS_FILE
 NEAREST = "nearest"  # init_from: the source task the new task's images look most like
@@ -280,6 +281,8 @@ def _complete_outputs(
         others = [n for n in model.task_names if n not in trained]
         changed_shared(run_dir, phase, parts, others)
         _record_results(run_dir, phase, result, model, extra=plan)
+        # the run holds this attempt's weights (a kill may have beaten the trainer's mark)
+        MetricsLogger(run_dir, phase).checkpointed(int(state.get("step", 0)))
         io.run.note(f"{phase} had finished training; wrote its missing results in {run_dir}")
     return result
 

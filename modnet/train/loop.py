@@ -123,8 +123,11 @@ class Trainer:
         self.logger = (
             make_logger(config.log, self.run_dir, phase, first_step) if ctx.is_main else None
         )
-        if self.logger is not None and resume_state is None:
-            self.logger.start()
+        if self.logger is not None:
+            if resume_state is None:
+                self.logger.start()
+            else:  # the run holds this attempt's weights (a kill may have beaten the mark)
+                self.logger.checkpointed(self.step)
 
     # ------------------------------------------------------------------ hooks
     def make_schedule(self) -> MultiTaskSchedule:
@@ -333,4 +336,5 @@ class Trainer:
                 task_info=self.task_info,
                 extra=self.extra_manifest,
             )
+            self.logger.checkpointed(self.step)  # its curves replace an earlier attempt's
         barrier(self.ctx)

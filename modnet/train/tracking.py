@@ -16,7 +16,15 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io.run import EVENT_FILE_PREFIX
-from ..plot import DISCARD_EVENT, METRICS_FILE, START_EVENT, route_figure, route_kind, route_matrix
+from ..plot import (
+    CHECKPOINT_EVENT,
+    DISCARD_EVENT,
+    METRICS_FILE,
+    START_EVENT,
+    route_figure,
+    route_kind,
+    route_matrix,
+)
 
 TENSORBOARD_DIR = "tensorboard"
 LOGGERS = ("jsonl", "tensorboard")
@@ -75,6 +83,13 @@ class MetricsLogger:
         appends its records after the replaced attempt's; the file is only appended
         to, so a crash at any moment keeps every record written."""
         self._append({"phase": self.phase, "event": START_EVENT})
+
+    def checkpointed(self, step: int) -> None:
+        """Marks that the run now holds this attempt's weights, from its checkpoint at
+        ``step``: written after each checkpoint and when the attempt resumes from or
+        completes one. Until then ``read_metrics`` keeps showing the earlier attempt
+        the run holds (a retry stopped before its first checkpoint changed nothing)."""
+        self._append({"phase": self.phase, "event": CHECKPOINT_EVENT, "step": step})
 
     def discarded(self) -> None:
         """Marks the phase's last attempt as dropped by ``modnet discard``: its records
