@@ -180,6 +180,34 @@ def test_eval_scores_the_test_set_the_run_drew_with_its_seed(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == recorded  # synthetic images and subset alike
 
 
+def test_eval_notes_moved_data_whose_class_names_differ_from_training(tmp_path, capsys):
+    from tests.test_data import write_folder
+
+    for name, classes in (("pets", ("cat", "dog")), ("copy", ("cat", "dog"))):
+        for split in ("train", "test"):
+            write_folder(tmp_path / name, split, dict.fromkeys(classes, 4), size=(16, 16))
+    swapped = tmp_path / "swapped"  # the same images, class folders that sort the other way
+    for split in ("train", "test"):
+        for old, new in (("cat", "zcat"), ("dog", "adog")):
+            (swapped / split).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "pets" / split / old).rename(swapped / split / new)
+        for old in ("cat", "dog"):
+            (tmp_path / "copy" / split / old).rename(tmp_path / "pets" / split / old)
+    run = tmp_path / "run"
+    argv = ["train", "--tasks", f"folder:{tmp_path / 'pets'}", *TINY, "--epochs", "1"]
+    assert main([*argv, "--batch-size", "8", "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", f"pets=folder:{tmp_path / 'pets'}"]) == 0
+    assert "names its classes" not in capsys.readouterr().err
+    assert main(["eval", str(run), "--data", f"pets=folder:{swapped}"]) == 0
+    assert (
+        f"modnet: --data pets=folder:{swapped} names its classes otherwise than the data task "
+        "'pets' was trained on (0: 'adog' here, 'cat' in training; 1: 'zcat' here, 'dog' in "
+        "training): labels are matched by class index, so check that the classes are the "
+        "same and in the same order\n"
+    ) in capsys.readouterr().err
+
+
 def test_eval_of_a_model_saved_without_datasets_asks_for_them(tmp_path, capsys):
     import timm
 

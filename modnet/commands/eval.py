@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--data {name}={moved[name]} has {data[name].num_classes} classes, task "
                 f"{name!r} {model.task_classes[name]}: give a copy of the task's own dataset"
             )
+        if name in moved:
+            _note_other_class_names(name, moved[name], manifest["tasks"][name], data[name])
     # said once the data is found, before the scoring
     sizes = {name: len(task.test_y) for name, task in data.items()}
     _note_recorded_limit(args.run_dir, manifest, sizes, args.test_limit)
@@ -151,6 +153,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(accuracy_table(accuracy, model.task_classes))
     return 0
+
+
+def _note_other_class_names(name: str, spec: str, entry: dict, task) -> None:
+    """Says when ``--data NAME=SPEC`` names its classes otherwise than the data the task
+    was trained on (both with names, e.g. two image folders): labels are matched by
+    index, so class folders that sort differently score as wrong answers. A note, not
+    an error: a new domain of the same classes (``--data mnist=mnist_m``) may name them
+    otherwise."""
+    from .. import io
+
+    trained = (entry.get("transform") or {}).get("classes")
+    given = task.transform.get("classes")
+    if not trained or not given or list(trained) == list(given):
+        return
+    differ = [
+        f"{i}: {a!r} here, {b!r} in training"
+        for i, (a, b) in enumerate(zip(given, trained, strict=False))
+        if a != b
+    ]
+    io.run.note(
+        f"--data {name}={spec} names its classes otherwise than the data task {name!r} was "
+        f"trained on ({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}): labels "
+        "are matched by class index, so check that the classes are the same and in the same order"
+    )
 
 
 def _note_recorded_limit(
