@@ -508,3 +508,16 @@ def test_mean_std_override_for_evaluating_with_a_trained_tasks_statistics():
     assert task.mean == [0.5] * 3 and task.std == [0.25] * 3
     x = task.test_x[:2]
     torch.testing.assert_close(task.normalize(x), (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_a_single_class_task_is_warned_about(tmp_path):
+    for split in ("train", "test"):
+        write_folder(tmp_path / "one", split, {"cat": 3})
+    with pytest.warns(UserWarning, match=r"task 'one' has a single class: every prediction is"):
+        task = load_task(f"folder:{tmp_path / 'one'}", img_size=8)
+    assert task.num_classes == 1
+    write_folder(tmp_path / "one", "train", {"dog": 3})
+    write_folder(tmp_path / "one", "test", {"dog": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # two classes: no warning
+        assert load_task(f"folder:{tmp_path / 'one'}", img_size=8).num_classes == 2

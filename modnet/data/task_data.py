@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +135,14 @@ class TaskData:
             )
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise DataError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
+        if self.num_classes == 1:
+            warnings.warn(
+                f"task {self.name!r} has a single class: every prediction is right, so its "
+                "accuracy is 1.0 by construction and its loss 0; give images of two classes "
+                "or more (an image folder: one subfolder per class, train/CLASS/*.png)",
+                UserWarning,
+                stacklevel=2,
+            )
         shape = None
         for split in ("train", "test"):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
