@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -58,6 +59,13 @@ TASK_DIR = "tasks"
 TRAINER_STATE = "trainer_state.pt"
 MODEL_FILES = (MANIFEST, SHARED_FILE, TRAINER_STATE)
 TASK_PREFIXES = ("routes.", "heads.", "norm_stats.")
+# What modnet's commands write into a model folder, which ``save_model`` keeps when it
+# replaces the folder: ``modnet routes`` / ``modnet plot`` figures (``routes.png``,
+# ``routes.txt``, ``routes-<task>.png`` / ``.txt`` with ``--task``, ``curves.png``
+# with ``plot --out``) and ``modnet export``'s folder ``export/`` (``<task>.pt2``,
+# ``<task>/model.safetensors`` and ``config.json``, see ``io.run.OUTPUT_FOLDERS``).
+COMMAND_FIGURE = re.compile(r"^(routes|routes-.+)\.(png|txt)$|^curves\.png$")
+EXPORT_DIR = "export"
 
 __all__ = [
     "FORMAT",
@@ -189,8 +197,14 @@ def save_model(
     Args:
         model: The model to save.
         directory: Target directory: new, empty, or a model directory modnet wrote,
-            which is replaced. A folder holding anything else is refused, so that
-            nothing modnet did not write is ever deleted.
+            which is replaced. What modnet's commands wrote into that model folder
+            (``modnet routes`` / ``plot`` figures: ``routes.png``, ``routes.txt``,
+            ``routes-<task>.png`` / ``.txt``, ``curves.png``; ``modnet export``'s
+            ``export/<task>.pt2`` and ``export/<task>/``) is kept as it is, never
+            deleted: it still shows the model saved before, so draw or export it
+            again (``modnet routes DIR --overwrite``, ``modnet export DIR --task T``).
+            A folder holding anything else is refused, so that nothing modnet did
+            not write is ever deleted.
         task_info: Per task, JSON-able facts to keep with it (dataset spec, transform,
             the phase that trained it).
         extra: Further JSON-able entries for the manifest.
@@ -207,7 +221,8 @@ def save_model(
     """
     directory = Path(directory)
     _check_replaceable(directory)
-    _save_model_dir(model, directory, task_info, extra)
+    keep = _command_outputs(directory) if directory.is_dir() else []
+    _save_model_dir(model, directory, task_info, extra, keep=[p.name for p in keep])
     _warn_unloadable(model, directory)
     return directory
 
@@ -234,6 +249,7 @@ def _save_model_dir(
     task_info: Mapping[str, Mapping[str, Any]] | None,
     extra: Mapping[str, Any] | None,
     files: Mapping[str, Callable[[Path], None]] | None = None,
+    keep: Iterable[str] = (),
 ) -> Path:
     """``save_model`` without its checks: also replaces a run's checkpoint (``io.run``).
 
@@ -246,12 +262,14 @@ def _save_model_dir(
         files: Further files of the folder, by name: ``files[name](path)`` writes
             one (a checkpoint's trainer state) before the folder is flushed and
             renamed into place, so the folder never appears without it.
+        keep: Entries of the folder being replaced that move into the new one
+            (``save_model``'s command outputs, see ``_command_outputs``).
     """
     tmp = directory.with_name(f".{directory.name}{TMP_MARK}{os.getpid()}")
     with disk_full_names(directory):
         try:
             _write_model_dir(tmp, model, task_info, extra, files or {})
-            _replace_dir(tmp, directory)
+            _replace_dir(tmp, directory, keep)
         finally:
             if tmp.exists():  # a failed write leaves nothing behind
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -289,7 +307,7 @@ def _check_replaceable(directory: Path) -> None:
         raise CheckpointError(
             f"{directory} is a file, not a model directory: save the model to a new or empty folder"
         )
-    foreign = _foreign_entries(directory) if directory.is_dir() else []
+    foreign = _foreign_entries(directory, outputs=True) if directory.is_dir() else []
     if foreign:
         raise CheckpointError(
             f"{directory} holds {foreign[0].relative_to(directory)}, which is not part of a "
@@ -298,11 +316,13 @@ def _check_replaceable(directory: Path) -> None:
         )
 
 
-def _foreign_entries(directory: Path) -> list[Path]:
+def _foreign_entries(directory: Path, outputs: bool = False) -> list[Path]:
     """What in ``directory`` is not part of a model directory modnet wrote: everything,
     unless it holds a modnet manifest; then anything but the model's files (the task
     files its manifest names), a checkpoint's trainer state and the leftovers of a
-    killed write."""
+    killed write, and with ``outputs`` what modnet's commands write into a model
+    folder (``_command_outputs``); in an ``export/`` folder holding anything else,
+    that (``export/notes.txt``)."""
     entries = sorted(directory.iterdir())
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -316,7 +336,13 @@ def _foreign_entries(directory: Path) -> list[Path]:
     if not owned:
         return entries
     foreign = []
+    kept = _command_outputs(directory) if outputs else []
     for entry in entries:
+        if entry in kept:
+            continue
+        if outputs and entry.name == EXPORT_DIR and _is_plain_dir(entry):
+            foreign += _foreign_exports(entry)
+            continue
         if entry.name == TASK_DIR and entry.is_dir():
             files = sorted(entry.iterdir())
             foreign += [
@@ -327,6 +353,72 @@ def _foreign_entries(directory: Path) -> list[Path]:
         ):
             foreign.append(entry)
     return foreign
+
+
+def _is_plain_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _foreign_exports(folder: Path) -> list[Path]:
+    """What in a model folder's ``export/`` ``modnet export`` did not write: anything
+    but ``<task>.pt2`` (a zip archive, as ``torch.export.save`` writes) and
+    ``<task>/`` folders of ``model.safetensors`` and a ``config.json`` of modnet's
+    export format (a folder left empty counts as modnet's); links are never its."""
+    from ..export import SAFE_CONFIG, SAFE_FORMAT, SAFE_WEIGHTS
+
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry)
+        elif entry.is_file():
+            if entry.suffix != ".pt2" or not _starts_with(entry, b"PK\x03\x04"):
+                foreign.append(entry)
+        elif entry.is_dir():
+            for file in sorted(entry.iterdir()):
+                if file.is_symlink() or not file.is_file():
+                    foreign.append(file)
+                elif file.name == SAFE_CONFIG:
+                    try:
+                        mine = json.loads(file.read_text()).get("format") == SAFE_FORMAT
+                    except (OSError, ValueError, AttributeError):
+                        mine = False
+                    if not mine:
+                        foreign.append(file)
+                elif file.name != SAFE_WEIGHTS:
+                    foreign.append(file)
+        else:
+            foreign.append(entry)
+    return foreign
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def _command_outputs(directory: Path) -> list[Path]:
+    """What modnet's commands wrote into the model folder ``directory``, which
+    ``save_model`` keeps: its figures (``COMMAND_FIGURE``, plain files) and an
+    ``export/`` folder holding only ``modnet export``'s files (``_foreign_exports``);
+    nothing when ``directory`` holds no modnet manifest."""
+    try:
+        owned = json.loads((directory / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        owned = False
+    if not owned:
+        return []
+    kept = []
+    for entry in sorted(directory.iterdir()):
+        if entry.is_symlink():
+            continue
+        if entry.is_file() and COMMAND_FIGURE.match(entry.name):
+            kept.append(entry)
+        elif entry.name == EXPORT_DIR and entry.is_dir() and not _foreign_exports(entry):
+            kept.append(entry)
+    return kept
 
 
 def _write_model_dir(
@@ -386,12 +478,20 @@ def _task_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str])
     return data[:8] + text.ljust(length) + data[8 + length :]
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
+def _replace_dir(tmp: Path, directory: Path, keep: Iterable[str] = ()) -> None:
+    """Renames ``tmp`` into place of ``directory``; the entries named in ``keep`` move
+    from the replaced folder into the new one before the replaced one is removed (a
+    kill in between leaves them in the hidden ``.<name>.modnet-old-<pid>`` folder)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     if directory.exists():
         old = directory.with_name(f".{directory.name}{OLD_MARK}{os.getpid()}")
         os.replace(directory, old)
         os.replace(tmp, directory)
+        keep = list(keep)
+        for name in keep:
+            os.replace(old / name, directory / name)
+        if keep:
+            fsync_path(directory)
         fsync_path(directory.parent)
         shutil.rmtree(old)
     else:

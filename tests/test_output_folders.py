@@ -1,0 +1,105 @@
+"""modnet's own outputs in modnet's folders: a model folder keeps what modnet's commands
+wrote into it when ``save_model`` replaces it, and an export is never written among
+the files of a run, a checkpoint or a saved model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from modnet import io
+from modnet.cli import main
+from modnet.errors import CheckpointError
+from tests.conftest import tiny_conv
+
+
+def model_with(*tasks: str):
+    model = tiny_conv()
+    for name in tasks:
+        model.add_task(name, 3)
+    return model
+
+
+def contents(folder) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_save_model_keeps_what_routes_and_export_wrote_into_the_folder(tmp_path, capsys):
+    saved = tmp_path / "saved"
+    io.save_model(model_with("a"), saved)
+    # what `modnet routes saved [--task a]` writes (drawing it imports matplotlib: a second)
+    for name in ("routes.png", "routes.txt", "routes-a.png", "routes-a.txt"):
+        (saved / name).write_text(f"the figure {name}")
+    assert main(["export", str(saved), "--task", "a", "--format", "safetensors"]) == 0
+    # what `modnet export saved --task a` writes, a zip archive (tracing it takes seconds)
+    (saved / "export" / "a.pt2").write_bytes(b"PK\x03\x04" + bytes(60))
+    outputs = {
+        name: data for name, data in contents(saved).items() if not name.startswith("tasks/")
+    }
+    del outputs["manifest.json"], outputs["pool.safetensors"]
+    assert sorted(outputs) == [
+        "export/a.pt2",
+        "export/a/config.json",
+        "export/a/model.safetensors",
+        "routes-a.png",
+        "routes-a.txt",
+        "routes.png",
+        "routes.txt",
+    ]
+    io.save_model(model_with("b"), saved)  # the model is replaced, its outputs kept as they were
+    after = contents(saved)
+    assert {name: after[name] for name in outputs} == outputs
+    assert sorted(p.name for p in (saved / "tasks").iterdir()) == ["b.safetensors"]
+    assert list(io.load_model(saved)[1]["tasks"]) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no leftover folder
+    io.save_model(model_with("c"), saved)  # and again: what it kept is still modnet's
+    assert {name: contents(saved)[name] for name in outputs} == outputs
+
+
+@pytest.mark.parametrize(
+    "make, named",
+    [
+        (lambda d: (d / "notes.txt").write_text("mine"), "notes.txt"),
+        (
+            lambda d: (d / "export").mkdir() or (d / "export" / "x.txt").write_text("mine"),
+            "export/x.txt",
+        ),
+        (
+            lambda d: (d / "export").mkdir() or (d / "export" / "a.pt2").write_text("mine"),
+            "export/a.pt2",
+        ),
+        (
+            lambda d: (
+                (d / "export" / "a").mkdir(parents=True)
+                or (d / "export" / "a" / "config.json").write_text("{}")
+            ),
+            "export/a/config.json",
+        ),
+        (lambda d: os.symlink(d / "manifest.json", d / "routes.png"), "routes.png"),
+        (lambda d: (d / "routes.png").mkdir(), "routes.png"),
+    ],
+)
+def test_save_model_still_refuses_what_modnet_did_not_write(tmp_path, make, named):
+    saved = tmp_path / "saved"
+    io.save_model(model_with("a"), saved)
+    make(saved)
+    before = contents(saved)
+    with pytest.raises(CheckpointError) as caught:
+        io.save_model(model_with("b"), saved)
+    assert str(caught.value) == (
+        f"{saved} holds {named}, which is not part of a saved model (saving replaces the whole "
+        "folder): save the model to a new or empty folder, or move that out first"
+    )
+    assert contents(saved) == before
+
+
+def test_figures_without_a_model_are_not_a_model_folder(tmp_path):
+    folder = tmp_path / "figs"
+    folder.mkdir()
+    (folder / "routes.png").write_bytes(b"\x89PNG")
+    with pytest.raises(CheckpointError, match=r"figs holds routes.png, which is not part of a"):
+        io.save_model(model_with("a"), folder)
+    assert contents(folder) == {"routes.png": b"\x89PNG"}
