@@ -94,6 +94,85 @@ class ExportedNet(nn.Module):
 PT2_TRANSFORM = "transform.json"
 
 
+def check_export_target(
+    path: str | Path, task: str, safe: bool, option: str, default: Path | None = None
+) -> None:
+    """Refuses, before any work, an export that would land among modnet's own files.
+
+    A run directory, a checkpoint inside one and a saved model folder are modnet's:
+    ``train --overwrite`` and ``save_model`` clear or replace them knowing only
+    their own files, so an export written among those would be left behind or
+    block them. In such a folder an export belongs in its ``export/`` folder, as
+    ``modnet export`` writes it by default: ``export/<task>.pt2`` or
+    ``export/<task>/`` (``io.run.OUTPUT_FOLDERS``), not at its top nor elsewhere
+    in ``export/``, ``tasks/`` or ``tensorboard/`` (a folder of the user's inside
+    it is the user's); nothing goes into a checkpoint, which modnet prunes.
+
+    Args:
+        path: The ``.pt2`` file, or the folder of a safetensors export.
+        task: The exported task, for the suggested path.
+        safe: Whether ``path`` is a safetensors folder (else a ``.pt2`` file).
+        option: What named ``path``, for the message (``--out``, ``directory``).
+        default: Where the command writes by default, suggested instead (``None``:
+            the owning folder's own ``export/`` place is suggested).
+
+    Raises:
+        ConfigError: Naming the folder, why and where to write instead, in one line.
+    """
+    from .errors import ConfigError
+    from .io.checkpoint import FORMAT, MANIFEST, TASK_DIR
+    from .io.run import CHECKPOINTS, OUTPUT_FOLDERS, is_run_dir
+
+    given = Path(path)
+    file = given / SAFE_WEIGHTS if safe else given
+    folders = [file.absolute().parent, *file.absolute().parent.parents]
+    shown = [file.parent, *file.parent.parents]  # as given, then absolute
+    shown += folders[len(shown) :]
+    for folder in folders:
+        pruned = folder.name == CHECKPOINTS and is_run_dir(folder.parent)
+        if pruned or is_run_dir(folder) or _model_folder(folder, FORMAT, MANIFEST):
+            break
+    else:
+        return
+    inside = file.absolute().relative_to(folder).as_posix()
+    checkpoint = folder.parent.name == CHECKPOINTS and is_run_dir(folder.parent.parent)
+    if pruned or checkpoint:
+        run = folder.parent if pruned else folder.parent.parent
+        what = f"the checkpoints of the run {shown[folders.index(run)]}"
+        why = "which modnet prunes as the run goes on"
+    else:
+        run = folder
+        top, _, rest = inside.partition("/")
+        if top == "export" and OUTPUT_FOLDERS["export"].match(rest):
+            return  # the export's own place, which modnet clears and keeps as its own
+        if rest and top not in (TASK_DIR, *OUTPUT_FOLDERS):
+            return  # a folder of the user's in it, which modnet leaves alone
+        name = shown[folders.index(folder)]
+        what, why = (
+            (f"the run directory {name}", "whose files modnet manages")
+            if is_run_dir(folder)
+            else (f"the saved model folder {name}", "which modnet.io.save_model replaces")
+        )
+    own = shown[folders.index(run)] / "export" / (task if safe else f"{task}.pt2")
+    instead = (
+        f"leave out {option} to write {default} (the default)"
+        if default is not None
+        else f"write to {own}{'/' if safe else ''}"
+    )
+    raise ConfigError(
+        f"{option} {given} would put the export into {what}, {why} (an export belongs "
+        f"in its export/ folder): {instead}, or choose a folder outside it"
+    )
+
+
+def _model_folder(folder: Path, format: str, manifest: str) -> bool:
+    """Whether ``folder`` holds a modnet model directory's manifest."""
+    try:
+        return json.loads((folder / manifest).read_text()).get("format") == format
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def save_exported(
     net: ExportedNet,
     path: str | Path,
@@ -123,8 +202,9 @@ def save_exported(
         The file.
 
     Raises:
-        ConfigError: ``path`` is a folder, or exists and ``overwrite`` is not set
-            (before tracing).
+        ConfigError: ``path`` is a folder, lies among a run's, a checkpoint's or a
+            saved model's own files (``check_export_target``), or exists and
+            ``overwrite`` is not set (before tracing).
     """
     from .errors import ConfigError
     from .io import atomic_write
@@ -132,6 +212,7 @@ def save_exported(
 
     if Path(path).is_dir():
         raise ConfigError(f"{path} is a folder: give the .pt2 file to write, e.g. {path}/model.pt2")
+    check_export_target(path, net.task, safe=False, option="path")
     if not overwrite:
         refuse_existing([Path(path)], "path", "overwrite=True")
     channels, height, width = net.input_size
@@ -212,8 +293,10 @@ def save_safe(
         The folder.
 
     Raises:
-        ConfigError: A file to be written exists and ``overwrite`` is not set
-            (before anything is written).
+        ConfigError: ``directory`` is a run directory, a checkpoint or a saved model
+            folder, or lies among their own files (``check_export_target``), or a
+            file to be written exists and ``overwrite`` is not set (before anything
+            is written).
     """
     from safetensors.torch import save_file
 
@@ -222,6 +305,7 @@ def save_safe(
     from .model import _head_classes
 
     directory = Path(directory)
+    check_export_target(directory, net.task, safe=True, option="directory")
     if not overwrite:
         refuse_existing(
             [directory / SAFE_WEIGHTS, directory / SAFE_CONFIG], "directory", "overwrite=True"

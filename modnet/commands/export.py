@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out",
         help="output file for pt2, folder for safetensors (default: RUN_DIR/export/<task>.pt2 "
-        "or RUN_DIR/export/<task>/)",
+        "or RUN_DIR/export/<task>/); never among a run's, a checkpoint's or a saved model's "
+        "own files",
     )
     parser.add_argument(
         "--overwrite",
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, RunDirError
-    from ..export import SAFE_CONFIG, SAFE_WEIGHTS, save_exported, save_safe
+    from ..export import SAFE_CONFIG, SAFE_WEIGHTS, check_export_target, save_exported, save_safe
     from ..io import load_model, partly_trained
     from ._options import check_writable, refuse_checkpoint_folder, refuse_replacing
 
@@ -72,10 +73,12 @@ def run(args: argparse.Namespace) -> int:
                 f"--out {args.out} is not a .pt2 file path: give one such as model.pt2 "
                 "(a folder is --out for --format safetensors)"
             )
+        check_export_target(args.out, args.task, safe=False, option="--out", default=own)
         refuse_replacing([Path(args.out)], args.overwrite)
     elif args.out:
         if Path(args.out).is_file():
             raise ConfigError(f"--out {args.out} is a file: --format safetensors writes a folder")
+        check_export_target(args.out, args.task, safe=True, option="--out", default=own)
         check_writable(args.out)
         refuse_replacing([Path(args.out) / n for n in (SAFE_WEIGHTS, SAFE_CONFIG)], args.overwrite)
     model, manifest = load_model(args.run_dir, tasks=[args.task])
