@@ -128,14 +128,21 @@ def check_export_target(
     folders = [file.absolute().parent, *file.absolute().parent.parents]
     shown = [file.parent, *file.parent.parents]  # as given, then absolute
     shown += folders[len(shown) :]
+
+    def owned(folder: Path) -> bool:  # an unreadable folder is not looked into
+        try:
+            return is_run_dir(folder)
+        except OSError:
+            return False
+
     for folder in folders:
-        pruned = folder.name == CHECKPOINTS and is_run_dir(folder.parent)
-        if pruned or is_run_dir(folder) or _model_folder(folder, FORMAT, MANIFEST):
+        pruned = folder.name == CHECKPOINTS and owned(folder.parent)
+        if pruned or owned(folder) or _model_folder(folder, FORMAT, MANIFEST):
             break
     else:
         return
     inside = file.absolute().relative_to(folder).as_posix()
-    checkpoint = folder.parent.name == CHECKPOINTS and is_run_dir(folder.parent.parent)
+    checkpoint = folder.parent.name == CHECKPOINTS and owned(folder.parent.parent)
     if pruned or checkpoint:
         run = folder.parent if pruned else folder.parent.parent
         what = f"the checkpoints of the run {shown[folders.index(run)]}"
@@ -150,7 +157,7 @@ def check_export_target(
         name = shown[folders.index(folder)]
         what, why = (
             (f"the run directory {name}", "whose files modnet manages")
-            if is_run_dir(folder)
+            if owned(folder)
             else (f"the saved model folder {name}", "which modnet.io.save_model replaces")
         )
     own = shown[folders.index(run)] / "export" / (task if safe else f"{task}.pt2")
