@@ -119,7 +119,7 @@ def test_transfer_eval_routes_and_export(run_dir, capsys):
     table = capsys.readouterr().out
     assert "task synth_shape" in table and "T4" in table  # the grown template is a column
     assert (run_dir / "fig" / "routes.png").stat().st_size > 500
-    out = run_dir / "color.pt2"
+    out = run_dir.parent / "color.pt2"  # outside the run: not among its own files
     assert main(["export", str(run_dir), "--task", "synth_color", "--out", str(out)]) == 0
     program = torch.export.load(str(out)).module()
     model, _ = io.load_model(run_dir, tasks=["synth_color"])
