@@ -126,6 +126,23 @@ def _check_family_options(
         )
 
 
+# Numeric options whose family or model checks them itself, with its own messages.
+_CHECKED_WHERE_USED = ("img_size", "num_heads", "patch_size", "stem_stride", "num_classes", "depth")
+
+
+def _check_sizes(kwargs: Mapping[str, Any]) -> None:
+    """The command line's type and range checks of numeric model options
+    (``options.NUMERIC``), for ``timm.create_model`` too: ``width=0``,
+    ``embed_dim=0`` or ``exp_ratio=0`` used to fail deep inside timm's builder, or
+    build a model of empty layers. Per-layer drop-path rates (a list) are checked
+    where they are used."""
+    from .options import NUMERIC, check_number_option
+
+    for key, value in kwargs.items():
+        if key in NUMERIC and key not in _CHECKED_WHERE_USED and not isinstance(value, list):
+            check_number_option(key, value)
+
+
 def _create(
     variant: str,
     family_fn: Callable[..., Family],
@@ -151,6 +168,7 @@ def _create(
         )
     if kwargs.get("tasks") is not None and kwargs.get("num_classes") is not None:
         raise ConfigError("pass either tasks={name: classes} or num_classes, not both")
+    _check_sizes(kwargs)
     if kwargs.get("features_only") and kwargs.get("tasks") is None:
         kwargs.setdefault("num_classes", 0)  # a feature extractor needs a task's route
     out_indices = DEFAULT_FEATURE_LAYERS

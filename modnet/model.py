@@ -29,6 +29,7 @@ from .route_checks import (
     coerce_route,
 )
 from .routing import (
+    ROUTE_INITS,
     ROUTE_KINDS,
     HardRoute,
     HyperNetwork,
@@ -40,6 +41,32 @@ from .routing import (
 
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+def _check_route_construction(route: str, anisotropic: Any, route_init: Any) -> None:
+    """Refuses route options that would do nothing or fail only at the first ``add_task``.
+
+    Raises:
+        ConfigError: ``anisotropic`` not a bool, or set with a hard route (which selects
+            whole templates and has no coefficients); an unknown ``route_init``, or one
+            other than the default with a hard or hypernetwork route (neither has
+            logits to initialise).
+    """
+    if not isinstance(anisotropic, bool):
+        raise ConfigError(f"anisotropic must be True or False, got {anisotropic!r}")
+    if anisotropic and route == "hard":
+        raise ConfigError(
+            "anisotropic=True gives a soft route one coefficient per parameter tensor, and a "
+            "hard route selects whole templates: leave anisotropic out, or choose a soft route"
+        )
+    if not isinstance(route_init, str) or route_init not in ROUTE_INITS:
+        choices = ", ".join(ROUTE_INITS)
+        raise ConfigError(f"unknown route_init {route_init!r}: choose one of {choices}")
+    if route_init != "random" and route in ("hard", "hyper"):
+        raise ConfigError(
+            f"route_init={route_init!r} sets soft routes' initial logits, and the route is "
+            f"{route}: choose a soft route or leave route_init out"
+        )
 
 
 class ModularNet(nn.Module):
@@ -108,8 +135,17 @@ class ModularNet(nn.Module):
         super().__init__()
         if route not in ROUTE_KINDS:
             raise ValueError(f"unknown route kind {route!r}: choose one of {ROUTE_KINDS}")
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral):
+            raise ConfigError(f"depth must be a whole number of layers >= 1, got {depth!r}")
+        depth = int(depth)
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
+        _check_route_construction(route, anisotropic, route_init)
+        if tasks is not None and not isinstance(tasks, Mapping):
+            raise ConfigError(
+                "tasks must map each task's name to its number of classes, e.g. "
+                f"tasks={{'a': 10, 'b': 5}}; got a {type(tasks).__name__}: {tasks!r}"
+            )
         hyper = dict(
             hyper_dim=hyper_dim, hyper_hidden=hyper_hidden, hyper_normalize=hyper_normalize
         )

@@ -17,7 +17,7 @@ import timm
 from torch import nn
 
 from .errors import ConfigError, ModnetError
-from .routing import ROUTE_KINDS
+from .routing import ROUTE_INITS, ROUTE_KINDS
 
 # option: (kind, low, high); kind "int" or "float"; bounds inclusive, None for open.
 NUMERIC = {
@@ -38,7 +38,7 @@ NUMERIC = {
 }
 CHOICES = {
     "route": ROUTE_KINDS,
-    "route_init": ("random", "uniform", "cyclic"),
+    "route_init": ROUTE_INITS,
 }
 BOOLEAN = ("anisotropic",)
 
@@ -150,6 +150,15 @@ def _check_route_options(model: str, value: Any, options: Mapping[str, Any]) -> 
         check(options.get("route", "softmax"), value, count or top_k or 1)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"model option route_options: {error}") from None
+
+
+def check_number_option(key: str, value: Any) -> None:
+    """Checks one numeric model option (a key of ``NUMERIC``) for type and range.
+
+    Raises:
+        ConfigError: Naming the option, what it accepts and the value.
+    """
+    _check_number(key, value, *NUMERIC[key])
 
 
 def _check_number(key: str, value: Any, kind: str, low: float | None, high: float | None) -> None:

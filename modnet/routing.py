@@ -24,6 +24,8 @@ from .errors import ConfigError
 # What ``ModularNet(route=...)`` builds: soft routes by their normalisation, a
 # hypernetwork-generated route, or a hard route (one template per layer).
 ROUTE_KINDS = ("softmax", "linear", "sparsemax", "hyper", "hard")
+# How a soft route's logits start (``SoftRoute(init=...)``, ``create_model(route_init=...)``).
+ROUTE_INITS = ("random", "uniform", "cyclic")
 NORMALIZATIONS = ("softmax", "linear", "sparsemax")
 STRAIGHT_THROUGH = ("argmax", "gumbel")
 # Keys of ``SoftRoute.options()``: what ``SoftRoute.configured`` and ``route_options`` accept.

@@ -107,7 +107,7 @@ def test_invalid_or_duplicate_task_names(model):
 def test_unknown_options():
     with pytest.raises(ValueError, match="unknown route kind 'soft'"):
         tiny_conv(num_classes=2, route="soft")
-    with pytest.raises(ValueError, match="unknown route init"):
+    with pytest.raises(ValueError, match="unknown route_init"):
         tiny_conv(num_classes=2, route_init="zeros")
     with pytest.raises(ValueError, match="grow needs count >= 1"):
         tiny_conv(num_classes=2).grow(0)

@@ -299,10 +299,13 @@ def vit_family(
     ``reset_classifier`` changed the pooling but, as in timm, kept the norm where it was.
 
     Raises:
-        ConfigError: An ``img_size`` that is not a positive int or pair, an
-            ``embed_dim`` not divisible by ``num_heads``, or an unknown ``global_pool``.
+        ConfigError: An ``img_size`` that is not a positive int or pair, or not
+            divisible by ``patch_size``; an ``embed_dim`` not divisible by
+            ``num_heads``, or an unknown ``global_pool``.
     """
     img_size = image_size(img_size)
+    # timm's patch embedding would silently drop the pixels past the last whole patch
+    check_divisible("img_size", img_size, "patch_size", patch_size)
     check_divisible("embed_dim", embed_dim, "num_heads", num_heads)
     check_pool_name(global_pool, POOLS["vit"])
     vit = VisionTransformer(
