@@ -32,7 +32,7 @@ from ..train.parts import changed_shared, check_shared, present_parts
 from ..train.tracking import MetricsLogger
 from .errors import AdaptationError
 from .norm import reestimate_norm_stats
-from .objectives import make_objective, objective_class
+from .objectives import check_objective_options, make_objective, objective_class
 from .relation import route_relation, save_relation_heatmap
 from .selection import NEAREST, source_distances
 from .target import AVERAGE, add_target_task, check_init
@@ -133,7 +133,8 @@ def adapt(
         head_init: Where its head starts (default: like ``init``).
         config: Training options; ``batch_size`` is per domain, an epoch is a
             pass over the target's training images, limits apply to every domain.
-        objective_options: Keyword options of the objective (e.g. ``diversity``).
+        objective_options: Keyword options of the objective (e.g. ``diversity``),
+            checked against the types and ranges it declares before any work.
         source_weight: Weight of the sources' supervised loss when shared parts train.
         train_sources: If the run directory holds no run yet, train the sources
             (then dataset specs) first: ``True`` with ``config``, or a config.
@@ -153,6 +154,8 @@ def adapt(
 
     Raises:
         ConfigError: A bad option, or a shared part without ``update_shared``.
+        AdaptationError: An unknown objective, or an objective option it does not
+            take or with a bad value (checked before any work).
     """
     config = config or TrainConfig()
     if (
@@ -162,6 +165,7 @@ def adapt(
     ):
         raise ConfigError(f"--source-weight must be a finite number >= 0, got {source_weight!r}")
     objective_cls = objective_class(objective)
+    objective_options = check_objective_options(objective, objective_options)
     wanted = _check_parts(parse_parts(parts), objective_cls.uses_gradients, objective)
     check_shared(wanted, update_shared)
     run_dir = Path(run_dir)

@@ -8,7 +8,9 @@ target label.
 
 Objectives are looked up by name in ``OBJECTIVES``; ``register_objective`` adds
 new ones. Every constructor takes ``features`` (feature width) and
-``num_sources`` first, then its own keyword options (``--objective-arg``).
+``num_sources`` first, then its own keyword options (``--objective-arg``), whose
+types and ranges an objective declares in ``options`` (``OptionRange``) so that a
+bad value is refused before any work (``check_objective_options``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +28,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdaptationError
+
+
+@dataclass(frozen=True)
+class OptionRange:
+    """The type and range one option of an objective accepts.
+
+    Attributes:
+        kind: ``int`` (an integer, not a bool) or ``float`` (a finite number; an
+            integer is accepted too).
+        low: Smallest value accepted (None: no lower bound).
+        high: Bound above (None: none).
+        high_open: ``high`` itself is refused.
+    """
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+
+    def describe(self) -> str:
+        """The valid values in words, e.g. ``at least 1 (an integer)``."""
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.high is None:
+            bounds = f"at least {self.low}" if self.low is not None else what
+            return bounds if self.low is None else f"{bounds} ({what})"
+        right = ")" if self.high_open else "]"
+        left = "(-inf" if self.low is None else f"[{self.low}"
+        return f"in {left}, {self.high}{right} ({what})"
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has the option's type and lies in its range."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        if self.kind is int and not isinstance(value, numbers.Integral):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and value < self.low:
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return True
 
 
 class AdaptationObjective(nn.Module):
@@ -37,11 +83,31 @@ class AdaptationObjective(nn.Module):
             route-only run need not compute them.
         progress: Fraction of the adaptation done (0 to 1), set by the trainer
             before every step, for objectives that follow a schedule.
+        options: Per keyword option of the constructor, the type and range it
+            accepts; checked by ``check_objective_options`` before any work and
+            by the constructor (``check_options``).
     """
 
     name: ClassVar[str] = ""
     uses_gradients: ClassVar[bool] = True
     needs_source_features: ClassVar[bool] = True
+    options: ClassVar[Mapping[str, OptionRange]] = {}
+
+    @classmethod
+    def check_options(cls, **values: Any) -> None:
+        """Refuses an option value outside the type and range ``options`` declares.
+
+        Raises:
+            AdaptationError: Naming the objective, the option, the valid values and
+                the value given.
+        """
+        for key, value in values.items():
+            allowed = cls.options.get(key)
+            if allowed is not None and not allowed.accepts(value):
+                raise AdaptationError(
+                    f"{cls.name}: {key} must be {allowed.describe()}, got {value!r}: "
+                    f"give e.g. {key}={_example(cls, key, allowed)}"
+                )
 
     def __init__(self, features: int, num_sources: int):
         super().__init__()
@@ -85,11 +151,57 @@ def objective_class(name: str) -> type[AdaptationObjective]:
     return OBJECTIVES[name]
 
 
-def make_objective(
-    name: str, features: int, num_sources: int, **options: Any
-) -> AdaptationObjective:
-    """Builds a registered objective; unknown options are reported with the accepted ones."""
+def objective_names(uses_gradients: bool | None = None) -> list[str]:
+    """The registered objectives' names, in registration order.
+
+    Args:
+        uses_gradients: Only those that take gradient steps (True), or only those
+            that do not (False); None: all.
+    """
+    return [
+        name
+        for name, cls in OBJECTIVES.items()
+        if uses_gradients is None or cls.uses_gradients == uses_gradients
+    ]
+
+
+def objective_summary() -> str:
+    """The registered objectives with their options' defaults, for help texts:
+    ``moments (orders=2), entropy (diversity=1.0), ...``."""
+    described = []
+    for name, cls in OBJECTIVES.items():
+        defaults = [
+            f"{p.name}={p.default!r}"
+            for p in list(inspect.signature(cls).parameters.values())[2:]
+            if p.default is not p.empty
+        ]
+        described.append(f"{name} ({', '.join(defaults)})" if defaults else name)
+    return ", ".join(described)
+
+
+def check_objective_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options of the objective ``name`` checked without building it (before any work).
+
+    Every option must be one the objective's constructor takes, with the type and
+    in the range the objective declares (``AdaptationObjective.options``).
+
+    Returns:
+        The options as a dict.
+
+    Raises:
+        AdaptationError: An unknown objective, or an unknown or bad option.
+    """
     cls = objective_class(name)
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise AdaptationError(
+            f"objective_options must be a mapping of option names to values, got {options!r}"
+        )
+    bad_key = next((key for key in options if not isinstance(key, str)), None)
+    if bad_key is not None:
+        raise AdaptationError(f"objective option names are strings, got {bad_key!r}")
+    options = dict(options)
     parameters = list(inspect.signature(cls).parameters.values())[2:]  # after features, sources
     accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = [key for key in options if key not in accepted]
@@ -100,6 +212,17 @@ def make_objective(
         raise AdaptationError(
             f"unknown option {unknown[0]!r} for the {name!r} objective{hint}: {takes}"
         )
+    cls.check_options(**options)
+    return options
+
+
+def make_objective(
+    name: str, features: int, num_sources: int, **options: Any
+) -> AdaptationObjective:
+    """Builds a registered objective; unknown or bad options are refused first
+    (``check_objective_options``)."""
+    cls = objective_class(name)
+    check_objective_options(name, options)
     try:
         return cls(features, num_sources, **options)
     except TypeError as error:
@@ -107,6 +230,20 @@ def make_objective(
             f"bad option for the {name!r} objective ({error}): see the options of "
             f"{cls.__module__}.{cls.__name__}"
         ) from None
+
+
+def _example(cls: type[AdaptationObjective], key: str, allowed: OptionRange) -> str:
+    """A value ``allowed`` accepts, for the fix in an error message: the default."""
+    parameter = inspect.signature(cls).parameters.get(key)
+    if parameter is not None and allowed.accepts(parameter.default):
+        return f"{parameter.default!r}, its default"
+    low = allowed.low if allowed.low is not None else 0
+    if allowed.kind is int:
+        return str(math.ceil(low))
+    value = float(low)
+    if allowed.high is not None and allowed.high_open and value >= allowed.high:
+        value = (value + allowed.high) / 2
+    return str(value)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,11 +264,11 @@ class MomentMatching(AdaptationObjective):
     """
 
     name = "moments"
+    options = {"orders": OptionRange(int, low=1)}
 
     def __init__(self, features: int, num_sources: int, orders: int = 2):
         super().__init__(features, num_sources)
-        if orders < 1:
-            raise AdaptationError(f"moments: orders must be at least 1, got {orders}")
+        self.check_options(orders=orders)
         self.orders = orders
 
     def loss(self, source_features, target_features, target_logits):
@@ -153,14 +290,16 @@ class EntropyMinimisation(AdaptationObjective):
     (Shi & Sha 2012; SHOT, Liang et al. 2020). Zero at its optimum.
 
     Args:
-        diversity: Weight of the diversity term.
+        diversity: Weight of the diversity term (at least 0).
     """
 
     name = "entropy"
     needs_source_features = False
+    options = {"diversity": OptionRange(float, low=0)}
 
     def __init__(self, features: int, num_sources: int, diversity: float = 1.0):
         super().__init__(features, num_sources)
+        self.check_options(diversity=diversity)
         self.diversity = diversity
 
     def loss(self, source_features, target_features, target_logits):
@@ -201,14 +340,16 @@ class DomainAdversarial(AdaptationObjective):
     chance). The discriminator is optimised with the model and discarded afterwards.
 
     Args:
-        hidden: Width of the discriminator's hidden layer.
-        reversal: Final scale of the reversed gradient.
+        hidden: Width of the discriminator's hidden layer (at least 1).
+        reversal: Final scale of the reversed gradient (at least 0).
     """
 
     name = "adversarial"
+    options = {"hidden": OptionRange(int, low=1), "reversal": OptionRange(float, low=0)}
 
     def __init__(self, features: int, num_sources: int, hidden: int = 64, reversal: float = 1.0):
         super().__init__(features, num_sources)
+        self.check_options(hidden=hidden, reversal=reversal)
         self.reversal = reversal
         self.discriminator = nn.Sequential(
             nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1)
@@ -262,11 +403,11 @@ class PseudoLabelling(AdaptationObjective):
 
     name = "pseudo_label"
     needs_source_features = False
+    options = {"threshold": OptionRange(float, low=0, high=1, high_open=True)}
 
     def __init__(self, features: int, num_sources: int, threshold: float = 0.9):
         super().__init__(features, num_sources)
-        if not 0.0 <= threshold < 1.0:
-            raise AdaptationError(f"pseudo_label: threshold must be in [0, 1), got {threshold}")
+        self.check_options(threshold=threshold)
         self.threshold = threshold
 
     def loss(self, source_features, target_features, target_logits):
@@ -317,13 +458,11 @@ class SlicedWasserstein(AdaptationObjective):
     """
 
     name = "sliced_wasserstein"
+    options = {"projections": OptionRange(int, low=1)}
 
     def __init__(self, features: int, num_sources: int, projections: int = 128):
         super().__init__(features, num_sources)
-        if projections < 1:
-            raise AdaptationError(
-                f"sliced_wasserstein: projections must be at least 1, got {projections}"
-            )
+        self.check_options(projections=projections)
         self.projections = projections
 
     def loss(self, source_features, target_features, target_logits):

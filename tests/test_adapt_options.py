@@ -1,0 +1,132 @@
+"""adapt's options are checked before any work, and its refusals name the fix.
+
+The runs here are written directly (``io.save_checkpoint`` of an untrained tiny
+model whose tasks record their datasets): every check under test happens before
+adaptation loads the sources' data or trains, so nothing trains.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+
+from modnet import io
+from modnet.adapt import (
+    OBJECTIVES,
+    AdaptationError,
+    adapt,
+    make_objective,
+)
+from modnet.cli import main
+from tests.conftest import tiny_conv
+from tests.test_cli_errors import one_line_error
+
+SOURCES = {"synth_size": 3, "synth_size-bg": 3}
+TARGET = "synth_size-noise"
+GRADIENT_OBJECTIVES = "moments, entropy, adversarial, pseudo_label, sliced_wasserstein"
+
+
+def write_run(run_dir, model) -> None:
+    """A finished run of ``model``, its tasks recorded as trained on ``SOURCES``."""
+    for name, classes in SOURCES.items():
+        model.add_task(name, classes)
+    info = {name: {"dataset": name, "phase": "train"} for name in SOURCES}
+    state = {"phase": "train", "done": True}
+    io.save_checkpoint(run_dir, "train-step0000008", model, state, task_info=info)
+
+
+@pytest.fixture
+def conv_run(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, tiny_conv(img_size=16, num_classes=None))
+    return run_dir
+
+
+def adapt_args(run_dir, *extra) -> list[str]:
+    return ["adapt", str(run_dir), "--target", TARGET, "--no-progress", *extra]
+
+
+# ------------------------------------------------------------- objective options
+DEFAULTS = {"diversity": 1.0, "orders": 2, "reversal": 1.0, "hidden": 64, "projections": 128,
+            "threshold": 0.9}  # fmt: skip
+BAD_OPTIONS = [
+    ("entropy", "diversity", "abc", "at least 0 (a finite number), got 'abc'"),
+    ("entropy", "diversity", -0.5, "at least 0 (a finite number), got -0.5"),
+    ("entropy", "diversity", math.nan, "at least 0 (a finite number), got nan"),
+    ("moments", "orders", 2.5, "at least 1 (an integer), got 2.5"),
+    ("moments", "orders", True, "at least 1 (an integer), got True"),
+    ("adversarial", "reversal", "abc", "at least 0 (a finite number), got 'abc'"),
+    ("adversarial", "hidden", 0, "at least 1 (an integer), got 0"),
+    ("adversarial", "hidden", 8.0, "at least 1 (an integer), got 8.0"),
+    ("sliced_wasserstein", "projections", 2.5, "at least 1 (an integer), got 2.5"),
+    ("pseudo_label", "threshold", 1, "in [0, 1) (a finite number), got 1"),
+]
+
+
+@pytest.mark.parametrize(("objective", "option", "value", "problem"), BAD_OPTIONS)
+def test_a_bad_objective_option_is_refused_before_the_run_is_read(
+    tmp_path, objective, option, value, problem
+):
+    message = (
+        f"{objective}: {option} must be {problem}: give e.g. {option}={DEFAULTS[option]}, "
+        "its default"
+    )
+    # No run is there: the option is checked first (and no source is trained for it).
+    missing = tmp_path / "nothing"
+    with pytest.raises(AdaptationError, match=f"^{_literal(message)}$"):
+        adapt(missing, TARGET, objective=objective, objective_options={option: value})
+    with pytest.raises(AdaptationError, match=f"^{_literal(message)}$"):
+        make_objective(objective, 8, 2, **{option: value})
+    assert not missing.exists()
+
+
+def _literal(message: str) -> str:
+    return "".join("\\" + c if c in "()[].?*+^$|{}" else c for c in message)
+
+
+def test_every_option_of_every_objective_has_its_type_and_range_checked():
+    for name, cls in OBJECTIVES.items():
+        options = list(inspect.signature(cls).parameters)[2:]
+        assert sorted(cls.options) == sorted(options), name
+        for option in options:
+            for bad in ("abc", True, math.inf, None):
+                with pytest.raises(AdaptationError, match=f"^{name}: {option} must be "):
+                    make_objective(name, 8, 2, **{option: bad})
+    # in range, they build; an int is a number, numpy scalars count too
+    assert make_objective("entropy", 8, 2, diversity=0).diversity == 0
+    assert make_objective("pseudo_label", 8, 2, threshold=0.0).threshold == 0.0
+    assert make_objective("moments", 8, 2, orders=np.int64(3)).orders == 3
+    assert make_objective("adversarial", 8, 2, hidden=1).discriminator[0].out_features == 1
+
+
+def test_the_command_refuses_a_bad_objective_option_in_one_line(conv_run, capsys):
+    before = sorted(p.name for p in conv_run.iterdir())
+    args = adapt_args(conv_run, "--objective", "entropy", "--objective-arg", "diversity=abc")
+    assert main(args) == 2
+    assert one_line_error(capsys, "adapt").endswith(
+        "entropy: diversity must be at least 0 (a finite number), got 'abc': give e.g. "
+        "diversity=1.0, its default"
+    )
+    args = adapt_args(conv_run, "--objective", "adversarial", "--objective-arg", "hidden=0")
+    assert main(args) == 2
+    assert "adversarial: hidden must be at least 1 (an integer), got 0" in one_line_error(
+        capsys, "adapt"
+    )
+    assert sorted(p.name for p in conv_run.iterdir()) == before
+
+
+def test_a_config_file_s_bad_objective_option_is_refused_in_one_line(tmp_path, capsys):
+    config = tmp_path / "adapt.yaml"
+    config.write_text(f"target: {TARGET}\nobjective: moments\nobjective_options: {{orders: 2.5}}\n")
+    assert main(["adapt", str(tmp_path / "nothing"), "--config", str(config)]) == 2
+    assert one_line_error(capsys, "adapt").endswith(
+        "moments: orders must be at least 1 (an integer), got 2.5: give e.g. orders=2, its default"
+    )
+
+
+def test_objective_options_must_be_a_mapping(tmp_path):
+    with pytest.raises(AdaptationError, match="^objective_options must be a mapping"):
+        adapt(tmp_path / "nothing", TARGET, objective_options=["diversity=1"])
