@@ -21,6 +21,7 @@ from modnet.adapt import (
     make_objective,
 )
 from modnet.cli import main
+from modnet.errors import ConfigError
 from tests.conftest import tiny_conv
 from tests.test_cli_errors import one_line_error
 
@@ -130,3 +131,25 @@ def test_a_config_file_s_bad_objective_option_is_refused_in_one_line(tmp_path, c
 def test_objective_options_must_be_a_mapping(tmp_path):
     with pytest.raises(AdaptationError, match="^objective_options must be a mapping"):
         adapt(tmp_path / "nothing", TARGET, objective_options=["diversity=1"])
+
+
+# --------------------------------------------------------------- integer options
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"curve_every": -1},
+            r"curve_every must be an integer >= 0 \(0: no accuracy curve\), got -1",
+        ),
+        ({"curve_every": 1.5}, r"curve_every must be an integer >= 0 .*, got 1.5"),
+        ({"curve_every": True}, r"curve_every must be an integer >= 0 .*, got True"),
+        (
+            {"curve_every": 1, "curve_sample": 0},
+            r"curve_sample must be an integer >= 1 \(the test images the curve scores\), got 0",
+        ),
+        ({"curve_sample": -5}, r"curve_sample must be an integer >= 1 .*, got -5"),
+    ],
+)
+def test_bad_curve_options_are_refused_before_the_run_is_read(tmp_path, options, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        adapt(tmp_path / "nothing", TARGET, **options)

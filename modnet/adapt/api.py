@@ -147,7 +147,7 @@ def adapt(
         curve_every: Also measure the target's accuracy every this many steps
             (and before the first) on the first ``curve_sample`` test images;
             kept in ``AdaptResult.curve`` and the results entry. 0: never.
-        curve_sample: Test images of the target that ``curve_every`` evaluates.
+        curve_sample: Test images of the target that ``curve_every`` evaluates (>= 1).
         update_shared: Let ``parts`` name what every task shares (``stem``,
             ``templates``, ``trunk``): the sources and the run's other tasks then
             change too, and the accuracies recorded for them are from before.
@@ -164,6 +164,8 @@ def adapt(
         or not (math.isfinite(source_weight) and source_weight >= 0)
     ):
         raise ConfigError(f"--source-weight must be a finite number >= 0, got {source_weight!r}")
+    _check_count("curve_every", curve_every, 0, "0: no accuracy curve")
+    _check_count("curve_sample", curve_sample, 1, "the test images the curve scores")
     objective_cls = objective_class(objective)
     objective_options = check_objective_options(objective, objective_options)
     wanted = _check_parts(parse_parts(parts), objective_cls.uses_gradients, objective)
@@ -366,6 +368,16 @@ def _complete_outputs(run_dir, phase, model, name, state, ctx) -> AdaptResult:
 
 
 # ------------------------------------------------------------------------ checks
+def _check_count(name: str, value: Any, low: int, meaning: str) -> None:
+    """Refuses an integer option of ``adapt`` that is not an integer >= ``low``.
+
+    Raises:
+        ConfigError: Naming the option, its valid values and the value given.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low} ({meaning}), got {value!r}")
+
+
 def _check_parts(wanted: frozenset[str], uses_gradients: bool, objective: str) -> frozenset[str]:
     if not uses_gradients:
         if wanted - {"routes", "norm"}:
