@@ -21,7 +21,7 @@ from modnet.adapt import (
     make_objective,
 )
 from modnet.cli import main
-from modnet.errors import ConfigError
+from modnet.errors import ConfigError, RunDirError
 from tests.conftest import tiny_conv
 from tests.test_cli_errors import one_line_error
 
@@ -153,3 +153,53 @@ def test_objective_options_must_be_a_mapping(tmp_path):
 def test_bad_curve_options_are_refused_before_the_run_is_read(tmp_path, options, message):
     with pytest.raises(ConfigError, match=f"^{message}$"):
         adapt(tmp_path / "nothing", TARGET, **options)
+
+
+# ------------------------------------------------------------ not a run directory
+def test_a_saved_model_is_named_as_such_not_as_a_run_to_train(tmp_path, capsys):
+    saved = tmp_path / "saved2"
+    model = tiny_conv(img_size=16, num_classes=None)
+    model.add_task("synth_size", 3)
+    io.save_model(model, saved)
+    message = (
+        f"{saved} is a saved model (a model directory, as io.save_model writes), not a run "
+        "directory: adapt adds the target to a run, so give the run directory that "
+        "`modnet train --out` wrote (the one the model comes from)"
+    )
+    with pytest.raises(RunDirError, match=f"^{_literal(message)}$"):
+        adapt(saved, TARGET, train_sources=True)  # training there cannot help either
+    assert main(adapt_args(saved)) == 2
+    assert one_line_error(capsys, "adapt").endswith(message)
+
+
+def test_a_checkpoint_folder_points_to_its_run_two_levels_up(conv_run, capsys):
+    checkpoint = io.latest_checkpoint(conv_run)
+    message = (
+        f"{checkpoint} is a checkpoint folder of the run {conv_run}, not a run directory: "
+        f"adapt adds the target to a run, so give the run directory (`modnet adapt {conv_run} "
+        "...`), which adapts from the run's latest checkpoint"
+    )
+    with pytest.raises(RunDirError, match=f"^{_literal(message)}$"):
+        adapt(checkpoint, TARGET)
+    assert main(adapt_args(checkpoint)) == 2
+    assert one_line_error(capsys, "adapt").endswith(message)
+
+
+def test_a_folder_of_other_files_is_not_a_run_and_an_empty_one_names_the_command(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(
+        RunDirError,
+        match=f"^{other} is not a modnet run directory \\(it holds other files\\): give the run "
+        "directory that `modnet train --out` wrote$",
+    ):
+        adapt(other, TARGET, train_sources=True)
+    nothing = tmp_path / "nothing"
+    with pytest.raises(
+        RunDirError,
+        match=f"^{nothing} holds no trained run: train the sources first \\(`modnet train "
+        f"--tasks SOURCE,SOURCE --out {nothing}`; in Python, adapt\\(\\.\\.\\., "
+        "train_sources=True\\) does it\\)$",
+    ):
+        adapt(nothing, TARGET)

@@ -404,10 +404,11 @@ def _latest_or_train(
     latest = io.latest_checkpoint(run_dir) if io.is_run_dir(run_dir) else None
     if latest is not None:
         return latest
+    _refuse_other_folder(run_dir)
     if train_sources is False:
         raise RunDirError(
             f"{run_dir} holds no trained run: train the sources first (`modnet train --tasks "
-            f"SOURCE,SOURCE --out {run_dir}`), or pass train_sources=True"
+            f"SOURCE,SOURCE --out {run_dir}`; in Python, adapt(..., train_sources=True) does it)"
         )
     specs = _as_list(sources)
     if not specs:
@@ -415,6 +416,37 @@ def _latest_or_train(
     base = train_sources if isinstance(train_sources, TrainConfig) else config
     train(dataclasses.replace(base, tasks=specs), run_dir)
     return io.latest_checkpoint(run_dir)
+
+
+def _refuse_other_folder(run_dir: Path) -> None:
+    """Refuses a folder that is not a run and that training cannot make one: a saved
+    model, a checkpoint of a run, or someone else's files.
+
+    Raises:
+        RunDirError: Saying what the folder is and which folder adapt needs.
+    """
+    if io.is_run_dir(run_dir) or not run_dir.exists():
+        return
+    run = io.run_root(run_dir)
+    if run != run_dir and io.is_run_dir(run):
+        raise RunDirError(
+            f"{run_dir} is a checkpoint folder of the run {run}, not a run directory: adapt "
+            f"adds the target to a run, so give the run directory (`modnet adapt {run} ...`), "
+            "which adapts from the run's latest checkpoint"
+        )
+    if (run_dir / io.MANIFEST).is_file():
+        raise RunDirError(
+            f"{run_dir} is a saved model (a model directory, as io.save_model writes), not a "
+            "run directory: adapt adds the target to a run, so give the run directory that "
+            "`modnet train --out` wrote (the one the model comes from)"
+        )
+    try:
+        io.check_run_target(run_dir)
+    except RunDirError:
+        raise RunDirError(
+            f"{run_dir} is not a modnet run directory (it holds other files): give the run "
+            "directory that `modnet train --out` wrote"
+        ) from None
 
 
 def _finished_without_results(run_dir, state, phase, latest, target, config) -> bool:
