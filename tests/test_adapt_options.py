@@ -203,3 +203,47 @@ def test_a_folder_of_other_files_is_not_a_run_and_an_empty_one_names_the_command
         "train_sources=True\\) does it\\)$",
     ):
         adapt(nothing, TARGET)
+
+
+# ------------------------------------------------ a target named like a source task
+def _npz(path, seed: int = 0) -> None:
+    generator = np.random.default_rng(seed)
+    x = generator.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, train_x=x, train_y=np.arange(12) % 3, test_x=x[:6], test_y=np.arange(6) % 3)
+
+
+def test_other_data_under_a_learned_task_s_name_is_told_to_rename_but_not_the_same_data(
+    conv_run, tmp_path, capsys
+):
+    data = tmp_path / "alt" / "synth_size.npz"
+    _npz(data)
+    spec = f"npz:{data}"
+    renamed = tmp_path / "alt" / "synth_size-target.npz"
+    message = (
+        f"{conv_run} already has a task 'synth_size', from synth_size, not {spec}: a file or "
+        "folder task takes its file's or folder's name, so rename this one (e.g. copy it to "
+        f"{renamed} and pass --target npz:{renamed})"
+    )
+    with pytest.raises(AdaptationError, match=f"^{_literal(message)}$"):
+        adapt(conv_run, spec)
+    with pytest.raises(AdaptationError, match=f"^{_literal(message)}$"):
+        adapt(conv_run, spec, overwrite=True)  # --overwrite cannot replace a learned task
+    assert main(["adapt", str(conv_run), "--target", spec, "--no-progress"]) == 2
+    assert one_line_error(capsys, "adapt").endswith(message)
+    # the same data as a task the run learned with labels keeps that message
+    data = tmp_path / "d" / "digits.npz"
+    _npz(data)
+    run_dir = tmp_path / "npz_run"
+    model = tiny_conv(img_size=16, num_classes=None)
+    model.add_task("digits", 3)
+    info = {"digits": {"dataset": f"npz:{data}", "phase": "train"}}
+    io.save_checkpoint(run_dir, "train-step0000001", model, {"done": True}, task_info=info)
+    with pytest.raises(
+        AdaptationError,
+        match="^the target 'digits' is a task the run learned with labels: adaptation needs a "
+        "new domain; choose another --target$",
+    ):
+        adapt(run_dir, f"npz:{data}")
+    with pytest.raises(AdaptationError, match="^the target 'synth_size' is a task the run learned"):
+        adapt(conv_run, "synth_size")

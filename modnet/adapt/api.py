@@ -22,6 +22,7 @@ import torch
 
 from .. import io
 from ..data import DataError, TaskData, portable_spec
+from ..data.registry import PATH_READERS
 from ..errors import ConfigError
 from ..model import ModularNet
 from ..plot import route_matrix, save_run_figures
@@ -216,6 +217,8 @@ def _adapt(
     io.refuse_other_phase(run_dir, state, phase)
     if _finished_without_results(run_dir, state, phase, latest, target, config):
         return _complete_outputs(run_dir, phase, model, name, state, ctx)
+    if plan is None and name in model.task_names:
+        _refuse_other_data(run_dir, manifest, name, target, overwrite)
     labelled = (
         plan is None
         and name in model.task_names
@@ -544,6 +547,43 @@ def _pick_sources(
                 "label space"
             )
     return names
+
+
+def _refuse_other_data(
+    run_dir: Path, manifest: Mapping[str, Any], name: str, spec: str, overwrite: bool
+) -> None:
+    """Refuses a target from other data than the run's task of the same name.
+
+    A file or folder task takes its file's or folder's name, so another dataset can
+    come under the name of a task the run has. Only the same data is a task the run
+    learned with labels (``_pick_sources``) or one to adapt again (``overwrite``).
+
+    Raises:
+        AdaptationError: Naming both datasets and how to rename the target.
+    """
+    entry = manifest["tasks"].get(name, {})
+    recorded = entry.get("dataset")
+    if recorded is None or (overwrite and "adapted_from" in entry):
+        return
+    if not (_is_path_spec(spec) or _is_path_spec(recorded)) or portable_spec(spec) == recorded:
+        return
+    rename = ""
+    if _is_path_spec(spec):
+        scheme, _, rest = spec.strip().partition(":")
+        path = Path(rest)
+        if path.name not in ("", ".", ".."):
+            renamed = path.with_name(f"{path.stem}-target{path.suffix}")
+            rename = f" (e.g. copy it to {renamed} and pass --target {scheme}:{renamed})"
+    raise AdaptationError(
+        f"{run_dir} already has a task {name!r}, from {recorded}, not {spec}: a file or folder "
+        f"task takes its file's or folder's name, so rename this one{rename}"
+    )
+
+
+def _is_path_spec(spec: str) -> bool:
+    """Whether ``spec`` reads a file or folder (``npz:``, ``folder:``, ``shards:``)."""
+    scheme, _, rest = spec.strip().partition(":")
+    return bool(rest) and scheme.lower() in PATH_READERS
 
 
 def _no_shared_label_space(model: ModularNet, tasks: list[str], target: TaskData) -> str:
