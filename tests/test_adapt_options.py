@@ -19,10 +19,12 @@ from modnet.adapt import (
     AdaptationError,
     adapt,
     make_objective,
+    objective_names,
+    reestimate_norm_stats,
 )
 from modnet.cli import main
 from modnet.errors import ConfigError, RunDirError
-from tests.conftest import tiny_conv
+from tests.conftest import tiny_conv, tiny_vit
 from tests.test_cli_errors import one_line_error
 
 SOURCES = {"synth_size": 3, "synth_size-bg": 3}
@@ -247,3 +249,56 @@ def test_other_data_under_a_learned_task_s_name_is_told_to_rename_but_not_the_sa
         adapt(run_dir, f"npz:{data}")
     with pytest.raises(AdaptationError, match="^the target 'synth_size' is a task the run learned"):
         adapt(conv_run, "synth_size")
+
+
+# ------------------------------------------------------------ a model without BatchNorm
+@pytest.fixture
+def vit_run(tmp_path):
+    run_dir = tmp_path / "vit"
+    write_run(run_dir, tiny_vit(num_classes=None))
+    return run_dir
+
+
+def test_norm_on_a_vit_pool_says_to_drop_norm_from_train(vit_run, capsys):
+    message = (
+        "--train norm,route: this model has no BatchNorm statistics to re-estimate (e.g. a ViT "
+        "with LayerNorm): drop norm from --train (--train route)"
+    )
+    with pytest.raises(AdaptationError, match=f"^{_literal(message)}$"):
+        adapt(vit_run, TARGET, parts="route,norm")
+    assert main(adapt_args(vit_run, "--train", "route,norm")) == 2
+    assert one_line_error(capsys, "adapt").endswith(message)
+    with pytest.raises(AdaptationError, match=_literal("(--train head,route)") + "$"):
+        adapt(vit_run, TARGET, objective="entropy", parts="route,head,norm")
+
+
+def test_norm_stats_on_a_vit_pool_lists_every_gradient_objective(vit_run):
+    assert objective_names(uses_gradients=True) == GRADIENT_OBJECTIVES.split(", ")
+    message = (
+        "the 'norm_stats' objective only re-estimates BatchNorm statistics, but this model has "
+        "no BatchNorm statistics to re-estimate (e.g. a ViT with LayerNorm): use a gradient "
+        f"objective ({GRADIENT_OBJECTIVES}) instead"
+    )
+    with pytest.raises(AdaptationError, match=f"^{_literal(message)}$"):
+        adapt(vit_run, TARGET, objective="norm_stats")
+    model, _ = io.load_model(vit_run)
+    with pytest.raises(AdaptationError, match=_literal(f"({GRADIENT_OBJECTIVES}) instead") + "$"):
+        reestimate_norm_stats(model, "synth_size", None)
+
+
+def test_norm_stats_with_other_parts_lists_every_gradient_objective(tmp_path):
+    with pytest.raises(
+        AdaptationError,
+        match=_literal(f"choose a gradient objective ({GRADIENT_OBJECTIVES})") + "$",
+    ):
+        adapt(tmp_path / "nothing", TARGET, objective="norm_stats", parts="route,head")
+
+
+def test_the_help_lists_every_registered_objective_with_its_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, cls in OBJECTIVES.items():
+        assert name in text
+        for option, parameter in list(inspect.signature(cls).parameters.items())[2:]:
+            assert f"{option}={parameter.default!r}" in text

@@ -29,11 +29,11 @@ from ..plot import route_matrix, save_run_figures
 from ..train import RunDirError, TrainConfig, evaluate, load_data, parse_parts
 from ..train.api import changed_training_options, check_resume_options, outputs_missing, train
 from ..train.distributed import broadcast_state, init_distributed
-from ..train.parts import changed_shared, check_shared, present_parts
+from ..train.parts import changed_shared, check_shared, present_parts, shown
 from ..train.tracking import MetricsLogger
 from .errors import AdaptationError
-from .norm import reestimate_norm_stats
-from .objectives import check_objective_options, make_objective, objective_class
+from .norm import batchnorm_modules, reestimate_norm_stats
+from .objectives import check_objective_options, make_objective, objective_class, objective_names
 from .relation import route_relation, save_relation_heatmap
 from .selection import NEAREST, source_distances
 from .target import AVERAGE, add_target_task, check_init
@@ -119,8 +119,9 @@ def adapt(
         target: Dataset spec of the target domain (same classes as the sources).
         sources: Source task names in the run (a list or ``"a,b"``); default:
             every task with the target's number of classes.
-        objective: ``moments``, ``entropy``, ``adversarial`` or ``norm_stats``
-            (see ``modnet.adapt.objectives``). The target's features are compared
+        objective: The name of a registered objective (``modnet.adapt.OBJECTIVES``,
+            listed by ``objective_names()``; see ``modnet.adapt.objectives``). The
+            target's features are compared
             with those of the sources its head comes from (``head_init``): each
             source's features are shaped for its own head.
         parts: What trains, of the target's ``route``, ``head``, ``norm``
@@ -192,6 +193,7 @@ def _adapt(
         io.refuse_other_phase(run_dir, state, "adapt")
     model, manifest = io.load_model(latest)
     wanted = present_parts(wanted, model)
+    _check_norm(wanted, model, objective_cls)
     plan = _resumable_plan(state, target)
     resuming = plan is not None
     if resuming:  # an interrupted adaptation of this target continues as it was started
@@ -387,7 +389,7 @@ def _check_parts(wanted: frozenset[str], uses_gradients: bool, objective: str) -
             raise AdaptationError(
                 f"the {objective!r} objective only re-estimates the target's norm statistics "
                 f"and trains nothing, but --train asks for {', '.join(sorted(wanted))}: drop "
-                "--train or choose a gradient objective (moments, entropy, adversarial)"
+                f"--train or choose a gradient objective ({_gradient_objectives()})"
             )
         return frozenset({"norm"})
     if not wanted - {"norm"}:
@@ -396,6 +398,32 @@ def _check_parts(wanted: frozenset[str], uses_gradients: bool, objective: str) -
             "re-estimate statistics, or train the route too (--train route,norm)"
         )
     return wanted
+
+
+def _check_norm(wanted: frozenset[str], model: ModularNet, objective) -> None:
+    """Refuses to re-estimate BatchNorm statistics of a model that has none (a ViT).
+
+    Raises:
+        AdaptationError: With the fix: ``--train`` without ``norm``, or a gradient
+            objective instead of a statistics-only one.
+    """
+    if "norm" not in wanted or batchnorm_modules(model):
+        return
+    lacking = "this model has no BatchNorm statistics to re-estimate (e.g. a ViT with LayerNorm)"
+    if not objective.uses_gradients:
+        raise AdaptationError(
+            f"the {objective.name!r} objective only re-estimates BatchNorm statistics, but "
+            f"{lacking}: use a gradient objective ({_gradient_objectives()}) instead"
+        )
+    raise AdaptationError(
+        f"--train {shown(wanted)}: {lacking}: drop norm from --train "
+        f"(--train {shown(wanted - {'norm'})})"
+    )
+
+
+def _gradient_objectives() -> str:
+    """The registered objectives that take gradient steps, for error messages."""
+    return ", ".join(objective_names(uses_gradients=True))
 
 
 def _latest_or_train(

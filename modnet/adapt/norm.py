@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..data import TaskData
 from ..model import ModularNet
 from .errors import AdaptationError
+from .objectives import objective_names
 
 
 def batchnorm_modules(model: ModularNet) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -72,7 +73,8 @@ def reestimate_norm_stats(
     if not norms:
         raise AdaptationError(
             "this model has no BatchNorm statistics to re-estimate (e.g. a ViT with "
-            "LayerNorm): use a gradient objective (moments, entropy, adversarial) instead"
+            "LayerNorm): use a gradient objective "
+            f"({', '.join(objective_names(uses_gradients=True))}) instead"
         )
     pairs = _means_and_vars(model, task)
     counters = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..adapt.objectives import objective_summary
 from ._options import (
     MODEL_FIELDS,
     TRAIN_FIELDS,
@@ -16,10 +17,6 @@ from ._options import (
     training_options,
 )
 
-BUILT_IN_OBJECTIVES = (
-    "moments, entropy, adversarial, norm_stats, pseudo_label (threshold=0.9), "
-    "sliced_wasserstein (projections=128)"
-)
 DEFAULTS = dict(
     target=None,
     sources=None,
@@ -55,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--objective",
-        help=f"what adaptation minimises: {BUILT_IN_OBJECTIVES} (default: moments)",
+        help=f"what adaptation minimises: {objective_summary()} (default: moments)",
     )
     parser.add_argument(
         "--objective-arg",
