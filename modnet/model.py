@@ -253,7 +253,9 @@ class ModularNet(nn.Module):
                 task's forward returns pooled features ``[B, head_hidden_size]``).
             route: A route, a list of template indices, or a coefficient tensor;
                 default: a new route of the model's ``route`` kind. The model keeps
-                its own copy: later changes to ``route`` do not reach the task.
+                its own copy: later changes to ``route`` do not reach the task. The
+                route, head and norm statistics take the model's device and dtype
+                (e.g. float64 after ``model.double()``), whatever ``route``'s were.
             init_from: Copy the route and norm statistics of this existing task.
 
         Raises:
@@ -281,7 +283,9 @@ class ModularNet(nn.Module):
             stats = TaskNormStats(self.depth, self.pool.initial_stats, self._initial_trunk_stats())
         head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
         reference = self._reference_tensor()
-        self.routes[name] = new_route.to(reference.device)
+        # Route, statistics and head take the templates' dtype: a float32 route in a
+        # float64 model fails in the hypernetwork and rounds soft-route logits.
+        self.routes[name] = new_route.to(reference.device, reference.dtype)
         self.norm_stats[name] = stats.to(reference.device, reference.dtype)
         self.heads[name] = head.to(reference.device, reference.dtype)
         self._refresh_pretrained_cfg()
@@ -297,6 +301,7 @@ class ModularNet(nn.Module):
                 A hard route of the same length as the current one is updated in
                 place, so a compiled model runs it without recompiling. The model
                 keeps its own copy: later changes to ``route`` do not reach the task.
+                It takes the model's device and dtype, as in ``add_task``.
 
         Raises:
             KeyError: ``task`` is unknown.
@@ -311,7 +316,8 @@ class ModularNet(nn.Module):
             if current.depth == new.depth:
                 current.assign(new)  # in place: no recompile under torch.compile
                 return
-        self.routes[task] = new.to(self._reference_tensor().device)
+        reference = self._reference_tensor()
+        self.routes[task] = new.to(reference.device, reference.dtype)
 
     def grow(self, count: int, task: str | None = None, init: str | int = "random") -> range:
         """Adds ``count`` templates to the pool and returns their indices.

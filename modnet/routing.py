@@ -183,6 +183,8 @@ class SoftRoute(Route):
         depth, count = coefficients.shape[:2]
         tensors = coefficients.shape[2] if coefficients.ndim == 3 else 1
         route = cls(depth, count, tensors, normalize="linear", init="uniform")
+        if coefficients.dtype.is_floating_point:  # kept, not rounded to float32
+            route = route.to(coefficients.device, coefficients.dtype)
         with torch.no_grad():
             route.logits.copy_(coefficients.reshape(route.logits.shape))
         return route
@@ -218,10 +220,12 @@ class SoftRoute(Route):
         depth, count = self.logits.shape[:2]
         tensors = self.logits.shape[2] if self.anisotropic else 1
         route = SoftRoute(depth, count, tensors, init="uniform", **merged)
+        # The logits' dtype too: a float64 route copied through float32 would be rounded.
+        route = route.to(self.logits.device, self.logits.dtype)
         with torch.no_grad():
             route.logits.copy_(self.logits)
         route.num_templates = self.num_templates
-        return route.to(self.logits.device)
+        return route
 
     @property
     def depth(self) -> int:
