@@ -327,13 +327,17 @@ class ModularNet(nn.Module):
         all templates; ``task`` widens that one task's route to the new templates.
 
         Args:
-            count: Templates to add.
+            count: Templates to add (a whole number >= 1).
             task: A task whose route widens to the new templates.
-            init: ``"random"``, ``"mean"`` or the index of a template to copy.
+            init: ``"random"``, ``"mean"`` or the index of a template to copy, negative
+                from the end of the whole pool as in Python (see ``TemplatePool.grow``).
 
         Raises:
             KeyError: ``task`` is unknown.
-            ValueError: ``count < 1`` or an unknown ``init``.
+            ValueError: ``count`` not a whole number >= 1, or an ``init`` that is not
+                ``"random"``, ``"mean"`` or a template of the pool (``ConfigError``).
+                Checked before anything changes: a refused call leaves the model as
+                it was.
         """
         if task is not None:
             self._task(task)  # before the pool changes: a failed call changes nothing

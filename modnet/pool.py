@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .binding import TensorBinder, is_batchnorm_buffer, mangle
+from .errors import ConfigError
 from .grouped import GroupedRunner
 
 BlockFactory = Callable[[], nn.Module]
@@ -266,13 +269,23 @@ class TemplatePool(nn.Module):
         """Appends ``count`` templates and returns their indices.
 
         Args:
-            count: How many templates to add.
+            count: How many templates to add: a whole number >= 1 (an int, numpy or
+                0-d tensor integer).
             init: ``"random"`` (a fresh block from ``block_factory``), ``"mean"`` (the
-                mean of the existing templates) or an int (a copy of that template).
+                mean of the existing templates) or the index of a template to copy:
+                an integer, negative from the end of the whole pool as in Python
+                (``-1`` is the newest template, whichever chunk holds it).
+
+        Raises:
+            ConfigError: ``count`` or ``init`` is not one of the above, or ``init``
+                is not a template of the pool; checked before the pool changes, so
+                a refused call leaves it as it was.
         """
+        count = _whole_number(count, "count")
         if count < 1:
-            raise ValueError(f"grow needs count >= 1, got {count}")
+            raise ConfigError(f"grow needs count >= 1 (templates to add), got {count}")
         first = self.num_templates
+        init = self._check_init(init)
         reference = self.chunks[0].tensor(self.tensor_names[0])
         if init == "random":
             if self.block_factory is None:
@@ -282,7 +295,7 @@ class TemplatePool(nn.Module):
                 )
             blocks = [self.block_factory() for _ in range(count)]
             stacked = self._stack(blocks)
-        elif init == "mean" or isinstance(init, int):
+        else:
             stacked = {}
             for name in self.tensor_names:
                 if init == "mean":
@@ -290,10 +303,41 @@ class TemplatePool(nn.Module):
                 else:
                     source = self.select(init)[name].detach()
                 stacked[name] = source.unsqueeze(0).repeat(count, *([1] * source.ndim)).clone()
-        else:
-            raise ValueError(f"unknown init {init!r}: use 'random', 'mean' or a template index")
         stacked = {
             n: t.to(device=reference.device, dtype=reference.dtype) for n, t in stacked.items()
         }
         self.chunks.append(TemplateChunk(stacked))
         return range(first, self.num_templates)
+
+    def _check_init(self, init: Any) -> str | int:
+        """``grow``'s ``init`` as ``"random"``, ``"mean"`` or an index in ``[0, K)``.
+
+        Why: a bool or a numpy integer must not reach tensor indexing (``True``
+        indexes as a new axis and stacks a malformed chunk), and ``-1`` must mean the
+        pool's last template, not the last of its first chunk.
+        """
+        if isinstance(init, str):
+            if init not in ("random", "mean"):
+                raise ConfigError(
+                    f"unknown init {init!r}: use 'random', 'mean' or a template index"
+                )
+            return init
+        index = _whole_number(init, "init", "'random', 'mean' or a template index")
+        count = self.num_templates
+        if not -count <= index < count:
+            raise ConfigError(
+                f"init={index} is not a template of the pool: it has {count} templates "
+                f"(indices 0..{count - 1}, or -{count}..-1 from the end)"
+            )
+        return index % count
+
+
+def _whole_number(value: Any, name: str, what: str = "a whole number") -> int:
+    """``value`` as an int (ints, numpy and 0-d tensor integers); bools and floats refused."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None:
+        raise ConfigError(f"grow needs {name} as {what}, got {value!r}")
+    return number

@@ -45,3 +45,50 @@ def test_a_float32_route_given_to_a_float64_model_keeps_every_digit():
     assert model.routes["c"].logits.dtype == torch.float64
     configured = model.routes["a"].configured(normalize="softmax", temperature=0.5)
     assert torch.equal(configured.logits, coefficients)
+
+
+# ------------------------------------------------------------------------------ grow
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+@pytest.mark.parametrize(
+    ("count", "init", "message"),
+    [
+        (1.5, "random", r"^grow needs count as a whole number, got 1\.5$"),
+        (True, "random", r"^grow needs count as a whole number, got True$"),
+        (0, "random", r"^grow needs count >= 1 \(templates to add\), got 0$"),
+        (1, True, r"^grow needs init as 'random', 'mean' or a template index, got True$"),
+        (1, 1.0, r"^grow needs init as 'random', 'mean' or a template index, got 1\.0$"),
+        (1, "zeros", r"^unknown init 'zeros': use 'random', 'mean' or a template index$"),
+        (1, 5, r"^init=5 is not a template of the pool: it has 5 templates \(indices 0\.\.4, "),
+        (1, -6, r"^init=-6 is not a template of the pool: it has 5 templates "),
+    ],
+)
+def test_a_bad_grow_is_refused_in_one_line_before_the_pool_changes(count, init, message):
+    model = tiny_conv(tasks={"a": 3})
+    model.grow(2)
+    before = _snapshot(model)
+    for grow in (model.pool.grow, model.grow):
+        with pytest.raises(ValueError, match=message):
+            grow(count, init=init)
+        assert model.pool.num_templates == 5 and len(model.pool.chunks) == 2
+        assert _unchanged(model, before)
+    x = images(model, 2)
+    model.eval()(x)  # every later forward still runs
+
+
+def test_grow_copies_a_template_by_any_integer_index_of_the_whole_pool():
+    model = tiny_conv(tasks={"a": 3})
+    model.grow(2)  # templates 3 and 4 in a second chunk
+    np = pytest.importorskip("numpy")
+    for init, source in [(-1, 4), (np.int64(1), 1), (torch.tensor(3), 3), (-5, 3)]:
+        new = model.grow(1, init=init)
+        for name in model.pool.tensor_names:
+            copied = model.pool.select(new[0])[name]
+            assert torch.equal(copied, model.pool.select(source)[name])
