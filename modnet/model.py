@@ -37,6 +37,7 @@ from .routing import (
     Route,
     RoutePlan,
     SoftRoute,
+    check_loaded_indices,
 )
 
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
@@ -487,6 +488,32 @@ class ModularNet(nn.Module):
             pad=True,
             grouped=lambda h, g: _mixed.head(self, _mixed.features(self, h, g), g, False),
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs before any child loads: a refused state dict leaves the model unchanged.
+        self._check_loaded_routes(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_loaded_routes(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        """Runs ``set_route``'s check on every hard route a state dict would load.
+
+        Why: ``load_state_dict`` copies the indices as they are; an index past the
+        pool or a route longer than the depth otherwise fails only at the next
+        forward, as an ``IndexError`` far from its cause.
+
+        Raises:
+            ConfigError: The key, the task and what the route accepts, in one line.
+        """
+        for task, current in self.routes.items():
+            key = f"{prefix}routes.{task}.indices"
+            if not isinstance(current, HardRoute) or key not in state_dict:
+                continue
+            value = state_dict[key]
+            check_loaded_indices(value, None, key)
+            try:
+                check_hard_route(self, HardRoute(value, current.num_templates), task)
+            except ValueError as error:
+                raise ConfigError(f"{key} in the state dict: {error}") from None
 
     # ------------------------------------------------------------------- modes
     def freeze_norm_stats(self, frozen: bool = True) -> ModularNet:

@@ -101,6 +101,8 @@ class HardRoute(Route):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "indices"
+        if key in state_dict:  # checked first: a refused load leaves the route as it was
+            check_loaded_indices(state_dict[key], self.num_templates, key)
         if key in state_dict and state_dict[key].shape != self.indices.shape:
             self.indices = torch.empty_like(state_dict[key], device=self.indices.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -111,6 +113,41 @@ class HardRoute(Route):
 
     def spec(self) -> dict:
         return {"kind": "hard", "depth": self.depth, "num_templates": self.num_templates}
+
+
+def check_loaded_indices(value: Any, num_templates: int | None, key: str) -> None:
+    """A hard route's ``indices`` from a state dict: 1-D integers in ``[0, num_templates)``.
+
+    ``ModularNet`` passes ``num_templates=None`` and runs ``check_hard_route`` for the
+    range and the length, as ``set_route`` does.
+
+    Why: loading copies them as they are, and an impossible order otherwise fails
+    only at the next forward, as an ``IndexError`` far from its cause.
+
+    Raises:
+        ConfigError: Naming ``key``, what is wrong and what the route accepts.
+    """
+    if (
+        not torch.is_tensor(value)
+        or value.ndim != 1
+        or value.dtype == torch.bool
+        or value.dtype.is_floating_point
+        or value.dtype.is_complex
+    ):
+        got = type(value).__name__
+        if torch.is_tensor(value):
+            got = f"dtype {value.dtype} and shape {tuple(value.shape)}"
+        raise ConfigError(
+            f"{key} in the state dict must be 1-D integer template indices, got {got}: "
+            "load a state dict saved from a model with this hard route"
+        )
+    for layer, index in enumerate(value.tolist() if num_templates is not None else ()):
+        if not 0 <= index < num_templates:
+            raise ConfigError(
+                f"{key} in the state dict has template {index} at layer {layer}, but the "
+                f"route uses {num_templates} templates (0..{num_templates - 1}): load a "
+                "state dict saved from a model with the same pool"
+            )
 
 
 class SoftRoute(Route):

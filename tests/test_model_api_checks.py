@@ -92,3 +92,61 @@ def test_grow_copies_a_template_by_any_integer_index_of_the_whole_pool():
         for name in model.pool.tensor_names:
             copied = model.pool.select(new[0])[name]
             assert torch.equal(copied, model.pool.select(source)[name])
+
+
+# ------------------------------------------------------------------ load_state_dict
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        (
+            [0, 9],
+            r"^routes\.a\.indices in the state dict: route index 9 at layer 1 of task 'a' is "
+            r"out of range: the pool has 3 templates \(0\.\.2\)$",
+        ),
+        (
+            [0, 1, 2, 0, 1, 2, 0],
+            r"^routes\.a\.indices in the state dict: the hard route for task 'a' has 7 "
+            r"entries: it needs between 1 and 4 \(the model's depth; ",
+        ),
+        (
+            [0.0, 1.0],
+            r"^routes\.a\.indices in the state dict must be 1-D integer template indices, "
+            r"got dtype torch\.float32 and shape \(2,\): ",
+        ),
+    ],
+)
+def test_a_state_dict_with_an_impossible_hard_route_is_refused_leaving_the_model(indices, message):
+    model = tiny_conv(tasks={"a": 3, "b": 2}, route="hard").eval()
+    x = images(model, 2)
+    expected = model(x, task="a")
+    before = _snapshot(model)
+    state = {k: v.clone() for k, v in before.items()}
+    state["routes.a.indices"] = torch.tensor(indices)
+    with torch.no_grad():
+        state["heads.b.weight"].add_(1.0)  # loaded before the route, were it not checked first
+    with pytest.raises(ValueError, match=message):
+        model.load_state_dict(state)
+    assert _unchanged(model, before)
+    assert torch.equal(model(x, task="a"), expected)
+
+
+def test_a_possible_hard_route_of_another_length_still_loads():
+    source = tiny_conv(tasks={"a": 3}, route="hard").eval()
+    source.set_route("a", [2, 2])
+    target = tiny_conv(tasks={"a": 3}, route="hard").eval()
+    target.load_state_dict(source.state_dict())
+    x = images(source, 2)
+    assert target.routes["a"].indices.tolist() == [2, 2]
+    assert torch.equal(target(x), source(x))
+
+
+def test_a_hard_route_loaded_alone_refuses_an_index_past_its_templates():
+    model = tiny_conv(tasks={"a": 3}, route="hard")
+    route = model.routes["a"]
+    message = (
+        r"^indices in the state dict has template 5 at layer 0, but the route uses 3 "
+        r"templates \(0\.\.2\): load a state dict saved from a model with the same pool$"
+    )
+    with pytest.raises(ValueError, match=message):
+        route.load_state_dict({"indices": torch.tensor([5])})
+    assert route.indices.tolist() == [0, 1, 2, 0]
