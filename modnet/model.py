@@ -118,6 +118,11 @@ class ModularNet(nn.Module):
     """
 
     mixed_batches: str = "auto"
+    # Whether every task's BatchNorm statistics stay put in training mode (see
+    # ``freeze_norm_stats``), and else the only tasks whose statistics move (``None``:
+    # all; set by ``set_trainable``).
+    norm_stats_frozen: bool = False
+    _norm_stats_tasks: frozenset[str] | None = None
 
     def __init__(
         self,
@@ -529,13 +534,19 @@ class ModularNet(nn.Module):
         which timm cannot see, so their per-task statistics keep moving in
         training mode after ``freeze(model)``.
 
+        A frozen task's forward in training mode normalises with its running
+        statistics, as in eval mode (dropout and drop path still train).
+
         Args:
-            frozen: True to freeze every task's statistics, False to let them move.
+            frozen: True to freeze every task's statistics, False to let every
+                task's move. Either way this replaces the choice of tasks that
+                ``set_trainable(..., "norm")`` made.
 
         Returns:
             The model.
         """
         self.norm_stats_frozen = frozen
+        self._norm_stats_tasks = None
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> ModularNet:
@@ -543,12 +554,44 @@ class ModularNet(nn.Module):
         grouped_trunk = self.__dict__.get("_grouped_trunk")
         if grouped_trunk is not None:
             grouped_trunk.module.train(mode)
-        if mode and getattr(self, "norm_stats_frozen", False):
-            skeletons = [*self.pool.skeletons()] + ([grouped_trunk.module] if grouped_trunk else [])
-            for module in [*self.trunk.modules(), *(m for s in skeletons for m in s.modules())]:
-                if isinstance(module, (nn.modules.batchnorm._BatchNorm, GroupedBatchNorm)):
-                    module.eval()
+        if mode and self.norm_stats_frozen:
+            for module in self._batch_norms():
+                module.eval()
         return self
+
+    def _batch_norms(self) -> list[nn.Module]:
+        """Every BatchNorm that runs with a task's statistics: trunk, block skeletons
+        (plain and grouped) and the trunk's grouped copy."""
+        grouped_trunk = self.__dict__.get("_grouped_trunk")
+        skeletons = [*self.pool.skeletons()] + ([grouped_trunk.module] if grouped_trunk else [])
+        modules = [*self.trunk.modules(), *(m for s in skeletons for m in s.modules())]
+        return [
+            m for m in modules if isinstance(m, (nn.modules.batchnorm._BatchNorm, GroupedBatchNorm))
+        ]
+
+    def _holds_statistics(self, task: str) -> bool:
+        """Whether ``task``'s statistics stay put in this call while others move.
+
+        True only in training mode, after ``set_trainable`` let other tasks' statistics
+        move but not this task's (``freeze_norm_stats(True)`` holds every task's
+        through the modules' mode instead).
+        """
+        chosen = self._norm_stats_tasks
+        return chosen is not None and self.training and task not in chosen
+
+    def _with_statistics_held(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with every BatchNorm in eval mode: the statistics of a task that
+        ``set_trainable`` did not name are used, not updated (as ``freeze_norm_stats``)."""
+        if self._trunk_binder.names:
+            self._current_grouped_trunk()  # a rebuild resets modes: done before, not within
+        moving = [m for m in self._batch_norms() if m.training]
+        for module in moving:
+            module.training = False
+        try:
+            return fn(*args)
+        finally:
+            for module in moving:
+                module.training = True
 
     # -------------------------------------------------------------- parameters
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -643,6 +686,11 @@ class ModularNet(nn.Module):
         Raises:
             ConfigError: An unknown part, no part, or ``new_templates`` without growth.
             KeyError: An unknown task.
+
+        With ``norm``, only ``tasks``' statistics move in training mode; every other
+        task's forward uses its running statistics and leaves them as they are, as
+        after ``freeze_norm_stats()`` (which, like ``freeze_norm_stats(False)``,
+        replaces this choice for all tasks).
         """
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         items = parts.split(",") if isinstance(parts, str) else list(parts)
@@ -674,7 +722,10 @@ class ModularNet(nn.Module):
             self.heads[task].requires_grad_("heads" in wanted)
         if "hypernet" in wanted and self.hypernet is not None:
             self.hypernet.requires_grad_(True)
-        return self.freeze_norm_stats("norm" not in wanted)
+        self.freeze_norm_stats("norm" not in wanted)
+        if "norm" in wanted:
+            self._norm_stats_tasks = frozenset(tasks)
+        return self
 
     # ----------------------------------------------------------------- internals
     def _features(
@@ -697,6 +748,17 @@ class ModularNet(nn.Module):
         keep: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The routed layers of one task (between the trunk's embed and norm stages)."""
+        if self._holds_statistics(task):
+            return self._with_statistics_held(self._run_routed_layers, x, task, plan, keep)
+        return self._run_routed_layers(x, task, plan, keep)
+
+    def _run_routed_layers(
+        self,
+        x: torch.Tensor,
+        task: str,
+        plan: RoutePlan | None,
+        keep: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
         stats = self.norm_stats[task]
         if plan is None:
             plan = self.routes[task].plan(self.hypernet)
@@ -724,9 +786,13 @@ class ModularNet(nn.Module):
         return x if pre_logits else self.heads[task](x)
 
     def _trunk_stage(self, stage: str, x: torch.Tensor, stats: TaskNormStats) -> torch.Tensor:
-        if self._trunk_binder.names:
-            return self._trunk_binder(stats.trunk(), x, stage)
-        return self.trunk(x, stage)
+        if not self._trunk_binder.names:
+            return self.trunk(x, stage)
+        chosen = self._norm_stats_tasks
+        if chosen is not None and self.training:
+            if not any(self.norm_stats[t] is stats for t in chosen if t in self.norm_stats):
+                return self._with_statistics_held(self._trunk_binder, stats.trunk(), x, stage)
+        return self._trunk_binder(stats.trunk(), x, stage)
 
     def _dispatch(
         self,
@@ -741,8 +807,39 @@ class ModularNet(nn.Module):
             return fn(x, single)
         ids = self._task_ids(task, x.shape[0], x.device)
         if grouped is not None and ids.shape[0] and _mixed.mode(self) != "split":
-            return grouped(x, _mixed.task_groups(self, ids))
+            groups = _mixed.task_groups(self, ids)
+            held = [self._holds_statistics(name) for name in groups.names]
+            if all(held):
+                return self._with_statistics_held(grouped, x, groups)
+            if any(held):
+                return self._grouped_by_statistics(x, ids, groups, held, grouped)
+            return grouped(x, groups)
+        # per task: held by _routed_layers and _trunk_stage
         return _mixed.split(self, x, ids, fn, pad)
+
+    def _grouped_by_statistics(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        groups: _mixed.TaskGroups,
+        held: list[bool],
+        grouped: Callable[[torch.Tensor, _mixed.TaskGroups], torch.Tensor],
+    ) -> torch.Tensor:
+        """A mixed batch as two: tasks whose statistics move, then those held.
+
+        Why: BatchNorm's mode is one per module, so one grouped call cannot update
+        some tasks' statistics and only read others'. Each sample's result is still
+        that of its task's samples alone.
+        """
+        rows_held = torch.tensor(held, device=ids.device)[groups.ids]
+        outputs, order = [], []
+        for hold in (False, True):
+            rows = (rows_held == hold).nonzero().squeeze(1)
+            part = _mixed.task_groups(self, ids[rows])
+            run = self._with_statistics_held if hold else (lambda fn, *args: fn(*args))
+            outputs.append(run(grouped, x[rows], part))
+            order.append(rows)
+        return torch.cat(outputs)[torch.argsort(torch.cat(order))]
 
     def _resolve_single(self, task: TaskSpec) -> str | None:
         if task is None:

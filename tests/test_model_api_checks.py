@@ -6,11 +6,13 @@ pool; ``load_state_dict`` refuses a hard route no forward could run; parameters 
 after ``set_trainable`` follow its selection.
 """
 
+import copy
+
 import pytest
 import torch
 
 from modnet.routing import SoftRoute
-from tests.conftest import images, tiny_conv, tiny_vit
+from tests.conftest import images, moved_off_init, tiny_conv, tiny_vit
 
 ROUTES = ["hyper", "softmax", "linear", "sparsemax", "hard"]
 
@@ -150,3 +152,72 @@ def test_a_hard_route_loaded_alone_refuses_an_index_past_its_templates():
     with pytest.raises(ValueError, match=message):
         route.load_state_dict({"indices": torch.tensor([5])})
     assert route.indices.tolist() == [0, 1, 2, 0]
+
+
+# ----------------------------------------------------------- statistics of named tasks
+def _stats(model, task):
+    return {k: v.clone() for k, v in model.norm_stats[task].state_dict().items()}
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _close(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float()) for k in a)
+
+
+def test_set_trainable_norm_moves_only_the_named_tasks_statistics():
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 5}))
+    x = images(model, 4)
+    expected = model.eval()(x, task="a")  # a held task runs as in eval mode
+    model.set_trainable("b", "route,head,norm").train()
+    before = _stats(model, "a")
+    assert torch.equal(model(x, task="a"), expected)
+    assert _same(_stats(model, "a"), before)
+    # the conv trunk's statistics (stem, final norm) too, through forward_intermediates
+    model.forward_intermediates(x, task="a", norm=True)
+    assert _same(_stats(model, "a"), before)
+    b_before = _stats(model, "b")
+    model(x, task="b")
+    moved = _stats(model, "b")
+    assert not torch.equal(
+        moved["layers__bn1__running_mean"], b_before["layers__bn1__running_mean"]
+    )
+    assert [k for k in moved if "trunk" in k and not torch.equal(moved[k], b_before[k])]
+    # freeze_norm_stats(False) lets every task's move again, as it always did
+    model.freeze_norm_stats(False)
+    model(x, task="a")
+    assert not _same(_stats(model, "a"), before)
+
+
+@pytest.mark.parametrize("mode", ["chunked", "grouped", "split"])
+def test_a_mixed_batch_moves_only_the_named_tasks_statistics(mode):
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 5, "c": 2}))
+    model.mixed_batches = mode
+    x = images(model, 6)
+    ids = torch.tensor([0, 1, 0, 1, 2, 2])
+    eval_a = model.eval()(x[ids == 0], task="a")
+    model.set_trainable(["b", "c"], "route,head,norm").train()
+    alone = copy.deepcopy(model)
+    train_b = alone(x[ids == 1], task="b")
+    alone(x[ids == 2], task="c")
+    before = _stats(model, "a")
+    out = model(x, task=ids)
+    assert _same(_stats(model, "a"), before)
+    assert _close(_stats(model, "b"), _stats(alone, "b"))
+    assert _close(_stats(model, "c"), _stats(alone, "c"))
+    assert torch.allclose(out[ids == 0, :3], eval_a, atol=1e-5)
+    assert torch.allclose(out[ids == 1], train_b, atol=1e-5)
+    # every task in the batch held: one grouped call in eval mode
+    assert torch.allclose(model(x[ids == 0], task=ids[ids == 0])[:, :3], eval_a, atol=1e-5)
+    assert _same(_stats(model, "a"), before)
+
+
+def test_a_task_added_after_set_trainable_norm_keeps_its_statistics():
+    model = moved_off_init(tiny_conv(tasks={"a": 3}))
+    model.set_trainable("a", "all").train()
+    model.add_task("new", 2)
+    before = _stats(model, "new")
+    model(images(model, 4), task="new")
+    assert _same(_stats(model, "new"), before)
