@@ -123,6 +123,9 @@ class ModularNet(nn.Module):
     # all; set by ``set_trainable``).
     norm_stats_frozen: bool = False
     _norm_stats_tasks: frozenset[str] | None = None
+    # The last ``set_trainable``'s parts (``None`` before any): what parameters made
+    # later by ``grow`` and ``add_task`` follow.
+    _trainable_parts: frozenset[str] | None = None
 
     def __init__(
         self,
@@ -264,6 +267,11 @@ class ModularNet(nn.Module):
                 (e.g. float64 after ``model.double()``), whatever ``route``'s were.
             init_from: Copy the route and norm statistics of this existing task.
 
+        After ``set_trainable`` the new task is not among the tasks it named: its
+        route and head start frozen (``requires_grad=False``) and its statistics
+        held, as every other unnamed task's; call ``set_trainable`` naming it to
+        train it. Before any ``set_trainable`` they train, as new PyTorch modules do.
+
         Raises:
             ValueError: An invalid or taken name, ``num_classes`` not a whole number
                 ``>= 0``, or a route that does not fit the pool or the depth (a
@@ -294,6 +302,9 @@ class ModularNet(nn.Module):
         self.routes[name] = new_route.to(reference.device, reference.dtype)
         self.norm_stats[name] = stats.to(reference.device, reference.dtype)
         self.heads[name] = head.to(reference.device, reference.dtype)
+        if self._trainable_parts is not None:  # not among the tasks set_trainable named
+            self.routes[name].requires_grad_(False)
+            self.heads[name].requires_grad_(False)
         self._refresh_pretrained_cfg()
 
     def set_route(self, task: str, route: Route | Sequence[int] | torch.Tensor) -> None:
@@ -332,9 +343,14 @@ class ModularNet(nn.Module):
         existing task's output stays bit-for-bit the same. Tasks added afterwards see
         all templates; ``task`` widens that one task's route to the new templates.
 
+        The new templates follow the last ``set_trainable``: they train if it trained
+        ``templates`` or ``new_templates``, else they start frozen. Before any
+        ``set_trainable`` they train, as new PyTorch parameters do.
+
         Args:
             count: Templates to add (a whole number >= 1).
-            task: A task whose route widens to the new templates.
+            task: A task whose route widens to the new templates; the coefficients
+                added for them train if the route's did.
             init: ``"random"``, ``"mean"`` or the index of a template to copy, negative
                 from the end of the whole pool as in Python (see ``TemplatePool.grow``).
 
@@ -348,6 +364,9 @@ class ModularNet(nn.Module):
         if task is not None:
             self._task(task)  # before the pool changes: a failed call changes nothing
         new = self.pool.grow(count, init=init)
+        parts = self._trainable_parts
+        if parts is not None and not parts & {"templates", "new_templates"}:
+            self.pool.chunks[-1].requires_grad_(False)
         if task is not None:
             self._widen_route(task)
         return new
@@ -687,6 +706,11 @@ class ModularNet(nn.Module):
             ConfigError: An unknown part, no part, or ``new_templates`` without growth.
             KeyError: An unknown task.
 
+        The choice holds for parameters made later: templates from ``grow`` train
+        only with ``templates`` or ``new_templates``, and a task from ``add_task``
+        (not among ``tasks``) starts frozen; call ``set_trainable`` again to change
+        that.
+
         With ``norm``, only ``tasks``' statistics move in training mode; every other
         task's forward uses its running statistics and leaves them as they are, as
         after ``freeze_norm_stats()`` (which, like ``freeze_norm_stats(False)``,
@@ -725,6 +749,7 @@ class ModularNet(nn.Module):
         self.freeze_norm_stats("norm" not in wanted)
         if "norm" in wanted:
             self._norm_stats_tasks = frozenset(tasks)
+        self._trainable_parts = frozenset(wanted)
         return self
 
     # ----------------------------------------------------------------- internals
@@ -983,12 +1008,15 @@ class ModularNet(nn.Module):
                 fill = old.mean(dim=1, keepdim=True).expand(fill_shape)
             else:
                 fill = old.new_zeros(fill_shape)
-            route.logits = nn.Parameter(torch.cat([old, fill], dim=1))
+            trains = route.logits.requires_grad  # the widened route trains as it did
+            route.logits = nn.Parameter(torch.cat([old, fill], dim=1), requires_grad=trains)
         elif isinstance(route, HyperRoute):
             old = route.extra.detach() if route.extra is not None else None
+            trains = (route.extra if route.extra is not None else route.embedding).requires_grad
             shape = (self.depth, added, self.pool.num_tensors) if self.anisotropic else None
             zeros = self._reference_tensor().new_zeros(shape or (self.depth, added))
-            route.extra = nn.Parameter(zeros if old is None else torch.cat([old, zeros], dim=1))
+            extra = zeros if old is None else torch.cat([old, zeros], dim=1)
+            route.extra = nn.Parameter(extra, requires_grad=trains)
         route.num_templates = count
 
     def _current_grouped_trunk(self) -> GroupedRunner | None:

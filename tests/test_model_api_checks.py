@@ -221,3 +221,41 @@ def test_a_task_added_after_set_trainable_norm_keeps_its_statistics():
     before = _stats(model, "new")
     model(images(model, 4), task="new")
     assert _same(_stats(model, "new"), before)
+
+
+# ------------------------------------------------ parameters made after set_trainable
+def _trainable(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_templates_and_tasks_made_after_set_trainable_follow_it():
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 2}))
+    model.set_trainable("b", "route,head")
+    trained = _trainable(model)
+    model.grow(1, task="b")  # b's widened logits are still b's, and still train
+    model.add_task("c", 2)
+    model.add_task("d", 2, init_from="b")
+    assert _trainable(model) == trained == ["heads.b.bias", "heads.b.weight", "routes.b.logits"]
+    assert model.routes["b"].logits.shape[1] == 4
+    x = images(model, 2)
+    (model(x, task="b").sum() + model(x, task="c").sum() + model(x, task="d").sum()).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trained)
+    # templates train with "templates" (or "new_templates"), so templates grown later do too
+    model.set_trainable("b", "templates,route", first_new_chunk=None)
+    model.grow(1)
+    assert all(p.requires_grad for p in model.pool.chunks[-1].parameters())
+
+
+def test_parameters_made_before_any_set_trainable_train_as_in_pytorch():
+    model = tiny_conv(tasks={"a": 3}, route="hyper")
+    model.grow(1, task="a")
+    model.add_task("b", 2)
+    assert all(p.requires_grad for p in model.parameters())
+    # a hyper route's coefficients for grown templates train if its embedding does
+    model.set_trainable("a", "route")
+    model.grow(1, task="a")
+    assert model.routes["a"].extra.requires_grad and model.routes["a"].extra.shape[1] == 2
+    model.set_trainable("a", "head")
+    model.grow(1, task="a")
+    assert not model.routes["a"].extra.requires_grad
+    assert not any(p.requires_grad for p in model.pool.parameters())
