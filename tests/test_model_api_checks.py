@@ -214,6 +214,19 @@ def test_a_mixed_batch_moves_only_the_named_tasks_statistics(mode):
     assert _same(_stats(model, "a"), before)
 
 
+def test_reestimating_a_tasks_statistics_keeps_set_trainables_choice():
+    from modnet.adapt import reestimate_norm_stats
+    from modnet.data import load_task
+
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 5, "c": 2}))
+    model.set_trainable("b", "route,head,norm").train()
+    data = load_task("synth_shape", img_size=8, train_limit=8, test_limit=4)
+    reestimate_norm_stats(model, "c", data, batch_size=4, progress=False)
+    before = _stats(model, "a")
+    model(images(model, 4), task="a")
+    assert _same(_stats(model, "a"), before)  # before the fix: every task's moved again
+
+
 def test_a_task_added_after_set_trainable_norm_keeps_its_statistics():
     model = moved_off_init(tiny_conv(tasks={"a": 3}))
     model.set_trainable("a", "all").train()

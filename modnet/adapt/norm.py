@@ -83,6 +83,7 @@ def reestimate_norm_stats(
         if key.endswith("num_batches_tracked")
     ]
     was_training, was_frozen = model.training, getattr(model, "norm_stats_frozen", False)
+    was_chosen = getattr(model, "_norm_stats_tasks", None)  # set_trainable's tasks
     momenta = [m.momentum for m in norms]
     gaps: list[float] = []
     try:
@@ -102,6 +103,7 @@ def reestimate_norm_stats(
         for module, momentum in zip(norms, momenta, strict=True):
             module.momentum = momentum
         model.freeze_norm_stats(was_frozen)
+        model._norm_stats_tasks = was_chosen
         model.train(was_training)
     return gaps
 
