@@ -31,7 +31,9 @@ def feature_info(model: ModularNet) -> list[dict[str, Any]]:
     ]
 
 
-def take_indices(depth: int, indices: Any, name: str = "indices") -> list[int]:
+def take_indices(
+    depth: int, indices: Any, name: str = "indices", layers: str | None = None
+) -> list[int]:
     """The layer positions that ``indices`` picks of ``depth`` (timm's ``feature_take_indices``).
 
     Args:
@@ -40,6 +42,8 @@ def take_indices(depth: int, indices: Any, name: str = "indices") -> list[int]:
             positions (negative from the end).
         name: The argument's name in the error message (``out_indices`` for
             ``features_only`` models).
+        layers: What has the ``depth`` layers, for the message (default: a model of
+            that depth; a task whose shorter hard route runs fewer).
 
     Raises:
         ConfigError: A count or a position out of range, or indices of another kind.
@@ -59,8 +63,8 @@ def take_indices(depth: int, indices: Any, name: str = "indices") -> list[int]:
         )
     if not fits:
         raise ConfigError(
-            f"{name}={indices!r} does not fit a model of depth {depth}: give a count of last "
-            f"layers in 1..{depth} or layer positions in {-depth}..{depth - 1}"
+            f"{name}={indices!r} does not fit {layers or f'a model of depth {depth}'}: give a "
+            f"count of last layers in 1..{depth} or layer positions in {-depth}..{depth - 1}"
         )
     take, _ = feature_take_indices(depth, int(indices) if integer else [int(i) for i in indices])
     return take
@@ -89,7 +93,8 @@ def forward_intermediates(
                 "forward_intermediates runs one task: pass task=<name>, not one task per sample"
             )
         plan = model.routes[name].plan(model.hypernet)
-    take = take_indices(plan.depth, indices)
+    shorter = f"task {name!r}, whose route runs {plan.depth} of the model's {model.depth} layers"
+    take = take_indices(plan.depth, indices, layers=shorter if plan.depth < model.depth else None)
     kept: list[torch.Tensor] = []
     final = model._features(x, name, plan, kept)
     stats = model.norm_stats[name]

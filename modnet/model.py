@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -453,7 +454,18 @@ class ModularNet(nn.Module):
             task: As in ``forward``.
             pre_logits: Return the pooled features ``[B, head_hidden_size]`` instead
                 of the logits ``[B, num_classes]``.
+
+        Raises:
+            ValueError: ``x`` is a batch of input images (the model's input size), not
+                ``forward_features`` output.
         """
+        input_size = getattr(self, "pretrained_cfg", {}).get("input_size")
+        if input_size and x.ndim == 4 and tuple(x.shape[1:]) == tuple(input_size):
+            raise ValueError(
+                f"forward_head takes forward_features output, got a batch of input images "
+                f"{tuple(x.shape)}: call model(x, task) for logits, or "
+                "model.forward_head(model.forward_features(x, task), task)"
+            )
         return self._dispatch(
             x,
             task,
@@ -893,6 +905,11 @@ class ModularNet(nn.Module):
                 )
             ids = task.to(device=device, dtype=torch.long)
         else:
+            if not isinstance(task, (Sequence, Iterable)) or isinstance(task, (bytes, dict)):
+                raise ValueError(
+                    f"task must be a name, an integer index, or one name or index per sample, "
+                    f"got {type(task).__name__} {task!r}"
+                )
             task = list(task)
             for t in task:  # not silently truncated or read as 0/1
                 if isinstance(t, bool) or not isinstance(t, (str, numbers.Integral)):
@@ -1093,7 +1110,8 @@ class ModularNet(nn.Module):
 
         Raises:
             KeyError: ``task`` is unknown.
-            ValueError: ``mean``/``std`` do not have one value per input channel.
+            ValueError: ``mean``/``std`` do not have one value per input channel, a
+                value is not finite, or a std is not positive (inputs are divided by it).
         """
         self._task(task)
         channels = self.trunk.in_chans
@@ -1101,6 +1119,12 @@ class ModularNet(nn.Module):
             raise ConfigError(
                 f"mean and std need {channels} values (one per input channel), got "
                 f"{len(mean)} and {len(std)}"
+            )
+        values = [float(v) for v in (*mean, *std)]
+        if not all(math.isfinite(v) for v in values) or min(float(s) for s in std) <= 0:
+            raise ConfigError(
+                f"std must be positive and mean and std finite (inputs become (x - mean) / "
+                f"std), got mean {tuple(mean)} and std {tuple(std)}"
             )
         self.task_normalization[task] = {
             "mean": tuple(float(m) for m in mean),
@@ -1120,6 +1144,8 @@ class ModularNet(nn.Module):
         self._task(name)
         del self.routes[name], self.heads[name], self.norm_stats[name]
         self.task_normalization.pop(name, None)
+        if self._norm_stats_tasks is not None:  # a later task of that name is not chosen
+            self._norm_stats_tasks = self._norm_stats_tasks - {name}
         self._refresh_pretrained_cfg()
 
     def __prepare_scriptable__(self) -> nn.Module:

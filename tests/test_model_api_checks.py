@@ -272,3 +272,59 @@ def test_parameters_made_before_any_set_trainable_train_as_in_pytorch():
     model.grow(1, task="a")
     assert not model.routes["a"].extra.requires_grad
     assert not any(p.requires_grad for p in model.pool.parameters())
+
+
+# ------------------------------------------------------------ misuse in one line
+def test_a_task_that_is_no_name_index_or_list_is_refused_in_one_line():
+    model = tiny_conv(tasks={"a": 3, "b": 2})
+    x = images(model, 2)
+    for task in (1.0, {"a": 1}, b"ab"):
+        with pytest.raises(ValueError, match="task must be a name, an integer index, or one"):
+            model(x, task=task)
+    assert model(x, task=["a", "b"]).shape == (2, 3)
+
+
+@pytest.mark.parametrize("make", [tiny_conv, tiny_vit])
+def test_forward_head_on_input_images_names_forward_features(make):
+    model = make(tasks={"a": 3})
+    x = images(model, 2)
+    with pytest.raises(ValueError, match=r"forward_head takes forward_features output, got a"):
+        model.forward_head(x, task="a")
+    features = model.forward_features(x, task="a")
+    assert torch.equal(model.forward_head(features, task="a"), model(x, task="a"))
+
+
+def test_intermediates_past_a_short_hard_route_name_the_route_not_the_model():
+    from modnet.errors import ConfigError
+    from modnet.routing import HardRoute
+
+    model = tiny_conv(tasks={"a": 3}, route="hard")
+    model.add_task("b", 2, route=HardRoute([0, 1], model.pool.num_templates))
+    x = images(model, 2)
+    assert len(model.forward_intermediates(x, indices=[3], task="a", intermediates_only=True)) == 1
+    with pytest.raises(ConfigError) as error:
+        model.forward_intermediates(x, indices=[3], task="b")
+    assert str(error.value) == (
+        "indices=[3] does not fit task 'b', whose route runs 2 of the model's 4 layers: give a "
+        "count of last layers in 1..2 or layer positions in -2..1"
+    )
+
+
+def test_set_normalization_refuses_a_std_that_is_not_positive():
+    from modnet.errors import ConfigError
+
+    model = tiny_conv(tasks={"a": 3})
+    for std in ([0.5, 0.0, 0.5], [0.5, -1.0, 0.5], [0.5, float("nan"), 0.5]):
+        with pytest.raises(ConfigError, match="std must be positive and mean and std finite"):
+            model.set_normalization("a", [0.5, 0.5, 0.5], std)
+    assert "a" not in model.task_normalization
+
+
+def test_a_deleted_task_leaves_set_trainables_choice():
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 5}))
+    model.set_trainable(["a", "b"], "route,head,norm").train()
+    model.delete_task("b")
+    model.add_task("b", 5)
+    before = _stats(model, "b")
+    model(images(model, 4), task="b")
+    assert _same(_stats(model, "b"), before)  # the new b was never chosen: held
