@@ -365,3 +365,14 @@ def test_partly_trained_tasks_are_the_unfinished_phases_or_all_once_the_pool_mov
     assert ", so a, b, c are partly trained" in io.partly_trained(tmp_path, shared)
     checkpoint_dir = tmp_path / "checkpoints" / "transfer-c-step0000003"  # also from inside
     assert ", so a is partly trained" in io.partly_trained(checkpoint_dir, shared, ["a"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_model_saved_in_another_dtype_loads_in_it_and_its_tasks_import(tmp_path, dtype):
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 2})).to(dtype).eval()
+    io.save_model(model, tmp_path / "m")
+    loaded, _ = io.load_model(tmp_path / "m", tasks=["a"])
+    assert {p.dtype for p in loaded.parameters()} == {dtype}  # before the fix: float32
+    io.import_task(loaded, tmp_path / "m" / "tasks" / "b.safetensors")  # same fingerprint
+    x = images(model, 2).to(dtype)
+    assert torch.equal(loaded(x, task="b"), model(x, task="b"))

@@ -624,7 +624,8 @@ def load_model(
     fingerprints existed has none in its manifest and loads unchecked.)
 
     Returns:
-        The model (in eval mode) and its manifest.
+        The model (in eval mode, in the floating dtype it was saved in: a model saved
+        after ``.half()`` loads in float16) and its manifest.
 
     Raises:
         CheckpointError: The directory holds no complete checkpoint, it is damaged,
@@ -670,6 +671,9 @@ def load_model(
         raise CheckpointError(
             f"{directory / MANIFEST} describes a model that cannot be built: {error}"
         ) from error
+    saved = _saved_dtype(files[None][0])
+    if saved is not None and saved != torch.float32:
+        model = model.to(saved)  # a model saved in half or bf16 loads as it was saved
     model_state = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for name, (tensors, _) in files.items():
@@ -688,6 +692,15 @@ def load_model(
     load_state_into(model, state, source=str(directory))
     _record_normalization(model, manifest["tasks"])
     return model.eval(), manifest
+
+
+def _saved_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype holding most of the pool file's values (``None``: none)."""
+    counts: dict[torch.dtype, int] = {}
+    for value in tensors.values():
+        if value.is_floating_point():
+            counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
+    return max(counts, key=counts.get) if counts else None
 
 
 def _record_normalization(model: ModularNet, info: Mapping[str, Mapping[str, Any]]) -> None:
