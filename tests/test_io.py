@@ -376,3 +376,7 @@ def test_a_model_saved_in_another_dtype_loads_in_it_and_its_tasks_import(tmp_pat
     io.import_task(loaded, tmp_path / "m" / "tasks" / "b.safetensors")  # same fingerprint
     x = images(model, 2).to(dtype)
     assert torch.equal(loaded(x, task="b"), model(x, task="b"))
+    from modnet.cli import main  # modnet eval feeds it inputs in its dtype
+
+    argv = ["eval", str(tmp_path / "m"), "--task", "a", "--data", "a=synth_size"]
+    assert main([*argv, "--test-limit", "8"]) == 0

@@ -69,7 +69,8 @@ def predict(
 
     Args:
         model: The network (its training mode is restored afterwards).
-        x: Model input, float [B, C, H, W], on the model's device.
+        x: Model input, float [B, C, H, W], on the model's device (cast to the
+            dtype of its weights for fp32 precision: a half or double model).
         task: Passed as ``model(x, task=task)`` when given.
         micro_batch: Images per forward pass; default ``default_micro_batch(model)``.
         precision: ``"fp32"``, or ``"bf16"`` for bfloat16 autocast.
@@ -89,10 +90,15 @@ def predict(
     was_training = model.training
     model.eval()
     layout = input_format(model)
+    # a model converted to half, bf16 or double (io.load_model keeps the saved dtype)
+    # takes its inputs in that dtype; autocast (bf16) casts them itself
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    cast = weights if precision == "fp32" and x.is_floating_point() else None
     outputs = []
     with torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bf16"):
         for chunk in x.split(size):
             chunk = chunk.contiguous(memory_format=layout)
+            chunk = chunk if cast is None else chunk.to(cast)
             outputs.append(model(chunk) if task is None else model(chunk, task=task))
     model.train(was_training)
     return torch.cat(outputs)
