@@ -134,12 +134,13 @@ def _check_sizes(kwargs: Mapping[str, Any]) -> None:
     """The command line's type and range checks of numeric model options
     (``options.NUMERIC``), for ``timm.create_model`` too: ``width=0``,
     ``embed_dim=0`` or ``exp_ratio=0`` used to fail deep inside timm's builder, or
-    build a model of empty layers. Per-layer drop-path rates (a list) are checked
-    where they are used."""
+    build a model of empty layers. Per-layer drop-path rates (a list, tuple or array)
+    are checked where they are used."""
     from .options import NUMERIC, check_number_option
 
     for key, value in kwargs.items():
-        if key in NUMERIC and key not in _CHECKED_WHERE_USED and not isinstance(value, list):
+        per_layer = isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0
+        if key in NUMERIC and key not in _CHECKED_WHERE_USED and not per_layer:
             check_number_option(key, value)
 
 

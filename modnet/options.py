@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
+import operator
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -162,7 +164,17 @@ def check_number_option(key: str, value: Any) -> None:
 
 
 def _check_number(key: str, value: Any, kind: str, low: float | None, high: float | None) -> None:
-    integral = isinstance(value, int) and not isinstance(value, bool)
+    # Python, numpy and 0-d tensor numbers alike (what timm.create_model has always taken)
+    integral = False
+    if not isinstance(value, bool):
+        try:
+            value, integral = operator.index(value), True
+        except TypeError:
+            pass
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    tensor = getattr(value, "ndim", None) == 0 and getattr(value, "is_floating_point", bool)()
+    if not integral and kind == "float" and (real or tensor):
+        value = float(value)
     if kind == "int" and not integral:
         square = (
             " (the data is loaded as square images; a (height, width) pair works with "

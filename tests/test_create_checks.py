@@ -4,6 +4,7 @@ fail deep inside timm's builder or build a model that silently did something els
 import numpy as np
 import pytest
 import timm
+import torch
 
 import modnet  # noqa: F401  (registers the models)
 from modnet.errors import ConfigError
@@ -76,3 +77,22 @@ def test_integer_likes_and_checked_lists_still_build():
     assert list(model.drop_path_rates) == rates
     vit = timm.create_model("modnet_vit_tiny", **{**VIT, "img_size": (16, 20)})
     assert vit.pretrained_cfg["input_size"] == (3, 16, 20)
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("conv", dict(width=np.int64(8), num_templates=np.int32(3), in_chans=np.int64(3))),
+        ("conv", dict(width=torch.tensor(8))),
+        ("conv", dict(drop_path_rate=(0.0, 0.1, 0.2, 0.3))),
+        ("conv", dict(drop_path_rate=np.array([0.0, 0.1, 0.2, 0.3]))),
+        ("vit", dict(embed_dim=np.int64(32), patch_size=np.int64(4))),
+        ("vit", dict(mlp_ratio=np.float32(2.0))),
+        ("vit", dict(mlp_ratio=torch.tensor(2.0))),
+    ],
+)
+def test_numpy_and_tensor_numbers_and_per_layer_tuples_build_as_in_timm(family, options):
+    base = CONV if family == "conv" else VIT
+    model = timm.create_model(f"modnet_{family}_tiny", tasks={"a": 2}, **{**base, **options})
+    x = torch.randn(1, 3, 16, 16)
+    assert model(x).shape == (1, 2)

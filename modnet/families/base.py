@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +89,13 @@ def check_divisible(name: str, value: Any, by_name: str, by: int) -> None:
     Raises:
         ConfigError: Naming both options and the fix; also ``by`` below 1.
     """
-    if not (isinstance(by, int) and not isinstance(by, bool) and by >= 1):
+    try:  # a numpy or 0-d tensor integer too, not a bool
+        index = None if isinstance(by, bool) else operator.index(by)
+    except TypeError:
+        index = None
+    if index is None or index < 1:
         raise ConfigError(f"{by_name} must be a positive int, got {by!r}")
+    by = index
     sizes = value if isinstance(value, tuple) else (value,)
     if any(size % by for size in sizes):
         raise ConfigError(
