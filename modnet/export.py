@@ -150,8 +150,8 @@ def check_export_target(
     else:
         run = folder
         top, _, rest = inside.partition("/")
-        if top == "export" and OUTPUT_FOLDERS["export"].match(rest):
-            return  # the export's own place, which modnet clears and keeps as its own
+        if top == "export" and rest == (f"{task}/{SAFE_WEIGHTS}" if safe else f"{task}.pt2"):
+            return  # the task's own place, which modnet clears and keeps as its own
         if rest and top not in (TASK_DIR, *OUTPUT_FOLDERS):
             return  # a folder of the user's in it, which modnet leaves alone
         name = shown[folders.index(folder)]

@@ -134,6 +134,8 @@ MODEL_REASON = "the saved model folder saved, which modnet.io.save_model replace
         ("run/a.pt2", False, RUN_REASON),
         ("run/export", True, RUN_REASON),  # export/ holds one folder per task
         ("run/export/x/a.pt2", False, RUN_REASON),
+        ("run/export/other.pt2", False, RUN_REASON),  # another name than the task's
+        ("run/export/other", True, RUN_REASON),  # a second task's folder, say
         ("saved", True, MODEL_REASON),
         ("saved/a.pt2", False, MODEL_REASON),
         ("saved/tasks", True, MODEL_REASON),
