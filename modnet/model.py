@@ -905,7 +905,7 @@ class ModularNet(nn.Module):
                 )
             ids = task.to(device=device, dtype=torch.long)
         else:
-            if not isinstance(task, (Sequence, Iterable)) or isinstance(task, (bytes, dict)):
+            if not isinstance(task, Iterable) or isinstance(task, (bytes, dict)):
                 raise ValueError(
                     f"task must be a name, an integer index, or one name or index per sample, "
                     f"got {type(task).__name__} {task!r}"
