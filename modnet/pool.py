@@ -12,6 +12,7 @@ from torch import nn
 
 from .binding import TensorBinder, is_batchnorm_buffer, mangle
 from .errors import ConfigError
+from .folding import FoldedRunner
 from .grouped import GroupedRunner
 
 BlockFactory = Callable[[], nn.Module]
@@ -82,6 +83,9 @@ class TemplatePool(nn.Module):
         self.chunks = nn.ModuleList([TemplateChunk(self._stack(blocks))])
         # Built here, not on first use: building inside a compiled forward breaks the graph.
         self.__dict__["_grouped"] = GroupedRunner.build(self._binder.module, per_task=True)
+        # Inference runs BatchNorm folded into the conv before it (see ``modnet.folding``).
+        self.__dict__["_folded"] = FoldedRunner.build(self._binder.module, self._binder.names)
+        self.fold_batchnorm = True
 
     def train(self, mode: bool = True) -> TemplatePool:
         # The skeletons are outside the module tree, so nn.Module.train cannot reach them.
@@ -211,17 +215,43 @@ class TemplatePool(nn.Module):
         return mixed
 
     # -------------------------------------------------------------------- running
+    def folding(self) -> FoldedRunner | None:
+        """What runs the block with its BatchNorms folded into the convolutions before
+        them, when that computes what the block computes now (eval mode, no autograd,
+        see ``modnet.folding``); otherwise None."""
+        folded = self.__dict__.get("_folded")
+        if folded is None or not getattr(self, "fold_batchnorm", True):
+            return None
+        return folded if folded.applies() else None
+
     def run(
         self,
         x: torch.Tensor,
         weights: Mapping[str, torch.Tensor],
         stats: Mapping[str, torch.Tensor],
+        folded: bool = False,
     ) -> torch.Tensor:
-        """Runs the block once with the given weights and per-task norm statistics."""
+        """Runs the block once with the given weights and per-task norm statistics.
+
+        In inference (``folding()`` is not None) BatchNorms run folded into the
+        convolution before them, which gives the same outputs within float rounding.
+
+        Args:
+            x: The layer's input.
+            weights: One tensor per template tensor name (``mix`` for one layer).
+            stats: The layer's running statistics.
+            folded: ``weights`` were already folded by ``folding().fold`` (every
+                layer at once); only valid while ``folding()`` is not None.
+        """
         tensors = dict(weights)
         tensors.update(stats)
         for name in self.shared_buffer_names:
             tensors[name] = getattr(self, mangle(name))
+        if folded:
+            return self.__dict__["_folded"].run(tensors, x)
+        folding = self.folding()
+        if folding is not None:
+            return folding(tensors, x)
         return self._binder(tensors, x)
 
     def run_grouped(

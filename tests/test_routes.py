@@ -47,7 +47,7 @@ def _plain_stack_reference(blocks, order):
     family.pool = pool
     model = modnet.ModularNet(family, depth=max(len(order), 1), tasks={"t": 3}, route="hard")
     model.set_route("t", order)
-    model.eval()
+    model.eval().set_batchnorm_folding(False)  # bit-identical: BatchNorm as timm runs it
     for block in blocks:
         block.eval()
     plain = nn.Sequential(*[blocks[i] for i in order])
@@ -80,6 +80,9 @@ def test_any_hard_route_with_repeats_and_skips_is_a_plain_stack(order):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
+        # folded (the default in inference): the same within float rounding
+        folded = model.set_batchnorm_folding(True)(x)
+    torch.testing.assert_close(folded, reference(x), rtol=1e-5, atol=1e-6)
 
 
 def test_pool_mix_is_the_weighted_sum_of_templates():

@@ -130,6 +130,7 @@ def test_task_parameters_are_the_route_and_head_only():
 
 def test_frozen_norm_stats_stay_put_in_training_mode():
     model = moved_off_init(tiny_conv(tasks={"a": 3})).freeze_norm_stats()
+    model.set_batchnorm_folding(False)  # eval as unfolded: bit-identical to the train mode
     model.train()
     before = {k: v.clone() for k, v in model.norm_stats["a"].state_dict().items()}
     with torch.no_grad():
