@@ -26,6 +26,7 @@ from timm.layers import BatchNormAct2d
 from torch import fx, nn
 
 from .binding import TensorBinder
+from .grouped import GroupedRunner
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ class FoldedRunner:
         biases = tuple(p.conv + ".bias" for p in pairs if not p.conv_bias)
         self.module = folded
         self._binder = TensorBinder(folded, (*kept, *biases))
+        # Mixed-task batches: the folded block with per-task tensors (``modnet.grouped``).
+        self.grouped = GroupedRunner.build(folded, per_task=True)
 
     @property
     def stat_names(self) -> tuple[str, ...]:
@@ -141,9 +144,9 @@ class FoldedRunner:
     def fold(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The folded block's tensors from the unfolded block's.
 
-        Works on one layer's tensors or on every layer's stacked along a leading
-        axis (weights ``[L, O, I, kh, kw]``, statistics ``[L, C]``): one fold for
-        all layers costs what folding one layer does. Low-precision weights are
+        Works on one layer's tensors or on every layer's (or task's) stacked along
+        a leading axis (weights ``[L, O, I, kh, kw]``, statistics ``[L, C]``): one
+        fold for all layers costs what folding one layer does. Low-precision weights are
         folded in float32 and rounded once.
         """
         folded = {n: tensors[n] for n in self._binder.names if n in tensors}

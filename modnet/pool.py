@@ -265,6 +265,8 @@ class TemplatePool(nn.Module):
     ) -> torch.Tensor:
         """Runs the block once for a batch mixing tasks.
 
+        In inference (``folding()`` is not None) BatchNorms run folded, as in ``run``.
+
         Args:
             x: Input batch ``[B, ...]``.
             weights: Every tensor of the block stacked per task, ``[T, *shape]``.
@@ -280,6 +282,10 @@ class TemplatePool(nn.Module):
         tensors.update(stats)
         for name in self.shared_buffer_names:
             tensors[name] = getattr(self, mangle(name))
+        folding = self.folding()
+        if folding is not None and folding.grouped is not None:  # every task's at once
+            folded = folding.fold(tensors)
+            return folding.grouped(folded, ids, sample_weight, x, group_size=group_size)
         return self.grouped(tensors, ids, sample_weight, x, group_size=group_size)
 
     def build_block(self, weights: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor]):

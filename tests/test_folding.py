@@ -188,3 +188,28 @@ def test_set_batchnorm_folding_takes_a_bool():
     assert model.set_batchnorm_folding(False) is model
     with pytest.raises(TypeError, match=r"^enable must be True or False, got 'no'$"):
         model.set_batchnorm_folding("no")
+
+
+@pytest.mark.parametrize("mixed_batches", ["chunked", "grouped"])
+def test_mixed_task_batches_fold_too(folded_calls, monkeypatch, mixed_batches):
+    model = tiny_conv(tasks={f"t{i}": 3 for i in range(6)})
+    model.set_route("t5", [1, 0])  # a shorter route: its samples skip the last layers
+    trained_statistics(model, steps=1)
+    model.mixed_batches = mixed_batches
+    grouped_calls = []
+    runner = model.pool.__dict__["_folded"].grouped
+    call = type(runner).__call__
+    monkeypatch.setattr(
+        type(runner),
+        "__call__",
+        lambda self, *a, **k: grouped_calls.append(self is runner) or call(self, *a, **k),
+    )
+    x = images(model, batch=12)
+    ids = torch.arange(12) % 6
+    folded, plain = folded_and_plain(model, x, ids)
+    assert grouped_calls.count(True) == model.depth  # one folded grouped call per layer
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        alone = torch.cat([model(x[ids == t], t) for t in range(6)])
+    order = torch.argsort(ids, stable=True)
+    torch.testing.assert_close(folded[order], alone, rtol=1e-5, atol=1e-6)

@@ -5,6 +5,8 @@ activations of 256 images (240 channels at 16x16 for ``modnet_conv_tiny``)
 do not fit in the caches, and every layer streams them from main memory.
 ``predict`` therefore runs any batch as consecutive micro-batches; the logits
 are the same (eval mode has no batch statistics) and only the speed changes.
+Inference also runs the conv family's BatchNorms folded into their
+convolutions (``modnet.folding``), which saves a pass over the activations each.
 
 Default micro-batch per family, measured with one thread on 256 images
 (``modnet_conv_tiny`` at 32x32 and ``modnet_vit_tiny``, interleaved rounds):
