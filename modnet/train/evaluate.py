@@ -13,8 +13,10 @@ Default micro-batch per family, measured with one thread on 256 images
 with NCHW weights the conv family runs 4.5x faster in micro-batches of 32 than
 as one batch of 256 (64: 2.2x, 16: 3.7x, 8: 3.8x); with channels_last weights,
 16 is best (4.3x the plain NCHW twin at 256, against 3.8x at 32 and 2.2x at 64),
-so the conv family takes 16. The ViT family gains little (1.15x at 32, within
-noise from 16 to 256) and takes 32. ``bench/test_defaults.py`` holds the ratio
+so the conv family takes 16. With BatchNorm folding, 8, 16 and 32 are within
+noise of each other (1.43, 1.54 and 1.52 s per 256 images, against 1.80 s at
+64 and 2.21 s as one batch), so 16 stays. The ViT family gains little (1.15x
+at 32, within noise from 16 to 256) and takes 32. ``bench/test_defaults.py`` holds the ratio
 of the default path against the plain reference.
 """
 
