@@ -18,6 +18,7 @@ unfolded block within float rounding (about 1e-6 relative in fp32).
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -61,13 +62,15 @@ def conv_norm_pairs(block: nn.Module) -> list[ConvNormPair]:
     """The conv -> BatchNorm pairs of ``block`` that can be folded.
 
     A pair qualifies when the BatchNorm (``nn.BatchNorm2d`` or timm's
-    ``BatchNormAct2d``, with running statistics) takes the convolution's output
-    and nothing else uses that output. A block ``torch.fx`` cannot trace has none.
+    ``BatchNormAct2d``, with running statistics) takes the convolution's output,
+    nothing else uses that output, and the block calls each of the two once. A
+    block ``torch.fx`` cannot trace has none.
     """
     try:
         graph = _LeafTracer().trace(block)
     except Exception:  # noqa: BLE001 - any untraceable block simply runs unfolded
         return []
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -81,6 +84,8 @@ def conv_norm_pairs(block: nn.Module) -> list[ConvNormPair]:
             or not isinstance(source, fx.Node)
             or source.op != "call_module"
             or len(source.users) != 1
+            or calls[node.target] != 1  # a module called twice would be folded for both
+            or calls[source.target] != 1
         ):
             continue
         conv = block.get_submodule(source.target)

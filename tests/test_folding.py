@@ -213,3 +213,23 @@ def test_mixed_task_batches_fold_too(folded_calls, monkeypatch, mixed_batches):
         alone = torch.cat([model(x[ids == t], t) for t in range(6)])
     order = torch.argsort(ids, stable=True)
     torch.testing.assert_close(folded[order], alone, rtol=1e-5, atol=1e-6)
+
+
+class SharedConvBlock(nn.Module):
+    """One conv called twice (once before a BatchNorm), one BatchNorm called twice."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x) + self.bn(self.conv2(x))
+
+
+def test_a_module_called_twice_is_not_folded():
+    assert conv_norm_pairs(SharedConvBlock()) == []
+    pool = modnet.TemplatePool([SharedConvBlock(), SharedConvBlock()]).eval()
+    with torch.no_grad():
+        assert pool.folding() is None  # the block runs as it is, even in inference
