@@ -54,7 +54,9 @@ def _after_norm(norm: nn.Module) -> nn.Module | None:
     if type(norm) is nn.BatchNorm2d:
         return nn.Identity()
     if type(norm) is BatchNormAct2d:  # batch_norm, then drop, then act
-        return nn.Sequential(copy.deepcopy(norm.drop), copy.deepcopy(norm.act))
+        after = nn.Sequential(copy.deepcopy(norm.drop), copy.deepcopy(norm.act))
+        # An act or drop with tensors of its own (PReLU) stays with the unfolded block.
+        return None if any(True for _ in (*after.parameters(), *after.buffers())) else after
     return None
 
 

@@ -233,3 +233,10 @@ def test_a_module_called_twice_is_not_folded():
     pool = modnet.TemplatePool([SharedConvBlock(), SharedConvBlock()]).eval()
     with torch.no_grad():
         assert pool.folding() is None  # the block runs as it is, even in inference
+
+
+def test_a_norm_whose_activation_has_weights_is_not_folded():
+    model = trained_statistics(tiny_conv(tasks={"a": 3}, act="prelu"))
+    assert [p.norm for p in model.pool.__dict__["_folded"].pairs] == ["bn3"]  # no act
+    folded, plain = folded_and_plain(model, images(model), "a")
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-6)
