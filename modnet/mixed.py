@@ -203,9 +203,7 @@ def task_coefficients(model: ModularNet, names: list[str]):
         if plan.coefficients is not None:
             c = plan.coefficients
         else:
-            index = plan.index_tensor
-            if index is None:
-                index = torch.tensor(plan.indices, device=model._reference_tensor().device)
+            index = plan.template_indices(model._reference_tensor().device)
             c = F.one_hot(index, count).to(model._reference_tensor().dtype)
         c = c if c.ndim == 3 else c.unsqueeze(-1).expand(*c.shape, groups)
         active.append(c.shape[0])

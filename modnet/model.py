@@ -810,10 +810,7 @@ class ModularNet(nn.Module):
             if plan.coefficients is not None:
                 weights = self.pool.mix(plan.coefficients)
             else:
-                indices = plan.index_tensor
-                if indices is None:
-                    indices = torch.tensor(plan.indices, device=x.device)
-                weights = self.pool.gather(indices)
+                weights = self.pool.gather(plan.template_indices(x.device))
             if folding is not None:  # every layer's BatchNorms folded at once
                 depth = plan.depth
                 stacked = {n: stats.layer_stack(n)[:depth] for n in folding.stat_names}

@@ -220,7 +220,7 @@ class TemplatePool(nn.Module):
         them, when that computes what the block computes now (eval mode, no autograd,
         see ``modnet.folding``); otherwise None."""
         folded = self.__dict__.get("_folded")
-        if folded is None or not getattr(self, "fold_batchnorm", True):
+        if folded is None or not self.fold_batchnorm:
             return None
         return folded if folded.applies() else None
 

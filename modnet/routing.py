@@ -48,6 +48,12 @@ class RoutePlan:
             return self.index_tensor.shape[0]
         return self.coefficients.shape[0]
 
+    def template_indices(self, device: torch.device) -> torch.Tensor:
+        """A hard route's template per layer as a tensor ``[depth]`` of int64."""
+        if self.index_tensor is not None:
+            return self.index_tensor
+        return torch.tensor(self.indices, device=device)
+
 
 class Route(nn.Module):
     """Base class. ``num_templates`` is how many pool templates the route can use."""
