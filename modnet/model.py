@@ -716,7 +716,8 @@ class ModularNet(nn.Module):
                 ``new_templates`` the pool's chunks from ``first_new_chunk`` on.
 
         Raises:
-            ConfigError: An unknown part, no part, or ``new_templates`` without growth.
+            ConfigError: An unknown part, no part, ``new_templates`` without growth,
+                or ``hypernet`` named for a model whose routes no hypernetwork makes.
             KeyError: An unknown task.
 
         The choice holds for parameters made later: templates from ``grow`` train
@@ -743,6 +744,12 @@ class ModularNet(nn.Module):
             raise ConfigError(f"{problem}: choose from {choices}, all (e.g. route,head)")
         if "new_templates" in wanted and first_new_chunk is None:
             raise ConfigError("new_templates can train only after growing the pool (--grow N)")
+        named = {aliases.get(p.strip(), p.strip()) for p in items}
+        if "hypernet" in named and self.hypernet is None:  # "all" means the rest
+            raise ConfigError(
+                "part 'hypernet' to train: this model has no hypernetwork (its routes are "
+                f"{self.route_kind!r}); train its routes instead (e.g. route,head)"
+            )
         for task in tasks:
             self._task(task)
         self.requires_grad_(False)

@@ -122,3 +122,9 @@ def test_set_trainable_freezes_everything_else_and_checks_its_input():
         model.set_trainable("a", "new_templates")
     with pytest.raises(KeyError, match="unknown task 'c'"):
         model.set_trainable("c", "route")
+    # a part the model does not have is refused, not silently left frozen
+    with pytest.raises(ValueError, match="no hypernetwork .* train its routes instead"):
+        model.set_trainable("a", "hypernet")
+    assert trained == {
+        n for n, p in model.set_trainable("b", "route,head").named_parameters() if p.requires_grad
+    }
