@@ -377,7 +377,7 @@ CONV_ARGS = ["--model-arg", *(f"{k}={v}" for k, v in TINY_CONV.items())]
 BAD_INPUTS = [
     (["--model", "modnet_conv_tiny", "modnet_vit_tyni"], "unknown model 'modnet_vit_tyni'"),
     (["--model", "vit_tiny_patch16_22"], "unknown model 'vit_tiny_patch16_22': give a modnet_*"),
-    (["--model", "resnet18"], "from_timm cannot convert a ResNet"),
+    (["--model", "resnet18"], "from_timm cannot convert this ResNet"),
     (["--model-arg", "num_templates=0"], "model option num_templates must be >= 1, got 0"),
     (
         ["--model", "vit_tiny_patch16_224", "--model-arg", "img_sizee=32"],

@@ -294,7 +294,7 @@ def test_new_task_on_converted_model_can_reorder_pretrained_blocks():
 @pytest.mark.parametrize(
     "name, match",
     [
-        ("resnet10t", "cannot convert a ResNet faithfully"),
+        ("resnet10t", "cannot convert this ResNet faithfully"),
         ("deit_tiny_distilled_patch16_224", "VisionTransformerDistilled"),
     ],
 )

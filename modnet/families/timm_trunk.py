@@ -65,7 +65,7 @@ def _kind(model: nn.Module) -> str:
     if kind is None:
         names = ", ".join(cls.__name__ for cls in SUPPORTED)
         raise ConfigError(
-            f"from_timm cannot convert a {type(model).__name__} faithfully: it converts the "
+            f"from_timm cannot convert this {type(model).__name__} faithfully: it converts the "
             f"timm classes {names} (e.g. vit_*, deit3_*, mixer_*, resmlp_*, gmlp_*, "
             "convmixer_*), whose forward is embed, identical `blocks`, norm, head"
         )
