@@ -321,6 +321,28 @@ def test_import_task_refuses_foreign_tensors_in_one_line(tmp_path):
     assert target.task_names == ["a"]
 
 
+def test_import_task_into_a_model_of_another_dtype_names_the_dtypes(tmp_path):
+    model = moved_off_init(tiny_conv(tasks={"a": 3, "b": 4})).eval()
+    io.save_model(model, tmp_path / "m")
+    path = tmp_path / "m" / "tasks" / "b.safetensors"
+    target, _ = io.load_model(tmp_path / "m", tasks=["a"])
+    target.to(torch.bfloat16)
+    with pytest.raises(io.CheckpointError) as caught:
+        io.import_task(target, path)
+    assert str(caught.value) == (
+        f"task file {path} holds float32 tensors but this model is bfloat16: import the "
+        "task into the model in the dtype it was saved in, then convert the model "
+        "(model.to(dtype))"
+    )
+    assert target.task_names == ["a"]
+    # done as the message says, the task arrives and agrees with the saved model's
+    target, _ = io.load_model(tmp_path / "m", tasks=["a"])
+    assert io.import_task(target, path) == "b"
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    expected = model.to(torch.bfloat16)(x, task="b")
+    torch.testing.assert_close(target.to(torch.bfloat16)(x, task="b"), expected, rtol=0, atol=0)
+
+
 def test_every_file_written_follows_the_umask_safetensors_included(tmp_path, monkeypatch):
     # A umask of 022 whatever the caller's: under 077 every file would be 0600, which
     # is what safetensors writes anyway, and the test could not fail.

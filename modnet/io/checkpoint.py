@@ -573,6 +573,19 @@ def _read_file(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, metadata
 
 
+def _check_dtype(path: Path, tensors: Mapping[str, torch.Tensor], model: ModularNet) -> None:
+    """Refuses a task file whose floating tensors are in another dtype than ``model``'s:
+    its pool fingerprint differs for that reason alone, and "another pool" would mislead."""
+    saved = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    ours = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if saved is not None and ours is not None and saved != ours:
+        raise CheckpointError(
+            f"task file {path} holds {str(saved).removeprefix('torch.')} tensors but this model "
+            f"is {str(ours).removeprefix('torch.')}: import the task into the model in the "
+            "dtype it was saved in, then convert the model (model.to(dtype))"
+        )
+
+
 def _check_fingerprint(
     path: Path,
     what: str,
@@ -746,8 +759,8 @@ def import_task(
         The name of the added task.
 
     Raises:
-        CheckpointError: The file is missing or damaged, carries no fingerprint, or
-            was trained with another pool.
+        CheckpointError: The file is missing or damaged, carries no fingerprint, holds
+            another dtype than ``model``, or was trained with another pool.
         ValueError: ``model`` already has a task of that name.
     """
     path = Path(source)
@@ -772,6 +785,7 @@ def import_task(
             f"task file {path} carries no pool fingerprint (it was written by an older "
             "modnet): save its model again to import it"
         )
+    _check_dtype(path, tensors, model)
     _check_fingerprint(
         path,
         "task file",
