@@ -651,6 +651,8 @@ class ModularNet(nn.Module):
         "heads",
         "norm",
     )
+    # what "all" trains ("hypernet" only where the routes come from one)
+    ALL_PARTS = frozenset({"templates", "trunk", "routes", "hypernet", "heads", "norm"})
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that weight decay must not touch (timm's contract).
@@ -735,8 +737,7 @@ class ModularNet(nn.Module):
         aliases = {"route": "routes", "head": "heads", "template": "templates"}
         wanted = {aliases.get(p.strip(), p.strip()) for p in items if p.strip()}
         if "all" in wanted:
-            wanted = (wanted - {"all"}) | {"templates", "trunk", "routes", "hypernet", "heads"}
-            wanted.add("norm")
+            wanted = (wanted - {"all"}) | self.ALL_PARTS
         unknown = sorted(wanted - set(self.TRAINABLE_PARTS))
         if unknown or not wanted:
             choices = ", ".join(self.TRAINABLE_PARTS)
@@ -744,8 +745,8 @@ class ModularNet(nn.Module):
             raise ConfigError(f"{problem}: choose from {choices}, all (e.g. route,head)")
         if "new_templates" in wanted and first_new_chunk is None:
             raise ConfigError("new_templates can train only after growing the pool (--grow N)")
-        named = {aliases.get(p.strip(), p.strip()) for p in items}
-        if "hypernet" in named and self.hypernet is None:  # "all" means the rest
+        # "all" (or every part listed) means the parts the model has
+        if "hypernet" in wanted and self.hypernet is None and not self.ALL_PARTS <= wanted:
             raise ConfigError(
                 "part 'hypernet' to train: this model has no hypernetwork (its routes are "
                 f"{self.route_kind!r}); train its routes instead (e.g. route,head)"

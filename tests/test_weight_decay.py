@@ -125,6 +125,10 @@ def test_set_trainable_freezes_everything_else_and_checks_its_input():
     # a part the model does not have is refused, not silently left frozen
     with pytest.raises(ValueError, match="no hypernetwork .* train its routes instead"):
         model.set_trainable("a", "hypernet")
+    # while "all", spelt out or not, means what the model has (as training passes it)
+    for everything in (model.ALL_PARTS, sorted(model.ALL_PARTS), "all"):
+        model.set_trainable(["a", "b"], everything)
+        assert all(p.requires_grad for p in model.parameters()) and not model.norm_stats_frozen
     assert trained == {
         n for n, p in model.set_trainable("b", "route,head").named_parameters() if p.requires_grad
     }

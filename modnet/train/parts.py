@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..model import ModularNet
 
 PARTS = ModularNet.TRAINABLE_PARTS
-ALL_PARTS = frozenset({"templates", "trunk", "routes", "hypernet", "heads", "norm"})
+ALL_PARTS = ModularNet.ALL_PARTS
 # What every task of a model shares: training it while adding a task (transfer, adapt)
 # changes the outputs of the tasks already there.
 SHARED_PARTS = frozenset({"templates", "trunk", "stem", "hypernet"})
