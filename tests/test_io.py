@@ -366,7 +366,9 @@ def test_the_phase_of_a_task_comes_from_the_manifest_or_for_older_runs_from_resu
 
 
 def test_partly_trained_tasks_are_the_unfinished_phases_or_all_once_the_pool_moved(tmp_path):
-    def checkpoint(name, sequence, phase, done, fingerprint):
+    template = torch.arange(6.0)
+
+    def checkpoint(name, sequence, phase, done, fingerprint, pool):
         tasks = {"a": {"phase": "train"}, "b": {"phase": "train"}}
         if phase != "train":
             tasks["c"] = {"phase": phase}
@@ -375,17 +377,29 @@ def test_partly_trained_tasks_are_the_unfinished_phases_or_all_once_the_pool_mov
         manifest["checkpoint"] = record
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / "manifest.json").write_text(json.dumps(manifest))
+        save_file(pool, tmp_path / "checkpoints" / name / "pool.safetensors")
         return manifest
 
-    finished = checkpoint("train-step0000004", 1, "train", True, "p0")
+    finished = checkpoint("train-step0000004", 1, "train", True, "p0", {"t0": template})
     assert io.partly_trained(tmp_path, finished) is None
-    new_task = checkpoint("transfer-c-step0000002", 2, "transfer-c", False, "p0")
+    new_task = checkpoint("transfer-c-step0000002", 2, "transfer-c", False, "p0", {"t0": template})
     said = io.partly_trained(tmp_path, new_task)
     assert said.startswith(f"the phase 'transfer-c' of {tmp_path} is unfinished, so c is partly")
     assert io.partly_trained(tmp_path, new_task, ["a", "b"]) is None  # the pool did not move
-    shared = checkpoint("transfer-c-step0000003", 3, "transfer-c", False, "p1")
+    # a template added (--grow) changes the fingerprint but leaves a and b as they were
+    grown = {"t0": template, "t1": torch.ones(6)}
+    added = checkpoint("transfer-c-step0000003", 3, "transfer-c", False, "p1", grown)
+    assert io.partly_trained(tmp_path, added).endswith(
+        "so c is partly trained: run its "
+        f"command again to finish it, or `modnet "
+        f"discard {tmp_path}`"
+    )
+    assert io.partly_trained(tmp_path, added, ["a", "b"]) is None
+    # a shared value that moved by one ulp changes every task
+    moved = {"t0": torch.nextafter(template, template + 1), "t1": torch.ones(6)}
+    shared = checkpoint("transfer-c-step0000004", 4, "transfer-c", False, "p2", moved)
     assert ", so a, b, c are partly trained" in io.partly_trained(tmp_path, shared)
-    checkpoint_dir = tmp_path / "checkpoints" / "transfer-c-step0000003"  # also from inside
+    checkpoint_dir = tmp_path / "checkpoints" / "transfer-c-step0000004"  # also from inside
     assert ", so a is partly trained" in io.partly_trained(checkpoint_dir, shared, ["a"])
 
 

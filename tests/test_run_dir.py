@@ -334,6 +334,27 @@ def test_an_unfinished_phase_blocks_the_others_and_discard_keeps_finished_tasks(
     assert main(transfer_args(run_copy, "synth_position")) == 0
 
 
+def test_an_unfinished_grow_leaves_the_old_tasks_exportable(
+    run_copy, capsys, interrupt_after_first_checkpoint, tmp_path
+):
+    # --grow adds templates, which changes the pool's fingerprint, but the old tasks
+    # compute what they did: only the new task is partly trained
+    grow = transfer_args(run_copy, "synth_shape", "--grow", "1", "--train", "route,head")
+    with pytest.raises(Interrupt):
+        main([*grow, "--checkpoint-every", "1"])
+    assert "-step" in io.latest_checkpoint(run_copy).name
+    assert main(["eval", str(run_copy), "--test-limit", "8", "--json"]) == 0
+    assert ", so synth_shape is partly trained" in capsys.readouterr().err
+    out = tmp_path / "synth_color.pt2"
+    assert main(["export", str(run_copy), "--task", "synth_color", "--out", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    new = tmp_path / "synth_shape.pt2"
+    assert main(["export", str(run_copy), "--task", "synth_shape", "--out", str(new)]) == 2
+    assert "so synth_shape is partly trained" in capsys.readouterr().err
+    assert not new.exists()
+
+
 def test_an_unfinished_train_blocks_transfer(tmp_path, capsys, interrupt_after_first_checkpoint):
     out = tmp_path / "run"
     with pytest.raises(Interrupt):

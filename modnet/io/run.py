@@ -40,10 +40,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, RunDirError
 from ..model import ModularNet
-from .checkpoint import FORMAT, MANIFEST, TRAINER_STATE, _foreign_entries, _save_model_dir
+from .checkpoint import (
+    FORMAT,
+    MANIFEST,
+    SHARED_FILE,
+    TRAINER_STATE,
+    _foreign_entries,
+    _save_model_dir,
+)
 from .fs import (
     LEFTOVER,
     LOCK_FILE,
@@ -506,8 +514,10 @@ def partly_trained(
     a sentence for eval's note and export's refusal; ``None`` when none is.
 
     The tasks are those the unfinished phase trains (each task's manifest record
-    names its phase); when the phase has already changed the shared pool (its
-    fingerprint differs from the last finished checkpoint's), every task is.
+    names its phase); when the phase has already changed a shared value that the
+    last finished checkpoint holds (templates, trunk, hypernetwork), every task
+    is. Shared values the phase only added (the templates of ``--grow``) leave
+    the other tasks as they were.
 
     Args:
         path: The run, or a checkpoint inside it, that ``manifest`` was loaded from.
@@ -526,7 +536,9 @@ def partly_trained(
     ]
     if finished and phase != "train":
         before = json.loads((finished[-1] / MANIFEST).read_text()).get("pool_fingerprint")
-        if before != manifest.get("pool_fingerprint"):
+        if before != manifest.get("pool_fingerprint") and not _shared_values_kept(
+            finished[-1], resolve_model_dir(path)
+        ):
             names = list(records)
     wanted = None if tasks is None else set(tasks)
     names = [n for n in names if wanted is None or n in wanted]
@@ -537,6 +549,25 @@ def partly_trained(
         f"{'is' if len(names) == 1 else 'are'} partly trained: run its command again to "
         f"finish it, or `modnet discard {run}`"
     )
+
+
+def _shared_values_kept(before: Path, after: Path) -> bool:
+    """Whether every shared tensor of checkpoint ``before`` is in ``after``, bit for bit
+    (``after`` may hold more: templates a phase added)."""
+    try:
+        with (
+            safe_open(before / SHARED_FILE, framework="pt") as old,
+            safe_open(after / SHARED_FILE, framework="pt") as new,
+        ):
+            if not set(old.keys()) <= set(new.keys()):
+                return False
+            for key in old.keys():
+                a, b = old.get_tensor(key), new.get_tensor(key)
+                if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+                    return False
+    except (OSError, ValueError, SafetensorError):
+        return False
+    return True
 
 
 def refuse_other_phase(run_dir: Path, state: Mapping[str, Any] | None, phase: str) -> None:
