@@ -158,3 +158,36 @@ def test_an_unknown_precision_is_refused_before_any_work(precision):
     assert str(error.value) == message
     for accepted in ("fp32", "bf16"):  # the two it takes still run
         assert predict(model, images(model), "a", precision=accepted).shape == (4, 3)
+
+
+def test_modnet_eval_reads_data_from_the_data_root_the_run_recorded(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from modnet import io
+    from modnet.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    x = np.random.default_rng(0).integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
+    y = np.arange(12) % 3
+    np.savez(data / "digits.npz", train_x=x, train_y=y, test_x=x, test_y=y)
+    run = tmp_path / "run"
+    model = tiny_conv(tasks={"digits": 3})
+    info = {"digits": {"dataset": "npz:digits.npz", "phase": "train"}}  # relative to the root
+    io.save_checkpoint(run, "train-final", model, task_info=info)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MODNET_DATA_ROOT", raising=False)
+    assert main(["eval", str(run), "--json"]) == 2  # no root known: the data is not found
+    assert "digits.npz" in capsys.readouterr().err
+    (run / "config.yaml").write_text(f"data_root: {data}\n")  # as `modnet train` saves it
+    assert main(["eval", str(run), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--json", "--data-root", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out) == scored
+    # --data-root, then $MODNET_DATA_ROOT, come before the recorded root
+    assert main(["eval", str(run), "--json", "--data-root", str(elsewhere)]) == 2
+    monkeypatch.setenv("MODNET_DATA_ROOT", str(elsewhere))
+    assert main(["eval", str(run), "--json"]) == 2
+    assert "digits.npz" in capsys.readouterr().err

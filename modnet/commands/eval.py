@@ -21,7 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--task", action="append", help="task to evaluate (repeatable; default all)"
     )
-    parser.add_argument("--data-root", help="folder with the datasets (default: $MODNET_DATA_ROOT)")
+    parser.add_argument(
+        "--data-root",
+        help="folder with the datasets (default: $MODNET_DATA_ROOT, else the --data-root "
+        "each task was trained with, as its phase's config file records it)",
+    )
     parser.add_argument(
         "--download",
         action="store_true",
@@ -121,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
     data = {}
     for name, spec in specs.items():
         # the seed the run drew its subsets (and synthetic images) with: the same test set
-        task_config = replace(config, seed=_recorded_seed(manifest["tasks"][name]))
+        task_config = replace(
+            config,
+            seed=_recorded_seed(manifest["tasks"][name]),
+            data_root=_data_root(args, manifest, name),
+        )
         try:
             with warnings.catch_warnings():  # one training image is all eval asks for
                 warnings.filterwarnings("ignore", ".*: train_limit=", UserWarning)
@@ -217,6 +225,29 @@ def _note_recorded_limit(
             "on the whole test split, so these figures differ from its results.json; leave "
             "out --test-limit to score what it scored"
         )
+
+
+def _data_root(args: argparse.Namespace, manifest: dict, name: str) -> str | None:
+    """Where task ``name``'s data is read from: ``--data-root``, else
+    ``$MODNET_DATA_ROOT``, else the ``data_root`` its phase's saved options record
+    (``config*.yaml``, a relative one as given there); None when none is known."""
+    from .. import io
+    from ..data.registry import data_root
+    from ..errors import ConfigError
+    from ._options import config_path, read_config
+
+    given = data_root(args.data_root)
+    if given is not None:
+        return str(given)
+    run = io.run_root(args.run_dir)
+    file = config_path(run, io.task_phase(run, manifest, name))
+    if not file.is_file():
+        return None
+    try:
+        recorded = read_config(file).get("data_root")
+    except ConfigError:
+        return None
+    return recorded if isinstance(recorded, str) and recorded else None
 
 
 def _subset_record(record: dict) -> dict:
