@@ -416,3 +416,32 @@ def test_a_model_saved_in_another_dtype_loads_in_it_and_its_tasks_import(tmp_pat
 
     argv = ["eval", str(tmp_path / "m"), "--task", "a", "--data", "a=synth_size"]
     assert main([*argv, "--test-limit", "8"]) == 0
+
+
+def test_a_model_saved_with_frozen_batchnorms_loads_with_the_same_logits(tmp_path):
+    # timm.utils.model.freeze turns BatchNorms into FrozenBatchNorm2d, which has no
+    # num_batches_tracked: the file lacks the counters, which load as a fresh model's
+    from timm.utils.model import freeze
+
+    model = moved_off_init(tiny_conv(tasks={"a": 3})).eval()
+    with torch.no_grad():
+        for name, value in model.trunk.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                value.uniform_(0.5, 1.5)  # statistics as training leaves them
+    x = images(model, 2)
+    with torch.no_grad():
+        expected = model(x, "a")
+    freeze(model)
+    assert "FrozenBatchNormAct2d" in {type(m).__name__ for m in model.modules()}
+    io.save_model(model, tmp_path / "m")
+    assert not any(
+        "num_batches_tracked" in k for k in load_file(tmp_path / "m" / "pool.safetensors")
+    )
+    loaded, _ = io.load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(x, "a"), expected)
+    counts = {k: v for k, v in loaded.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert {"trunk.stem.1.num_batches_tracked", "trunk.final_norm.num_batches_tracked"} <= set(
+        counts
+    )
+    assert all(int(counts[k]) == 0 for k in counts if k.startswith("trunk."))

@@ -610,6 +610,23 @@ def _check_fingerprint(
         )
 
 
+def _with_batch_counts(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> Mapping[str, torch.Tensor]:
+    """``tensors`` with each BatchNorm's ``num_batches_tracked`` it lacks taken from
+    ``expected`` (a fresh model's: 0).
+
+    A model whose BatchNorms were frozen before saving (``timm.utils.model.freeze``
+    turns them into ``FrozenBatchNorm2d``, which has no such counter) saves without
+    them. The counter only matters for a cumulative average (``momentum=None``), so
+    it is filled in as ``torch.nn.BatchNorm2d`` does for state saved before it had one.
+    """
+    absent = [
+        key for key in expected if key.endswith(".num_batches_tracked") and key not in tensors
+    ]
+    return {**tensors, **{key: expected[key] for key in absent}} if absent else tensors
+
+
 def _mismatch(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
     """The first few missing and unexpected keys, else the first shapes that differ; "" if none."""
     missing = sorted(set(expected) - set(tensors))
@@ -695,6 +712,7 @@ def load_model(
             for k, v in model_state.items()
             if (_is_shared_key(k) if name is None else _is_task_key(k, name))
         }
+        tensors = _with_batch_counts(tensors, part)
         problem = _mismatch(tensors, part)
         if problem:
             raise CheckpointError(
