@@ -275,7 +275,31 @@ def _recreates(model: nn.Module, architecture: str, timm_kwargs: Mapping[str, An
         rebuilt = timm.create_model(architecture, pretrained=False, **timm_kwargs)
     except Exception:  # an unknown name or arguments: not rebuildable, said at load time
         return False
-    return type(rebuilt) is type(model) and repr(rebuilt) == repr(model)
+    return repr(rebuilt) == repr(model) and _structure(rebuilt) == _structure(model)
+
+
+# set on a built model without changing what it is
+_STATE_FLAGS = frozenset({"training", "grad_checkpointing"})
+
+
+def _structure(model: nn.Module) -> tuple[list, dict[str, tuple[int, ...]]]:
+    """What a module's ``repr`` leaves out: every submodule's class and plain settings
+    (``dynamic_img_size``, a patch embedding's ``img_size``, ...) and the shape of every
+    tensor of its state (``pos_embed``, ``reg_token``)."""
+    plain = (bool, int, float, str, tuple, type(None))
+    modules = [
+        (
+            name,
+            type(module),
+            {
+                key: value
+                for key, value in vars(module).items()
+                if not key.startswith("_") and key not in _STATE_FLAGS and isinstance(value, plain)
+            },
+        )
+        for name, module in model.named_modules()
+    ]
+    return modules, {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def from_timm(

@@ -327,3 +327,23 @@ def test_converted_model_with_a_new_pooling_saves_and_loads(tmp_path):
     before, after, loaded = _roundtrip(net, tmp_path)
     assert torch.equal(before, after)
     assert loaded.trunk.model.global_pool == "avg"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(img_size=64), dict(reg_tokens=4), dict(dynamic_img_size=True)],
+    ids=["img_size", "reg_tokens", "dynamic_img_size"],
+)
+def test_arguments_that_repr_does_not_show_still_count_as_not_recreatable(tmp_path, kwargs):
+    # a position embedding's size, register tokens and dynamic_img_size are not in the
+    # model's repr: a model made with them used to save quietly, then fail to load
+    # (img_size, reg_tokens) or load without the option (dynamic_img_size)
+    vit = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    with pytest.warns(UserWarning, match="load_model cannot rebuild it"):
+        io.save_model(modnet.from_timm(vit), tmp_path / "m")
+    with pytest.raises(io.CheckpointError, match="cannot rebuild this model"):
+        io.load_model(tmp_path / "m")
+    # settings a built model takes without becoming another one still recreate it
+    plain = timm.create_model("vit_tiny_patch16_224").eval()
+    plain.set_grad_checkpointing(True)
+    assert modnet.from_timm(plain).config["timm_kwargs"] == {}
