@@ -226,3 +226,27 @@ def test_fisher_names_a_bad_batch_size_and_an_unbatched_sample(net):
         "the model must return logits [B, C] for a batch of B samples, got (2,) for inputs (3,): "
         "pass a batch [N, ...] (one sample x as x.unsqueeze(0))"
     )
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_a_bf16_models_fisher_is_the_fp32_one_to_bf16_precision(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    model = model.to(torch.bfloat16).float()  # the same weights in both dtypes
+    x = torch.randn(10, 5).bfloat16().float()
+    expected = diagonal_fisher(model, x, mode=mode, generator=gen(3))
+    fisher = diagonal_fisher(model.bfloat16(), x.bfloat16(), mode=mode, generator=gen(3))
+    for name in expected.names:
+        assert fisher[name].dtype == torch.bfloat16  # the parameters' dtype
+        torch.testing.assert_close(fisher[name].float(), expected[name], rtol=0.05, atol=1e-3)
+
+
+def test_empty_batches_add_nothing_and_no_sample_at_all_is_named(net):
+    # a modnet model refuses an empty batch itself, so none may reach it
+    x, task, names = images(net, 3), {"task": "a"}, ["heads.a.weight", "heads.a.bias"]
+    with_empty = diagonal_fisher(net, [x[:0], x, x[:0]], names=names, model_kwargs=task)
+    assert with_empty.samples == 3
+    for name, value in diagonal_fisher(net, x, names=names, model_kwargs=task).values.items():
+        assert torch.equal(with_empty[name], value)
+    with pytest.raises(ValueError, match="no samples to estimate the Fisher from"):
+        diagonal_fisher(net, x[:0], names=names, model_kwargs=task)

@@ -127,7 +127,9 @@ def diagonal_fisher(
 
     Runs the model in eval mode (dropout off, BatchNorm on its running statistics:
     per-sample gradients need every sample to be computed alone), then restores
-    the mode.
+    the mode. Squared gradients are summed in float32 whatever the model's dtype
+    (bf16 sums lose small terms) and returned in each parameter's dtype; empty
+    batches add nothing.
 
     Args:
         model: Returns logits ``[B, C]`` for a batch.
@@ -185,11 +187,14 @@ def diagonal_fisher(
 
         jacobian, logp = jacrev(with_aux, has_aux=True)(p)
         probs = logp.exp()
-        return {n: torch.einsum("c,c...->...", probs, j.pow(2)) for n, j in jacobian.items()}
+        # in float32: the log-probabilities are, and a bf16 model's Jacobian is not
+        return {
+            n: torch.einsum("c,c...->...", probs, j.float().pow(2)) for n, j in jacobian.items()
+        }
 
     def sampled(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
         gradient = grad(lambda q: log_probs(q, x)[y])(p)
-        return {n: g.pow(2) for n, g in gradient.items()}
+        return {n: g.float().pow(2) for n, g in gradient.items()}
 
     batches = inputs.split(batch_size) if torch.is_tensor(inputs) else inputs
     totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -202,6 +207,8 @@ def diagonal_fisher(
         with torch.no_grad():
             for batch in batches:
                 for chunk in batch.split(batch_size):
+                    if len(chunk) == 0:  # an empty batch adds nothing
+                        continue
                     logits = _batch_logits(model, chunk, kwargs)  # inputs are checked as given
                     if mode == "exact":
                         per_sample = vmap(exact, in_dims=(None, 0))(params, chunk)
