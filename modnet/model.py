@@ -278,8 +278,8 @@ class ModularNet(nn.Module):
             ValueError: An invalid or taken name, ``num_classes`` not a whole number
                 ``>= 0``, or a route that does not fit the pool or the depth (a
                 ``HyperRoute`` also the model's hypernetwork: its ``embed_dim``,
-                ``hyper_templates`` and ``num_tensors``, or a model without one).
-                Nothing is added then.
+                ``hyper_templates`` and ``num_tensors``, or a model without one), or
+                whose coefficients hold nan or inf. Nothing is added then.
             KeyError: ``init_from`` names no task.
         """
         self._check_new_task_name(name)
@@ -325,8 +325,8 @@ class ModularNet(nn.Module):
         Raises:
             KeyError: ``task`` is unknown.
             ValueError: The route does not fit the pool or the depth (a ``HyperRoute``
-                also the model's hypernetwork, as in ``add_task``); the task keeps its
-                route then.
+                also the model's hypernetwork, as in ``add_task``), or its coefficients
+                hold nan or inf; the task keeps its route then.
         """
         self._task(task)
         new = coerce_route(self, route, task)

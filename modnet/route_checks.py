@@ -151,6 +151,35 @@ def check_coefficient_route(model: ModularNet, route: SoftRoute | HyperRoute, ta
             f"anisotropic coefficients need {model.pool.num_tensors} entries per "
             f"(layer, template), one per block tensor; got {route.logits.shape[2]}"
         )
+    check_finite_route(route, task)
+
+
+def check_finite_route(route: SoftRoute | HyperRoute, task: str) -> None:
+    """A route whose coefficients hold nan or inf would turn every logit of the task
+    into nan. A soft route is judged by the coefficients it gives (with softmax or
+    sparsemax a ``-inf`` logit leaves a template out, as top-k routing does, as long
+    as each layer keeps one); a hyper route by its own tensors.
+
+    Raises:
+        ValueError: Naming the task and the fix.
+    """
+    if isinstance(route, SoftRoute):
+        was_training = route.training
+        route.eval()  # no Gumbel noise
+        try:
+            with torch.no_grad():
+                values = [route.coefficients()]
+        finally:
+            route.train(was_training)
+    else:
+        values = [v for v in route.state_dict().values() if v.is_floating_point()]
+    if not all(bool(v.isfinite().all()) for v in values):
+        raise ValueError(
+            f"the route for task {task!r} gives non-finite coefficients (nan or inf), which "
+            "make every output of the task nan: give finite logits or coefficients (a "
+            "softmax or sparsemax route takes -inf to leave a template out, as long as "
+            "each layer keeps one)"
+        )
 
 
 def check_hyper_route(model: ModularNet, route: HyperRoute, task: str) -> None:

@@ -334,18 +334,24 @@ def sparsemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
         dim: The dimension to normalise.
 
     Returns:
-        A tensor of the same shape and dtype.
+        A tensor of the same shape and dtype. A slice holding ``nan`` or ``+inf``, or
+        only ``-inf``, is all ``nan``, as softmax gives.
     """
     z = logits.movedim(dim, -1)
-    finite = torch.where(torch.isfinite(z), z, torch.full_like(z, -1e30))
+    excluded = z == float("-inf")
+    finite = torch.where(excluded, torch.full_like(z, -1e30), z)
     ordered = finite.sort(dim=-1, descending=True).values
     ranks = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
     cumulative = ordered.cumsum(dim=-1)
     support = (1 + ranks * ordered > cumulative).to(z.dtype)
-    size = support.sum(dim=-1, keepdim=True)
+    size = support.sum(dim=-1, keepdim=True).clamp_min(1)
     # The support is a prefix of the sorted logits: its sum is cumulative[size - 1].
     tau = (cumulative.gather(-1, size.long() - 1) - 1) / size
-    return (finite - tau).clamp_min(0).movedim(-1, dim)
+    out = (finite - tau).clamp_min(0)
+    undefined = (~torch.isfinite(z) & ~excluded).any(-1, keepdim=True) | excluded.all(
+        -1, keepdim=True
+    )
+    return out.masked_fill(undefined, float("nan")).movedim(-1, dim)
 
 
 def _check_options(normalize, temperature, top_k, straight_through, num_templates) -> None:

@@ -86,6 +86,45 @@ def test_an_integer_route_tensor_must_be_one_dimensional():
     assert torch.equal(model.routes["a"].plan(None).coefficients, one_hot.float())
 
 
+def test_a_route_with_non_finite_coefficients_is_refused_and_the_task_keeps_its_own():
+    from modnet.routing import HyperRoute, SoftRoute
+
+    model = tiny_conv(tasks={"a": 3})
+    depth, count = model.depth, model.pool.num_templates
+    x = images(model, 2)
+    with torch.no_grad():
+        before = model(x, task="a")
+    message = r"^the route for task 'a' gives non-finite coefficients \(nan or inf\)"
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match=message):
+            model.set_route("a", torch.full((depth, count), value))
+    with pytest.raises(ValueError, match=message.replace("'a'", "'c'")):
+        model.add_task("c", 3, route=torch.full((depth, count), float("nan")))
+    assert model.task_names == ["a"]
+    with torch.no_grad():
+        assert torch.equal(model(x, task="a"), before)
+    # a -inf logit leaves a template out of a softmax or sparsemax route
+    for normalize in ("softmax", "sparsemax"):
+        route = SoftRoute(depth, count, normalize=normalize)
+        with torch.no_grad():
+            route.logits[:, 1:] = float("-inf")
+        model.set_route("a", route)
+        with torch.no_grad():
+            assert torch.equal(model.routes["a"].coefficients()[:, 0], torch.ones(depth))
+            assert torch.isfinite(model(x, task="a")).all()
+        with torch.no_grad():
+            route.logits[0] = float("-inf")  # a layer that keeps no template
+        with pytest.raises(ValueError, match=message):
+            model.set_route("a", route)
+    hyper = tiny_conv(tasks={"a": 3}, route="hyper")
+    embedding = HyperRoute(hyper.hypernet.embed_dim, depth, count, count)
+    hyper.set_route("a", embedding)  # finite: taken
+    with torch.no_grad():
+        embedding.embedding.fill_(float("nan"))
+    with pytest.raises(ValueError, match=message):
+        hyper.set_route("a", embedding)
+
+
 def test_an_empty_batch_with_per_sample_tasks_gives_empty_logits():
     model = tiny_conv(tasks={"a": 3, "b": 5})
     x = images(model, 2)[:0]

@@ -18,6 +18,16 @@ def test_sparsemax_is_the_projection_onto_the_simplex():
     torch.testing.assert_close(sparsemax(z.T, dim=0), expected.T)
 
 
+def test_sparsemax_leaves_minus_inf_out_and_is_nan_where_softmax_is():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[1.0, -inf, 0.5], [nan, 1.0, 0.0], [inf, 1.0, 0.0], [-inf, -inf, -inf]])
+    out = sparsemax(logits, dim=1)
+    assert torch.equal(out[0], sparsemax(torch.tensor([1.0, -1e30, 0.5])))
+    assert out[0, 1] == 0 and torch.isclose(out[0].sum(), torch.tensor(1.0))
+    assert out[1:].isnan().all()  # once silently 0 weight for nan and +inf, a crash for -inf
+    assert torch.equal(logits.softmax(1).isnan(), torch.tensor([[False] * 3] + [[True] * 3] * 3))
+
+
 def test_sparsemax_gradient_is_centred_on_the_support():
     z = torch.randn(5, 6, dtype=torch.double, generator=torch.Generator().manual_seed(0))
     torch.autograd.gradcheck(lambda t: sparsemax(t, dim=1), (z.requires_grad_(),))
