@@ -954,7 +954,9 @@ class ModularNet(nn.Module):
             return names[0]
         if not names:
             raise ValueError(
-                "this model has no tasks yet: add one with model.add_task(name, classes)"
+                "this model has no tasks yet: add one with model.add_task(name, classes), "
+                "or create it with num_classes=N (one task, 'default') or tasks={name: "
+                "classes}"
             )
         raise ValueError(f"this model has several tasks {names}: pass task=<name>")
 

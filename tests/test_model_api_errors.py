@@ -239,3 +239,19 @@ def test_a_hypernetwork_of_impossible_sizes_is_refused(args, message):
     with pytest.raises(ConfigError) as error:
         HyperNetwork(*args)
     assert str(error.value) == message
+
+
+def test_a_model_created_without_tasks_says_how_to_give_it_one():
+    import timm
+
+    model = timm.create_model("modnet_conv_tiny")
+    x = images(model, 1)
+    message = (
+        r"^this model has no tasks yet: add one with model.add_task\(name, classes\), or create "
+        r"it with num_classes=N \(one task, 'default'\) or tasks=\{name: classes\}$"
+    )
+    for call in (model, model.forward_features):
+        with pytest.raises(ValueError, match=message):
+            call(x)
+    named = timm.create_model("modnet_conv_tiny", num_classes=4)
+    assert named.task_names == ["default"] and named(x).shape == (1, 4)
