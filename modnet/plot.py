@@ -13,7 +13,7 @@ matplotlib itself is imported on the first figure.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +52,10 @@ def route_matrix(model: ModularNet, task: str) -> torch.Tensor:
     Returns:
         ``[layers, templates]`` float32 tensor on the CPU whose rows sum to 1: one-hot
         rows for a hard route; softmax weights for a softmax route; for linear routes
-        the absolute coefficients normalised per layer. Anisotropic coefficients
-        (one per parameter tensor) are averaged over tensors first. Templates a route
-        does not see (added after it was made) are 0.
+        (signed, any scale) the absolute coefficients normalised per layer, which
+        ``magnitude_shares`` says. Anisotropic coefficients (one per parameter tensor)
+        are taken in absolute value, then averaged over tensors, so opposite signs do
+        not cancel. Templates a route does not see (added after it was made) are 0.
     """
     route = model.routes[task]
     count = model.pool.num_templates
@@ -62,14 +63,29 @@ def route_matrix(model: ModularNet, task: str) -> torch.Tensor:
         matrix = torch.zeros(route.depth, count)
         matrix[torch.arange(route.depth), route.indices.cpu()] = 1.0
         return matrix
-    coefficients = route.plan(model.hypernet).coefficients.detach().float().cpu()
-    if coefficients.ndim == 3:
-        coefficients = coefficients.mean(-1)
-    weights = coefficients.abs()
+    weights = _coefficients(model, task).abs()
+    if weights.ndim == 3:
+        weights = weights.mean(-1)
     weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
     padded = torch.zeros(weights.shape[0], count)
     padded[:, : weights.shape[1]] = weights
     return padded
+
+
+def _coefficients(model: ModularNet, task: str) -> torch.Tensor:
+    """A soft or hyper route's coefficients, float32 on the CPU."""
+    return model.routes[task].plan(model.hypernet).coefficients.detach().float().cpu()
+
+
+def magnitude_shares(model: ModularNet, task: str) -> bool:
+    """Whether ``route_matrix`` shows a task's route as shares of absolute coefficients
+    rather than as the coefficients themselves: some are negative, or a layer's (or
+    a tensor's) do not sum to 1, as a linear route's or hypernetwork's may."""
+    if isinstance(model.routes[task], HardRoute):
+        return False
+    coefficients = _coefficients(model, task)
+    sums = coefficients.sum(1)
+    return bool((coefficients < 0).any() or not torch.allclose(sums, torch.ones_like(sums)))
 
 
 def route_kind(model: ModularNet, task: str) -> str:
@@ -86,12 +102,24 @@ def route_kind(model: ModularNet, task: str) -> str:
     return kind
 
 
-def route_table(matrices: Mapping[str, torch.Tensor]) -> str:
-    """A plain-text table per task: one row per layer, one column per template."""
+def route_table(matrices: Mapping[str, torch.Tensor], magnitudes: Iterable[str] = ()) -> str:
+    """A plain-text table per task: one row per layer, one column per template.
+
+    Args:
+        matrices: ``[layers, templates]`` shares per task (see ``route_matrix``).
+        magnitudes: Tasks whose shares are of absolute coefficients
+            (``magnitude_shares``): their heading says so and where the signed values are.
+    """
+    magnitudes = set(magnitudes)
     lines = []
     for task, matrix in matrices.items():
         count = matrix.shape[1]
         lines.append(f"task {task}")
+        if task in magnitudes:
+            lines.append(
+                "(shares of |coefficient| per layer: the signed coefficients are "
+                f"model.routes[{task!r}].plan(model.hypernet).coefficients)"
+            )
         lines.append("layer  " + " ".join(f"T{k:<4d}" for k in range(count)) + "  top")
         for layer, row in enumerate(matrix.tolist()):
             top = max(range(count), key=row.__getitem__)
@@ -205,7 +233,7 @@ def save_route_figures(
     tasks = list(tasks or model.task_names)
     matrices = {t: route_matrix(model, t) for t in tasks}
     png = route_heatmap(matrices, png_path, {t: route_kind(model, t) for t in tasks})
-    atomic_write_text(txt, route_table(matrices))
+    atomic_write_text(txt, route_table(matrices, [t for t in tasks if magnitude_shares(model, t)]))
     return png, txt
 
 

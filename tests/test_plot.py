@@ -9,6 +9,7 @@ from PIL import Image
 
 from modnet.plot import (
     curves_figure,
+    magnitude_shares,
     read_metrics,
     route_figure,
     route_kind,
@@ -54,6 +55,31 @@ def test_route_figure_has_full_names_axes_colour_bar_and_route_kind():
     same_kind = route_figure({"a": matrices["fashion_mnist"]}, "softmax")
     assert same_kind.get_suptitle().endswith("(softmax route)")
     assert same_kind.axes[0].get_title() == "a"
+
+
+def test_linear_routes_show_as_magnitude_shares_and_the_table_says_so(tmp_path):
+    model = model_with_tasks()
+    signed = torch.tensor([[1.5, -0.5, 0.0]] * 4)
+    model.add_task("linear", 3, route=signed)
+    torch.testing.assert_close(route_matrix(model, "linear"), torch.tensor([[0.75, 0.25, 0.0]] * 4))
+    # anisotropic: opposite signs across tensors do not cancel
+    tensors = model.pool.num_tensors
+    aniso = torch.zeros(4, 3, tensors)
+    aniso[:, 0, 0], aniso[:, 0, 1], aniso[:, 1, :] = 1.0, -1.0, 0.5
+    model.add_task("aniso", 3, route=aniso)
+    expected = torch.tensor([2 / tensors, 0.5, 0.0]) / (2 / tensors + 0.5)
+    torch.testing.assert_close(route_matrix(model, "aniso"), expected.expand(4, 3))
+    shares = [t for t in model.task_names if magnitude_shares(model, t)]
+    assert shares == ["linear", "aniso"]  # softmax and hard routes are their coefficients
+    _, txt = save_route_figures(model, tmp_path)
+    table = txt.read_text()
+    assert table == route_table({t: route_matrix(model, t) for t in model.task_names}, shares)
+    heading = table.split("task linear\n")[1].splitlines()[0]
+    assert heading == (
+        "(shares of |coefficient| per layer: the signed coefficients are "
+        "model.routes['linear'].plan(model.hypernet).coefficients)"
+    )
+    assert "(shares of" not in table.split("task linear")[0]
 
 
 def test_save_route_figures_writes_a_png_and_the_table(tmp_path):

@@ -10,7 +10,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "routes",
         help="route heatmap (PNG) and table per task",
         description="Write routes.png (layers x templates per task) and routes.txt, and "
-        "print the table.",
+        "print the table. Each cell is the template's share of the layer's weight: its "
+        "coefficient for hard, softmax and sparsemax routes; for routes with signed or "
+        "unnormalised coefficients (linear, most hypernetworks) its share of the layer's "
+        "|coefficients|, which the table notes.",
     )
     parser.add_argument("run_dir", help="run or model directory")
     parser.add_argument("--task", action="append", help="task to show (repeatable; default all)")
