@@ -86,6 +86,21 @@ def test_a_bad_config_file_is_one_clear_error(tmp_path, capsys, text, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ['"no"', "0", "1", '"false"', "off please"])
+def test_a_switch_in_a_config_file_must_be_true_or_false(tmp_path, capsys, value):
+    # update_shared: "no" once counted as yes and retrained the pool the old tasks share
+    path = write(tmp_path, f"task: synth_shape\nupdate_shared: {value}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse("transfer", "RUN", "--config", path)
+    assert exit_info.value.code == 2
+    assert "update_shared must be true or false, got" in capsys.readouterr().err
+    for given in (True, False):
+        path = write(tmp_path, f"task: synth_shape\nupdate_shared: {str(given).lower()}\n")
+        assert (
+            transfer.options(parse("transfer", "RUN", "--config", path))["update_shared"] is given
+        )
+
+
 def test_a_missing_config_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse("train", "--config", str(tmp_path / "nope.yaml"))

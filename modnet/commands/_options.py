@@ -189,7 +189,8 @@ class ConfigFileAction(argparse.Action):
 
 def _convert(action: argparse.Action, key: str, value: Any) -> Any:
     """A file's value checked and converted as the flag would convert it."""
-    if isinstance(action, argparse.BooleanOptionalAction):
+    flags = (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)
+    if isinstance(action, flags):  # "no", 0, "false" are not false: a typo must not train
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
