@@ -80,16 +80,28 @@ def file_bytes(checkpoint: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ 1. --overwrite
-def test_overwrite_refuses_a_folder_modnet_did_not_write(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"important.txt": "x", "photos/a.txt": "y"},
+        # a file named LATEST (and other names a run has) does not make a folder a run;
+        # it once did, and --overwrite replaced these
+        {"LATEST": "v2.1", "config.yaml": "my: config", "metrics.jsonl": "my log"},
+        {"LATEST": "v2.1", "checkpoints/mine/notes.txt": "z"},
+    ],
+    ids=["files", "LATEST", "checkpoints"],
+)
+def test_overwrite_refuses_a_folder_modnet_did_not_write(tmp_path, capsys, files):
     folder = tmp_path / "d"
-    (folder / "photos").mkdir(parents=True)
-    (folder / "important.txt").write_text("x")
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
     for extra in ((), ("--overwrite",)):
         assert main(train_args(folder, *extra)) == 2
         err = capsys.readouterr().err
         assert "not a modnet run directory" in err and "choose another --out" in err
-    assert sorted(p.name for p in folder.iterdir()) == ["important.txt", "photos"]
-    assert (folder / "important.txt").read_text() == "x"
+    held = {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()}
+    assert held == files  # nothing changed, nothing added (no marker, no lock)
 
 
 def test_overwrite_replaces_a_damaged_run_and_only_what_modnet_wrote(run_copy, capsys):

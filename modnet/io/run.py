@@ -101,11 +101,13 @@ class RecoveryWarning(UserWarning):
 
 # ---------------------------------------------------------------------- ownership
 def is_run_dir(path: str | Path) -> bool:
-    """Whether modnet wrote ``path`` as a run directory (its marker, or an older run's files)."""
+    """Whether modnet wrote ``path`` as a run directory: its marker, or an older run's
+    checkpoints (a ``checkpoints/`` folder holding a checkpoint modnet wrote). A file
+    named ``LATEST`` proves nothing: anyone's folder may hold one."""
     path = Path(path)
     if (path / MARKER).is_file():
         return True
-    return (path / LATEST).is_file() or bool(modnet_checkpoints(path, incomplete=True))
+    return bool(modnet_checkpoints(path, incomplete=True))
 
 
 def check_run_target(path: str | Path) -> None:
