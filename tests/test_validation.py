@@ -30,6 +30,9 @@ from tests.test_run_dir import TINY, train_args
         ("log_every", 0, "--log-every must be at least 1, got 0"),
         ("eval_batch_size", 0, "--eval-batch-size must be at least 1"),
         ("epochs", 1.5, "--epochs must be an integer, got 1.5"),
+        # once a traceback from the schedule's generator, after the run folder was made
+        ("seed", 2**40 + 1, r"--seed must be between -1,099,511,627,776 and 1,099,511,627,776"),
+        ("seed", -(2**70), "--seed must be between"),
         ("batch_size", 0, "--batch-size must be at least 1"),
         ("checkpoint_every", -1, "--checkpoint-every must be at least 0"),
         ("label_smoothing", 1.0, "--label-smoothing must be < 1"),
@@ -132,6 +135,19 @@ def test_unknown_model_and_unknown_option():
     # a saved config carries the hypernetwork's defaults whatever the route: accepted
     saved = create_model("modnet_conv_tiny", dict(width=8, depth=2, img_size=8)).config
     check_model_options("modnet_conv_tiny", {k: v for k, v in saved.items() if "hyper" in k})
+
+
+def test_the_largest_seeds_run_and_a_larger_one_is_refused_before_any_work(tmp_path, capsys):
+    from modnet.train.schedule import MultiTaskSchedule
+
+    for seed in (2**40, -(2**40)):
+        assert TrainConfig(seed=seed).seed == seed
+        schedule = MultiTaskSchedule([5, 3], 4, seed=seed)
+        assert schedule._permutation(2, 1000, 8).shape == (8,)  # a 64-bit generator seed
+    args = train_args(tmp_path / "run")
+    assert main([*args, "--seed", "20000000000000"]) == 2
+    assert "--seed must be between" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_empty_task_list_is_an_error_not_the_default_suite(tmp_path, capsys):

@@ -65,7 +65,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto": the model's default_precision (the faster on CPU)
     compile: bool = False
     device: str = "auto"
-    seed: int = 0
+    seed: int = 0  # -2**40 to 2**40
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch
     log_every: int = 25
     log: str = "jsonl"  # metrics.jsonl; "tensorboard" adds TensorBoard event files
@@ -103,6 +103,11 @@ class TrainConfig:
             self.micro_batch_size = 0
         _integer("micro_batch_size", self.micro_batch_size, minimum=0)
         _integer("seed", self.seed, minimum=None)
+        if abs(self.seed) > MAX_SEED:  # each stream seeds with seed * 1_000_003 + ...
+            raise ConfigError(
+                f"{_flag('seed')} must be between -{MAX_SEED:,} and {MAX_SEED:,} (2**40), "
+                f"got {self.seed}: torch's generators take 64-bit seeds"
+            )
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), minimum=1)
@@ -180,6 +185,9 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+MAX_SEED = 2**40  # times the schedule's stream factor, still within a 64-bit seed
 
 
 def _integer(name: str, value: Any, minimum: int | None) -> None:
