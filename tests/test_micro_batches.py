@@ -78,3 +78,16 @@ def test_the_command_line_sets_the_micro_batch_size():
     assert config_from_args(parser.parse_args([])).micro_batch_size == 0
     args = parser.parse_args(["--batch-size", "64", "--micro-batch-size", "16"])
     assert config_from_args(args).micro_batch_size == 16
+
+
+def test_a_trainer_refuses_a_folder_modnet_did_not_write_before_writing_to_it(tmp_path):
+    from modnet.errors import RunDirError
+
+    folder = tmp_path / "m4"
+    folder.mkdir()
+    (folder / "LATEST").write_text("v2.1")
+    (folder / "metrics.jsonl").write_text("my log\n")
+    with pytest.raises(RunDirError, match="is not a modnet run directory"):
+        trainer(tiny_conv, tmp_path, 4)
+    assert (folder / "metrics.jsonl").read_text() == "my log\n"  # once appended to
+    assert sorted(p.name for p in folder.iterdir()) == ["LATEST", "metrics.jsonl"]

@@ -68,6 +68,8 @@ class Trainer:
         extra_manifest: Mapping[str, Any] | None = None,
         extra_state: Mapping[str, Any] | None = None,
     ):
+        if ctx.is_main:  # before its first record: never into a folder modnet did not write
+            io.check_run_target(run_dir)
         self.model = model.to(ctx.device)
         self.data = dict(data)
         self.config = config
