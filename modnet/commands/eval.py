@@ -7,7 +7,6 @@ import json
 import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -197,13 +196,10 @@ def _note_recorded_limit(
     ``sizes``: each task's test images as loaded now; where both limits cover the
     whole split (fewer images than either), the figures are the same and nothing is said."""
     from .. import io
-    from ._options import config_path
 
-    run = io.run_root(path)
     recorded = {}
     for n, size in sizes.items():
-        record = manifest["tasks"][n]
-        known, limit = _recorded_limit(record, config_path(run, io.task_phase(run, manifest, n)))
+        known, limit = _recorded_limit(manifest["tasks"][n], _phase_options(path, manifest, n))
         if (asked is None or size < asked) and (limit is None or limit >= size):
             continue  # both scored the whole split: the same figures
         recorded[n] = (known, limit)
@@ -231,23 +227,30 @@ def _data_root(args: argparse.Namespace, manifest: dict, name: str) -> str | Non
     """Where task ``name``'s data is read from: ``--data-root``, else
     ``$MODNET_DATA_ROOT``, else the ``data_root`` its phase's saved options record
     (``config*.yaml``, a relative one as given there); None when none is known."""
-    from .. import io
     from ..data.registry import data_root
-    from ..errors import ConfigError
-    from ._options import config_path, read_config
 
     given = data_root(args.data_root)
     if given is not None:
         return str(given)
-    run = io.run_root(args.run_dir)
+    recorded = (_phase_options(args.run_dir, manifest, name) or {}).get("data_root")
+    return recorded if isinstance(recorded, str) and recorded else None
+
+
+def _phase_options(path: str, manifest: dict, name: str) -> dict | None:
+    """The options saved by the phase that trained task ``name`` (its ``config*.yaml``,
+    ``io.task_phase``); None when the run has no such file or it cannot be read."""
+    from .. import io
+    from ..errors import ConfigError
+    from ._options import config_path, read_config
+
+    run = io.run_root(path)
     file = config_path(run, io.task_phase(run, manifest, name))
     if not file.is_file():
         return None
     try:
-        recorded = read_config(file).get("data_root")
+        return read_config(file)
     except ConfigError:
         return None
-    return recorded if isinstance(recorded, str) and recorded else None
 
 
 def _subset_record(record: dict) -> dict:
@@ -262,23 +265,18 @@ def _recorded_seed(record: dict) -> int:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
-def _recorded_limit(record: dict, file: Path) -> tuple[bool, int | None]:
+def _recorded_limit(record: dict, options: dict | None) -> tuple[bool, int | None]:
     """Whether the ``test_limit`` a task was scored with is known, and that limit
     (``None``: the whole split): from the task's data record (its transform's ``subset``),
-    else from its phase's saved options file. Not knowing it costs only the note."""
-    from ..errors import ConfigError
-    from ._options import read_config
-
+    else from its phase's saved ``options`` (``_phase_options``; None: unknown). Not
+    knowing it costs only the note."""
     subset = _subset_record(record)
     if "test_limit" in subset:
         limit = subset["test_limit"]
-    elif not file.is_file():
+    elif options is None:
         return False, None
     else:
-        try:
-            limit = read_config(file).get("test_limit")
-        except ConfigError:
-            return False, None
+        limit = options.get("test_limit")
     valid = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
     return True, limit if valid else None
 
