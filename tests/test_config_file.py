@@ -101,6 +101,14 @@ def test_a_switch_in_a_config_file_must_be_true_or_false(tmp_path, capsys, value
         )
 
 
+def test_a_relative_data_root_is_saved_absolute(tmp_path, monkeypatch):
+    # eval and --config replays read the saved root from any folder
+    monkeypatch.chdir(tmp_path)
+    options = train.options(parse("train", "--data-root", "data"))
+    assert options["data_root"] == str(tmp_path / "data")
+    assert train.options(parse("train"))["data_root"] is None  # $MODNET_DATA_ROOT stays a default
+
+
 def test_a_missing_config_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse("train", "--config", str(tmp_path / "nope.yaml"))

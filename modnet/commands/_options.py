@@ -244,6 +244,8 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
         given = getattr(args, name, None)
         values[name] = given if given is not None else getattr(DEFAULTS, name)
     values["grad_clip"] = values["grad_clip"] or None
+    if values.get("data_root"):  # saved as absolute: eval and replays read it from any folder
+        values["data_root"] = str(Path(values["data_root"]).expanduser().absolute())
     check_logger(values["log"])
     return values
 

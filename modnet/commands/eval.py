@@ -226,7 +226,8 @@ def _note_recorded_limit(
 def _data_root(args: argparse.Namespace, manifest: dict, name: str) -> str | None:
     """Where task ``name``'s data is read from: ``--data-root``, else
     ``$MODNET_DATA_ROOT``, else the ``data_root`` its phase's saved options record
-    (``config*.yaml``, a relative one as given there); None when none is known."""
+    (``config*.yaml``: absolute; an older run's relative one is read from the current
+    folder); None when none is known."""
     from ..data.registry import data_root
 
     given = data_root(args.data_root)
