@@ -1,0 +1,97 @@
+"""glibc malloc thresholds set by ``import modnet`` (``modnet.malloc``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import modnet
+from modnet import malloc
+
+glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+    reason="mallopt thresholds are glibc's",
+)
+
+# Eight training steps of a small conv model, each in a function as a trainer runs
+# them: the losses, and the median minor page faults of the last five (the first
+# steps build the heap).
+STEPS = """
+import json, resource, statistics
+import timm, torch
+import torch.nn.functional as F
+import modnet
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = timm.create_model("modnet_conv_tiny", tasks={"a": 10, "b": 10}, depth=4)
+optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+ids = torch.arange(32) % 2
+
+def step():
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x, task=ids), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+losses, faults = [], []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    losses.append(step())
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"losses": losses, "faults": statistics.median(faults[3:])}))
+"""
+
+
+def _run(tune: str) -> dict:
+    env = dict(os.environ, MODNET_TUNE_MALLOC=tune, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", STEPS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@glibc
+def test_import_modnet_stops_the_page_faults_of_every_step_and_changes_no_result():
+    tuned, untuned = _run("1"), _run("0")
+    # glibc's thresholds map each step's activations afresh: a page fault per 4 KiB
+    assert untuned["faults"] > 10_000, untuned
+    assert tuned["faults"] < untuned["faults"] / 20, (tuned, untuned)
+    assert tuned["losses"] == untuned["losses"]  # bit for bit
+
+
+@glibc
+def test_tune_malloc_sets_the_thresholds_and_is_idempotent():
+    assert malloc.tune_malloc() is True
+    assert malloc.tune_malloc() is True
+    assert modnet.tune_malloc is malloc.tune_malloc
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", " off "])
+def test_the_environment_variable_keeps_glibcs_thresholds(monkeypatch, value):
+    monkeypatch.setenv("MODNET_TUNE_MALLOC", value)
+    calls = []
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a: calls.append(a))
+    assert malloc.tune_malloc() is False
+    assert calls == []  # the C library is not even looked up
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch):
+    monkeypatch.delenv("MODNET_TUNE_MALLOC", raising=False)
+    calls = []
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a: calls.append(a))
+
+    def no_glibc(name):
+        raise ValueError("unrecognized configuration name")
+
+    monkeypatch.setattr(malloc.os, "confstr", no_glibc)
+    assert malloc.tune_malloc() is False
+    monkeypatch.setattr(malloc.os, "confstr", lambda name: None)  # musl: no answer
+    assert malloc.tune_malloc() is False
+    assert calls == []
