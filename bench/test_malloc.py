@@ -62,8 +62,8 @@ def test_tuned_malloc_vs_glibc_thresholds(benchmark, record, request, step):
 
     try:
         for worker in workers.values():  # warm-up: the first steps build the heap
-            _step(worker, step)
-            _step(worker, step)
+            for _ in range(3):
+                _step(worker, step)
         benchmark.pedantic(one_round, rounds=rounds, iterations=1)
     finally:
         for worker in workers.values():

@@ -15,21 +15,28 @@ to 1.3 s.
 
 ``tune_malloc`` raises the mmap threshold to 32 MiB (the largest value glibc's
 own dynamic threshold reaches on 64-bit systems) and the trim threshold to
-1 GiB, so tensors up to 32 MiB reuse memory already mapped. The cost: up to
-1 GiB of freed memory can stay with the process instead of going back to the
-system (PyTorch's CUDA caching allocator keeps freed GPU memory the same way).
-It changes no result: the same tensors, in memory that is already mapped.
+1 GiB; setting them turns glibc's dynamic adjustment off. Tensors up to 32 MiB
+then reuse memory already mapped. It changes no result: the same tensors, in
+memory that is already mapped. The cost is memory kept by the process after it
+is freed: up to 1 GiB at the top of the heap, and, as with glibc's defaults for
+smaller blocks, any freed block that lies below a live one, now for blocks up to
+32 MiB (one process's peak heap at most). ``release_memory`` hands every free
+page back, as ``torch.cuda.empty_cache`` does for PyTorch's CUDA caching allocator.
 
-``import modnet`` applies it once, before the caller's tensors fill the heap
-(set later, the heap already laid out by the default thresholds keeps faulting).
-``MODNET_TUNE_MALLOC=0`` in the environment keeps glibc's thresholds. Other C
-libraries (macOS, Windows, musl) are left alone.
+``import modnet`` applies it once, before the caller's tensors fill the heap:
+set later, it helped in one measurement (set after building a model and data)
+and left two thirds of the faults in another (set after two training steps),
+as the heap's layout decides. ``MODNET_TUNE_MALLOC=0`` (or ``false``, ``no``,
+``off``) in the environment before the import keeps glibc's thresholds; unset,
+empty, ``1``, ``true``, ``yes`` or ``on`` tune them, and any other value warns and
+tunes. Other C libraries (macOS, Windows, musl) are left alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -39,30 +46,73 @@ MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**30
 
 ENV = "MODNET_TUNE_MALLOC"
+OFF = ("0", "false", "no", "off")
+ON = ("", "1", "true", "yes", "on")
+
+
+def _wanted() -> bool:
+    """Whether ``MODNET_TUNE_MALLOC`` asks for the thresholds (warns on other values)."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in OFF:
+        return False
+    if value not in ON:
+        warnings.warn(
+            f"{ENV}={os.environ[ENV]!r} is neither on ({', '.join(ON[1:])}) nor off "
+            f"({', '.join(OFF)}): tuning malloc; set {ENV}=0 to keep glibc's thresholds",
+            stacklevel=3,
+        )
+    return True
+
+
+def _glibc():
+    """The process's glibc (``ctypes.CDLL``), or None under another C library."""
+    try:  # glibc answers "glibc 2.36"; other C libraries have no such name
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return None
+        return ctypes.CDLL(None)
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def tune_malloc() -> bool:
     """Sets glibc's mmap and trim thresholds for PyTorch's CPU tensors (see the module).
 
-    Process-wide and idempotent; called by ``import modnet``.
+    Process-wide and idempotent; called by ``import modnet``. There is no undo:
+    ``MODNET_TUNE_MALLOC=0`` before the import is the way to keep glibc's own.
 
     Returns:
-        Whether the thresholds are now set: False where the C library is not glibc,
-        where ``MODNET_TUNE_MALLOC`` is ``0`` (or ``false``/``no``/``off``), or where
-        glibc refused a value.
+        Whether this call set both thresholds: False where ``MODNET_TUNE_MALLOC``
+        turns it off (thresholds set by an earlier call stay), where the C library
+        is not glibc, or where glibc refused a value.
+
+    Warns:
+        UserWarning: ``MODNET_TUNE_MALLOC`` is neither an on nor an off value.
     """
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not _wanted():
         return False
-    try:  # glibc answers "glibc 2.36"; other C libraries have no such name
-        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
-            return False
-    except (AttributeError, ValueError, OSError):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     mmap = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     return bool(mmap and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_memory() -> bool:
+    """Hands every free page of the heap back to the system (glibc's ``malloc_trim(0)``).
+
+    For a process that goes on with little memory after a large step (a notebook
+    after training): the memory ``tune_malloc`` lets the process keep, and free
+    pages below live blocks, which glibc keeps whatever its thresholds.
+
+    Returns:
+        Whether memory was returned (False also where the C library is not glibc).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    libc.malloc_trim.restype = ctypes.c_int
+    return bool(libc.malloc_trim(0))

@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 import modnet
 from modnet import malloc
@@ -66,11 +68,66 @@ def test_import_modnet_stops_the_page_faults_of_every_step_and_changes_no_result
     assert tuned["losses"] == untuned["losses"]  # bit for bit
 
 
+def _in_heap(address: int) -> bool:
+    """Whether ``address`` lies in the brk heap (``[heap]`` of /proc/self/maps)."""
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            low, high = (int(a, 16) for a in line.split()[0].split("-"))
+            return low <= address < high
+    return False
+
+
 @glibc
-def test_tune_malloc_sets_the_thresholds_and_is_idempotent():
+def test_tune_malloc_serves_a_30_mib_tensor_from_the_heap_and_is_idempotent(monkeypatch):
+    monkeypatch.delenv("MODNET_TUNE_MALLOC", raising=False)
     assert malloc.tune_malloc() is True
     assert malloc.tune_malloc() is True
     assert modnet.tune_malloc is malloc.tune_malloc
+    # glibc's own thresholds would map a block this large on its own (mmap)
+    tensor = torch.empty(30 * 2**20, dtype=torch.uint8)
+    assert _in_heap(tensor.data_ptr())
+
+
+@pytest.mark.parametrize("value", ["disable", "n", "2"])
+def test_a_value_that_is_neither_on_nor_off_warns_and_tunes(monkeypatch, value):
+    monkeypatch.setenv("MODNET_TUNE_MALLOC", value)
+    with pytest.warns(UserWarning, match=f"MODNET_TUNE_MALLOC='{value}' is neither on"):
+        assert malloc._wanted() is True
+    monkeypatch.setenv("MODNET_TUNE_MALLOC", " Yes ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert malloc._wanted() is True
+
+
+RELEASE = """
+import json, torch
+from modnet import malloc
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20
+big, kept = [], []
+for _ in range(20):  # 24 MiB blocks, each below a small live one: not at the heap's top
+    big.append(torch.ones(24 * 2**20, dtype=torch.uint8))
+    kept.append(torch.ones(2**18, dtype=torch.uint8))
+del big
+held = rss()
+released = malloc.release_memory()
+print(json.dumps({"held": held, "after": rss(), "released": released}))
+"""
+
+
+@glibc
+def test_release_memory_hands_back_freed_blocks_below_live_ones():
+    done = subprocess.run(
+        [sys.executable, "-c", RELEASE],
+        env=dict(os.environ, MODNET_TUNE_MALLOC="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    mib = json.loads(done.stdout.splitlines()[-1])
+    assert mib["released"] is True
+    assert mib["held"] - mib["after"] > 400, mib  # of the 480 MiB freed
 
 
 @pytest.mark.parametrize("value", ["0", "false", "No", " off "])
