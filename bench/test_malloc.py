@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,13 @@ def _worker(tuned: bool, threads: int) -> subprocess.Popen:
     )
 
 
-def _step(worker: subprocess.Popen, step: str) -> dict[str, float]:
+def _step(worker: subprocess.Popen, step: str, timeout: float = 600.0) -> dict[str, float]:
     worker.stdin.write(step + "\n")
     worker.stdin.flush()
+    # one line per request, so nothing waits in the reader's buffer: select sees it
+    if not select.select([worker.stdout], [], [], timeout)[0]:
+        worker.kill()
+        raise RuntimeError(f"the malloc worker took over {timeout:.0f} s for one {step} step")
     line = worker.stdout.readline()
     if not line:
         raise RuntimeError(f"the malloc worker stopped (exit {worker.wait()})")
