@@ -46,6 +46,7 @@ MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**30
 
 ENV = "MODNET_TUNE_MALLOC"
+_tuned = False  # whether a call has set both thresholds in this process
 OFF = ("0", "false", "no", "off")
 ON = ("", "1", "true", "yes", "on")
 
@@ -96,8 +97,17 @@ def tune_malloc() -> bool:
     mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
+    global _tuned
     mmap = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    return bool(mmap and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    done = bool(mmap and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _tuned = _tuned or done
+    return done
+
+
+def tuned() -> bool:
+    """Whether ``tune_malloc`` has set the thresholds in this process (by ``import
+    modnet`` or a later call): timings depend on it, so ``modnet bench`` records it."""
+    return _tuned
 
 
 def release_memory() -> bool:

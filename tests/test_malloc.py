@@ -82,6 +82,7 @@ def test_tune_malloc_serves_a_30_mib_tensor_from_the_heap_and_is_idempotent(monk
     monkeypatch.delenv("MODNET_TUNE_MALLOC", raising=False)
     assert malloc.tune_malloc() is True
     assert malloc.tune_malloc() is True
+    assert malloc.tuned() is True
     assert modnet.tune_malloc is malloc.tune_malloc
     # glibc's own thresholds would map a block this large on its own (mmap)
     tensor = torch.empty(30 * 2**20, dtype=torch.uint8)
@@ -152,3 +153,28 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
     monkeypatch.setattr(malloc.os, "confstr", lambda name: None)  # musl: no answer
     assert malloc.tune_malloc() is False
     assert calls == []
+
+
+@glibc
+def test_modnet_bench_records_whether_the_thresholds_were_set(tmp_path):
+    script = """
+import json, sys
+from modnet.cli import main
+main(["bench", "--model", "modnet_conv_tiny", "--model-arg", "depth=2", "--model-arg",
+      "width=8", "--model-arg", "img_size=16", "--batch-size", "2", "--rounds", "1",
+      "--warmup", "1", "--min-time", "0", "--no-memory", "--results-file", sys.argv[1]])
+print(json.load(open(sys.argv[1]))[0]["malloc_tuned"])
+"""
+    rows = {}
+    for tune in ("1", "0"):
+        env = dict(os.environ, MODNET_TUNE_MALLOC=tune, OMP_NUM_THREADS="1")
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"rows{tune}.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows[tune] = done.stdout.split()[-1]
+    assert rows == {"1": "True", "0": "False"}

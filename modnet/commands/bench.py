@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import benchmark as bm
+from .. import malloc
 from ..errors import ConfigError, ModnetError
 from ..factory import from_timm
 from ..families import timm_family
@@ -59,6 +60,9 @@ columns of --results-file (.csv: one row per model, mode and batch size; .json: 
 list of the same rows; an empty CSV cell is null in JSON):
   model, bench, device  the model, inference or train, the device
   threads               torch CPU threads (empty on CUDA)
+  malloc_tuned          whether import modnet set glibc's malloc thresholds in
+                        this process (False with MODNET_TUNE_MALLOC=0 or another C
+                        library); CPU timings depend on it
   precision             --precision
   batch_size            samples per step
   micro_batch           inference: samples per forward pass (empty: the whole batch
@@ -522,6 +526,7 @@ def measure(
         bench=bench,
         device=str(device),
         threads=torch.get_num_threads() if device.type == "cpu" else None,
+        malloc_tuned=malloc.tuned(),
         precision=precision.name,
         batch_size=batch_size,
         micro_batch=micro,
