@@ -3,8 +3,9 @@
 Started with ``MODNET_TUNE_MALLOC`` set to ``1`` or ``0`` (``import modnet`` reads it),
 it builds ``modnet_conv_tiny`` with 3 tasks and a batch of 64 over them, then answers
 each line on stdin: ``train`` runs one training step (AdamW) on the mixed batch,
-``infer`` one evaluation pass over 256 images in micro-batches of 16 (the default
-of ``evaluate``); it writes the seconds taken and the minor page faults, as JSON.
+``infer`` one evaluation pass over 256 images (``predict`` with its defaults:
+micro-batches of 16 for this family); it writes the seconds taken and the
+minor page faults, as JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import modnet  # noqa: F401  (applies tune_malloc unless MODNET_TUNE_MALLOC=0)
+from modnet.train.evaluate import predict
 
 TASKS = {"a": 10, "b": 10, "c": 10}
 
@@ -38,11 +40,8 @@ def main(threads: int) -> None:
         F.cross_entropy(model(x, task=ids), y).backward()
         optimizer.step()
 
-    @torch.inference_mode()
     def infer() -> None:
-        model.eval()
-        for chunk in images.split(16):
-            model(chunk, task="a")
+        predict(model, images, "a")  # the library's evaluation path, its micro-batch
 
     steps = {"train": train, "infer": infer}
     for line in sys.stdin:

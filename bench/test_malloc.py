@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from modnet import malloc
 from modnet.benchmark import Ratio, Target
 
 WORKER = Path(__file__).with_name("malloc_worker.py")
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+    malloc._glibc() is None,
     reason="mallopt thresholds are glibc's",
 )
 

@@ -15,7 +15,7 @@ import modnet
 from modnet import malloc
 
 glibc = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+    malloc._glibc() is None,
     reason="mallopt thresholds are glibc's",
 )
 
