@@ -8,10 +8,10 @@ again (a conv activation of 16 images at 16x16 with 240 channels is 3.9 MB), so
 with those thresholds every step maps its whole working set afresh and the
 kernel zeroes each 4 KiB page on its first touch. Measured on one CPU thread
 (``bench/test_malloc.py``, and the training step of ``modnet_conv_tiny`` at batch
-64 over 3 tasks): about 400,000 minor page faults per step (1.6 GB zeroed) and
-2.5 s per step with glibc's thresholds, no faults and 1.3 s with the thresholds
-below; an evaluation pass over 256 images in micro-batches of 16 went from 2.2 s
-to 1.3 s.
+64 over 3 tasks): about 420,000 minor page faults per step (1.6 GiB zeroed) and
+2.5 s per step with glibc's thresholds, almost none (0-400 per step in the
+benchmark, a few thousand in some runs) and 1.3 s with the thresholds below; an
+evaluation pass over 256 images in micro-batches of 16 went from 2.2 s to 1.3 s.
 
 ``tune_malloc`` raises the mmap threshold to 32 MiB (the largest value glibc's
 own dynamic threshold reaches on 64-bit systems) and the trim threshold to
@@ -118,7 +118,8 @@ def release_memory() -> bool:
     pages below live blocks, which glibc keeps whatever its thresholds.
 
     Returns:
-        Whether memory was returned (False also where the C library is not glibc).
+        glibc's answer, true where it found free memory to consider (not a measure
+        of how much went back); False where the C library is not glibc.
     """
     libc = _glibc()
     if libc is None:
