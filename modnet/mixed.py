@@ -309,7 +309,8 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
         coefficients, active = task_coefficients(model, names)
         runs = None if active is None else active.bool().tolist()
         parts = {i: x[c.start : c.stop] for i, c in grouped}
-        # per chunk, once: its tasks' rows of the coefficients and every sample's task
+        # per chunk, once: its tasks' rows of the coefficients, every sample's task and
+        # its tasks' statistics of every layer, [tasks, depth, ...]
         index = {
             i: (
                 torch.tensor(c.tasks, device=coefficients.device),
@@ -317,29 +318,35 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
             )
             for i, c in grouped
         }
+        stats = {
+            i: {
+                name: torch.stack([model.norm_stats[names[t]].layer_stack(name) for t in c.tasks])
+                for name in model.pool.stat_names
+            }
+            for i, c in grouped
+        }
         for layer in range(model.depth):
             for i, c in grouped:
+                layer_stats = {name: s[:, layer] for name, s in stats[i].items()}
                 parts[i] = _run_grouped(
-                    model, parts[i], layer, c, names, coefficients, runs, *index[i]
+                    model, parts[i], layer, c, layer_stats, coefficients, runs, *index[i]
                 )
+        if any(bn.training for bn in model.pool.grouped.batch_norms):
+            for i, c in grouped:  # the running statistics moved in the stacks
+                store_stats(model, [names[t] for t in c.tasks], stats[i], "layer")
         outputs.update(parts)
     x = torch.cat([outputs[i] for i in range(len(chunks))])
     return x[torch.argsort(order)]
 
 
-def _run_grouped(model, rows, layer, chunk, names, coefficients, runs, tasks, ids) -> torch.Tensor:
+def _run_grouped(model, rows, layer, chunk, stats, coefficients, runs, tasks, ids) -> torch.Tensor:
     """The tasks of the chunk at once, with one matmul per task in linear layers.
 
     ``tasks`` indexes the chunk's tasks in ``coefficients``; ``ids`` is every row's
-    index among them."""
+    index among them; ``stats`` holds their statistics of this layer, ``[tasks, ...]``
+    (moved in place in training mode)."""
     pool = model.pool
     weights = pool.mix(coefficients[tasks, layer])
-    stats = {
-        name: torch.stack(
-            [model.norm_stats[names[t]].layer_stack(name)[layer] for t in chunk.tasks]
-        )
-        for name in pool.stat_names
-    }
     if runs is None:
         weight = rows.new_ones(rows.shape[0])
     else:
@@ -350,11 +357,6 @@ def _run_grouped(model, rows, layer, chunk, names, coefficients, runs, tasks, id
         rate = model.drop_path_rates[layer]
         run_grouped = _drop_path.at_rate(run_grouped, model._grouped_drop_paths, rate)
     out = run_grouped(rows, weights, stats, ids, weight, chunk.size)  # drop path: positional
-    if stats and any(bn.training for bn in pool.grouped.batch_norms):
-        with torch.no_grad():
-            for i, t in enumerate(chunk.tasks):
-                for name, value in stats.items():
-                    model.norm_stats[names[t]].layer_stack(name)[layer].copy_(value[i])
     return out if runs is None else torch.where(_per_sample(weight, out) > 0, out, rows)
 
 

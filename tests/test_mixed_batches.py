@@ -168,3 +168,39 @@ def test_the_readme_names_the_eager_default_the_code_runs():
     eager = mixed.mode(model)
     assert f'batches that mix tasks run "{eager}" in eager mode' in readme
     assert "split by task in eager mode" not in readme
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "interleaved"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(in_channels=6, out_channels=12, kernel_size=1),
+        dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
+        dict(in_channels=6, out_channels=4, kernel_size=3, stride=2, padding=1),
+    ],
+    ids=["pointwise", "depthwise", "strided"],
+)
+def test_grouped_conv_gives_each_sample_its_weights_in_any_layout(conv, layout):
+    from modnet.grouped import IDS, GroupedConv2d
+
+    torch.manual_seed(0)
+    source = torch.nn.Conv2d(**conv)
+    layer = GroupedConv2d(source).to_empty(device="cpu")
+    tasks, batch = 3, 5
+    weight = torch.randn(tasks, *source.weight.shape)
+    bias = torch.randn(tasks, source.out_channels)
+    ids = torch.tensor([2, 0, 1, 1, 2])
+    with torch.no_grad():
+        layer.weight, layer.bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+    setattr(layer, IDS, ids)
+    x = torch.randn(batch, 6, 7, 7)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "interleaved":  # [H, W, B, C] in memory, as grouped convs return
+        x = x.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    out = layer(x)
+    for i, t in enumerate(ids.tolist()):
+        expected = F.conv2d(
+            x[i : i + 1], weight[t], bias[t], source.stride, source.padding, groups=source.groups
+        )
+        torch.testing.assert_close(out[i : i + 1], expected, rtol=1e-5, atol=1e-5)
