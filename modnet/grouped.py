@@ -27,6 +27,7 @@ returns ``None``); ``ModularNet`` then runs such a batch task by task.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,15 @@ from .binding import TensorBinder
 # Extra tensors every replaced layer reads, substituted per call like its weights.
 IDS = "task_ids"
 SAMPLE_WEIGHT = "sample_weight"
+# Coefficients ``[T, K]`` of a linear layer whose ``weight`` holds its K templates
+# (``TemplatePool.mix_lazily``); empty when the weight is mixed already.
+MIX = "mix_coefficients"
+
+# Tasks whose linear weights are mixed at once just before their matmul: a ViT-tiny
+# MLP weight is 0.6 MB per task, so two stay in a 2 MB L2 cache for the matmul that
+# reads them (``bench/test_mixed_batches.py``: mixing 1-2 tasks at a time ran at
+# 0.70 of one shared matmul, 16 at a time at 0.58).
+MIX_TASKS = 2
 
 
 def _per_sample(t: torch.Tensor, ids: torch.Tensor, shared_ndim: int) -> torch.Tensor:
@@ -61,11 +71,15 @@ class GroupedLinear(_Grouped):
     def __init__(self, source: nn.Linear):
         super().__init__()
         self._setup(source)
+        self.register_buffer(MIX, torch.empty(0, device="meta"))
         self.has_bias = source.bias is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = getattr(self, IDS)
         batch, width = x.shape[0], x.shape[-1]
+        coefficients = getattr(self, MIX)
+        if self.group_size is not None and coefficients.numel():
+            return self._mix_and_multiply(x, coefficients)
         if self.group_size is not None:
             # One matmul per task with its own weights: no per-sample copy of them.
             weight, bias = self.weight, self.bias if self.has_bias else None
@@ -79,6 +93,29 @@ class GroupedLinear(_Grouped):
             out = torch.baddbmm(bias, flat, weight.transpose(1, 2))
         else:
             out = torch.bmm(flat, weight.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _mix_and_multiply(self, x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        """Tasks in order, ``group_size`` samples each, ``weight`` their templates
+        ``[K, out, in]``: every ``MIX_TASKS`` tasks' weights are mixed (in the
+        templates' dtype, outside autocast, as ``TemplatePool.mix``) right before
+        the matmul that reads them."""
+        templates = self.weight
+        count, width = templates.shape[0], x.shape[-1]
+        flat = templates.reshape(count, -1).t()
+        rows = x.reshape(coefficients.shape[0], -1, width)
+        coefficients = coefficients.to(templates.dtype)
+        parts = []
+        for start in range(0, rows.shape[0], MIX_TASKS):
+            stop = start + MIX_TASKS
+            with torch.autocast(x.device.type, enabled=False):
+                weight = F.linear(coefficients[start:stop], flat).view(-1, *templates.shape[1:])
+            if self.has_bias:
+                bias = self.bias[start:stop].unsqueeze(1)
+                parts.append(torch.baddbmm(bias, rows[start:stop], weight.transpose(1, 2)))
+            else:
+                parts.append(torch.bmm(rows[start:stop], weight.transpose(1, 2)))
+        out = torch.cat(parts)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -269,6 +306,9 @@ class GroupedRunner:
         self.tensor_names = tuple(names)
         self._ids = tuple(n for n in names if n.rpartition(".")[2] == IDS)
         self._weights = tuple(n for n in names if n.rpartition(".")[2] == SAMPLE_WEIGHT)
+        self._mixes = tuple(n for n in names if n.rpartition(".")[2] == MIX)
+        # weight -> the coefficients that mix it in place (see ``GroupedLinear``)
+        self.mixed_in_place = {f"{n.rpartition('.')[0]}.weight": n for n in self._mixes}
         self._binder = TensorBinder(skeleton, names)
         self._grouped = [m for m in skeleton.modules() if isinstance(m, _Grouped)]
 
@@ -291,19 +331,30 @@ class GroupedRunner:
         sample_weight: torch.Tensor,
         *args,
         group_size: int | None = None,
+        mix: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Runs the copy with ``tensors`` (per-task or shared), task ids ``[B]`` and
         per-sample weights ``[B]`` (1 where the sample's task runs this block).
 
         ``group_size`` (eager mode only) says that the batch holds every task in
         order, ``group_size`` consecutive samples each: linear layers then multiply
-        each task's samples by its weights without copying them per sample.
+        each task's samples by its weights without copying them per sample. With it,
+        ``mix`` may give coefficients ``[T, K]`` under names of ``mixed_in_place``
+        values: those linear layers' weights in ``tensors`` are then their templates
+        ``[K, out, in]``, mixed a few tasks at a time inside the layer.
         """
         tensors = dict(tensors)
         for name in self._ids:
             tensors[name] = ids
         for name in self._weights:
             tensors[name] = sample_weight
+        empty = sample_weight.new_empty(0)
+        for name in self._mixes:
+            tensors[name] = empty
+        if mix:
+            if group_size is None:
+                raise ValueError("weights mixed in place need group_size (tasks in order)")
+            tensors.update(mix)
         if group_size is None:
             return self._binder(tensors, *args)
         for module in self._grouped:

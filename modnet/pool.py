@@ -199,6 +199,38 @@ class TemplatePool(nn.Module):
                 may be smaller than the pool: a route sees the templates that existed
                 when it was made, which keeps old tasks bit-identical after growth.
         """
+        return self._mix(coefficients, self.tensor_names)
+
+    def mix_lazily(
+        self, coefficients: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``mix`` for a chunk of tasks run by ``run_grouped`` with ``group_size``,
+        except that linear layers' weights stay their templates ``[K, *shape]``.
+
+        Those layers mix their tasks' weights a few at a time just before the matmul
+        that reads them (``modnet.grouped.GroupedLinear``), so the mixed weights are
+        read from cache, not written to memory and read back: for 64 ViT-tiny tasks
+        they are 1.4 GB per forward pass.
+
+        Args:
+            coefficients: ``[T, K]`` or ``[T, K, num_tensors]``, as ``mix``.
+
+        Returns:
+            The tensors for ``run_grouped`` and its ``mix`` argument (coefficients
+            ``[T, K]`` of each linear layer mixed in place).
+        """
+        grouped = self.grouped
+        in_place = {} if grouped is None else grouped.mixed_in_place
+        count = coefficients.shape[1]
+        weights = self._mix(coefficients, [n for n in self.tensor_names if n not in in_place])
+        mix = {}
+        for name, buffer in in_place.items():
+            weights[name] = self.stacked(name, count)
+            index = self.tensor_names.index(name)
+            mix[buffer] = coefficients if coefficients.ndim == 2 else coefficients[:, :, index]
+        return weights, mix
+
+    def _mix(self, coefficients: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         layers, count = coefficients.shape[:2]
         mixed = {}
         # The mix runs in the templates' dtype, outside autocast: mixed norm parameters
@@ -206,6 +238,8 @@ class TemplatePool(nn.Module):
         # autocast casts conv and linear weights itself where it lowers precision.
         with torch.autocast(coefficients.device.type, enabled=False):
             for g, name in enumerate(self.tensor_names):
+                if name not in names:
+                    continue
                 templates = self.stacked(name, count)
                 c = coefficients if coefficients.ndim == 2 else coefficients[:, :, g]
                 # As a linear layer over the templates' transpose: for the few rows of
@@ -262,6 +296,7 @@ class TemplatePool(nn.Module):
         ids: torch.Tensor,
         sample_weight: torch.Tensor,
         group_size: int | None = None,
+        mix: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Runs the block once for a batch mixing tasks.
 
@@ -277,6 +312,8 @@ class TemplatePool(nn.Module):
                 (their statistics are left out; the caller keeps their input).
             group_size: Eager mode only: the batch holds the ``T`` tasks in order,
                 ``group_size`` samples each (see ``GroupedRunner``).
+            mix: With ``group_size``, coefficients of the linear layers whose weights
+                in ``weights`` are still templates (``mix_lazily``); not with folding.
         """
         tensors = dict(weights)
         tensors.update(stats)
@@ -284,9 +321,11 @@ class TemplatePool(nn.Module):
             tensors[name] = getattr(self, mangle(name))
         folding = self.folding()
         if folding is not None and folding.grouped is not None:  # every task's at once
+            if mix:
+                raise ValueError("folded BatchNorm needs mixed weights: call mix, not mix_lazily")
             folded = folding.fold(tensors)
             return folding.grouped(folded, ids, sample_weight, x, group_size=group_size)
-        return self.grouped(tensors, ids, sample_weight, x, group_size=group_size)
+        return self.grouped(tensors, ids, sample_weight, x, group_size=group_size, mix=mix)
 
     def build_block(self, weights: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor]):
         """A real, standalone block holding copies of ``weights`` and ``stats``."""

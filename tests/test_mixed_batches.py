@@ -67,6 +67,30 @@ def test_grouped_batch_equals_each_task_alone(family, route, mode, path):
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("family", "route"), [c for c in CASES if c[0] != "conv"])
+def test_linear_layers_mixing_in_place_equal_each_task_alone(family, route, monkeypatch):
+    """Without autograd a chunk's linear layers mix their weights just before use."""
+    from modnet.grouped import GroupedLinear
+
+    calls = []
+    original = GroupedLinear._mix_and_multiply
+    monkeypatch.setattr(
+        GroupedLinear,
+        "_mix_and_multiply",
+        lambda self, *a: calls.append(1) or original(self, *a),
+    )
+    model = build(family, route).eval()
+    ids = torch.tensor([1, 0, 2, 1, 0, 2])  # two samples a task: one chunk of all three
+    x = images(model, batch=6)
+    with torch.inference_mode():
+        mixed = model(x, ids)
+        alone = per_task(model, x, ids)
+    assert calls, "no linear layer mixed its weights in place"
+    for name, (rows, logits) in alone.items():
+        classes = model.task_classes[name]
+        torch.testing.assert_close(mixed[rows, :classes], logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["conv", "vit"])
 @pytest.mark.parametrize("path", ["grouped", "chunked"])
 def test_grouped_batch_gradients_equal_the_sum_over_tasks(family, path):
