@@ -122,10 +122,11 @@ class GroupedLinear(_Grouped):
 class GroupedConv2d(_Grouped):
     """``nn.Conv2d`` (zero padding) with weights ``[T, O, I/groups, kh, kw]``.
 
-    Takes ``[B, C, H, W]`` in any memory layout and returns ``[B, O, H', W']`` NHWC
-    (1x1) or sample-interleaved (other kernels); elementwise layers after it keep
-    the layout. A 1x1 convolution reads either layout in place; other kernels
-    read interleaved input in place and copy any other once.
+    Takes ``[B, C, H, W]`` in any memory layout and, in eager mode, returns
+    ``[B, O, H', W']`` NHWC (1x1) or sample-interleaved (other kernels); elementwise
+    layers after it keep the layout. A 1x1 convolution reads either layout in
+    place; other kernels read interleaved input in place and copy any other once.
+    Under ``torch.compile`` it runs NCHW.
     """
 
     def __init__(self, source: nn.Conv2d):
@@ -147,20 +148,36 @@ class GroupedConv2d(_Grouped):
         weight = self.weight.index_select(0, ids)
         bias = self.bias.index_select(0, ids) if self.has_bias else None
         out_channels = weight.shape[1]
+        # Under torch.compile layouts are the compiler's to choose, and the views of
+        # the eager layouts fail in a compiled backward, whose gradients can arrive
+        # in other strides than traced: there the batch runs NCHW.
+        nchw = torch.compiler.is_compiling()
         if self.pointwise:
+            matrix = weight.view(batch, out_channels, channels)
+            if nchw:  # per sample [O, C] @ [C, H*W]
+                rows = x.reshape(batch, channels, height * width)
+                if bias is None:
+                    out = torch.bmm(matrix, rows)
+                else:
+                    out = torch.baddbmm(bias.unsqueeze(2), matrix, rows)
+                return out.view(batch, out_channels, height, width)
             # Per sample [H*W, C] @ [C, O]: a view of NHWC or interleaved input.
             rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-            matrix = weight.view(batch, out_channels, channels).transpose(1, 2)
+            matrix = matrix.transpose(1, 2)
             if bias is None:
                 out = torch.bmm(rows, matrix)
             else:
                 out = torch.baddbmm(bias.unsqueeze(1), rows, matrix)
             return out.view(batch, height, width, out_channels).permute(0, 3, 1, 2)
-        # The batch folded into the channels of one channels_last image: a view when
-        # the samples are interleaved ([H, W, B, C] in memory).
-        folded = x.permute(2, 3, 0, 1).reshape(1, height, width, batch * channels)
+        if nchw:
+            folded = x.reshape(1, batch * channels, height, width)
+        else:
+            # The batch folded into the channels of one channels_last image: a view
+            # when the samples are interleaved ([H, W, B, C] in memory).
+            folded = x.permute(2, 3, 0, 1).reshape(1, height, width, batch * channels)
+            folded = folded.permute(0, 3, 1, 2)
         out = F.conv2d(
-            folded.permute(0, 3, 1, 2),
+            folded,
             weight.reshape(batch * out_channels, *weight.shape[2:]),
             None if bias is None else bias.reshape(-1),
             self.stride,
@@ -169,6 +186,8 @@ class GroupedConv2d(_Grouped):
             batch * self.groups,
         )
         out_height, out_width = out.shape[-2:]
+        if nchw:
+            return out.view(batch, out_channels, out_height, out_width)
         out = out.permute(0, 2, 3, 1).reshape(out_height, out_width, batch, out_channels)
         return out.permute(2, 3, 0, 1)
 
