@@ -14,11 +14,13 @@ single-task batch, i.e. a throughput ratio of at least 0.91, for T up to 64.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import timm
 import torch
 
+from modnet import mixed
 from modnet.benchmark import Target, Workload, inference_workload, make_batch
 
 CLASSES = 10
@@ -51,50 +53,71 @@ def test_mixed_batch_vs_single_task(benchmark, interleave, record, family, tasks
         record(f"{tasks}-task/1-task batch, {path}", ratio, key=f"{path}_ratio")
 
 
-# The widest linear layer of each tiny model, for one sample: rows (tokens or
-# pixels) x inputs -> outputs. ViT: fc1 over 65 tokens; conv: the 1x1 expansion
-# over the 16 x 16 feature map.
-LAYERS = {"vit": (65, 192, 768), "conv": (256, 40, 240)}
-
-
 @pytest.mark.parametrize("family", ["conv", "vit"])
-def test_per_task_matmul_bound(benchmark, interleave, record, family):
-    """What the kernels allow a batch of 64 tasks, one sample each, in one layer.
+def test_per_task_block_bound(benchmark, interleave, record, family):
+    """What the kernels allow a batch of 64 tasks, one sample each, in one block.
 
-    ``shared``: one matmul over the batch's rows with one weight (a single-task
-    batch); ``per_task``: one batched matmul with every sample's own weight, already
-    mixed; ``mix_and_per_task``: the chunked default's work, 16 tasks' weights mixed
-    from ``K = 4`` templates just before their matmul. The first ratio bounds the
-    default mixed batch from above whatever the surrounding code does: the same
-    FLOPs, run as 64 small matmuls instead of one large one.
+    ``single``: the first block for the batch of 64 with one task's weights (what a
+    single-task batch runs); ``per_task``: the same block with every sample's own
+    weights, already mixed, in the default's chunks of 16 tasks
+    (``TemplatePool.run_grouped``: one small matmul or convolution per sample).
+    Neither mixes weights, so the ratio bounds the default mixed batch from above
+    whatever the code around the kernels does: the same FLOPs, run as per-sample
+    kernels. ``mixed`` adds the mix of each chunk's weights as the default path
+    mixes them (``modnet.mixed.chunk_weights``).
     """
     benchmark.group = "mixed-batches"
-    rows, width, out = LAYERS[family]
-    tasks, templates, chunk = 64, 4, 16
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(tasks, rows, width, generator=generator)
-    bank = torch.randn(templates, width * out, generator=generator)
-    coefficients = torch.rand(tasks, templates, generator=generator)
-    shared = bank[0].view(width, out)
-    mixed = (coefficients @ bank).view(tasks, width, out)
+    names = [f"t{i}" for i in range(64)]
+    model = timm.create_model(f"modnet_{family}_tiny", tasks=dict.fromkeys(names, CLASSES)).eval()
+    pool, chunk = model.pool, mixed.CHUNK_SAMPLES
+    x, _ = make_batch(model, BATCH, CLASSES, torch.device("cpu"))
+    coefficients, _ = mixed.task_coefficients(model, names)
+    with torch.inference_mode():
+        h = model._trunk_stage("embed", x, model.norm_stats["t0"])
+        coefficients = coefficients[:, 0]  # [T, K, num_tensors] of the first layer
+        weights = pool.mix(coefficients)
+    stats = {
+        name: torch.stack([model.norm_stats[t].layer_stack(name)[0] for t in names])
+        for name in pool.stat_names
+    }
+    ids, ones = torch.arange(chunk), torch.ones(chunk)
 
-    def mix_and_per_task() -> list[torch.Tensor]:
-        return [
-            torch.bmm(x[s : s + chunk], (coefficients[s : s + chunk] @ bank).view(-1, width, out))
-            for s in range(0, tasks, chunk)
-        ]
+    def rows(tensors: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+        return {name: t[start : start + chunk] for name, t in tensors.items()}
+
+    def single() -> torch.Tensor:
+        with torch.inference_mode():
+            first = {name: t[0] for name, t in weights.items()}
+            return pool.run(h, first, {name: t[0] for name, t in stats.items()})
+
+    def per_task(mix: bool) -> Callable[[], list[torch.Tensor]]:
+        def step() -> list[torch.Tensor]:
+            with torch.inference_mode():
+                outputs = []
+                for s in range(0, BATCH, chunk):
+                    if mix:  # as the default path mixes
+                        tensors, in_place = mixed.chunk_weights(pool, coefficients[s : s + chunk])
+                    else:
+                        tensors, in_place = rows(weights, s), None
+                    part = h[s : s + chunk]
+                    outputs.append(
+                        pool.run_grouped(part, tensors, rows(stats, s), ids, ones, 1, in_place)
+                    )
+                return outputs
+
+        return step
 
     def workload(step) -> Workload:
-        return Workload(step, tasks, torch.device("cpu"))
+        return Workload(step, BATCH, torch.device("cpu"))
 
     timer = interleave(
         {
-            "shared": workload(lambda: x.view(-1, width) @ shared),
-            "per_task": workload(lambda: torch.bmm(x, mixed)),
-            "mix_and_per_task": workload(mix_and_per_task),
+            "single": workload(single),
+            "per_task": workload(per_task(mix=False)),
+            "mixed": workload(per_task(mix=True)),
         },
         rounds=8,
         min_time=0.05,
     )
-    record("per-task/shared matmul", timer.ratio("per_task", "shared"), key="per_task_ratio")
-    record("mixed+per-task/shared matmul", timer.ratio("mix_and_per_task", "shared"))
+    record("per-task/one-weight block", timer.ratio("per_task", "single"), key="per_task_ratio")
+    record("mixed+per-task/one-weight block", timer.ratio("mixed", "single"))

@@ -35,6 +35,7 @@ from . import drop_path as _drop_path
 
 if TYPE_CHECKING:
     from .model import ModularNet
+    from .pool import TemplatePool
     from .routing import RoutePlan
 
 MIXED_BATCHES = ("auto", "chunked", "grouped", "split")
@@ -348,13 +349,7 @@ def _run_grouped(model, rows, layer, chunk, stats, coefficients, runs, tasks, id
     index among them; ``stats`` holds their statistics of this layer, ``[tasks, ...]``
     (moved in place in training mode)."""
     pool = model.pool
-    chunk_coefficients = coefficients[tasks, layer]
-    # Without autograd, linear layers mix their weights just before use (with it, the
-    # backward pass through many small mixes ran 0.92x of mixing up front).
-    if pool.folding() is None and not torch.is_grad_enabled():
-        weights, mix = pool.mix_lazily(chunk_coefficients)
-    else:
-        weights, mix = pool.mix(chunk_coefficients), None
+    weights, mix = chunk_weights(pool, coefficients[tasks, layer])
     if runs is None:
         weight = rows.new_ones(rows.shape[0])
     else:
@@ -366,6 +361,19 @@ def _run_grouped(model, rows, layer, chunk, stats, coefficients, runs, tasks, id
         run_grouped = _drop_path.at_rate(run_grouped, model._grouped_drop_paths, rate)
     out = run_grouped(rows, weights, stats, ids, weight, chunk.size, mix)  # drop path: positional
     return out if runs is None else torch.where(_per_sample(weight, out) > 0, out, rows)
+
+
+def chunk_weights(pool: TemplatePool, coefficients: torch.Tensor):
+    """A chunk's weights of one layer from its tasks' coefficients ``[T, K, ...]``,
+    and the ``mix`` argument of ``TemplatePool.run_grouped``.
+
+    Without autograd, linear layers mix their weights just before use
+    (``TemplatePool.mix_lazily``); with it, the backward pass through many small
+    mixes ran at 0.92x of mixing up front, so everything is mixed here.
+    """
+    if pool.folding() is None and not torch.is_grad_enabled():
+        return pool.mix_lazily(coefficients)
+    return pool.mix(coefficients), None
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
