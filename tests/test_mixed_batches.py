@@ -228,3 +228,26 @@ def test_grouped_conv_gives_each_sample_its_weights_in_any_layout(conv, layout):
             x[i : i + 1], weight[t], bias[t], source.stride, source.padding, groups=source.groups
         )
         torch.testing.assert_close(out[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+CONVERTED = ["vit-layerscale-registers", "mixer", "resmlp", "gmlp", "convmixer"]
+
+
+@pytest.mark.parametrize("name", CONVERTED)
+def test_converted_timm_models_run_mixed_batches_as_each_task_alone(name):
+    """Every architecture ``from_timm`` accepts, in a chunk of tasks without autograd
+    (linear layers mixing in place: token-mixing MLPs read transposed inputs)."""
+    from tests.test_from_timm import MODELS
+
+    model = modnet.from_timm(MODELS[name](), task="a", route="softmax")
+    for task, classes in (("b", 4), ("c", 3)):
+        model.add_task(task, classes)
+    model = moved_off_init(model).eval()
+    ids = torch.tensor([1, 0, 2, 1, 0, 2])
+    x = images(model, batch=6)
+    with torch.inference_mode():
+        mixed = model(x, ids)
+        alone = per_task(model, x, ids)
+    for task, (rows, logits) in alone.items():
+        classes = model.task_classes[task]
+        torch.testing.assert_close(mixed[rows, :classes], logits, rtol=0, atol=1e-5)
