@@ -61,10 +61,13 @@ def test_per_task_block_bound(benchmark, interleave, record, family):
     single-task batch runs); ``per_task``: the same block with every sample's own
     weights, already mixed, in the default's chunks of 16 tasks
     (``TemplatePool.run_grouped``: one small matmul or convolution per sample).
-    Neither mixes weights, so the ratio bounds the default mixed batch from above
-    whatever the code around the kernels does: the same FLOPs, run as per-sample
-    kernels. ``mixed`` adds the mix of each chunk's weights as the default path
-    mixes them (``modnet.mixed.chunk_weights``).
+    Neither mixes weights, so the ratio bounds what the routed layers of a mixed
+    batch can reach with these kernels: the same FLOPs, run as per-sample kernels.
+    (The whole model's ratio can come out a little higher: its trunk and heads run
+    at full batch on both sides.) ``mixed`` adds each chunk's mix as the default
+    path mixes (``modnet.mixed.chunk_weights``: without autograd, linear layers mix
+    in place); ``mixed_up_front`` mixes the chunk's every weight before the block,
+    as the default did before, and as it still does with autograd or folding.
     """
     benchmark.group = "mixed-batches"
     names = [f"t{i}" for i in range(64)]
@@ -90,13 +93,15 @@ def test_per_task_block_bound(benchmark, interleave, record, family):
             first = {name: t[0] for name, t in weights.items()}
             return pool.run(h, first, {name: t[0] for name, t in stats.items()})
 
-    def per_task(mix: bool) -> Callable[[], list[torch.Tensor]]:
+    def per_task(mix: str) -> Callable[[], list[torch.Tensor]]:
         def step() -> list[torch.Tensor]:
             with torch.inference_mode():
                 outputs = []
                 for s in range(0, BATCH, chunk):
-                    if mix:  # as the default path mixes
+                    if mix == "default":
                         tensors, in_place = mixed.chunk_weights(pool, coefficients[s : s + chunk])
+                    elif mix == "up_front":
+                        tensors, in_place = pool.mix(coefficients[s : s + chunk]), None
                     else:
                         tensors, in_place = rows(weights, s), None
                     part = h[s : s + chunk]
@@ -113,11 +118,14 @@ def test_per_task_block_bound(benchmark, interleave, record, family):
     timer = interleave(
         {
             "single": workload(single),
-            "per_task": workload(per_task(mix=False)),
-            "mixed": workload(per_task(mix=True)),
+            "per_task": workload(per_task(mix="none")),
+            "mixed": workload(per_task(mix="default")),
+            "mixed_up_front": workload(per_task(mix="up_front")),
         },
         rounds=8,
         min_time=0.05,
     )
     record("per-task/one-weight block", timer.ratio("per_task", "single"), key="per_task_ratio")
     record("mixed+per-task/one-weight block", timer.ratio("mixed", "single"))
+    ratio = timer.ratio("mixed", "mixed_up_front")
+    record("default mix/mixing up front", ratio, key="in_place_ratio")
