@@ -334,10 +334,13 @@ def sparsemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
         dim: The dimension to normalise.
 
     Returns:
-        A tensor of the same shape and dtype. A slice holding ``nan`` or ``+inf``, or
-        only ``-inf``, is all ``nan``, as softmax gives.
+        A tensor of the same shape and dtype, computed in at least float32 (half
+        precision cannot hold the stand-in for ``-inf`` or the cumulative sums). A
+        slice holding ``nan`` or ``+inf``, or only ``-inf``, is all ``nan``, as
+        softmax gives.
     """
     z = logits.movedim(dim, -1)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
     excluded = z == float("-inf")
     finite = torch.where(excluded, torch.full_like(z, -1e30), z)
     ordered = finite.sort(dim=-1, descending=True).values
@@ -351,7 +354,7 @@ def sparsemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     undefined = (~torch.isfinite(z) & ~excluded).any(-1, keepdim=True) | excluded.all(
         -1, keepdim=True
     )
-    return out.masked_fill(undefined, float("nan")).movedim(-1, dim)
+    return out.masked_fill(undefined, float("nan")).movedim(-1, dim).to(logits.dtype)
 
 
 def _check_options(normalize, temperature, top_k, straight_through, num_templates) -> None:

@@ -28,6 +28,16 @@ def test_sparsemax_leaves_minus_inf_out_and_is_nan_where_softmax_is():
     assert torch.equal(logits.softmax(1).isnan(), torch.tensor([[False] * 3] + [[True] * 3] * 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparsemax_in_half_precision_is_the_float32_result_rounded(dtype):
+    logits = torch.tensor([[1.0, 0.5, float("-inf"), -2.0], [3.0, 2.9, 2.8, -1.0]])
+    logits = torch.cat([logits, logits * 1000])  # cumulative sums beyond float16's range
+    out = sparsemax(logits.to(dtype))
+    assert out.dtype == dtype
+    expected = sparsemax(logits.to(dtype).float()).to(dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_sparsemax_gradient_is_centred_on_the_support():
     z = torch.randn(5, 6, dtype=torch.double, generator=torch.Generator().manual_seed(0))
     torch.autograd.gradcheck(lambda t: sparsemax(t, dim=1), (z.requires_grad_(),))
