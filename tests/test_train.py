@@ -182,3 +182,25 @@ def test_eval_every_scores_every_n_epochs_and_after_the_last_step(every, epochs)
 def test_eval_every_is_checked_before_any_work():
     with pytest.raises(ConfigError, match="^--eval-every must be at least 0, got -1$"):
         tiny_config(eval_every=-1)
+
+
+def test_an_interrupted_run_ends_its_progress_bar_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C mid-run: the bar is closed, so the CLI's one-line message starts a line."""
+    from modnet.train.loop import Trainer
+
+    steps = Trainer._train_step
+
+    def step(self, index: int):
+        if index == 2:
+            raise KeyboardInterrupt
+        return steps(self, index)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    capsys.readouterr()
+    try:
+        train(tiny_config(progress=True, train_limit=96, test_limit=32), tmp_path / "run")
+    except KeyboardInterrupt:  # read while its frames live, as the CLI prints its line
+        err = capsys.readouterr().err
+    else:
+        pytest.fail("training swallowed the interrupt")
+    assert "2/" in err and err.endswith("\n"), repr(err[-80:])

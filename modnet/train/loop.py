@@ -177,42 +177,42 @@ class Trainer:
         self.model.train()
         steps_per_epoch = self.schedule.steps_per_epoch
         checkpoint_every = config.checkpoint_every or steps_per_epoch
-        bar = tqdm(
+        # Closed however the loop ends, so a Ctrl-C message starts on a line of its own.
+        with tqdm(
             total=self.total_steps,
             initial=self.step,
             desc=self.phase,
             disable=not (config.progress and ctx.is_main),
             dynamic_ncols=True,
-        )
-        seen, started = 0, time.perf_counter()
-        while self.step < self.total_steps:
-            loss, samples = self._train_step(self.step)
-            self.step += 1
-            self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
-            seen += samples
-            bar.update(1)
-            if self.step % config.log_every == 0 or self.step == self.total_steps:
-                rate = seen * ctx.world_size / max(1e-9, time.perf_counter() - started)
-                record = dict(
-                    step=self.step,
-                    epoch=self.step / steps_per_epoch,
-                    loss=self.window_loss / self.window_steps,
-                    lr=self.optimizer.param_groups[0]["lr"],
-                    samples_per_s=rate,
-                )
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                self._log(record)
-                self.window_loss, self.window_steps = 0.0, 0
-                seen, started = 0, time.perf_counter()
-            if self._evaluates_at(self.step):
-                accuracy = self._evaluate()
-                self._log(
-                    dict(step=self.step, epoch=self.step / steps_per_epoch, accuracy=accuracy)
-                )
-                self.history.append(dict(step=self.step, accuracy=accuracy))
-            if self.step % checkpoint_every == 0 or self.step == self.total_steps:
-                self.checkpoint(done=self.step == self.total_steps)
-        bar.close()
+        ) as bar:
+            seen, started = 0, time.perf_counter()
+            while self.step < self.total_steps:
+                loss, samples = self._train_step(self.step)
+                self.step += 1
+                self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
+                seen += samples
+                bar.update(1)
+                if self.step % config.log_every == 0 or self.step == self.total_steps:
+                    rate = seen * ctx.world_size / max(1e-9, time.perf_counter() - started)
+                    record = dict(
+                        step=self.step,
+                        epoch=self.step / steps_per_epoch,
+                        loss=self.window_loss / self.window_steps,
+                        lr=self.optimizer.param_groups[0]["lr"],
+                        samples_per_s=rate,
+                    )
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    self._log(record)
+                    self.window_loss, self.window_steps = 0.0, 0
+                    seen, started = 0, time.perf_counter()
+                if self._evaluates_at(self.step):
+                    accuracy = self._evaluate()
+                    self._log(
+                        dict(step=self.step, epoch=self.step / steps_per_epoch, accuracy=accuracy)
+                    )
+                    self.history.append(dict(step=self.step, accuracy=accuracy))
+                if self.step % checkpoint_every == 0 or self.step == self.total_steps:
+                    self.checkpoint(done=self.step == self.total_steps)
         return self.history[-1]["accuracy"] if self.history else self._evaluate()
 
     def _evaluates_at(self, step: int) -> bool:
