@@ -3,7 +3,8 @@
 Usage: ``python ddp_scenarios.py OUT [MICRO_CONV]``, with or without ``torchrun``.
 Each scenario trains tasks ``synth_color`` and ``synth_size`` of a tiny model that
 also holds a trainable task ``absent`` no batch ever contains, for 20 steps of 8
-samples, and rank 0 saves the starting and final state to ``OUT/<scenario>.pt``.
+samples, and rank 0 saves the starting and final state and the accuracies scored on
+the way to ``OUT/<scenario>.pt``.
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ def scenario(family: str, mixing: str, micro: int, out: Path, ctx) -> None:
         warmup_fraction=0.1,
         progress=False,
         log_every=100,
-        eval_batch_size=64,
+        eval_batch_size=3,  # 8 test images: batches for both ranks to score
     )
     run = out / f"{family}-{mixing}"
     with io.open_run(run, "scenario", enabled=ctx.is_main):
         trainer = Trainer(model, data, config, run, "train", ctx, {t: {} for t in data})
         trainer.fit()
     if ctx.is_main:
-        torch.save(dict(start=start, final=model.state_dict()), f"{run}.pt")
+        state = dict(start=start, final=model.state_dict(), history=trainer.history)
+        torch.save(state, f"{run}.pt")
 
 
 def main() -> None:

@@ -126,6 +126,8 @@ def assert_same_training(single: dict, ranks: dict) -> None:
 def test_two_ranks_train_to_the_state_one_process_reaches(scenarios, family, mixing):
     single, ranks = (torch.load(d / f"{family}-{mixing}.pt") for d in scenarios)
     assert_same_training(single, ranks)
+    # each rank scored its share of the test batches; the summed counts are the split's
+    assert ranks["history"] == single["history"] and single["history"]
 
 
 @pytest.mark.slow

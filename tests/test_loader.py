@@ -112,6 +112,17 @@ def test_ranks_share_a_step_without_overlap_and_together_cover_it(folder):
     )
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_score_disjoint_test_batches_that_together_are_the_split(folder, world_size):
+    for split in (load(folder, on_disk=True), load(folder, on_disk=False)):
+        whole = list(eval_batches(split, 6, workers=1))
+        shares = [list(eval_batches(split, 6, 1, shard=(r, world_size))) for r in range(world_size)]
+        for index, (x, y) in enumerate(whole):  # batch i is the (i // W)-th of rank i % W
+            mine = shares[index % world_size][index // world_size]
+            assert torch.equal(mine[0], x) and torch.equal(mine[1], y)
+        assert sum(len(s) for s in shares) == len(whole)
+
+
 def test_evaluation_reads_test_images_on_disk_through_the_loader(folder):
     disk, memory = load(folder, on_disk=True), load(folder, on_disk=False)
     batches = list(eval_batches(disk, 6, workers=1))

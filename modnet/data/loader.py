@@ -212,14 +212,19 @@ def eval_batches(
     batch_size: int,
     workers: int | None = None,
     device: torch.device | str = "cpu",
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The test split in order, as uint8 [b, C, H, W] images and int64 [b] labels.
 
     In-memory splits are sliced; a split on disk is decoded by a DataLoader
     with ``workers`` processes (default ``default_workers()``), pinned on CUDA.
+    ``shard`` ``(rank, world_size)`` keeps batches ``rank, rank + world_size, ...``:
+    ranks get disjoint batches that together are the split (a split on disk is
+    still decoded whole by every rank; the forward passes are what is shared).
     """
+    rank, world_size = shard
     if torch.is_tensor(task.test_x):
-        for start in range(0, len(task.test_y), batch_size):
+        for start in range(rank * batch_size, len(task.test_y), world_size * batch_size):
             yield task.test_x[start : start + batch_size], task.test_y[start : start + batch_size]
         return
     workers = default_workers() if workers is None else workers
@@ -231,8 +236,9 @@ def eval_batches(
         generator=_own_generator(0),
     )
     start = 0
-    for x in loader:
-        yield x, task.test_y[start : start + len(x)]
+    for index, x in enumerate(loader):
+        if index % world_size == rank:
+            yield x, task.test_y[start : start + len(x)]
         start += len(x)
 
 

@@ -118,6 +118,7 @@ def evaluate(
     micro_batch: int | None = None,
     workers: int | None = None,
     progress: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
     """Top-1 accuracy on each task's test split, in eval mode (the mode is restored).
 
@@ -132,6 +133,10 @@ def evaluate(
         workers: Loader processes for test splits on disk.
         progress: Show a progress bar per task (images scored; cleared when done):
             scoring a full test split on a CPU takes minutes.
+        shard: ``(rank, world_size)`` of a data-parallel run: every rank scores its
+            share of the batches (``eval_batches``) and the counts are summed over
+            the default process group, so every rank returns the whole split's
+            accuracy. Every rank must call this together.
 
     Returns:
         Task name to its accuracy in [0, 1].
@@ -141,17 +146,30 @@ def evaluate(
             data is read).
     """
     _choice("precision", precision, INFERENCE_PRECISIONS)
-    accuracy = {}
+    correct = []
     for name, task in data.items():
-        correct = 0
         total = len(task.test_y)
+        share = sum(min(batch_size, total - s) for s in _starts(total, batch_size, shard))
+        count = 0
         with tqdm(
-            total=total, desc=f"score {name}", unit="img", leave=False, disable=not progress
+            total=share, desc=f"score {name}", unit="img", leave=False, disable=not progress
         ) as bar:
-            for images, labels in eval_batches(task, batch_size, workers, device):
+            for images, labels in eval_batches(task, batch_size, workers, device, shard):
                 x = task.normalize(images.to(device))
                 logits = predict(model, x, name, micro_batch, precision)
-                correct += int((logits.argmax(-1) == labels.to(device)).sum())
+                count += int((logits.argmax(-1) == labels.to(device)).sum())
                 bar.update(len(labels))
-        accuracy[name] = correct / max(1, total)
-    return accuracy
+        correct.append(count)
+    counts = torch.tensor(correct, dtype=torch.long, device=device)
+    if shard[1] > 1:
+        torch.distributed.all_reduce(counts)
+    return {
+        name: count / max(1, len(task.test_y))
+        for (name, task), count in zip(data.items(), counts.tolist(), strict=True)
+    }
+
+
+def _starts(total: int, batch_size: int, shard: tuple[int, int]) -> range:
+    """First indices of the batches ``eval_batches`` gives one rank."""
+    rank, world_size = shard
+    return range(rank * batch_size, total, world_size * batch_size)

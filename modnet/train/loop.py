@@ -285,6 +285,7 @@ class Trainer:
             micro_batch=self.config.resolved_eval_micro_batch(),
             workers=self.config.data_workers,
             progress=self.config.progress and self.ctx.is_main,
+            shard=(self.ctx.rank, self.ctx.world_size),
         )
 
     def _log(self, record: dict[str, Any]) -> None:
