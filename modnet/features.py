@@ -79,7 +79,8 @@ def forward_intermediates(
     intermediates_only: bool,
     task: Any,
     route: Any,
-) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+    return_prefix_tokens: bool = False,
+) -> list[Any] | tuple[torch.Tensor, list[Any]]:
     """See ``ModularNet.forward_intermediates``."""
     if output_fmt not in FORMATS:
         raise ConfigError(f"output_fmt must be one of {FORMATS}, got {output_fmt!r}")
@@ -102,8 +103,11 @@ def forward_intermediates(
     if norm:
         outputs = [model._trunk_stage("norm", h, stats) for h in outputs]
     size = tuple(x.shape[-2:])
-    outputs = [model.trunk.format_intermediate(h, size, output_fmt) for h in outputs]
-    return outputs if intermediates_only else (final, outputs)
+    prefix = model.trunk.num_prefix_tokens
+    formatted = [model.trunk.format_intermediate(h, size, output_fmt) for h in outputs]
+    if return_prefix_tokens and prefix:  # as timm's ViT: (spatial, prefix) pairs
+        formatted = list(zip(formatted, [h[:, :prefix] for h in outputs], strict=True))
+    return formatted if intermediates_only else (final, formatted)
 
 
 def checkpointed(

@@ -1224,7 +1224,8 @@ class ModularNet(nn.Module):
         intermediates_only: bool = False,
         task: str | int | None = None,
         route: Any = None,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        return_prefix_tokens: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
         """Per-layer outputs of one task's route (timm's ``forward_intermediates``).
 
         Args:
@@ -1238,6 +1239,10 @@ class ModularNet(nn.Module):
             intermediates_only: Return only the list.
             task: One task (name or index; optional with one task).
             route: A route override, as in ``forward``.
+            return_prefix_tokens: For token models with prefix tokens (class,
+                registers), each intermediate becomes ``(spatial, prefix)``, the
+                prefix ``[B, num_prefix_tokens, C]``, as timm's ViT returns them.
+                Models without prefix tokens return the plain list, as timm does.
 
         Returns:
             ``(forward_features(x), intermediates)`` or only ``intermediates``.
@@ -1246,7 +1251,15 @@ class ModularNet(nn.Module):
             ValueError: Per-sample tasks, an unknown format, or indices out of range.
         """
         return _features.forward_intermediates(
-            self, x, indices, norm, output_fmt, intermediates_only, task, route
+            self,
+            x,
+            indices,
+            norm,
+            output_fmt,
+            intermediates_only,
+            task,
+            route,
+            return_prefix_tokens,
         )
 
     def _override(self, task: TaskSpec, route: Any) -> tuple[str, RoutePlan]:

@@ -347,3 +347,25 @@ def test_arguments_that_repr_does_not_show_still_count_as_not_recreatable(tmp_pa
     plain = timm.create_model("vit_tiny_patch16_224").eval()
     plain.set_grad_checkpointing(True)
     assert modnet.from_timm(plain).config["timm_kwargs"] == {}
+
+
+@pytest.mark.parametrize("name", ["vit", "vit-layerscale-registers", "deit3", "mixer"])
+@pytest.mark.parametrize("output_fmt", ["NCHW", "NLC"])
+def test_intermediates_with_prefix_tokens_are_timms(name, output_fmt):
+    """``return_prefix_tokens``: (spatial, prefix) pairs for ViTs, a plain list for
+    models without prefix tokens, equal to timm's own ``forward_intermediates``."""
+    timm_model = MODELS[name]()
+    net = modnet.from_timm(timm_model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    kwargs = dict(indices=2, norm=True, output_fmt=output_fmt, intermediates_only=True)
+    with torch.no_grad():
+        ours = net.forward_intermediates(x, return_prefix_tokens=True, **kwargs)
+        # timm's Mixer has no prefix tokens and no such option
+        prefix = {} if name == "mixer" else dict(return_prefix_tokens=True)
+        theirs = timm_model.forward_intermediates(x, **prefix, **kwargs)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs, strict=True):
+        assert isinstance(a, tuple) == isinstance(b, tuple) == (name != "mixer")
+        pairs = zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]
+        for x_ours, x_theirs in pairs:
+            torch.testing.assert_close(x_ours, x_theirs, rtol=0, atol=1e-6)

@@ -165,6 +165,12 @@ class Trunk(nn.Module):
         """Spatial size ``(H', W')`` of a layer's output for inputs of ``size``."""
         return (size[0] // self.reduction, size[1] // self.reduction)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in a layer's output (class, registers): none
+        for feature maps."""
+        return 0
+
     def format_intermediate(
         self, x: torch.Tensor, size: tuple[int, int], output_fmt: str
     ) -> torch.Tensor:

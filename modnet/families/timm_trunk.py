@@ -112,6 +112,10 @@ class TimmTrunk(Trunk):
     def tokens(self) -> bool:
         return self.kind != "convmixer"
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        return getattr(self.model, "num_prefix_tokens", 0) if self.tokens else 0
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         if self.kind != "vit":
@@ -188,7 +192,7 @@ class TimmTrunk(Trunk):
     ) -> torch.Tensor:
         if not self.tokens:
             return super().format_intermediate(x, size, output_fmt)
-        x = x[:, getattr(self.model, "num_prefix_tokens", 0) :]
+        x = x[:, self.num_prefix_tokens :]
         if output_fmt == "NLC":
             return x
         height, width = self.feature_size(size)
