@@ -4,7 +4,8 @@
 #   bash bench/gpu.sh [OUT_DIR]     # from the repository root; OUT_DIR default bench/results/gpu
 #
 # Writes one CSV per measurement to OUT_DIR (refusing to overwrite an existing one)
-# and a log of everything printed; about 6 minutes on one H200. What it measures:
+# and a log of everything printed (not yet timed on a GPU; on 2 CPU cores with
+# DEVICE=cpu BATCHES="1 4" ROUNDS=2 it took about 4 minutes). What it measures:
 #   fp32.csv      inference and training, batch 1-256, against the timm model of the same shape
 #   bf16.csv      the same under bf16 autocast (batch 1, 16, 64, 256)
 #   compile.csv   torch.compile against eager, inference at batch 64 and 256
