@@ -18,6 +18,10 @@ batches=(${BATCHES:-1 4 16 64 256})
 rounds=${ROUNDS:-5}
 python=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ -e "$out/log.txt" ]; then
+    echo "bench/gpu.sh: $out already holds a run (log.txt): give another OUT_DIR" >&2
+    exit 2
+fi
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
 
