@@ -368,9 +368,10 @@ class GroupedRunner:
             tensors[name] = ids
         for name in self._weights:
             tensors[name] = sample_weight
-        empty = sample_weight.new_empty(0)
-        for name in self._mixes:
-            tensors[name] = empty
+        if self._mixes:
+            empty = sample_weight.new_empty(0)
+            for name in self._mixes:
+                tensors[name] = empty
         if mix:
             if group_size is None:
                 raise ValueError("weights mixed in place need group_size (tasks in order)")

@@ -67,25 +67,31 @@ def test_grouped_batch_equals_each_task_alone(family, route, mode, path):
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("family", "route"), [c for c in CASES if c[0] != "conv"])
-def test_linear_layers_mixing_in_place_equal_each_task_alone(family, route, monkeypatch):
-    """Without autograd a chunk's linear layers mix their weights just before use."""
+@pytest.fixture
+def in_place_mixes(monkeypatch) -> list[int]:
+    """Grows by one entry whenever a linear layer mixes its weights in place."""
     from modnet.grouped import GroupedLinear
 
-    calls = []
+    calls: list[int] = []
     original = GroupedLinear._mix_and_multiply
     monkeypatch.setattr(
         GroupedLinear,
         "_mix_and_multiply",
         lambda self, *a: calls.append(1) or original(self, *a),
     )
+    return calls
+
+
+@pytest.mark.parametrize(("family", "route"), [c for c in CASES if c[0] != "conv"])
+def test_linear_layers_mixing_in_place_equal_each_task_alone(family, route, in_place_mixes):
+    """Without autograd a chunk's linear layers mix their weights just before use."""
     model = build(family, route).eval()
     ids = torch.tensor([1, 0, 2, 1, 0, 2])  # two samples a task: one chunk of all three
     x = images(model, batch=6)
     with torch.inference_mode():
         mixed = model(x, ids)
         alone = per_task(model, x, ids)
-    assert calls, "no linear layer mixed its weights in place"
+    assert in_place_mixes, "no linear layer mixed its weights in place"
     for name, (rows, logits) in alone.items():
         classes = model.task_classes[name]
         torch.testing.assert_close(mixed[rows, :classes], logits, rtol=0, atol=1e-5)
@@ -234,9 +240,10 @@ CONVERTED = ["vit-layerscale-registers", "mixer", "resmlp", "gmlp", "convmixer"]
 
 
 @pytest.mark.parametrize("name", CONVERTED)
-def test_converted_timm_models_run_mixed_batches_as_each_task_alone(name):
+def test_converted_timm_models_run_mixed_batches_as_each_task_alone(name, in_place_mixes):
     """Every architecture ``from_timm`` accepts, in a chunk of tasks without autograd
-    (linear layers mixing in place: token-mixing MLPs read transposed inputs)."""
+    (Mixer and gMLP: linear layers mixing in place, token-mixing MLPs reading
+    transposed inputs; the others run task by task)."""
     from tests.test_from_timm import MODELS
 
     model = modnet.from_timm(MODELS[name](), task="a", route="softmax")
@@ -248,6 +255,7 @@ def test_converted_timm_models_run_mixed_batches_as_each_task_alone(name):
     with torch.inference_mode():
         mixed = model(x, ids)
         alone = per_task(model, x, ids)
+    assert bool(in_place_mixes) == (name in ("mixer", "gmlp"))
     for task, (rows, logits) in alone.items():
         classes = model.task_classes[task]
         torch.testing.assert_close(mixed[rows, :classes], logits, rtol=0, atol=1e-5)

@@ -222,9 +222,9 @@ def eval_batches(
     ranks get disjoint batches that together are the split (a split on disk is
     still decoded whole by every rank; the forward passes are what is shared).
     """
-    rank, world_size = shard
+    starts = shard_starts(len(task.test_y), batch_size, shard)
     if torch.is_tensor(task.test_x):
-        for start in range(rank * batch_size, len(task.test_y), world_size * batch_size):
+        for start in starts:
             yield task.test_x[start : start + batch_size], task.test_y[start : start + batch_size]
         return
     workers = default_workers() if workers is None else workers
@@ -236,10 +236,17 @@ def eval_batches(
         generator=_own_generator(0),
     )
     start = 0
-    for index, x in enumerate(loader):
-        if index % world_size == rank:
+    for x in loader:
+        if start in starts:
             yield x, task.test_y[start : start + len(x)]
         start += len(x)
+
+
+def shard_starts(total: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> range:
+    """First indices of the test batches rank ``shard[0]`` of ``shard[1]`` scores
+    (``eval_batches``): every ``world_size``-th batch from the rank's own."""
+    rank, world_size = shard
+    return range(rank * batch_size, total, world_size * batch_size)
 
 
 def _own_generator(seed: int) -> torch.Generator:

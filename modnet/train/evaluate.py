@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import TaskData, eval_batches
+from ..data.loader import shard_starts
 from .config import _choice
 
 INFERENCE_PRECISIONS = ("fp32", "bf16")  # "auto" is resolved by the caller
@@ -149,7 +150,7 @@ def evaluate(
     correct = []
     for name, task in data.items():
         total = len(task.test_y)
-        share = sum(min(batch_size, total - s) for s in _starts(total, batch_size, shard))
+        share = sum(min(batch_size, total - s) for s in shard_starts(total, batch_size, shard))
         count = 0
         with tqdm(
             total=share, desc=f"score {name}", unit="img", leave=False, disable=not progress
@@ -167,9 +168,3 @@ def evaluate(
         name: count / max(1, len(task.test_y))
         for (name, task), count in zip(data.items(), counts.tolist(), strict=True)
     }
-
-
-def _starts(total: int, batch_size: int, shard: tuple[int, int]) -> range:
-    """First indices of the batches ``eval_batches`` gives one rank."""
-    rank, world_size = shard
-    return range(rank * batch_size, total, world_size * batch_size)
