@@ -335,25 +335,33 @@ def sparsemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
     Returns:
         A tensor of the same shape and dtype, computed in at least float32 (half
-        precision cannot hold the stand-in for ``-inf`` or the cumulative sums). A
-        slice holding ``nan`` or ``+inf``, or only ``-inf``, is all ``nan``, as
-        softmax gives.
+        precision cannot hold the cumulative sums) on logits shifted by their
+        largest finite value (which leaves the projection unchanged, and keeps the
+        ``1 +`` of the support test from vanishing against logits of 1e7 and
+        more). A slice holding ``nan`` or ``+inf``, or only ``-inf``, is all
+        ``nan``, as softmax gives.
     """
     z = logits.movedim(dim, -1)
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     excluded = z == float("-inf")
-    finite = torch.where(excluded, torch.full_like(z, -1e30), z)
-    ordered = finite.sort(dim=-1, descending=True).values
-    ranks = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-    cumulative = ordered.cumsum(dim=-1)
-    support = (1 + ranks * ordered > cumulative).to(z.dtype)
-    size = support.sum(dim=-1, keepdim=True).clamp_min(1)
-    # The support is a prefix of the sorted logits: its sum is cumulative[size - 1].
-    tau = (cumulative.gather(-1, size.long() - 1) - 1) / size
-    out = (finite - tau).clamp_min(0)
     undefined = (~torch.isfinite(z) & ~excluded).any(-1, keepdim=True) | excluded.all(
         -1, keepdim=True
     )
+    valid = torch.isfinite(z)
+    top = torch.where(valid, z, float("-inf")).amax(-1, keepdim=True)
+    z = z - torch.where(torch.isfinite(top), top, 0).detach()
+    # -inf entries sort last: below every finite logit, and never in the support.
+    lowest = torch.where(valid, z, float("inf")).amin(-1, keepdim=True)
+    finite = torch.where(excluded, torch.where(torch.isfinite(lowest), lowest, 0) - 1, z)
+    ordered = finite.sort(dim=-1, descending=True).values
+    ranks = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    cumulative = ordered.cumsum(dim=-1)
+    kept = ranks <= z.shape[-1] - excluded.sum(-1, keepdim=True)
+    support = ((1 + ranks * ordered > cumulative) & kept).to(z.dtype)
+    size = support.sum(dim=-1, keepdim=True).clamp_min(1)
+    # The support is a prefix of the sorted logits: its sum is cumulative[size - 1].
+    tau = (cumulative.gather(-1, size.long() - 1) - 1) / size
+    out = (finite - tau).clamp_min(0).masked_fill(excluded, 0)
     return out.masked_fill(undefined, float("nan")).movedim(-1, dim).to(logits.dtype)
 
 

@@ -38,6 +38,22 @@ def test_sparsemax_in_half_precision_is_the_float32_result_rounded(dtype):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sparsemax_of_huge_logits_is_the_projection_of_the_shifted_ones(dtype):
+    inf = float("inf")
+    for scale in (1e7, 3e7, 1e30):
+        z = torch.tensor([[scale, scale, 0.0, -inf], [-scale, -inf, -inf, -inf]], dtype=dtype)
+        out = sparsemax(z)
+        expected = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=dtype)
+        assert torch.equal(out, expected), (scale, out)
+    # a route at a tiny temperature: rows still on the simplex, the ties split evenly
+    route = SoftRoute(2, 4, normalize="sparsemax", temperature=1e-7)
+    with torch.no_grad():
+        route.logits.copy_(torch.tensor([[2, 2, 0, 1], [3, 0.5, 0, 0]]))
+    expected = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(route.coefficients(), expected, rtol=0, atol=0)
+
+
 def test_sparsemax_gradient_is_centred_on_the_support():
     z = torch.randn(5, 6, dtype=torch.double, generator=torch.Generator().manual_seed(0))
     torch.autograd.gradcheck(lambda t: sparsemax(t, dim=1), (z.requires_grad_(),))
