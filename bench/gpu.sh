@@ -22,17 +22,23 @@ if [ -e "$out/log.txt" ]; then
     echo "bench/gpu.sh: $out already holds a run (log.txt): give another OUT_DIR" >&2
     exit 2
 fi
-mkdir -p "$out"
-exec > >(tee "$out/log.txt") 2>&1
-
-"$python" - "$device" <<'EOF'
-import sys, torch, timm
+# Checked before anything is written, so a refusal leaves nothing behind.
+machine=$("$python" - "$device" <<'EOF'
+import sys
+try:
+    import timm, torch
+except ImportError as error:
+    sys.exit(f"bench/gpu.sh: {error}: set PYTHON to an interpreter with torch and timm")
 device = torch.device(sys.argv[1])
 if device.type == "cuda" and not torch.cuda.is_available():
     sys.exit("bench/gpu.sh: no CUDA device here (torch.cuda.is_available() is False)")
 name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 print(f"torch {torch.__version__}, timm {timm.__version__}, {name}")
 EOF
+)
+mkdir -p "$out"
+exec > >(tee "$out/log.txt") 2>&1
+echo "$machine"
 
 bench() {
     local file=$1
