@@ -15,6 +15,7 @@ import torch
 
 from modnet.data import ImageFiles, TrainBatches, eval_batches, load_task
 from modnet.data.loader import step_keys
+from modnet.errors import ConfigError
 from modnet.train import MultiTaskSchedule, TrainConfig, evaluate, train
 from tests.conftest import TINY_CONV, tiny_conv
 
@@ -121,6 +122,20 @@ def test_ranks_score_disjoint_test_batches_that_together_are_the_split(folder, w
             mine = shares[index % world_size][index // world_size]
             assert torch.equal(mine[0], x) and torch.equal(mine[1], y)
         assert sum(len(s) for s in shares) == len(whole)
+
+
+def test_a_shard_that_is_not_this_process_is_refused_before_scoring(folder):
+    memory = load(folder, on_disk=False)
+    for shard in [(3, 3), (-1, 2), (1, 1), (0, 0)]:
+        with pytest.raises(ConfigError, match=r"0 <= rank < world_size"):
+            next(eval_batches(memory, 5, shard=shard))
+    model = tiny_conv(tasks={"f": 4})
+    with pytest.raises(ConfigError) as error:
+        evaluate(model, {"f": memory}, batch_size=5, shard=(0, 2))
+    assert str(error.value) == (
+        "shard=(0, 2) scores a share of the test batches, but this process is in no "
+        "process group: pass its (rank, world_size), or (0, 1)"
+    )
 
 
 def test_evaluation_reads_test_images_on_disk_through_the_loader(folder):

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import ConfigError
 from .augment import augment_images, build_augmentation, sample_seed
 from .task_data import TaskData
 
@@ -244,8 +245,17 @@ def eval_batches(
 
 def shard_starts(total: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> range:
     """First indices of the test batches rank ``shard[0]`` of ``shard[1]`` scores
-    (``eval_batches``): every ``world_size``-th batch from the rank's own."""
+    (``eval_batches``): every ``world_size``-th batch from the rank's own.
+
+    Raises:
+        ConfigError: ``shard`` is not ``(rank, world_size)`` with ``0 <= rank <
+            world_size``.
+    """
     rank, world_size = shard
+    if not 0 <= rank < world_size:
+        raise ConfigError(
+            f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}"
+        )
     return range(rank * batch_size, total, world_size * batch_size)
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data import TaskData, eval_batches
 from ..data.loader import shard_starts
+from ..errors import ConfigError
 from .config import _choice
 
 INFERENCE_PRECISIONS = ("fp32", "bf16")  # "auto" is resolved by the caller
@@ -137,16 +138,18 @@ def evaluate(
         shard: ``(rank, world_size)`` of a data-parallel run: every rank scores its
             share of the batches (``eval_batches``) and the counts are summed over
             the default process group, so every rank returns the whole split's
-            accuracy. Every rank must call this together.
+            accuracy. Every rank must call this together, in a process group of
+            ``world_size`` ranks.
 
     Returns:
         Task name to its accuracy in [0, 1].
 
     Raises:
-        ConfigError: ``precision`` is neither ``"fp32"`` nor ``"bf16"`` (before any
-            data is read).
+        ConfigError: ``precision`` is neither ``"fp32"`` nor ``"bf16"``, or ``shard``
+            is not a rank of this process's group (before any data is read).
     """
     _choice("precision", precision, INFERENCE_PRECISIONS)
+    _check_shard(shard)
     correct = []
     for name, task in data.items():
         total = len(task.test_y)
@@ -168,3 +171,18 @@ def evaluate(
         name: count / max(1, len(task.test_y))
         for (name, task), count in zip(data.items(), counts.tolist(), strict=True)
     }
+
+
+def _check_shard(shard: tuple[int, int]) -> None:
+    """``shard`` is a valid ``(rank, world_size)`` and, beyond one rank, this
+    process's place in its process group."""
+    shard_starts(0, 1, shard)
+    if shard[1] == 1:
+        return
+    dist = torch.distributed
+    found = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else None
+    if found != tuple(shard):
+        raise ConfigError(
+            f"shard={shard} scores a share of the test batches, but this process is "
+            f"{found or 'in no process group'}: pass its (rank, world_size), or (0, 1)"
+        )
