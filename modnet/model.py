@@ -245,6 +245,12 @@ class ModularNet(nn.Module):
         return _head_classes(self.heads[self.task_names[0]]) if self.heads else 0
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in a layer's output (class, registers), as
+        timm's ViT names them; 0 for feature maps."""
+        return self.trunk.num_prefix_tokens
+
+    @property
     def task_classes(self) -> dict[str, int]:
         """Classes per task; 0 for a task whose forward returns pooled features."""
         return {name: _head_classes(head) for name, head in self.heads.items()}

@@ -364,6 +364,7 @@ def test_intermediates_with_prefix_tokens_are_timms(name, output_fmt):
         prefix = {} if name == "mixer" else dict(return_prefix_tokens=True)
         theirs = timm_model.forward_intermediates(x, **prefix, **kwargs)
     assert len(ours) == len(theirs) == 2
+    assert net.num_prefix_tokens == getattr(timm_model, "num_prefix_tokens", 0)
     for a, b in zip(ours, theirs, strict=True):
         assert isinstance(a, tuple) == isinstance(b, tuple) == (name != "mixer")
         pairs = zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]
