@@ -54,6 +54,28 @@ def test_mixed_batch_vs_single_task(benchmark, interleave, record, family, tasks
 
 
 @pytest.mark.parametrize("family", ["conv", "vit"])
+def test_hard_routes_mixed_batch_vs_single_task(benchmark, interleave, record, family):
+    """64 tasks on hard routes, one sample each: tasks whose routes pick the same
+    template at a layer run it as one batch (``modnet.mixed.weight_sets``); the
+    conv family's BatchNorm then runs unfolded, with each sample's task statistics."""
+    benchmark.group = "mixed-batches"
+    tasks = {f"t{i}": CLASSES for i in range(64)}
+    model = timm.create_model(f"modnet_{family}_tiny", tasks=tasks, route="hard")
+    x, _ = make_batch(model, BATCH, CLASSES, torch.device("cpu"))
+    timer = interleave(
+        {
+            "default": inference_workload(model, x, task=torch.arange(BATCH)),
+            "single": inference_workload(model, x, task="t0"),
+        },
+        rounds=4,
+        min_time=0.05,
+        warmup=1,
+    )
+    ratio = timer.ratio("default", "single")
+    record("64-task/1-task batch, hard routes", ratio, Target(">=", 0.91))
+
+
+@pytest.mark.parametrize("family", ["conv", "vit"])
 def test_per_task_block_bound(benchmark, interleave, record, family):
     """What the kernels allow a batch of 64 tasks, one sample each, in one block.
 

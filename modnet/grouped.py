@@ -5,6 +5,10 @@ A mixed-task batch is not split by task. Every weight arrives stacked per task,
 shape depends on how many samples each task has: under ``torch.compile`` a new
 mix of tasks is new data, not a new graph.
 
+A weight may also arrive unstacked, one set for the whole batch (tasks that share
+a layer's weights, ``TemplatePool.run_shared``): a layer then runs as the layer it
+replaces, and only BatchNorm statistics stay per task.
+
 Layers with parameters are replaced by per-sample versions that keep the
 parameter names of the layer they replace, so the block's own ``forward`` runs
 unchanged:
@@ -67,7 +71,8 @@ class _Grouped(nn.Module):
 
 
 class GroupedLinear(_Grouped):
-    """``nn.Linear`` with weights ``[T, out, in]`` and biases ``[T, out]``."""
+    """``nn.Linear`` with weights ``[T, out, in]`` and biases ``[T, out]``, or one
+    weight set ``[out, in]`` for the whole batch (a plain linear layer)."""
 
     def __init__(self, source: nn.Linear):
         super().__init__()
@@ -76,6 +81,8 @@ class GroupedLinear(_Grouped):
         self.has_bias = source.bias is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() == 2:  # one weight set for the whole batch
+            return F.linear(x, self.weight, self.bias if self.has_bias else None)
         ids = getattr(self, IDS)
         batch, width = x.shape[0], x.shape[-1]
         coefficients = getattr(self, MIX)
@@ -121,7 +128,8 @@ class GroupedLinear(_Grouped):
 
 
 class GroupedConv2d(_Grouped):
-    """``nn.Conv2d`` (zero padding) with weights ``[T, O, I/groups, kh, kw]``.
+    """``nn.Conv2d`` (zero padding) with weights ``[T, O, I/groups, kh, kw]``, or one
+    weight set ``[O, I/groups, kh, kw]`` for the whole batch (a plain convolution).
 
     Takes ``[B, C, H, W]`` in any memory layout and, in eager mode, returns
     ``[B, O, H', W']`` NHWC (1x1) or sample-interleaved (other kernels); elementwise
@@ -144,10 +152,14 @@ class GroupedConv2d(_Grouped):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.has_bias else None
+        if self.weight.dim() == 4:  # one weight set for the whole batch
+            stride, padding, dilation = self.stride, self.padding, self.dilation
+            return F.conv2d(x, self.weight, bias, stride, padding, dilation, self.groups)
         ids = getattr(self, IDS)
         batch, channels, height, width = x.shape
         weight = self.weight.index_select(0, ids)
-        bias = self.bias.index_select(0, ids) if self.has_bias else None
+        bias = bias.index_select(0, ids) if bias is not None else None
         out_channels = weight.shape[1]
         # Under torch.compile layouts are the compiler's to choose, and the views of
         # the eager layouts fail in a compiled backward, whose gradients can arrive
@@ -194,7 +206,8 @@ class GroupedConv2d(_Grouped):
 
 
 class GroupedLayerNorm(_Grouped):
-    """``nn.LayerNorm`` over the last dimension with affine parameters ``[T, D]``."""
+    """``nn.LayerNorm`` over the last dimension with affine parameters ``[T, D]``, or
+    one set ``[D]`` for the whole batch (a plain layer norm)."""
 
     def __init__(self, source: nn.LayerNorm):
         super().__init__()
@@ -202,13 +215,16 @@ class GroupedLayerNorm(_Grouped):
         self.normalized_shape, self.eps = source.normalized_shape, source.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
+        if all(t is None or t.dim() == 1 for t in (weight, bias)):  # one set for the batch
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         ids = getattr(self, IDS)
         out = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        if getattr(self, "weight", None) is not None:
-            out = out * _per_sample(self.weight, ids, 1).view(shape)
-        if getattr(self, "bias", None) is not None:
-            out = out + _per_sample(self.bias, ids, 1).view(shape)
+        if weight is not None:
+            out = out * _per_sample(weight, ids, 1).view(shape)
+        if bias is not None:
+            out = out + _per_sample(bias, ids, 1).view(shape)
         return out
 
 
@@ -245,7 +261,9 @@ class GroupedBatchNorm(_Grouped):
         weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
         scale = inv if weight is None else inv * weight
         shift = -mean * scale if bias is None else bias - mean * scale
-        out = x * scale.index_select(0, ids).view(shape) + shift.index_select(0, ids).view(shape)
+        # one pass over x (a multiply, then an add, read a large x twice)
+        scale, shift = scale.index_select(0, ids).view(shape), shift.index_select(0, ids)
+        out = torch.addcmul(shift.view(shape), x, scale)
         return self.act(self.drop(out))
 
     def _task_moments(self, x: torch.Tensor, ids: torch.Tensor):

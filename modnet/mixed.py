@@ -16,7 +16,9 @@ runs the batch in one of three ways (``ModularNet.mixed_batches``):
   samples use them, and runs the grouped block with one matmul per task (without
   autograd, linear layers mix their tasks' weights two at a time inside the
   layer, so the matmul reads them from cache: ``TemplatePool.mix_lazily``); a task
-  alone in its chunk (many samples) runs all its layers as in ``split``.
+  alone in its chunk (many samples) runs all its layers as in ``split``. When
+  tasks share a layer's weights (hard routes on one template), each distinct
+  weight set instead runs once for all of its samples (``run_shared_layers``).
 
 Every way gives each sample the result of running its task's samples alone,
 within rounding: a batched matmul may round differently from a linear layer (one
@@ -297,6 +299,10 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
         The last layer's output ``[B, ...]`` in the order of ``x``.
     """
     pool = model.pool
+    coefficients, active = task_coefficients(model, names)
+    sets = weight_sets(coefficients, active)
+    if sets is not None:
+        return run_shared_layers(model, x, names, ids, sets)
     counts = torch.bincount(ids, minlength=len(names)).tolist()
     chunks = plan_chunks(counts, pool.template_numel * x.element_size())
     rank = torch.empty(len(names), dtype=torch.long)
@@ -311,7 +317,6 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
     }
     grouped = [(i, c) for i, c in enumerate(chunks) if len(c.tasks) > 1]
     if grouped:
-        coefficients, active = task_coefficients(model, names)
         runs = None if active is None else active.bool().tolist()
         parts = {i: x[c.start : c.stop] for i, c in grouped}
         # per chunk, once: its tasks' rows of the coefficients, every sample's task and
@@ -341,6 +346,95 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
                 store_stats(model, [names[t] for t in c.tasks], stats[i], "layer")
         outputs.update(parts)
     x = torch.cat([outputs[i] for i in range(len(chunks))])
+    return x[torch.argsort(order)]
+
+
+def weight_sets(
+    coefficients: torch.Tensor, active: torch.Tensor | None
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every layer's distinct weight sets among a batch's tasks, when tasks share them.
+
+    Tasks with equal coefficients at a layer (hard routes on the same template,
+    routes made from the same one and not trained since) run it with the same
+    weights, so their samples can run it as one batch: one kernel for all of
+    them, as in a single-task batch, instead of one per task.
+
+    Args:
+        coefficients: ``[T, L, K, G]`` from ``task_coefficients``.
+        active: ``[T, L]``, 1 where the task's route runs the layer, or ``None``.
+
+    Returns:
+        Per layer, the distinct coefficient rows ``[U, K, G]`` and every task's index
+        among them ``[T]`` (-1 where its route skips the layer); ``None`` when the
+        coefficients are being trained (a shared row would send one task's gradient
+        to another task's route) or tasks share too little to gain: fewer than two
+        tasks per weight set on average.
+    """
+    tasks, depth = coefficients.shape[:2]
+    if coefficients.requires_grad or tasks < 2:
+        return None
+    runs = coefficients.new_ones(tasks, depth, dtype=torch.bool) if active is None else active > 0
+    sets, distinct = [], 0
+    for layer in range(depth):
+        run = runs[:, layer]
+        used = coefficients[run, layer].flatten(1)
+        rows, inverse = torch.unique(used, dim=0, return_inverse=True)
+        which = torch.full((tasks,), -1, dtype=torch.long, device=coefficients.device)
+        which[run] = inverse
+        sets.append((rows.view(-1, *coefficients.shape[2:]), which))
+        distinct += rows.shape[0]
+    return sets if 2 * distinct <= int(runs.sum()) else None
+
+
+def run_shared_layers(
+    model: ModularNet,
+    x: torch.Tensor,
+    names: list[str],
+    ids: torch.Tensor,
+    sets: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Every routed layer, each distinct weight set once for all samples using it.
+
+    Per layer the batch is ordered by weight set (samples whose route skips the
+    layer first, kept as they are) and each set runs ``TemplatePool.run_shared``
+    on its samples, BatchNorm with each sample's task statistics.
+
+    Args:
+        model: The model whose pool, norm statistics and drop-path rates are used.
+        x: The trunk's embedding of the batch ``[B, ...]``.
+        names: The tasks in the batch.
+        ids: Every sample's index into ``names``, ``[B]``.
+        sets: ``weight_sets`` of the batch's tasks.
+
+    Returns:
+        The last layer's output ``[B, ...]`` in the order of ``x``.
+    """
+    pool = model.pool
+    stats = {
+        name: torch.stack([model.norm_stats[t].layer_stack(name) for t in names])
+        for name in pool.stat_names
+    }
+    order = torch.arange(x.shape[0], device=x.device)  # x's rows are the batch's in this order
+    for layer, (rows, which) in enumerate(sets):
+        key = which.to(ids.device)[ids[order]]
+        local = torch.argsort(key, stable=True)
+        order, x = order[local], x[local]
+        counts = torch.bincount(key + 1, minlength=rows.shape[0] + 1).tolist()
+        weights = pool.mix(rows)
+        run = pool.run_shared
+        if model._grouped_drop_paths:
+            rate = model.drop_path_rates[layer]
+            run = _drop_path.at_rate(run, model._grouped_drop_paths, rate)
+        layer_stats = {name: s[:, layer] for name, s in stats.items()}
+        parts, sample_ids = list(x.split(counts)), ids[order].split(counts)
+        for u in range(rows.shape[0]):
+            if counts[u + 1]:
+                tensors = {name: w[u] for name, w in weights.items()}
+                parts[u + 1] = run(parts[u + 1], tensors, layer_stats, sample_ids[u + 1])
+        # (an empty part would give the result its own layout, e.g. NCHW)
+        x = torch.cat([p for p in parts if p.shape[0]])
+    if any(bn.training for bn in pool.grouped.batch_norms):
+        store_stats(model, names, stats, "layer")
     return x[torch.argsort(order)]
 
 

@@ -327,6 +327,35 @@ class TemplatePool(nn.Module):
             return folding.grouped(folded, ids, sample_weight, x, group_size=group_size)
         return self.grouped(tensors, ids, sample_weight, x, group_size=group_size, mix=mix)
 
+    def run_shared(
+        self,
+        x: torch.Tensor,
+        weights: Mapping[str, torch.Tensor],
+        stats: Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs the block once for a batch of tasks that share one weight set.
+
+        Convolutions and matmuls run as in ``run``, one kernel for the whole batch;
+        BatchNorm normalises every sample with its task's statistics, unfolded:
+        folding each task's statistics into the shared convolutions would give every
+        task its own weights again.
+
+        Args:
+            x: Input batch ``[B, ...]``.
+            weights: One weight set, as ``run``'s (``mix`` for one layer).
+            stats: BatchNorm running statistics per task, ``[T, ...]``; updated in
+                place in training mode for the tasks in the batch.
+            ids: Task of every sample, ``[B]`` integers in ``[0, T)``.
+        """
+        if self.grouped is None:
+            raise TypeError("this block has a layer without a grouped version: run tasks alone")
+        tensors = dict(weights)
+        tensors.update(stats)
+        for name in self.shared_buffer_names:
+            tensors[name] = getattr(self, mangle(name))
+        return self.grouped(tensors, ids, x.new_ones(x.shape[0]), x)
+
     def build_block(self, weights: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor]):
         """A real, standalone block holding copies of ``weights`` and ``stats``."""
         reference = next(iter(weights.values()))

@@ -164,7 +164,11 @@ def _same(a, b) -> bool:
 
 
 def _close(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float()) for k in a)
+    """Equal within float32 rounding, as the other statistics checks (a grouped
+    BatchNorm's fused multiply-add rounds a running mean near 0 differently)."""
+    return a.keys() == b.keys() and all(
+        torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=1e-6) for k in a
+    )
 
 
 def test_set_trainable_norm_moves_only_the_named_tasks_statistics():
