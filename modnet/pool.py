@@ -380,6 +380,9 @@ class TemplatePool(nn.Module):
                 an integer, negative from the end of the whole pool as in Python
                 (``-1`` is the newest template, whichever chunk holds it).
 
+        The new templates train (``requires_grad``), as new PyTorch parameters do;
+        on a model, ``ModularNet.grow`` also applies its last ``set_trainable``.
+
         Raises:
             ConfigError: ``count`` or ``init`` is not one of the above, or ``init``
                 is not a template of the pool; checked before the pool changes, so
