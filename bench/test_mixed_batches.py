@@ -55,12 +55,17 @@ def test_mixed_batch_vs_single_task(benchmark, interleave, record, family, tasks
 
 @pytest.mark.parametrize("family", ["conv", "vit"])
 def test_hard_routes_mixed_batch_vs_single_task(benchmark, interleave, record, family):
-    """64 tasks on hard routes, one sample each: tasks whose routes pick the same
-    template at a layer run it as one batch (``modnet.mixed.weight_sets``); the
-    conv family's BatchNorm then runs unfolded, with each sample's task statistics."""
+    """64 tasks on random hard routes, one sample each: tasks whose routes pick the
+    same template at a layer run it as one batch (``modnet.mixed.weight_sets``),
+    about 16 samples a template; the conv family's BatchNorm then runs unfolded,
+    with each sample's task statistics."""
     benchmark.group = "mixed-batches"
     tasks = {f"t{i}": CLASSES for i in range(64)}
     model = timm.create_model(f"modnet_{family}_tiny", tasks=tasks, route="hard")
+    generator = torch.Generator().manual_seed(0)
+    for name in tasks:  # the default hard route is the same for every task
+        route = torch.randint(model.pool.num_templates, (model.depth,), generator=generator)
+        model.set_route(name, route)
     x, _ = make_batch(model, BATCH, CLASSES, torch.device("cpu"))
     timer = interleave(
         {

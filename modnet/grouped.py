@@ -5,6 +5,10 @@ A mixed-task batch is not split by task. Every weight arrives stacked per task,
 shape depends on how many samples each task has: under ``torch.compile`` a new
 mix of tasks is new data, not a new graph.
 
+In eager chunks without autograd a linear layer's weight may instead arrive as
+its K templates ``[K, out, in]``, with coefficients to mix them inside the layer
+(``TemplatePool.mix_lazily``, see ``GroupedRunner.__call__``).
+
 A weight may also arrive unstacked, one set for the whole batch (tasks that share
 a layer's weights, ``TemplatePool.run_shared``): a layer then runs as the layer it
 replaces, and only BatchNorm statistics stay per task.

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import drop_path as _drop_path
+from .features import checkpointed
 
 if TYPE_CHECKING:
     from .model import ModularNet
@@ -106,7 +107,9 @@ def features(model: ModularNet, x: torch.Tensor, groups: TaskGroups) -> torch.Te
         if model._grouped_drop_paths:
             rate = model.drop_path_rates[layer]
             run = _drop_path.at_rate(run, model._grouped_drop_paths, rate)
-        out = run(
+        out = _layer(
+            model,
+            run,
             x,
             {name: w[:, layer] for name, w in weights.items()},
             {name: s[:, layer] for name, s in stats.items()},
@@ -187,7 +190,7 @@ def task_weights(model: ModularNet, names: list[str]):
     """Every task's layer weights, ``{tensor: [T, L, *shape]}``, from one mix.
 
     Also returns ``[T, L]`` with 1 where the task's route runs the layer (``None``
-    when all do); see ``_task_coefficients``.
+    when all do); see ``task_coefficients``.
     """
     coefficients, active = task_coefficients(model, names)
     mixed = model.pool.mix(coefficients.flatten(0, 1))
@@ -299,12 +302,14 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
         The last layer's output ``[B, ...]`` in the order of ``x``.
     """
     pool = model.pool
-    coefficients, active = task_coefficients(model, names)
-    sets = weight_sets(coefficients, active)
-    if sets is not None:
-        return run_shared_layers(model, x, names, ids, sets)
     counts = torch.bincount(ids, minlength=len(names)).tolist()
     chunks = plan_chunks(counts, pool.template_numel * x.element_size())
+    grouped = [(i, c) for i, c in enumerate(chunks) if len(c.tasks) > 1]
+    if grouped:  # tasks that would run one small kernel each: do they share weights?
+        coefficients, active = task_coefficients(model, names)
+        sets = weight_sets(coefficients, active)
+        if sets is not None:
+            return run_shared_layers(model, x, names, ids, sets)
     rank = torch.empty(len(names), dtype=torch.long)
     rank[[t for c in chunks for t in c.tasks]] = torch.arange(len(names))
     order = torch.argsort(rank.to(ids.device)[ids], stable=True)
@@ -315,7 +320,6 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
         for i, c in enumerate(chunks)
         if len(c.tasks) == 1
     }
-    grouped = [(i, c) for i, c in enumerate(chunks) if len(c.tasks) > 1]
     if grouped:
         runs = None if active is None else active.bool().tolist()
         parts = {i: x[c.start : c.stop] for i, c in grouped}
@@ -365,10 +369,12 @@ def weight_sets(
 
     Returns:
         Per layer, the distinct coefficient rows ``[U, K, G]`` and every task's index
-        among them ``[T]`` (-1 where its route skips the layer); ``None`` when the
-        coefficients are being trained (a shared row would send one task's gradient
-        to another task's route) or tasks share too little to gain: fewer than two
-        tasks per weight set on average.
+        among them ``[T]`` (-1 where its route skips the layer). ``None`` for all
+        layers (the choice is the whole batch's) when the coefficients require grad
+        (a trainable soft route while autograd records, in training or eval mode: a
+        shared row would send one task's gradient to another task's route), when
+        there is one task, or when tasks share too little to gain: fewer than two
+        tasks per weight set, on average over the layers.
     """
     tasks, depth = coefficients.shape[:2]
     if coefficients.requires_grad or tasks < 2:
@@ -430,7 +436,8 @@ def run_shared_layers(
         for u in range(rows.shape[0]):
             if counts[u + 1]:
                 tensors = {name: w[u] for name, w in weights.items()}
-                parts[u + 1] = run(parts[u + 1], tensors, layer_stats, sample_ids[u + 1])
+                part, part_ids = parts[u + 1], sample_ids[u + 1]
+                parts[u + 1] = _layer(model, run, part, tensors, layer_stats, part_ids)
         # (an empty part would give the result its own layout, e.g. NCHW)
         x = torch.cat([p for p in parts if p.shape[0]])
     if any(bn.training for bn in pool.grouped.batch_norms):
@@ -455,7 +462,8 @@ def _run_grouped(model, rows, layer, chunk, stats, coefficients, runs, tasks, id
     if model._grouped_drop_paths:
         rate = model.drop_path_rates[layer]
         run_grouped = _drop_path.at_rate(run_grouped, model._grouped_drop_paths, rate)
-    out = run_grouped(rows, weights, stats, ids, weight, chunk.size, mix)  # drop path: positional
+    # drop path passes its arguments on positionally
+    out = _layer(model, run_grouped, rows, weights, stats, ids, weight, chunk.size, mix)
     return out if runs is None else torch.where(_per_sample(weight, out) > 0, out, rows)
 
 
@@ -473,6 +481,14 @@ def chunk_weights(pool: TemplatePool, coefficients: torch.Tensor):
     if pool.folding() is None and not torch.is_grad_enabled():
         return pool.mix_lazily(coefficients)
     return pool.mix(coefficients), None
+
+
+def _layer(model: ModularNet, run, x, weights, stats, *args) -> torch.Tensor:
+    """``run(x, weights, stats, *args)``, under activation checkpointing when the
+    model checkpoints its layers (``set_grad_checkpointing``), as a task run alone."""
+    if model.grad_checkpointing and torch.is_grad_enabled():
+        return checkpointed(lambda x, w, s: run(x, w, s, *args), x, weights, stats)
+    return run(x, weights, stats, *args)
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

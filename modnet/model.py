@@ -507,7 +507,7 @@ class ModularNet(nn.Module):
                 updates that task's running statistics, as any training forward does).
 
         Returns:
-            Logits ``[B, num_classes]`` (float, the model's dtype); pooled features
+            Logits ``[B, num_classes]`` (float: the model's dtype, or autocast's); pooled features
             ``[B, head_hidden_size]`` for a task without a head.
 
         Raises:

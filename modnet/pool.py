@@ -343,10 +343,19 @@ class TemplatePool(nn.Module):
 
         Args:
             x: Input batch ``[B, ...]``.
-            weights: One weight set, as ``run``'s (``mix`` for one layer).
+            weights: One weight set, unstacked as ``run``'s: ``{name: w[u]}`` for row
+                ``u`` of ``mix`` (a stacked ``[1, *shape]`` tensor would be read as
+                per-task weights).
             stats: BatchNorm running statistics per task, ``[T, ...]``; updated in
                 place in training mode for the tasks in the batch.
             ids: Task of every sample, ``[B]`` integers in ``[0, T)``.
+
+        Returns:
+            The block's output ``[B, ...]``, in ``x``'s dtype (or autocast's).
+
+        Raises:
+            TypeError: The block has a layer with parameters that has no grouped
+                version (``grouped`` is ``None``).
         """
         if self.grouped is None:
             raise TypeError("this block has a layer without a grouped version: run tasks alone")

@@ -63,6 +63,20 @@ def test_tasks_sharing_templates_run_them_once_as_each_task_alone(family, mode, 
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+def test_tasks_alone_in_their_chunks_keep_the_single_task_path(shared_runs):
+    """Tasks with many samples each already run as single-task batches (the conv
+    family's BatchNorm folded): sharing their weights would only unfold it."""
+    model = build("conv").eval()
+    model.set_route("b", ROUTES["a"])  # a and b share every layer
+    x, ids = images(model, batch=32), torch.arange(32) % 2  # 16 samples a task
+    with torch.inference_mode():
+        out = model(x, ids)
+        alone = per_task(model, x, ids)
+    assert shared_runs == []
+    for name, (rows, logits) in alone.items():
+        torch.testing.assert_close(out[rows], logits, rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("family", ["conv", "vit"])
 def test_shared_weight_gradients_equal_the_sum_over_tasks(family, shared_runs):
     model = build(family)
