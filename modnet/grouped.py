@@ -55,6 +55,7 @@ MIX = "mix_coefficients"
 # reads them. ``pytest bench/test_mixed_batches.py --benchmark-only -k bound``: a
 # ViT-tiny block of 64 tasks ran 1.14-1.23x faster than with each chunk's weights
 # mixed up front; 1, 2 and 4 tasks at a time measured within noise of each other.
+# Re-measured with torch 2.14.1 it ran 0.88-0.93x (three runs): see the README.
 MIX_TASKS = 2
 
 
