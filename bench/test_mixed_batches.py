@@ -47,10 +47,11 @@ def test_mixed_batch_vs_single_task(benchmark, interleave, record, family, tasks
         min_time=0.05,
         warmup=1,
     )
-    record(f"{tasks}-task/1-task batch", timer.ratio("default", "single"), Target(">=", 0.91))
+    ratio = timer.ratio("default", "single")
+    record(f"throughput {tasks}-task/1-task batch", ratio, Target(">=", 0.91))
     for path in ("split", "grouped"):
         ratio = timer.ratio(path, "single")
-        record(f"{tasks}-task/1-task batch, {path}", ratio, key=f"{path}_ratio")
+        record(f"throughput {tasks}-task/1-task, {path}", ratio, key=f"{path}_ratio")
 
 
 @pytest.mark.parametrize("family", ["conv", "vit"])
@@ -77,7 +78,7 @@ def test_hard_routes_mixed_batch_vs_single_task(benchmark, interleave, record, f
         warmup=1,
     )
     ratio = timer.ratio("default", "single")
-    record("64-task/1-task batch, hard routes", ratio, Target(">=", 0.91))
+    record("throughput 64-task/1-task, hard routes", ratio, Target(">=", 0.91))
 
 
 @pytest.mark.parametrize("family", ["conv", "vit"])
@@ -152,7 +153,8 @@ def test_per_task_block_bound(benchmark, interleave, record, family):
         rounds=8,
         min_time=0.05,
     )
-    record("per-task/one-weight block", timer.ratio("per_task", "single"), key="per_task_ratio")
-    record("mixed+per-task/one-weight block", timer.ratio("mixed", "single"))
+    ratio = timer.ratio("per_task", "single")
+    record("throughput per-task/one-weight block", ratio, key="per_task_ratio")
+    record("throughput mixed/one-weight block", timer.ratio("mixed", "single"))
     ratio = timer.ratio("mixed", "mixed_up_front")
-    record("default mix/mixing up front", ratio, key="in_place_ratio")
+    record("throughput default mix/mix up front", ratio, key="in_place_ratio")
