@@ -258,6 +258,13 @@ class TemplatePool(nn.Module):
             return None
         return folded if folded.applies() else None
 
+    def _tensors(self, weights: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor]):
+        """Every tensor a run binds: the weights, the statistics, the shared buffers."""
+        tensors = {**weights, **stats}
+        for name in self.shared_buffer_names:
+            tensors[name] = getattr(self, mangle(name))
+        return tensors
+
     def run(
         self,
         x: torch.Tensor,
@@ -277,10 +284,7 @@ class TemplatePool(nn.Module):
             folded: ``weights`` were already folded by ``folding().fold`` (every
                 layer at once); only valid while ``folding()`` is not None.
         """
-        tensors = dict(weights)
-        tensors.update(stats)
-        for name in self.shared_buffer_names:
-            tensors[name] = getattr(self, mangle(name))
+        tensors = self._tensors(weights, stats)
         if folded:
             return self.__dict__["_folded"].run(tensors, x)
         folding = self.folding()
@@ -315,10 +319,7 @@ class TemplatePool(nn.Module):
             mix: With ``group_size``, coefficients of the linear layers whose weights
                 in ``weights`` are still templates (``mix_lazily``); not with folding.
         """
-        tensors = dict(weights)
-        tensors.update(stats)
-        for name in self.shared_buffer_names:
-            tensors[name] = getattr(self, mangle(name))
+        tensors = self._tensors(weights, stats)
         folding = self.folding()
         if folding is not None and folding.grouped is not None:  # every task's at once
             if mix:
@@ -359,10 +360,7 @@ class TemplatePool(nn.Module):
         """
         if self.grouped is None:
             raise TypeError("this block has a layer without a grouped version: run tasks alone")
-        tensors = dict(weights)
-        tensors.update(stats)
-        for name in self.shared_buffer_names:
-            tensors[name] = getattr(self, mangle(name))
+        tensors = self._tensors(weights, stats)
         return self.grouped(tensors, ids, x.new_ones(x.shape[0]), x)
 
     def build_block(self, weights: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor]):
