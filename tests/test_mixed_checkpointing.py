@@ -54,7 +54,9 @@ def test_checkpointed_mixed_batches_keep_less_and_train_the_same(family, route, 
         out[torch.isfinite(out)].square().sum().backward()
         results.append((out, kept, {n: p.grad for n, p in model.named_parameters()}))
     (out_a, kept_a, grads_a), (out_b, kept_b, grads_b) = results
-    assert kept_b < 0.5 * kept_a, (kept_b, kept_a)
+    # under 0.2: a chunk's mixed weights are not kept either (ViT chunked kept 0.26
+    # when they were mixed before the checkpointed layer)
+    assert kept_b < 0.2 * kept_a, (kept_b, kept_a)
     assert torch.equal(out_a, out_b)
     for name, grad in grads_a.items():
         if grad is None:
