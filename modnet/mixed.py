@@ -95,21 +95,15 @@ def features(model: ModularNet, x: torch.Tensor, groups: TaskGroups) -> torch.Te
         x = run_layers(model, x, groups.names, groups.ids)
         return trunk_stage(model, "norm", x, groups)
     weights, active = task_weights(model, groups.names)
-    stats = {
-        name: torch.stack([model.norm_stats[t].layer_stack(name) for t in groups.names])
-        for name in model.pool.stat_names
-    }
+    stats = stacked_stats(model, groups.names)
     ones = x.new_ones(x.shape[0])
     for layer in range(model.depth):
         # Samples whose (shorter, hard) route skips this layer keep their input.
         weight = ones if active is None else active[:, layer].index_select(0, groups.ids)
-        run = model.pool.run_grouped
-        if model._grouped_drop_paths:
-            rate = model.drop_path_rates[layer]
-            run = _drop_path.at_rate(run, model._grouped_drop_paths, rate)
         out = _layer(
             model,
-            run,
+            layer,
+            model.pool.run_grouped,
             x,
             {name: w[:, layer] for name, w in weights.items()},
             {name: s[:, layer] for name, s in stats.items()},
@@ -332,13 +326,7 @@ def run_layers(model: ModularNet, x: torch.Tensor, names: list[str], ids: torch.
             )
             for i, c in grouped
         }
-        stats = {
-            i: {
-                name: torch.stack([model.norm_stats[names[t]].layer_stack(name) for t in c.tasks])
-                for name in model.pool.stat_names
-            }
-            for i, c in grouped
-        }
+        stats = {i: stacked_stats(model, [names[t] for t in c.tasks]) for i, c in grouped}
         for layer in range(model.depth):
             for i, c in grouped:
                 layer_stats = {name: s[:, layer] for name, s in stats[i].items()}
@@ -416,10 +404,7 @@ def run_shared_layers(
         The last layer's output ``[B, ...]`` in the order of ``x``.
     """
     pool = model.pool
-    stats = {
-        name: torch.stack([model.norm_stats[t].layer_stack(name) for t in names])
-        for name in pool.stat_names
-    }
+    stats = stacked_stats(model, names)
     order = torch.arange(x.shape[0], device=x.device)  # x's rows are the batch's in this order
     for layer, (rows, which) in enumerate(sets):
         key = which.to(ids.device)[ids[order]]
@@ -427,17 +412,15 @@ def run_shared_layers(
         order, x = order[local], x[local]
         counts = torch.bincount(key + 1, minlength=rows.shape[0] + 1).tolist()
         weights = pool.mix(rows)
-        run = pool.run_shared
-        if model._grouped_drop_paths:
-            rate = model.drop_path_rates[layer]
-            run = _drop_path.at_rate(run, model._grouped_drop_paths, rate)
         layer_stats = {name: s[:, layer] for name, s in stats.items()}
         parts, sample_ids = list(x.split(counts)), ids[order].split(counts)
         for u in range(rows.shape[0]):
             if counts[u + 1]:
                 tensors = {name: w[u] for name, w in weights.items()}
                 part, part_ids = parts[u + 1], sample_ids[u + 1]
-                parts[u + 1] = _layer(model, run, part, tensors, layer_stats, part_ids)
+                parts[u + 1] = _layer(
+                    model, layer, pool.run_shared, part, tensors, layer_stats, part_ids
+                )
         # (an empty part would give the result its own layout, e.g. NCHW)
         x = torch.cat([p for p in parts if p.shape[0]])
     if any(bn.training for bn in pool.grouped.batch_norms):
@@ -457,19 +440,15 @@ def _run_grouped(model, rows, layer, chunk, stats, coefficients, runs, tasks, id
     else:
         run = torch.tensor([float(runs[t][layer]) for t in chunk.tasks], device=rows.device)
         weight = run.to(rows.dtype).repeat_interleave(chunk.size)
-    run_grouped = pool.run_grouped
-    if model._grouped_drop_paths:
-        rate = model.drop_path_rates[layer]
-        run_grouped = _drop_path.at_rate(run_grouped, model._grouped_drop_paths, rate)
 
     def mixed_run(x, inputs, stats):
         # Mixed here, so that a checkpointed layer keeps its coefficients, not its
         # tasks' mixed weights (1.37 GB for 64 ViT-tiny tasks), and mixes again.
         weights, mix = chunk_weights(pool, inputs["coefficients"])
-        return run_grouped(x, weights, stats, ids, weight, chunk.size, mix)  # positional
+        return pool.run_grouped(x, weights, stats, ids, weight, chunk.size, mix)
 
     inputs = {"coefficients": coefficients[tasks, layer]}
-    out = _layer(model, mixed_run, rows, inputs, stats)
+    out = _layer(model, layer, mixed_run, rows, inputs, stats)
     return out if runs is None else torch.where(_per_sample(weight, out) > 0, out, rows)
 
 
@@ -489,12 +468,28 @@ def chunk_weights(pool: TemplatePool, coefficients: torch.Tensor):
     return pool.mix(coefficients), None
 
 
-def _layer(model: ModularNet, run, x, weights, stats, *args) -> torch.Tensor:
-    """``run(x, weights, stats, *args)``, under activation checkpointing when the
-    model checkpoints its layers (``set_grad_checkpointing``), as a task run alone."""
+def stacked_stats(model: ModularNet, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tasks' BatchNorm statistics of every layer, ``{name: [T, L, ...]}``."""
+    return {
+        name: torch.stack([model.norm_stats[t].layer_stack(name) for t in names])
+        for name in model.pool.stat_names
+    }
+
+
+def _layer(model: ModularNet, layer: int, run, x, weights, stats, *args) -> torch.Tensor:
+    """``run(x, weights, stats, *args)`` at layer position ``layer``, as a task run
+    alone runs it (``ModularNet._run_layer``): drop path at the position's rate,
+    activation checkpointing when the model checkpoints its layers."""
+
+    def call(x, weights, stats):
+        return run(x, weights, stats, *args)
+
+    if model._grouped_drop_paths:
+        rate = model.drop_path_rates[layer]
+        call = _drop_path.at_rate(call, model._grouped_drop_paths, rate)
     if model.grad_checkpointing and torch.is_grad_enabled():
-        return checkpointed(lambda x, w, s: run(x, w, s, *args), x, weights, stats)
-    return run(x, weights, stats, *args)
+        return checkpointed(call, x, weights, stats)
+    return call(x, weights, stats)
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
